@@ -1,0 +1,1 @@
+//! dmar-loadgen: scenario setup and translation-scaling measurements.

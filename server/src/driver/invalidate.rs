@@ -1,0 +1,187 @@
+//! Register-based invalidation (VT-d 6.5.1; VTD-REFERENCE b.1): the context-command
+//! register for the context cache and the IVA/IOTLB register pair for the IOTLB and
+//! paging-structure caches, after Linux `__iommu_flush_context` / `__iommu_flush_iotlb` /
+//! `iommu_flush_iotlb_psi`.
+//!
+//! This module owns how a flush is encoded, how a range becomes a page-selective request
+//! (address mask, invalidation hint, domain-selective fallback), and the completion check.
+//! It does not decide *when* to flush: the driver calls it after each change, according to
+//! its flush policy. Queued invalidation and device-TLB invalidation will sit beside these.
+
+use tracing::warn;
+
+use super::error::DriverError;
+use super::registers::Registers;
+use crate::ids::{DomainId, Iova, PAGE_SHIFT, SourceId};
+use crate::unit::regs::{self, ccmd, iotlb};
+
+/// What a context-cache invalidation covers (CCMD.CIRG, VT-d 10.4.7).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ContextScope {
+    /// Every cached context entry.
+    Global,
+    /// The entries of one device; `did` is the domain its old entry named (VT-d 6.5.1.1).
+    Device {
+        /// The device.
+        sid: SourceId,
+        /// DID of the entry being replaced.
+        did: DomainId,
+    },
+}
+
+/// What an IOTLB invalidation covers (IOTLB_REG.IIRG, VT-d 10.4.8.1).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum IotlbScope {
+    /// Every domain.
+    Global,
+    /// Every entry tagged with one domain id, paging-structure caches included.
+    Domain(DomainId),
+    /// 2^`am` pages at `addr` (aligned to that size) within one domain (VT-d 10.4.8.2).
+    Pages {
+        /// The domain.
+        did: DomainId,
+        /// First address, aligned to 2^(12+am).
+        addr: Iova,
+        /// Address mask: log2 of the number of 4 KiB pages.
+        am: u32,
+        /// Invalidation hint: only leaf entries changed, paging-structure caches may stay.
+        ih: bool,
+    },
+}
+
+/// The page-selective flush that covers `[start, end)` of domain `did`, or the
+/// domain-selective one when that would need a mask above `mamv` (Linux
+/// `iommu_flush_iotlb_psi`).
+///
+/// VT-d 6.5.1.2 / 10.4.8.2: ADDR must be aligned to 2^AM pages, so AM is the smallest value
+/// for which one aligned block holds both the first and the last page; that is at least
+/// ceil(log2(pages)) and more when the range straddles a larger boundary. `ih` is the
+/// invalidation hint: set only when no page-table page was freed, so that
+/// paging-structure caches are dropped whenever a table was unlinked.
+pub(crate) fn page_scope(did: DomainId, start: u64, end: u64, ih: bool, mamv: u32) -> IotlbScope {
+    let first = start >> PAGE_SHIFT;
+    let last = (end.saturating_sub(1)) >> PAGE_SHIFT;
+    let am = 64 - (first ^ last).leading_zeros();
+    if am > mamv {
+        return IotlbScope::Domain(did);
+    }
+    IotlbScope::Pages { did, addr: Iova((first >> am) << am << PAGE_SHIFT), am, ih }
+}
+
+impl Registers {
+    /// Invalidates the context cache and waits for CCMD.ICC to clear (VT-d 10.4.7).
+    pub(crate) fn flush_context(&self, scope: ContextScope) -> Result<(), DriverError> {
+        let cmd = match scope {
+            ContextScope::Global => ccmd::ICC | (ccmd::GLOBAL << ccmd::CIRG_SHIFT),
+            // FM=0: only this exact function (no function masking).
+            ContextScope::Device { sid, did } => {
+                ccmd::ICC
+                    | (ccmd::DEVICE << ccmd::CIRG_SHIFT)
+                    | (u64::from(sid.0) << ccmd::SID_SHIFT)
+                    | u64::from(did.0)
+            }
+        };
+        let _g = self.lock();
+        self.write64(regs::CCMD, cmd)?;
+        let done = self.poll64(regs::CCMD, "context-cache invalidation", |v| v & ccmd::ICC == 0)?;
+        // CAIG=0: the unit refused the request (Linux only logs this; here it is an error,
+        // since a refused flush leaves stale entries behind).
+        if (done >> ccmd::CAIG_SHIFT) & 3 == 0 {
+            warn!(?scope, "context-cache invalidation refused");
+            return Err(DriverError::Hardware(format!("context-cache invalidation {scope:?} refused")));
+        }
+        Ok(())
+    }
+
+    /// Invalidates the IOTLB (and, unless the hint says otherwise, the paging-structure
+    /// caches) and waits for IOTLB_REG.IVT to clear (VT-d 10.4.8).
+    pub(crate) fn flush_iotlb(
+        &self,
+        scope: IotlbScope,
+        read_drain: bool,
+        write_drain: bool,
+    ) -> Result<(), DriverError> {
+        let (iirg, did, iva) = match scope {
+            IotlbScope::Global => (iotlb::GLOBAL, 0, None),
+            IotlbScope::Domain(did) => (iotlb::DOMAIN, did.0, None),
+            IotlbScope::Pages { did, addr, am, ih } => {
+                let iva = addr.0 | if ih { iotlb::IVA_IH } else { 0 } | (u64::from(am) & iotlb::IVA_AM_MASK);
+                (iotlb::PAGE, did.0, Some(iva))
+            }
+        };
+        let mut cmd = iotlb::IVT | (iirg << iotlb::IIRG_SHIFT) | (u64::from(did) << iotlb::DID_SHIFT);
+        // Linux sets the drain bits whenever the unit reports it can drain (CAP.DRD/DWD).
+        if read_drain {
+            cmd |= iotlb::DR;
+        }
+        if write_drain {
+            cmd |= iotlb::DW;
+        }
+        let _g = self.lock();
+        if let Some(iva) = iva {
+            self.write64(regs::IVA, iva)?;
+        }
+        self.write64(regs::IOTLB, cmd)?;
+        let done = self.poll64(regs::IOTLB, "IOTLB invalidation", |v| v & iotlb::IVT == 0)?;
+        // IAIG=0: refused (VT-d 10.4.8.1), e.g. a mask above MAMV.
+        if (done >> iotlb::IAIG_SHIFT) & 3 == 0 {
+            warn!(?scope, "IOTLB invalidation refused");
+            return Err(DriverError::Hardware(format!("IOTLB invalidation {scope:?} refused")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: DomainId = DomainId(7);
+    const PAGE: u64 = 4096;
+
+    fn pages(start: u64, end: u64, ih: bool) -> IotlbScope {
+        page_scope(D, start, end, ih, 18)
+    }
+
+    #[test]
+    fn single_and_aligned_ranges_use_the_exact_mask() {
+        assert_eq!(pages(0x5000, 0x6000, true), IotlbScope::Pages { did: D, addr: Iova(0x5000), am: 0, ih: true });
+        assert_eq!(
+            pages(0x20_0000, 0x40_0000, false),
+            IotlbScope::Pages { did: D, addr: Iova(0x20_0000), am: 9, ih: false }
+        );
+        // 3 pages round up to 4
+        assert_eq!(pages(0x4000, 0x7000, true), IotlbScope::Pages { did: D, addr: Iova(0x4000), am: 2, ih: true });
+    }
+
+    #[test]
+    fn unaligned_ranges_grow_until_one_block_covers_them() {
+        // two pages straddling a 2 MiB boundary need a 4 MiB block
+        assert_eq!(pages(0x1f_f000, 0x20_1000, true), IotlbScope::Pages { did: D, addr: Iova(0), am: 10, ih: true });
+        // pages 3..=4 -> block of 8 at 0
+        assert_eq!(pages(3 * PAGE, 5 * PAGE, true), IotlbScope::Pages { did: D, addr: Iova(0), am: 3, ih: true });
+        for (s, e) in [(3u64, 5u64), (1, 2), (511, 513), (1000, 1100), (7, 1 << 18)] {
+            let IotlbScope::Pages { addr, am, .. } = pages(s * PAGE, e * PAGE, true) else {
+                panic!("fell back for {s}..{e}");
+            };
+            let block = PAGE << am;
+            assert_eq!(addr.0 % block, 0);
+            assert!(addr.0 <= s * PAGE && addr.0 + block >= e * PAGE);
+            assert!(block >= (e - s) * PAGE);
+        }
+    }
+
+    #[test]
+    fn large_ranges_fall_back_to_the_domain() {
+        assert_eq!(pages(0, 1 << 30, true), IotlbScope::Pages { did: D, addr: Iova(0), am: 18, ih: true });
+        assert_eq!(pages(0, (1 << 30) + PAGE, true), IotlbScope::Domain(D));
+        assert_eq!(pages(0x3fff_f000, 0x4000_1000, true), IotlbScope::Domain(D));
+        assert_eq!(page_scope(D, 0, 2 * PAGE, true, 0), IotlbScope::Domain(D));
+        // near the top of a 57-bit space
+        let top = 1u64 << 57;
+        assert_eq!(
+            pages(top - PAGE, top, false),
+            IotlbScope::Pages { did: D, addr: Iova(top - PAGE), am: 0, ih: false }
+        );
+    }
+}

@@ -1,0 +1,455 @@
+//! Second-stage page tables of one paging domain, kept as real entries in host memory
+//! (VT-d 3.6, 9.8; VTD-REFERENCE b.4), after Linux `__domain_mapping` /
+//! `dma_pte_clear_range` / `dma_pte_free_pagetable`.
+//!
+//! This module owns the table walk on the software side: choosing 4 KiB, 2 MiB or 1 GiB
+//! leaves, allocating intermediate tables on map, clearing leaves and retiring tables that
+//! became empty on unmap, and a software lookup. It does not validate requests (that is
+//! `driver`), does not lock (the caller holds the domain's lock), and does not invalidate:
+//! it reports what it changed, and the caller flushes and only then frees the retired
+//! frames.
+
+use super::Perm;
+use super::error::DriverError;
+use super::frames::FrameAllocator;
+use crate::ids::{Hpa, Iova, PAGE_SIZE};
+use crate::unit::memory::{HostMemory, MemoryError};
+use crate::unit::tables::{AddressWidth, SlPte, level_index, level_shift};
+
+/// Entries per table (VT-d 3.6: 9 address bits per level).
+const ENTRIES: u64 = 512;
+
+/// Bytes mapped by one entry at `level` (1 = 4 KiB).
+const fn level_size(level: u32) -> u64 {
+    1u64 << level_shift(level)
+}
+
+/// Address of the entry for `iova` in the table at `table`, which sits at `level`.
+fn entry_addr(table: Hpa, iova: u64, level: u32) -> Hpa {
+    Hpa(table.0 + level_index(Iova(iova), level) * 8)
+}
+
+/// A present entry ends the walk at level 1, or where PS is set (levels 2 and 3).
+fn is_leaf(pte: SlPte, level: u32) -> bool {
+    level == 1 || pte.superpage()
+}
+
+/// What an unmap changed, for the invalidation that must follow.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub(crate) struct UnmapOutcome {
+    /// Bytes of leaf mappings cleared.
+    pub(crate) bytes: u64,
+    /// `[first, end)` covering every cleared leaf and the part of the range inside every
+    /// retired table's span; `None` when nothing was written.
+    pub(crate) span: Option<(u64, u64)>,
+    /// Page-table pages unlinked from the tree (their frames are in the caller's list).
+    pub(crate) tables_freed: usize,
+}
+
+impl UnmapOutcome {
+    fn touch(&mut self, start: u64, end: u64) {
+        self.span = Some(match self.span {
+            None => (start, end),
+            Some((s, e)) => (s.min(start), e.max(end)),
+        });
+    }
+}
+
+/// The page-table tree of one paging domain.
+#[derive(Debug)]
+pub(crate) struct PageTable {
+    top: Hpa,
+    aw: AddressWidth,
+}
+
+impl PageTable {
+    /// A tree with an empty top-level table.
+    pub(crate) fn new(frames: &FrameAllocator, aw: AddressWidth) -> Result<Self, DriverError> {
+        Ok(Self { top: frames.alloc()?, aw })
+    }
+
+    /// The top-level table (the context entry's SLPTPTR).
+    pub(crate) fn top(&self) -> Hpa {
+        self.top
+    }
+
+    /// The first mapped address in `[start, end)`, if any.
+    pub(crate) fn first_mapped(&self, mem: &HostMemory, start: u64, end: u64) -> Result<Option<u64>, MemoryError> {
+        first_mapped_in(mem, self.top, self.aw.levels(), start, end)
+    }
+
+    /// Maps `[iova, iova + len)` to `[hpa, hpa + len)` with `perm`, using leaves up to
+    /// `max_leaf_level` (1: 4 KiB only, 2: also 2 MiB, 3: also 1 GiB; VT-d CAP.SSLPS).
+    ///
+    /// The caller has validated the arguments and checked that the range is unmapped. On
+    /// error, `[iova, iova + len)` may be partly mapped and may hold empty tables: the
+    /// caller rolls back by unmapping the whole range.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn map(
+        &mut self,
+        mem: &HostMemory,
+        frames: &FrameAllocator,
+        iova: u64,
+        hpa: u64,
+        len: u64,
+        perm: Perm,
+        max_leaf_level: u32,
+    ) -> Result<(), DriverError> {
+        let end = iova + len;
+        let mut cur = iova;
+        let mut pa = hpa;
+        while cur < end {
+            let n = self.map_chunk(mem, frames, cur, pa, end - cur, perm, max_leaf_level)?;
+            cur += n;
+            pa += n;
+        }
+        Ok(())
+    }
+
+    /// Maps one leaf (or a run of 4 KiB leaves in one last-level table) at `iova`, walking
+    /// from the top. Returns the bytes mapped.
+    #[allow(clippy::too_many_arguments)]
+    fn map_chunk(
+        &mut self,
+        mem: &HostMemory,
+        frames: &FrameAllocator,
+        iova: u64,
+        hpa: u64,
+        remaining: u64,
+        perm: Perm,
+        max_leaf_level: u32,
+    ) -> Result<u64, DriverError> {
+        let mut table = self.top;
+        let mut level = self.aw.levels();
+        while level > 1 {
+            let slot = entry_addr(table, iova, level);
+            let pte = SlPte(mem.read_u64(slot)?);
+            let size = level_size(level);
+            if !pte.present() {
+                // VT-d 3.6.1 / 9.8: PS=1 at level 2 maps 2 MiB, at level 3 1 GiB; the
+                // input address, output address and the rest of the range must all be
+                // aligned to it.
+                if level <= max_leaf_level && iova % size == 0 && hpa % size == 0 && remaining >= size {
+                    let leaf = SlPte::leaf(Hpa(hpa), perm.read, perm.write, true);
+                    mem.write_u64(slot, leaf.to_bits())?;
+                    return Ok(size);
+                }
+                let next = frames.alloc()?;
+                // The zeroed table is complete before the entry that publishes it is
+                // written (release store in `write_u64`).
+                if let Err(e) = mem.write_u64(slot, SlPte::table(next).to_bits()) {
+                    frames.free(next);
+                    return Err(e.into());
+                }
+                table = next;
+            } else if pte.superpage() {
+                return Err(DriverError::Overlap { iova: Iova(iova) });
+            } else {
+                // An existing table (possibly empty inside this range): descend, even
+                // where a superpage would fit, rather than replace a table the hardware
+                // may have cached (that would need a flush before the map).
+                table = pte.addr();
+            }
+            level -= 1;
+        }
+        // Level 1: fill the run of 4 KiB entries this table holds for the range.
+        let first = level_index(Iova(iova), 1);
+        let count = (ENTRIES - first).min(remaining / PAGE_SIZE);
+        for i in 0..count {
+            let slot = Hpa(table.0 + (first + i) * 8);
+            if SlPte(mem.read_u64(slot)?).present() {
+                return Err(DriverError::Overlap { iova: Iova(iova + i * PAGE_SIZE) });
+            }
+            let leaf = SlPte::leaf(Hpa(hpa + i * PAGE_SIZE), perm.read, perm.write, false);
+            mem.write_u64(slot, leaf.to_bits())?;
+        }
+        Ok(count * PAGE_SIZE)
+    }
+
+    /// The leaf that maps `iova`: its level and entry.
+    fn leaf_at(&self, mem: &HostMemory, iova: u64) -> Result<Option<(u32, SlPte)>, MemoryError> {
+        let mut table = self.top;
+        let mut level = self.aw.levels();
+        loop {
+            let pte = SlPte(mem.read_u64(entry_addr(table, iova, level))?);
+            if !pte.present() {
+                return Ok(None);
+            }
+            if is_leaf(pte, level) {
+                return Ok(Some((level, pte)));
+            }
+            if level == 1 {
+                return Ok(None);
+            }
+            table = pte.addr();
+            level -= 1;
+        }
+    }
+
+    /// Refuses an unmap of `[start, end)` that would cut a superpage: only the leaves at
+    /// the two ends of the range can be partly covered.
+    pub(crate) fn check_unmap(&self, mem: &HostMemory, start: u64, end: u64) -> Result<(), DriverError> {
+        for probe in [start, end - 1] {
+            if let Some((level, pte)) = self.leaf_at(mem, probe)? {
+                let size = level_size(level);
+                let base = probe & !(size - 1);
+                if pte.superpage() && (base < start || base + size > end) {
+                    return Err(DriverError::PartialSuperpage { iova: Iova(base) });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears every leaf inside `[start, end)` and unlinks tables that became empty,
+    /// pushing their frames onto `retired` (to be freed after the invalidation). The
+    /// caller has run [`Self::check_unmap`]; the top-level table is never retired.
+    pub(crate) fn unmap(
+        &mut self,
+        mem: &HostMemory,
+        start: u64,
+        end: u64,
+        retired: &mut Vec<Hpa>,
+    ) -> Result<UnmapOutcome, DriverError> {
+        let mut out = UnmapOutcome::default();
+        unmap_in(mem, self.top, self.aw.levels(), start, end, retired, &mut out)?;
+        Ok(out)
+    }
+
+    /// Software walk: the host address `iova` maps to, its permissions and the size of
+    /// the page that maps it.
+    pub(crate) fn lookup(&self, mem: &HostMemory, iova: u64) -> Option<(Hpa, Perm, u64)> {
+        let (level, pte) = self.leaf_at(mem, iova).ok()??;
+        let size = level_size(level);
+        let perm = Perm { read: pte.readable(), write: pte.writable() };
+        Some((Hpa(pte.addr().0 + (iova & (size - 1))), perm, size))
+    }
+
+    /// Every table frame of the tree, top included (for destroying the domain).
+    pub(crate) fn collect_frames(&self, mem: &HostMemory, out: &mut Vec<Hpa>) {
+        collect_in(mem, self.top, self.aw.levels(), out);
+    }
+}
+
+fn first_mapped_in(mem: &HostMemory, table: Hpa, level: u32, start: u64, end: u64) -> Result<Option<u64>, MemoryError> {
+    let size = level_size(level);
+    let mut a = start;
+    while a < end {
+        let chunk_end = ((a & !(size - 1)) + size).min(end);
+        let pte = SlPte(mem.read_u64(entry_addr(table, a, level))?);
+        if pte.present() {
+            if is_leaf(pte, level) {
+                return Ok(Some(a));
+            }
+            if let Some(found) = first_mapped_in(mem, pte.addr(), level - 1, a, chunk_end)? {
+                return Ok(Some(found));
+            }
+        }
+        a = chunk_end;
+    }
+    Ok(None)
+}
+
+fn unmap_in(
+    mem: &HostMemory,
+    table: Hpa,
+    level: u32,
+    start: u64,
+    end: u64,
+    retired: &mut Vec<Hpa>,
+    out: &mut UnmapOutcome,
+) -> Result<(), DriverError> {
+    let size = level_size(level);
+    let mut a = start;
+    while a < end {
+        let base = a & !(size - 1);
+        let chunk_end = (base + size).min(end);
+        let slot = entry_addr(table, a, level);
+        let pte = SlPte(mem.read_u64(slot)?);
+        if pte.present() {
+            let covered = a == base && chunk_end == base + size;
+            if is_leaf(pte, level) {
+                if !covered {
+                    return Err(DriverError::PartialSuperpage { iova: Iova(base) });
+                }
+                mem.write_u64(slot, 0)?;
+                out.touch(base, base + size);
+                out.bytes += size;
+            } else {
+                let child = pte.addr();
+                unmap_in(mem, child, level - 1, a, chunk_end, retired, out)?;
+                // A child whose whole span was in the range is empty now; otherwise look.
+                if covered || table_is_empty(mem, child)? {
+                    // Linux dma_pte_clear_level + dma_pte_list_pagetables: unlink, and
+                    // free only after the flush (IH=0 drops paging-structure caches).
+                    mem.write_u64(slot, 0)?;
+                    retired.push(child);
+                    // The flush covers the part of the range inside this table's span:
+                    // VT-d 6.5.1.2, a page-selective flush with IH=0 drops the
+                    // paging-structure entries used to translate that range, including
+                    // the one pointing at this table.
+                    out.touch(a, chunk_end);
+                    out.tables_freed += 1;
+                }
+            }
+        }
+        a = chunk_end;
+    }
+    Ok(())
+}
+
+fn table_is_empty(mem: &HostMemory, table: Hpa) -> Result<bool, MemoryError> {
+    for i in 0..ENTRIES {
+        if mem.read_u64(Hpa(table.0 + i * 8))? != 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn collect_in(mem: &HostMemory, table: Hpa, level: u32, out: &mut Vec<Hpa>) {
+    out.push(table);
+    if level == 1 {
+        return;
+    }
+    for i in 0..ENTRIES {
+        let Ok(bits) = mem.read_u64(Hpa(table.0 + i * 8)) else {
+            continue;
+        };
+        let pte = SlPte(bits);
+        if pte.present() && !is_leaf(pte, level) {
+            collect_in(mem, pte.addr(), level - 1, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    const RW: Perm = Perm { read: true, write: true };
+    const RO: Perm = Perm { read: true, write: false };
+
+    struct Fixture {
+        mem: Arc<HostMemory>,
+        frames: FrameAllocator,
+        pt: PageTable,
+    }
+
+    impl Fixture {
+        fn new(aw: AddressWidth) -> Self {
+            let mem = Arc::new(HostMemory::new(8 * GIB).unwrap());
+            let frames = FrameAllocator::new(mem.clone(), Hpa(8 * GIB - 64 * MIB), 64 * MIB).unwrap();
+            let pt = PageTable::new(&frames, aw).unwrap();
+            Self { mem, frames, pt }
+        }
+        fn map(&mut self, iova: u64, hpa: u64, len: u64, perm: Perm, max_leaf: u32) -> Result<(), DriverError> {
+            self.pt.map(&self.mem, &self.frames, iova, hpa, len, perm, max_leaf)
+        }
+        fn unmap(&mut self, start: u64, end: u64) -> Result<UnmapOutcome, DriverError> {
+            self.pt.check_unmap(&self.mem, start, end)?;
+            let mut retired = Vec::new();
+            let out = self.pt.unmap(&self.mem, start, end, &mut retired)?;
+            assert_eq!(retired.len(), out.tables_freed);
+            self.frames.free_all(retired);
+            Ok(out)
+        }
+        fn lookup(&self, iova: u64) -> Option<(Hpa, Perm, u64)> {
+            self.pt.lookup(&self.mem, iova)
+        }
+    }
+
+    #[test]
+    fn picks_the_largest_aligned_leaf() {
+        let mut f = Fixture::new(AddressWidth::Aw48);
+        // 1 GiB + 2 MiB + 4 KiB, all aligned: one of each.
+        f.map(GIB, 2 * GIB, GIB + 2 * MIB + 4096, RW, 3).unwrap();
+        assert_eq!(f.lookup(GIB + 5), Some((Hpa(2 * GIB + 5), RW, GIB)));
+        assert_eq!(f.lookup(2 * GIB + 7), Some((Hpa(3 * GIB + 7), RW, 2 * MIB)));
+        assert_eq!(f.lookup(2 * GIB + 2 * MIB), Some((Hpa(3 * GIB + 2 * MIB), RW, 4096)));
+        assert_eq!(f.lookup(2 * GIB + 2 * MIB + 4096), None);
+        // top + L3 + L2 (for the 2M and 4K) + L1 (for the 4K)
+        assert_eq!(f.frames.in_use(), 4);
+        // hpa misaligned for superpages: all 4 KiB.
+        f.map(4 * GIB, 4096, 2 * MIB, RW, 3).unwrap();
+        assert_eq!(f.lookup(4 * GIB), Some((Hpa(4096), RW, 4096)));
+        assert_eq!(f.lookup(4 * GIB + 2 * MIB - 1).map(|l| l.2), Some(4096));
+        // superpages not supported by the unit: 4 KiB.
+        f.map(8 * GIB, 0, 2 * MIB, RO, 1).unwrap();
+        assert_eq!(f.lookup(8 * GIB + 2 * MIB - 1), Some((Hpa(2 * MIB - 1), RO, 4096)));
+        // 2 MiB allowed but not 1 GiB.
+        f.map(16 * GIB, 0, GIB, RW, 2).unwrap();
+        assert_eq!(f.lookup(16 * GIB).map(|l| l.2), Some(2 * MIB));
+    }
+
+    #[test]
+    fn finds_overlaps_inside_superpages_and_tables() {
+        let mut f = Fixture::new(AddressWidth::Aw39);
+        f.map(2 * MIB, 0, 2 * MIB, RW, 3).unwrap();
+        f.map(8 * MIB + 0x5000, 0, 4096, RW, 3).unwrap();
+        let first = |f: &Fixture, s: u64, e: u64| f.pt.first_mapped(&f.mem, s, e).unwrap();
+        assert_eq!(first(&f, 0, 2 * MIB), None);
+        assert_eq!(first(&f, 0, 2 * MIB + 4096), Some(2 * MIB));
+        assert_eq!(first(&f, 3 * MIB, 9 * MIB), Some(3 * MIB));
+        assert_eq!(first(&f, 4 * MIB, 9 * MIB), Some(8 * MIB + 0x5000));
+        assert_eq!(first(&f, 8 * MIB + 0x6000, GIB), None);
+        // mapping onto an existing page is refused by the walk as well
+        assert_eq!(f.map(8 * MIB, 0, 2 * MIB, RW, 3), Err(DriverError::Overlap { iova: Iova(8 * MIB + 0x5000) }));
+    }
+
+    #[test]
+    fn unmap_refuses_to_split_superpages() {
+        let mut f = Fixture::new(AddressWidth::Aw48);
+        f.map(GIB, 0, GIB, RW, 3).unwrap();
+        f.map(2 * GIB, 0, 2 * MIB, RW, 3).unwrap();
+        assert_eq!(f.unmap(GIB + 4096, GIB + 8192), Err(DriverError::PartialSuperpage { iova: Iova(GIB) }));
+        assert_eq!(f.unmap(0, GIB + 4096), Err(DriverError::PartialSuperpage { iova: Iova(GIB) }));
+        assert_eq!(f.unmap(2 * GIB + 4096, 3 * GIB), Err(DriverError::PartialSuperpage { iova: Iova(2 * GIB) }));
+        assert!(f.lookup(GIB).is_some() && f.lookup(2 * GIB).is_some());
+        // whole superpages, with holes around them, are fine
+        let out = f.unmap(0, 4 * GIB).unwrap();
+        assert_eq!(out.bytes, GIB + 2 * MIB);
+        assert_eq!(f.lookup(GIB), None);
+    }
+
+    #[test]
+    fn unmap_retires_empty_tables_and_reports_the_span() {
+        let mut f = Fixture::new(AddressWidth::Aw57);
+        let base = (1u64 << 57) - 4 * MIB; // near the top of the width
+        f.map(base, 0x1000, 3 * 4096, RW, 3).unwrap();
+        f.map(base + 2 * MIB, 0, 4096, RW, 3).unwrap();
+        let tables = f.frames.in_use();
+        assert_eq!(tables, 1 + 4 + 1); // top, L4, L3, L2, L1 x2
+        let out = f.unmap(base + 4096, base + 2 * 4096).unwrap();
+        assert_eq!((out.bytes, out.tables_freed), (4096, 0));
+        assert_eq!(out.span, Some((base + 4096, base + 2 * 4096)));
+        let out = f.unmap(base, base + 2 * MIB).unwrap();
+        assert_eq!((out.bytes, out.tables_freed), (2 * 4096, 1));
+        assert_eq!(out.span, Some((base, base + 2 * MIB)));
+        let out = f.unmap(base + 2 * MIB, base + 2 * MIB + 4096).unwrap();
+        assert_eq!((out.bytes, out.tables_freed), (4096, 4));
+        assert_eq!(out.span, Some((base + 2 * MIB, base + 2 * MIB + 4096)));
+        assert_eq!(f.frames.in_use(), 1, "only the top table is left");
+        f.map(base + 2 * MIB, 0, 4096, RW, 3).unwrap();
+        let out = f.unmap(base, 1 << 57).unwrap();
+        assert_eq!((out.bytes, out.tables_freed), (4096, 4));
+        assert_eq!(f.frames.in_use(), 1, "only the top table is left");
+        // nothing left: unmapping holes changes nothing
+        let out = f.unmap(0, 1 << 57).unwrap();
+        assert_eq!(out, UnmapOutcome::default());
+    }
+
+    #[test]
+    fn collects_every_frame() {
+        let mut f = Fixture::new(AddressWidth::Aw39);
+        f.map(0, 0, 4 * MIB + 4096, RW, 3).unwrap();
+        f.map(100 * GIB, 0, GIB, RW, 3).unwrap();
+        let mut frames = Vec::new();
+        f.pt.collect_frames(&f.mem, &mut frames);
+        assert_eq!(frames.len(), f.frames.in_use());
+    }
+}

@@ -1,0 +1,183 @@
+//! The driver's side of the unit's register interface: capability decoding and the
+//! global-command handshakes (VT-d 10.4.2-10.4.6; VTD-REFERENCE b.1, b.2), after Linux
+//! `iommu_set_root_entry` / `iommu_enable_translation`.
+//!
+//! It owns the register lock (Linux `iommu->register_lock`): a command that takes two
+//! writes (IVA then IOTLB) or a write and a poll must not interleave with another thread's.
+//! The invalidation commands built on it live in `invalidate`.
+
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use super::error::DriverError;
+use crate::ids::Hpa;
+use crate::unit::Unit;
+use crate::unit::regs::{self, gcmd};
+use crate::unit::tables::AddressWidth;
+
+/// How many times a handshake bit is read back before the driver gives up. dmar's unit
+/// completes every command synchronously, so one read is enough; real hardware would need
+/// a time-out instead (Linux `DMAR_OPERATION_TIMEOUT`).
+const POLL_LIMIT: usize = 1000;
+
+/// GSTS bits that reflect persistent state; the rest report one-shot commands and must
+/// not be written back into GCMD (VT-d 10.4.4: "Status & 0x96FFFFFF").
+const GSTS_PERSISTENT: u32 = 0x96ff_ffff;
+
+/// What the unit advertises in CAP and ECAP that the driver relies on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Capabilities {
+    /// CAP.SAGAW[12:8]: bit n set means AW=n is supported.
+    sagaw: u64,
+    /// Largest leaf level: 1 (4 KiB only), 2 (2 MiB, CAP.SSLPS bit 34) or 3 (1 GiB too).
+    pub(crate) max_leaf_level: u32,
+    /// CAP.MAMV: the largest address mask a page-selective flush accepts.
+    pub(crate) mamv: u32,
+    /// CAP.DRD / CAP.DWD: IOTLB flushes may ask to drain reads / writes.
+    pub(crate) read_drain: bool,
+    /// See `read_drain`.
+    pub(crate) write_drain: bool,
+    /// CAP.PSI: page-selective IOTLB invalidation is supported.
+    pub(crate) page_selective: bool,
+    /// ECAP.PT: context entries may use TT=10b (pass-through).
+    pub(crate) pass_through: bool,
+}
+
+impl Capabilities {
+    /// Decodes CAP and ECAP (VT-d 10.4.2, 10.4.3).
+    pub(crate) fn decode(cap: u64, ecap: u64) -> Self {
+        let sslps = (cap >> 34) & 0xf;
+        let max_leaf_level = match sslps & 0b11 {
+            0b11 => 3,
+            0b01 => 2,
+            _ => 1,
+        };
+        Self {
+            sagaw: (cap >> 8) & 0x1f,
+            max_leaf_level,
+            mamv: ((cap >> 48) & 0x3f) as u32,
+            read_drain: cap & (1 << 55) != 0,
+            write_drain: cap & (1 << 54) != 0,
+            page_selective: cap & (1 << 39) != 0,
+            pass_through: ecap & (1 << 6) != 0,
+        }
+    }
+
+    /// True when the unit walks tables of this width.
+    pub(crate) fn supports(&self, aw: AddressWidth) -> bool {
+        self.sagaw & (1 << (aw as u64)) != 0
+    }
+}
+
+/// Serialized access to the unit's registers.
+pub(crate) struct Registers {
+    unit: Arc<Unit>,
+    lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Registers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registers").finish_non_exhaustive()
+    }
+}
+
+fn mmio(what: &str, offset: u64, e: impl std::fmt::Display) -> DriverError {
+    DriverError::Hardware(format!("{what} at {offset:#x} failed: {e}"))
+}
+
+impl Registers {
+    pub(crate) fn new(unit: Arc<Unit>) -> Self {
+        Self { unit, lock: Mutex::new(()) }
+    }
+
+    /// Takes the register lock for a multi-step command.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock()
+    }
+
+    pub(crate) fn read32(&self, offset: u64) -> Result<u32, DriverError> {
+        self.unit.read32(offset).map_err(|e| mmio("32-bit read", offset, e))
+    }
+
+    pub(crate) fn read64(&self, offset: u64) -> Result<u64, DriverError> {
+        self.unit.read64(offset).map_err(|e| mmio("64-bit read", offset, e))
+    }
+
+    pub(crate) fn write32(&self, offset: u64, value: u32) -> Result<(), DriverError> {
+        self.unit.write32(offset, value).map_err(|e| mmio("32-bit write", offset, e))
+    }
+
+    pub(crate) fn write64(&self, offset: u64, value: u64) -> Result<(), DriverError> {
+        self.unit.write64(offset, value).map_err(|e| mmio("64-bit write", offset, e))
+    }
+
+    /// Reads a register until `done(value)` holds; returns the last value read.
+    pub(crate) fn poll64(&self, offset: u64, what: &str, done: impl Fn(u64) -> bool) -> Result<u64, DriverError> {
+        for _ in 0..POLL_LIMIT {
+            let v = self.read64(offset)?;
+            if done(v) {
+                return Ok(v);
+            }
+            std::hint::spin_loop();
+        }
+        Err(DriverError::Hardware(format!("{what} did not complete")))
+    }
+
+    /// Reads CAP and ECAP.
+    pub(crate) fn capabilities(&self) -> Result<Capabilities, DriverError> {
+        Ok(Capabilities::decode(self.read64(regs::CAP)?, self.read64(regs::ECAP)?))
+    }
+
+    /// Issues one global command and waits for its status bit (VT-d 10.4.4/10.4.5): the
+    /// value written is the current persistent state plus the new command, since GCMD
+    /// sets the whole command state at once.
+    fn global_command(&self, command: u32, what: &str) -> Result<(), DriverError> {
+        let _g = self.lock();
+        let status = self.read32(regs::GSTS)? & GSTS_PERSISTENT;
+        self.write32(regs::GCMD, status | command)?;
+        // GSTS reports each command at the same bit position as GCMD (RTPS = SRTP, ...).
+        for _ in 0..POLL_LIMIT {
+            if self.read32(regs::GSTS)? & command != 0 {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        Err(DriverError::Hardware(format!("{what} did not complete")))
+    }
+
+    /// Points the unit at a root table: RTADDR, then GCMD.SRTP and wait for GSTS.RTPS
+    /// (VT-d 10.4.6; Linux `iommu_set_root_entry`). Legacy mode: RTADDR.TTM = 00.
+    pub(crate) fn set_root_table(&self, root: Hpa) -> Result<(), DriverError> {
+        self.write64(regs::RTADDR, root.0)?;
+        self.global_command(gcmd::SRTP, "set root table pointer")
+    }
+
+    /// Turns translation on: GCMD.TE and wait for GSTS.TES (VT-d 10.4.4).
+    pub(crate) fn enable_translation(&self) -> Result<(), DriverError> {
+        self.global_command(gcmd::TE, "translation enable")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_the_advertised_capabilities() {
+        let caps = Capabilities::decode(regs::cap_value(), regs::ecap_value());
+        assert!(caps.supports(AddressWidth::Aw39));
+        assert!(caps.supports(AddressWidth::Aw48));
+        assert!(caps.supports(AddressWidth::Aw57));
+        assert_eq!(caps.max_leaf_level, 3);
+        assert_eq!(u64::from(caps.mamv), regs::MAMV);
+        assert!(caps.page_selective && caps.pass_through);
+        assert!(caps.read_drain && caps.write_drain);
+
+        let bare = Capabilities::decode(1 << 10, 0);
+        assert!(!bare.supports(AddressWidth::Aw39) && bare.supports(AddressWidth::Aw48));
+        assert_eq!(bare.max_leaf_level, 1);
+        assert!(!bare.pass_through && !bare.page_selective);
+        assert_eq!(Capabilities::decode(1 << 34, 0).max_leaf_level, 2);
+    }
+}

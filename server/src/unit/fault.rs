@@ -1,0 +1,339 @@
+//! Primary fault logging (VT-d 7.2) and the fault event (VT-d 7.3).
+//!
+//! Owns the fault recording registers (FRCD, `NUM_FAULT_RECORDS` of them, used as a ring),
+//! the fault bits of FSTS (PPF, PFO, FRI) and the fault event control (FECTL IM/IP with
+//! FEDATA/FEADDR). Later layers subscribe to recorded faults and fault-event interrupts
+//! through [`UnitEvents`].
+
+use parking_lot::Mutex;
+
+use super::fault_reason::FaultReason;
+use super::regs::{NUM_FAULT_RECORDS, fectl, fsts};
+use crate::ids::SourceId;
+
+/// The kind of access that faulted (FRCD.T: 1 = read, 0 = write).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// A read (or a translation request without write intent).
+    Read,
+    /// A write.
+    Write,
+}
+
+/// The address type of the faulting request (FRCD.AT, PCIe AT field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    /// AT=00: an untranslated request (DMA with an I/O virtual address).
+    Untranslated = 0,
+    /// AT=01: an ATS translation request.
+    TranslationRequest = 1,
+    /// AT=10: a translated request (DMA with an address from a device TLB).
+    Translated = 2,
+}
+
+/// One recorded fault, as held in a fault recording register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// FR.
+    pub reason: FaultReason,
+    /// SID of the requester.
+    pub sid: SourceId,
+    /// FI: the faulting address, page-aligned (for interrupt faults, the interrupt index
+    /// in bits 63:48).
+    pub addr: u64,
+    /// T.
+    pub access: Access,
+    /// AT.
+    pub kind: RequestKind,
+}
+
+impl FaultRecord {
+    /// The 128-bit FRCD encoding as (low, high) quadwords, F set (VT-d 10.4.14;
+    /// VTD-REFERENCE b.7).
+    pub fn to_frcd(&self) -> (u64, u64) {
+        let lo = self.addr & !0xfff;
+        let t = u64::from(self.access == Access::Read);
+        let hi = u64::from(self.sid.0)
+            | (u64::from(self.reason.code()) << 32)
+            | ((self.kind as u64) << 60)
+            | (t << 62)
+            | (1 << 63);
+        (lo, hi)
+    }
+}
+
+/// Notifications a remapping unit gives to whoever embeds it. All methods have empty
+/// defaults; they are called synchronously from the request path, so they must be quick.
+pub trait UnitEvents: Send + Sync + std::fmt::Debug {
+    /// A fault was written to a fault recording register.
+    fn fault_recorded(&self, _record: &FaultRecord) {}
+    /// A fault was dropped: suppressed by FPD, or lost to a fault overflow.
+    fn fault_dropped(&self, _reason: FaultReason, _overflow: bool) {}
+    /// The unit sends an interrupt message (the fault event: FEADDR/FEUADDR, FEDATA).
+    fn interrupt_message(&self, _addr: u64, _data: u32) {}
+}
+
+/// The events sink used when nobody subscribes.
+#[derive(Debug, Default)]
+pub struct NoEvents;
+impl UnitEvents for NoEvents {}
+
+/// What happened to a fault handed to the recorder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Logged {
+    /// Written to FRCD[index].
+    Recorded(usize),
+    /// Not recorded: a qualified fault with FPD set.
+    Suppressed,
+    /// Not recorded: the next register still held an unread fault (PFO set).
+    Overflow,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: [Option<FaultRecord>; NUM_FAULT_RECORDS],
+    /// Next register hardware writes.
+    next: usize,
+    /// FRI: the first register written while PPF was clear.
+    fri: usize,
+    pfo: bool,
+    fectl_im: bool,
+    fectl_ip: bool,
+    fedata: u32,
+    feaddr: u32,
+    feuaddr: u32,
+}
+
+impl State {
+    fn ppf(&self) -> bool {
+        self.records.iter().any(Option::is_some)
+    }
+}
+
+/// A pending interrupt message to deliver once the lock is released.
+type Message = Option<(u64, u32)>;
+
+/// Primary fault logging state.
+#[derive(Debug)]
+pub(crate) struct FaultRecorder {
+    state: Mutex<State>,
+}
+
+impl FaultRecorder {
+    pub(crate) fn new() -> Self {
+        Self { state: Mutex::new(State { fectl_im: true, ..State::default() }) }
+    }
+
+    /// Logs a fault (VT-d 7.2.1). `fpd` is the context entry's fault processing disable,
+    /// which suppresses qualified faults only (VT-d 7.1.2). `other_pending` is true while
+    /// another condition that blocks fault events (FSTS.IQE/ICE/ITE) is set.
+    pub(crate) fn log(&self, record: FaultRecord, fpd: bool, other_pending: bool, events: &dyn UnitEvents) -> Logged {
+        if fpd && record.reason.qualified() {
+            events.fault_dropped(record.reason, false);
+            return Logged::Suppressed;
+        }
+        let (logged, message) = {
+            let mut s = self.state.lock();
+            let was_pending = s.ppf() || s.pfo || other_pending;
+            let idx = s.next;
+            if s.records[idx].is_some() {
+                // The register we would write still holds a fault software has not
+                // cleared: set PFO and drop this one.
+                s.pfo = true;
+                let msg = if was_pending { None } else { Self::raise(&mut s) };
+                (Logged::Overflow, msg)
+            } else {
+                if !s.ppf() {
+                    s.fri = idx;
+                }
+                s.records[idx] = Some(record);
+                s.next = (idx + 1) % NUM_FAULT_RECORDS;
+                let msg = if was_pending { None } else { Self::raise(&mut s) };
+                (Logged::Recorded(idx), msg)
+            }
+        };
+        match logged {
+            Logged::Recorded(_) => events.fault_recorded(&record),
+            _ => events.fault_dropped(record.reason, true),
+        }
+        if let Some((addr, data)) = message {
+            events.interrupt_message(addr, data);
+        }
+        logged
+    }
+
+    /// Fault event generation (VT-d 7.3): set IP; if not masked, send and clear IP.
+    fn raise(s: &mut State) -> Message {
+        s.fectl_ip = true;
+        if s.fectl_im {
+            return None;
+        }
+        s.fectl_ip = false;
+        Some(((u64::from(s.feuaddr) << 32) | u64::from(s.feaddr), s.fedata))
+    }
+
+    /// The records currently held (F set), in register order.
+    pub(crate) fn records(&self) -> Vec<FaultRecord> {
+        self.state.lock().records.iter().flatten().copied().collect()
+    }
+
+    /// FSTS fault bits: PFO, PPF, FRI.
+    pub(crate) fn fsts_bits(&self) -> u32 {
+        let s = self.state.lock();
+        let mut v = 0;
+        if s.pfo {
+            v |= fsts::PFO;
+        }
+        if s.ppf() {
+            v |= fsts::PPF | ((s.fri as u32) << fsts::FRI_SHIFT);
+        }
+        v
+    }
+
+    /// FSTS write: PFO is write-1-to-clear.
+    pub(crate) fn clear_pfo(&self) {
+        self.state.lock().pfo = false;
+    }
+
+    /// Reads quadword `half` (0 = low, 1 = high) of FRCD[`index`].
+    pub(crate) fn frcd(&self, index: usize, half: usize) -> u64 {
+        let s = self.state.lock();
+        match s.records.get(index).copied().flatten() {
+            Some(r) => {
+                let (lo, hi) = r.to_frcd();
+                if half == 0 { lo } else { hi }
+            }
+            None => 0,
+        }
+    }
+
+    /// Writing 1 to F clears FRCD[`index`] (and with it, perhaps, PPF).
+    pub(crate) fn clear_frcd(&self, index: usize) {
+        if let Some(slot) = self.state.lock().records.get_mut(index) {
+            *slot = None;
+        }
+    }
+
+    pub(crate) fn fectl(&self) -> u32 {
+        let s = self.state.lock();
+        (if s.fectl_im { fectl::IM } else { 0 }) | (if s.fectl_ip { fectl::IP } else { 0 })
+    }
+
+    /// FECTL write: clearing IM while IP is set sends the pending message (VT-d 10.4.10).
+    pub(crate) fn write_fectl(&self, value: u32, events: &dyn UnitEvents) {
+        let message = {
+            let mut s = self.state.lock();
+            s.fectl_im = value & fectl::IM != 0;
+            if !s.fectl_im && s.fectl_ip {
+                s.fectl_ip = false;
+                Some(((u64::from(s.feuaddr) << 32) | u64::from(s.feaddr), s.fedata))
+            } else {
+                None
+            }
+        };
+        if let Some((addr, data)) = message {
+            events.interrupt_message(addr, data);
+        }
+    }
+
+    /// FEDATA, FEADDR, FEUADDR (index 0, 1, 2).
+    pub(crate) fn event_reg(&self, which: usize) -> u32 {
+        let s = self.state.lock();
+        [s.fedata, s.feaddr, s.feuaddr][which.min(2)]
+    }
+
+    pub(crate) fn set_event_reg(&self, which: usize, value: u32) {
+        let mut s = self.state.lock();
+        match which {
+            0 => s.fedata = value,
+            1 => s.feaddr = value & !3,
+            _ => s.feuaddr = value,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Debug, Default)]
+    struct Counting {
+        messages: AtomicUsize,
+    }
+    impl UnitEvents for Counting {
+        fn interrupt_message(&self, _addr: u64, _data: u32) {
+            self.messages.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn rec(addr: u64) -> FaultRecord {
+        FaultRecord {
+            reason: FaultReason::NoRead,
+            sid: SourceId(0x10),
+            addr,
+            access: Access::Read,
+            kind: RequestKind::Untranslated,
+        }
+    }
+
+    #[test]
+    fn ring_overflows_into_pfo_and_recovers_after_clear() {
+        let f = FaultRecorder::new();
+        let ev = Counting::default();
+        for i in 0..NUM_FAULT_RECORDS {
+            assert_eq!(f.log(rec(i as u64 * 0x1000), false, false, &ev), Logged::Recorded(i));
+        }
+        assert_eq!(f.log(rec(0xdead_0000), false, false, &ev), Logged::Overflow);
+        assert_ne!(f.fsts_bits() & fsts::PFO, 0);
+        assert_eq!(f.records().len(), NUM_FAULT_RECORDS);
+        f.clear_frcd(0);
+        f.clear_pfo();
+        assert_eq!(f.log(rec(0xbeef_0000), false, false, &ev), Logged::Recorded(0));
+        // PPF never cleared, so FRI still names the first record written while it was
+        // clear (VT-d 10.4.9): software scans forward from there.
+        assert_eq!(f.fsts_bits() >> fsts::FRI_SHIFT & 0xff, 0);
+    }
+
+    #[test]
+    fn fpd_suppresses_qualified_faults_only() {
+        let f = FaultRecorder::new();
+        assert_eq!(f.log(rec(0), true, false, &NoEvents), Logged::Suppressed);
+        let mut root = rec(0);
+        root.reason = FaultReason::RootEntryNotPresent;
+        assert_eq!(f.log(root, true, false, &NoEvents), Logged::Recorded(0));
+    }
+
+    #[test]
+    fn fault_event_is_masked_until_im_clears_then_sent_once() {
+        let f = FaultRecorder::new();
+        let ev = Counting::default();
+        f.log(rec(0), false, false, &ev);
+        assert_eq!(ev.messages.load(Ordering::SeqCst), 0, "IM is set at reset");
+        assert_ne!(f.fectl() & fectl::IP, 0);
+        f.write_fectl(0, &ev);
+        assert_eq!(ev.messages.load(Ordering::SeqCst), 1);
+        assert_eq!(f.fectl() & fectl::IP, 0);
+        // PPF still set: a further fault raises no event.
+        f.log(rec(0x1000), false, false, &ev);
+        assert_eq!(ev.messages.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn frcd_encoding() {
+        let r = FaultRecord {
+            reason: FaultReason::NoWrite,
+            sid: SourceId::new(3, 4, 5),
+            addr: 0x1234_5678,
+            access: Access::Write,
+            kind: RequestKind::Translated,
+        };
+        let (lo, hi) = r.to_frcd();
+        assert_eq!(lo, 0x1234_5000);
+        assert_eq!(hi & 0xffff, u64::from(SourceId::new(3, 4, 5).0));
+        assert_eq!((hi >> 32) & 0xff, 0x05);
+        assert_eq!((hi >> 60) & 3, 2);
+        assert_eq!((hi >> 62) & 1, 0, "T=0 for writes");
+        assert_eq!(hi >> 63, 1, "F");
+    }
+}

@@ -1,0 +1,261 @@
+//! The register file at the VT-d offsets (VT-d 10.4; VTD-REFERENCE b.1), as software sees
+//! it through 32- and 64-bit MMIO accesses.
+//!
+//! Owns register semantics: read-only capability registers, the GCMD/GSTS handshake
+//! (set-root-table-pointer latches RTADDR, translation enable), the context command and
+//! IOTLB registers (register-based invalidation, performed synchronously: the command bit
+//! reads back clear with the actual granularity), FSTS write-1-to-clear bits, the fault
+//! event registers and the fault recording registers. Commands the unit does not advertise
+//! in CAP/ECAP (queued invalidation, interrupt remapping) are ignored, as reserved bits.
+//!
+//! Offsets inside the 4 KiB window that hold no register read as 0 and ignore writes, as
+//! reserved registers do. Accesses outside the window, or not naturally aligned, are
+//! errors: no hardware would decode them.
+
+use std::sync::atomic::Ordering;
+
+use super::Unit;
+use super::invalidate::{ContextInvalidation, IotlbInvalidation, Performed};
+use super::regs::{self, ccmd, fsts, gcmd, iotlb};
+use super::tables::ADDR_MASK;
+use crate::ids::{DomainId, Iova, SourceId};
+
+/// VER: architecture version 1.0.
+const VERSION: u64 = 0x10;
+
+/// An MMIO access no register decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MmioError {
+    /// The access reaches outside the register window.
+    #[error("register offset {offset:#x} (+{width} bytes) is outside the {:#x}-byte window", regs::WINDOW_SIZE)]
+    OutOfWindow {
+        /// Offset of the access.
+        offset: u64,
+        /// Width in bytes.
+        width: u64,
+    },
+    /// The access is not naturally aligned.
+    #[error("register offset {offset:#x} is not aligned to the {width}-byte access")]
+    Misaligned {
+        /// Offset of the access.
+        offset: u64,
+        /// Width in bytes.
+        width: u64,
+    },
+}
+
+/// Register state not mirrored into atomics.
+#[derive(Debug, Default)]
+pub(crate) struct RegisterFile {
+    gsts: u32,
+    rtaddr: u64,
+    ccmd: u64,
+    iva: u64,
+    iotlb: u64,
+    /// FSTS IQE/ICE/ITE (queued invalidation errors).
+    fsts_queue: u32,
+}
+
+fn check(offset: u64, width: u64) -> Result<(), MmioError> {
+    if offset.checked_add(width).is_none_or(|end| end > regs::WINDOW_SIZE) {
+        return Err(MmioError::OutOfWindow { offset, width });
+    }
+    if offset % width != 0 {
+        return Err(MmioError::Misaligned { offset, width });
+    }
+    Ok(())
+}
+
+const FRCD_END: u64 = regs::FRCD_BASE + 16 * regs::NUM_FAULT_RECORDS as u64;
+
+impl Unit {
+    /// Reads a 32-bit register.
+    pub fn read32(&self, offset: u64) -> Result<u32, MmioError> {
+        check(offset, 4)?;
+        let q = self.read_slot(offset & !7);
+        Ok(if offset & 4 == 0 { q as u32 } else { (q >> 32) as u32 })
+    }
+
+    /// Reads a 64-bit register (or two adjacent 32-bit ones).
+    pub fn read64(&self, offset: u64) -> Result<u64, MmioError> {
+        check(offset, 8)?;
+        Ok(self.read_slot(offset))
+    }
+
+    /// Writes a 32-bit register.
+    pub fn write32(&self, offset: u64, value: u32) -> Result<(), MmioError> {
+        check(offset, 4)?;
+        self.write_dword(offset, value);
+        Ok(())
+    }
+
+    /// Writes a 64-bit register (or two adjacent 32-bit ones, low first).
+    pub fn write64(&self, offset: u64, value: u64) -> Result<(), MmioError> {
+        check(offset, 8)?;
+        match offset {
+            regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB => self.write_qword(offset, value, true, true),
+            o if (regs::FRCD_BASE..FRCD_END).contains(&o) => self.write_qword(offset, value, true, true),
+            _ => {
+                self.write_dword(offset, value as u32);
+                self.write_dword(offset + 4, (value >> 32) as u32);
+            }
+        }
+        Ok(())
+    }
+
+    /// The 8-byte slot at `offset` (8-aligned).
+    fn read_slot(&self, offset: u64) -> u64 {
+        let r = self.regs.lock();
+        match offset {
+            regs::VER => VERSION,
+            regs::CAP => regs::cap_value(),
+            regs::ECAP => regs::ecap_value(),
+            regs::GCMD => u64::from(r.gsts) << 32, // GCMD reads as 0; GSTS above it
+            regs::RTADDR => r.rtaddr,
+            regs::CCMD => r.ccmd,
+            0x30 => u64::from(self.faults.fsts_bits() | r.fsts_queue) << 32,
+            regs::FECTL => u64::from(self.faults.fectl()) | (u64::from(self.faults.event_reg(0)) << 32),
+            regs::FEADDR => u64::from(self.faults.event_reg(1)) | (u64::from(self.faults.event_reg(2)) << 32),
+            regs::IVA => r.iva,
+            regs::IOTLB => r.iotlb,
+            o if (regs::FRCD_BASE..FRCD_END).contains(&o) => {
+                let rel = o - regs::FRCD_BASE;
+                self.faults.frcd((rel / 16) as usize, ((rel / 8) % 2) as usize)
+            }
+            _ => 0,
+        }
+    }
+
+    fn write_dword(&self, offset: u64, value: u32) {
+        match offset {
+            regs::GCMD => self.write_gcmd(value),
+            regs::FSTS => {
+                if value & fsts::PFO != 0 {
+                    self.faults.clear_pfo();
+                }
+                self.regs.lock().fsts_queue &= !(value & (fsts::IQE | fsts::ICE | fsts::ITE));
+            }
+            regs::FECTL => self.faults.write_fectl(value, &*self.events),
+            regs::FEDATA => self.faults.set_event_reg(0, value),
+            regs::FEADDR => self.faults.set_event_reg(1, value),
+            regs::FEUADDR => self.faults.set_event_reg(2, value),
+            o if matches!(o & !7, regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB)
+                || (regs::FRCD_BASE..FRCD_END).contains(&o) =>
+            {
+                let high = o & 4 != 0;
+                let shifted = if high { u64::from(value) << 32 } else { u64::from(value) };
+                self.write_qword(o & !7, shifted, !high, high);
+            }
+            _ => {}
+        }
+    }
+
+    /// Writes the halves selected by `lo`/`hi` of the 64-bit register at `offset`.
+    fn write_qword(&self, offset: u64, value: u64, lo: bool, hi: bool) {
+        let mask = (if lo { 0xffff_ffff } else { 0 }) | (if hi { 0xffff_ffff_0000_0000 } else { 0 });
+        let merge = |old: u64| (old & !mask) | (value & mask);
+        match offset {
+            regs::RTADDR => {
+                let mut r = self.regs.lock();
+                r.rtaddr = merge(r.rtaddr);
+            }
+            regs::IVA => {
+                let mut r = self.regs.lock();
+                r.iva = merge(r.iva);
+            }
+            regs::CCMD => {
+                let v = {
+                    let mut r = self.regs.lock();
+                    r.ccmd = merge(r.ccmd);
+                    r.ccmd
+                };
+                // The command runs when the half holding ICC is written.
+                if hi && v & ccmd::ICC != 0 {
+                    let done = self.exec_ccmd(v);
+                    self.regs.lock().ccmd = done;
+                }
+            }
+            regs::IOTLB => {
+                let (v, iva) = {
+                    let mut r = self.regs.lock();
+                    r.iotlb = merge(r.iotlb);
+                    (r.iotlb, r.iva)
+                };
+                if hi && v & iotlb::IVT != 0 {
+                    let done = self.exec_iotlb(v, iva);
+                    self.regs.lock().iotlb = done;
+                }
+            }
+            o => {
+                // FRCD: writing 1 to F (bit 127, i.e. bit 63 of the high quadword) clears it.
+                let rel = o - regs::FRCD_BASE;
+                if rel % 16 == 8 && hi && value & (1 << 63) != 0 {
+                    self.faults.clear_frcd((rel / 16) as usize);
+                }
+            }
+        }
+    }
+
+    /// GCMD (VT-d 10.4.4): one command per write; the status bits follow at once.
+    fn write_gcmd(&self, value: u32) {
+        let mut r = self.regs.lock();
+        if value & gcmd::SRTP != 0 {
+            // Latch the root table pointer; scalable mode (RTADDR.TTM) is not supported, so
+            // only the address is used.
+            self.root_table.store(r.rtaddr & ADDR_MASK, Ordering::Release);
+            r.gsts |= gcmd::SRTP; // RTPS sits at the same position as SRTP
+        }
+        let te = value & gcmd::TE != 0;
+        if te != (r.gsts & gcmd::TE != 0) {
+            if te {
+                r.gsts |= gcmd::TE;
+            } else {
+                r.gsts &= !gcmd::TE;
+            }
+            self.translation_enabled.store(te, Ordering::Release);
+            tracing::debug!(enabled = te, "DMA remapping translation enable changed");
+        }
+    }
+
+    /// Runs a context command (VT-d 10.4.7); returns the register value after completion:
+    /// ICC clear, CAIG the granularity performed (0 when the request was invalid).
+    fn exec_ccmd(&self, v: u64) -> u64 {
+        let did = DomainId((v & 0xffff) as u16);
+        let sid = SourceId(((v >> ccmd::SID_SHIFT) & 0xffff) as u16);
+        let function_mask = ((v >> ccmd::FM_SHIFT) & 3) as u8;
+        let performed = match (v >> ccmd::CIRG_SHIFT) & 3 {
+            ccmd::GLOBAL => Some(self.invalidate_context(ContextInvalidation::Global)),
+            ccmd::DOMAIN => Some(self.invalidate_context(ContextInvalidation::Domain(did))),
+            ccmd::DEVICE => Some(self.invalidate_context(ContextInvalidation::Device { did, sid, function_mask })),
+            _ => None,
+        };
+        let caig = performed.map_or(0, |p| p as u64);
+        (v & !(ccmd::ICC | (3 << ccmd::CAIG_SHIFT))) | (caig << ccmd::CAIG_SHIFT)
+    }
+
+    /// Runs an IOTLB invalidation (VT-d 10.4.8.1); returns the register value after
+    /// completion: IVT clear, IAIG the granularity performed (0 when refused, e.g. AM
+    /// above MAMV). Drains (DR/DW) complete immediately: the unit has no write buffers.
+    fn exec_iotlb(&self, v: u64, iva: u64) -> u64 {
+        let did = DomainId(((v >> iotlb::DID_SHIFT) & 0xffff) as u16);
+        let inv = match (v >> iotlb::IIRG_SHIFT) & 3 {
+            iotlb::GLOBAL => Some(IotlbInvalidation::Global),
+            iotlb::DOMAIN => Some(IotlbInvalidation::Domain(did)),
+            iotlb::PAGE => Some(IotlbInvalidation::Page {
+                did,
+                addr: Iova(iva & !0xfff),
+                am: (iva & iotlb::IVA_AM_MASK) as u8,
+                ih: iva & iotlb::IVA_IH != 0,
+            }),
+            _ => None,
+        };
+        let performed: Option<Performed> = inv.and_then(|i| self.invalidate_iotlb(i).ok());
+        let iaig = performed.map_or(0, |p| p as u64);
+        (v & !(iotlb::IVT | (3 << iotlb::IAIG_SHIFT))) | (iaig << iotlb::IAIG_SHIFT)
+    }
+
+    /// Whether FSTS holds an invalidation-queue error, which holds back fault events.
+    pub(crate) fn queue_error_pending(&self) -> bool {
+        self.regs.lock().fsts_queue != 0
+    }
+}

@@ -1,0 +1,229 @@
+//! The hardware model: one Intel VT-d DMA-remapping unit.
+//!
+//! A [`Unit`] owns everything the spec puts in a remapping hardware unit: its register
+//! file ([`mmio`], [`regs`]), its caches ([`cache`]), fault recording ([`fault`]) and the
+//! requests it answers ([`request`]). Tables live in [`HostMemory`], in the binary formats
+//! of [`tables`]; the unit only ever reads them, one 64-bit word at a time ([`walk`]).
+//!
+//! The unit is a value, not a global: it is `Send + Sync`, every method takes `&self`, and
+//! requests from many threads proceed in parallel (the caches lock per set, the fault ring
+//! and the register file have their own locks). Nothing here does I/O or awaits.
+//!
+//! What software must do, it must do: table changes are invisible to the caches until
+//! invalidated (VT-d 6.5), so a stale translation keeps being served exactly as on hardware.
+//! With [`UnitConfig::stale_detection`] the unit re-reads the source entry on each cache
+//! hit and counts such stale uses.
+
+pub mod cache;
+pub mod fault;
+pub mod fault_reason;
+pub mod invalidate;
+pub mod memory;
+pub mod mmio;
+pub mod regs;
+pub mod request;
+pub mod stats;
+pub mod tables;
+mod walk;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+pub use cache::{CacheGeometry, InvalidGeometry};
+pub use fault::{Access, FaultRecord, NoEvents, RequestKind, UnitEvents};
+pub use fault_reason::FaultReason;
+pub use memory::{HostMemory, MemoryError};
+pub use mmio::MmioError;
+pub use request::{AtsCompletion, AtsEntry, Blocked, DmaError, Translation};
+pub use stats::UnitStats;
+
+use cache::context::ContextCache;
+use cache::iotlb::Iotlb;
+use cache::paging::PagingCache;
+use fault::FaultRecorder;
+use stats::Counters;
+
+/// Construction-time parameters of a unit: cache sizes and diagnostics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnitConfig {
+    iotlb: CacheGeometry,
+    context_cache: CacheGeometry,
+    paging_cache: CacheGeometry,
+    stale_detection: bool,
+}
+
+impl Default for UnitConfig {
+    /// IOTLB 256×8, context cache 64×4, paging-structure cache 128×4, stale detection on.
+    fn default() -> Self {
+        Self {
+            iotlb: CacheGeometry::new(256, 8),
+            context_cache: CacheGeometry::new(64, 4),
+            paging_cache: CacheGeometry::new(128, 4),
+            stale_detection: true,
+        }
+    }
+}
+
+impl UnitConfig {
+    /// Sets the IOTLB geometry.
+    pub fn with_iotlb(mut self, geometry: CacheGeometry) -> Result<Self, InvalidGeometry> {
+        geometry.validate()?;
+        self.iotlb = geometry;
+        Ok(self)
+    }
+
+    /// Sets the context-cache geometry.
+    pub fn with_context_cache(mut self, geometry: CacheGeometry) -> Result<Self, InvalidGeometry> {
+        geometry.validate()?;
+        self.context_cache = geometry;
+        Ok(self)
+    }
+
+    /// Sets the paging-structure cache geometry.
+    pub fn with_paging_cache(mut self, geometry: CacheGeometry) -> Result<Self, InvalidGeometry> {
+        geometry.validate()?;
+        self.paging_cache = geometry;
+        Ok(self)
+    }
+
+    /// Turns stale-use detection on or off. On, every cache hit costs one extra memory
+    /// load (two for the context cache).
+    pub fn with_stale_detection(mut self, on: bool) -> Self {
+        self.stale_detection = on;
+        self
+    }
+
+    /// The IOTLB geometry.
+    pub fn iotlb(&self) -> CacheGeometry {
+        self.iotlb
+    }
+    /// The context-cache geometry.
+    pub fn context_cache(&self) -> CacheGeometry {
+        self.context_cache
+    }
+    /// The paging-structure cache geometry.
+    pub fn paging_cache(&self) -> CacheGeometry {
+        self.paging_cache
+    }
+    /// Whether stale uses are detected.
+    pub fn stale_detection(&self) -> bool {
+        self.stale_detection
+    }
+}
+
+/// Entries currently held by each cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheOccupancy {
+    /// Context cache.
+    pub context: usize,
+    /// Paging-structure cache.
+    pub paging: usize,
+    /// IOTLB.
+    pub iotlb: usize,
+}
+
+/// One emulated VT-d remapping hardware unit.
+pub struct Unit {
+    config: UnitConfig,
+    memory: Arc<HostMemory>,
+    events: Arc<dyn UnitEvents>,
+    /// Register state that is not on the request path.
+    regs: Mutex<mmio::RegisterFile>,
+    /// GSTS.TES, mirrored for the request path.
+    translation_enabled: AtomicBool,
+    /// The root table address latched by the last SRTP.
+    root_table: AtomicU64,
+    /// Bumped by every invalidation before it drops entries; a walk that started in an
+    /// older epoch does not fill the caches (so no fill can outlive an invalidation that
+    /// completed after the walk read the tables).
+    epoch: AtomicU64,
+    context_cache: ContextCache,
+    paging_cache: PagingCache,
+    iotlb: Iotlb,
+    faults: FaultRecorder,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for Unit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unit")
+            .field("config", &self.config)
+            .field("translation_enabled", &self.translation_enabled.load(Ordering::Relaxed))
+            .field("root_table", &Hpa(self.root_table.load(Ordering::Relaxed)))
+            .finish_non_exhaustive()
+    }
+}
+
+use crate::ids::Hpa;
+
+impl Unit {
+    /// A unit in its reset state (translation disabled, no root table) over `memory`.
+    pub fn new(config: UnitConfig, memory: Arc<HostMemory>) -> Self {
+        Self::with_events(config, memory, Arc::new(NoEvents))
+    }
+
+    /// As [`Unit::new`], delivering notifications to `events`.
+    pub fn with_events(config: UnitConfig, memory: Arc<HostMemory>, events: Arc<dyn UnitEvents>) -> Self {
+        Self {
+            config,
+            memory,
+            events,
+            regs: Mutex::new(mmio::RegisterFile::default()),
+            translation_enabled: AtomicBool::new(false),
+            root_table: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            context_cache: ContextCache::new(config.context_cache),
+            paging_cache: PagingCache::new(config.paging_cache),
+            iotlb: Iotlb::new(config.iotlb),
+            faults: FaultRecorder::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The host memory the unit translates into.
+    pub fn memory(&self) -> &Arc<HostMemory> {
+        &self.memory
+    }
+
+    /// The configuration the unit was built with.
+    pub fn config(&self) -> &UnitConfig {
+        &self.config
+    }
+
+    /// Whether GSTS.TES is set.
+    pub fn translation_enabled(&self) -> bool {
+        self.translation_enabled.load(Ordering::Acquire)
+    }
+
+    /// The faults currently held in the fault recording registers.
+    pub fn fault_records(&self) -> Vec<FaultRecord> {
+        self.faults.records()
+    }
+
+    /// A snapshot of the unit's counters.
+    pub fn stats(&self) -> UnitStats {
+        self.counters.snapshot()
+    }
+
+    /// Entries held by each cache.
+    pub fn cache_occupancy(&self) -> CacheOccupancy {
+        CacheOccupancy { context: self.context_cache.len(), paging: self.paging_cache.len(), iotlb: self.iotlb.len() }
+    }
+
+    #[inline]
+    fn current_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    #[inline]
+    fn epoch_is(&self, epoch: u64) -> bool {
+        self.epoch.load(Ordering::SeqCst) == epoch
+    }
+
+    /// Starts an invalidation: fills from walks begun before this point are refused.
+    fn begin_invalidation(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}

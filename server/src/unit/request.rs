@@ -1,0 +1,363 @@
+//! The requests a unit answers, one method per PCIe request kind.
+//!
+//! - Untranslated requests (AT=00): [`Unit::translate`] finds the output address;
+//!   [`Unit::dma_read`] / [`Unit::dma_write`] also perform the access on host memory.
+//! - ATS translation requests (AT=01): [`Unit::ats_translate`] returns the completion a
+//!   device caches in its device TLB (VT-d 4.2.3, 6.2.2).
+//! - Translated requests (AT=10): [`Unit::translated_read`] / [`Unit::translated_write`],
+//!   allowed only for contexts with TT=01, with no walk (VT-d 4.2.4).
+//!
+//! The interrupt address range 0xFEEx_xxxx is protected on every path (VT-d 3.14):
+//! untranslated requests to it are interrupt requests, never DMA; translation requests for
+//! it complete with R=0, W=1, U=1; translated requests and translations whose output falls
+//! in it fault with reason 0x0E.
+
+use std::sync::atomic::Ordering;
+
+use super::fault::{Access, FaultRecord, RequestKind};
+use super::fault_reason::FaultReason;
+use super::memory::MemoryError;
+use super::tables::{HOST_ADDRESS_WIDTH, TranslationType};
+use super::walk::{Fault, Leaf};
+use super::{Unit, fault::Logged};
+use crate::ids::{Hpa, Iova, PAGE_SIZE, SourceId};
+
+/// First address of the interrupt address range.
+pub const INTERRUPT_RANGE_BASE: u64 = 0xfee0_0000;
+/// Size of the interrupt address range (1 MiB).
+pub const INTERRUPT_RANGE_SIZE: u64 = 0x10_0000;
+
+/// Whether `[addr, addr + len)` overlaps the interrupt address range.
+#[inline]
+pub const fn overlaps_interrupt_range(addr: u64, len: u64) -> bool {
+    addr < INTERRUPT_RANGE_BASE + INTERRUPT_RANGE_SIZE && addr.saturating_add(len) > INTERRUPT_RANGE_BASE
+}
+
+/// A successful untranslated-request translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// Output address of the requested byte.
+    pub hpa: Hpa,
+    /// log2 of the size of the page that maps it (12, 21 or 30).
+    pub page_shift: u32,
+    /// The page may be read.
+    pub read: bool,
+    /// The page may be written.
+    pub write: bool,
+}
+
+/// An untranslated or translated request the unit refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("request blocked{}", match .reason { Some(r) => format!(": {r}"), None => " (interrupt address range)".to_owned() })]
+pub struct Blocked {
+    /// Why; `None` when the rule that refused it records no fault (an untranslated request
+    /// into the interrupt address range, which is an interrupt, not DMA). A reason is given
+    /// even when the fault was not recorded (FPD, or a full fault ring).
+    pub reason: Option<FaultReason>,
+}
+
+/// One translation-completion entry (PCIe ATS 2.2 / VT-d 4.2.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtsEntry {
+    /// Translated address: the first byte of the naturally aligned range.
+    pub translated: Hpa,
+    /// log2 of the range size in bytes (the S bit encoding is derived from it).
+    pub size_shift: u32,
+    /// R.
+    pub read: bool,
+    /// W.
+    pub write: bool,
+    /// U: the device must use untranslated requests for this range.
+    pub untranslated_only: bool,
+    /// Exe (no execute permission in legacy mode: always false).
+    pub exec: bool,
+    /// Priv (always false without PASID).
+    pub privileged: bool,
+    /// Global (never set by VT-d).
+    pub global: bool,
+}
+
+impl AtsEntry {
+    /// A completion that grants nothing: not present or no permission. The device may
+    /// issue a page request.
+    pub const fn no_access(iova: Iova) -> Self {
+        Self {
+            translated: Hpa(iova.0 & !(PAGE_SIZE - 1)),
+            size_shift: 12,
+            read: false,
+            write: false,
+            untranslated_only: false,
+            exec: false,
+            privileged: false,
+            global: false,
+        }
+    }
+}
+
+/// A translation completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtsCompletion {
+    /// Success, with one entry (R=W=0 when nothing is mapped or permitted).
+    Success(AtsEntry),
+    /// Unsupported Request: the context does not allow translation requests, or does not
+    /// exist. A fault is recorded.
+    UnsupportedRequest,
+    /// Completer Abort: the tables are malformed. A fault is recorded.
+    CompleterAbort,
+}
+
+/// A DMA that did not complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    /// The unit blocked the request (the fault is recorded unless suppressed).
+    #[error("DMA at {addr:#x} blocked: {reason}")]
+    Fault {
+        /// The address (untranslated or translated) that was refused.
+        addr: u64,
+        /// Why.
+        reason: FaultReason,
+    },
+    /// An untranslated request to the interrupt address range is an interrupt request.
+    #[error("DMA at {addr:#x} targets the interrupt address range")]
+    InterruptRange {
+        /// The refused address.
+        addr: u64,
+    },
+    /// The translated address lies beyond host memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The range wraps around the 64-bit address space.
+    #[error("DMA range {addr:#x}+{len:#x} wraps the address space")]
+    Overflow {
+        /// First address.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+impl Unit {
+    /// Records `fault` for a request and returns its reason.
+    fn fault(&self, fault: Fault, sid: SourceId, addr: u64, access: Access, kind: RequestKind) -> FaultReason {
+        let record = FaultRecord { reason: fault.reason, sid, addr, access, kind };
+        match self.faults.log(record, fault.fpd, self.queue_error_pending(), &*self.events) {
+            Logged::Recorded(_) => self.counters.faults_recorded.inc(),
+            Logged::Suppressed => self.counters.faults_suppressed.inc(),
+            Logged::Overflow => self.counters.faults_overflowed.inc(),
+        }
+        tracing::debug!(%sid, addr = format_args!("{addr:#x}"), reason = %fault.reason, ?kind, "DMA remapping fault");
+        fault.reason
+    }
+
+    /// Translates an untranslated request (AT=00) for `access` at `iova` from `sid`.
+    ///
+    /// On success the output address is returned; on failure the fault is recorded (unless
+    /// FPD suppresses it) and the reason returned.
+    #[inline]
+    pub fn translate(&self, sid: SourceId, iova: Iova, access: Access) -> Result<Translation, Blocked> {
+        let r = self.translate_untranslated(sid, iova, access);
+        if r.is_ok() {
+            self.counters.untranslated_ok.inc()
+        } else {
+            self.counters.untranslated_blocked.inc()
+        }
+        r
+    }
+
+    #[inline]
+    fn translate_untranslated(&self, sid: SourceId, iova: Iova, access: Access) -> Result<Translation, Blocked> {
+        // VT-d 3.14: requests to the interrupt range are interrupt requests, not remapped.
+        if overlaps_interrupt_range(iova.0, 1) {
+            return Err(Blocked { reason: None });
+        }
+        // VT-d 10.4.4 (GSTS.TES = 0): DMA requests are not translated.
+        if !self.translation_enabled.load(Ordering::Acquire) {
+            return Ok(Translation { hpa: Hpa(iova.0), page_shift: 12, read: true, write: true });
+        }
+        let fail = |f: Fault| Blocked { reason: Some(self.fault(f, sid, iova.0, access, RequestKind::Untranslated)) };
+        let epoch = self.current_epoch();
+        let ctx = self.context(sid, epoch).map_err(fail)?;
+        if ctx.tt == TranslationType::PassThrough {
+            if iova.0 >> HOST_ADDRESS_WIDTH != 0 {
+                return Err(fail(Fault { reason: FaultReason::AddressBeyondWidth, fpd: ctx.fpd }));
+            }
+            return Ok(Translation { hpa: Hpa(iova.0), page_shift: 12, read: true, write: true });
+        }
+        let leaf = self.second_stage(&ctx, iova, epoch).map_err(fail)?;
+        let (allowed, reason) = match access {
+            Access::Read => (leaf.read, FaultReason::NoRead),
+            Access::Write => (leaf.write, FaultReason::NoWrite),
+        };
+        if !allowed {
+            return Err(fail(Fault { reason, fpd: ctx.fpd }));
+        }
+        let hpa = leaf.frame.0 | (iova.0 & ((1u64 << leaf.shift) - 1));
+        if overlaps_interrupt_range(hpa, 1) {
+            return Err(fail(Fault { reason: FaultReason::InterruptAddress, fpd: ctx.fpd }));
+        }
+        Ok(Translation { hpa: Hpa(hpa), page_shift: leaf.shift, read: leaf.read, write: leaf.write })
+    }
+
+    /// Answers an ATS translation request (AT=01) for `iova` from `sid`; `no_write` is the
+    /// request's NW flag (the device asks for read access only).
+    ///
+    /// Not-present entries and permission problems complete successfully with R=W=0 and
+    /// record nothing (VT-d 4.2.3: they are for the device to resolve, e.g. with a page
+    /// request); so does an address beyond the domain's width. A context that is missing,
+    /// malformed, or whose TT is not 01b gets UR and a fault; malformed page tables get CA
+    /// and a fault.
+    pub fn ats_translate(&self, sid: SourceId, iova: Iova, no_write: bool) -> AtsCompletion {
+        let c = self.ats_translate_inner(sid, iova, no_write);
+        match c {
+            AtsCompletion::Success(e) if e.read || e.write => self.counters.ats_success.inc(),
+            AtsCompletion::Success(_) => self.counters.ats_no_access.inc(),
+            _ => self.counters.ats_error.inc(),
+        }
+        c
+    }
+
+    fn ats_translate_inner(&self, sid: SourceId, iova: Iova, no_write: bool) -> AtsCompletion {
+        if !self.translation_enabled.load(Ordering::Acquire) {
+            return AtsCompletion::UnsupportedRequest;
+        }
+        let access = if no_write { Access::Read } else { Access::Write };
+        let record = |f: Fault| self.fault(f, sid, iova.0, access, RequestKind::TranslationRequest);
+        let epoch = self.current_epoch();
+        let ctx = match self.context(sid, epoch) {
+            Ok(ctx) => ctx,
+            Err(f) => {
+                record(f);
+                return AtsCompletion::UnsupportedRequest;
+            }
+        };
+        // VT-d 9.3 TT: only 01b admits translation requests.
+        if ctx.tt != TranslationType::DeviceTlb {
+            record(Fault { reason: FaultReason::TranslationTypeBlocked, fpd: ctx.fpd });
+            return AtsCompletion::UnsupportedRequest;
+        }
+        // VT-d 4.2.3: the interrupt range is reported as write-only, untranslated-only.
+        if overlaps_interrupt_range(iova.0, 1) {
+            let mut e = AtsEntry::no_access(iova);
+            e.write = true;
+            e.untranslated_only = true;
+            return AtsCompletion::Success(e);
+        }
+        let leaf = match self.second_stage(&ctx, iova, epoch) {
+            Ok(leaf) => leaf,
+            Err(f) if f.reason == FaultReason::AddressBeyondWidth => {
+                return AtsCompletion::Success(AtsEntry::no_access(iova));
+            }
+            Err(f) => {
+                record(f);
+                return AtsCompletion::CompleterAbort;
+            }
+        };
+        let Leaf { frame, shift, read, write } = leaf;
+        if !(read || write) {
+            return AtsCompletion::Success(AtsEntry::no_access(iova));
+        }
+        if overlaps_interrupt_range(frame.0, 1u64 << shift) {
+            record(Fault { reason: FaultReason::InterruptAddress, fpd: ctx.fpd });
+            return AtsCompletion::CompleterAbort;
+        }
+        AtsCompletion::Success(AtsEntry {
+            translated: frame,
+            size_shift: shift,
+            read,
+            write: write && !no_write,
+            untranslated_only: false,
+            exec: false,
+            privileged: false,
+            global: false,
+        })
+    }
+
+    /// Checks a translated request (AT=10) for `[addr, addr + len)` from `sid`: the
+    /// context must have TT=01b (VT-d 4.2.4) and the range must avoid the interrupt range.
+    /// No page walk happens: the device vouches for the translation.
+    pub fn check_translated(&self, sid: SourceId, addr: Hpa, len: u64, access: Access) -> Result<(), Blocked> {
+        let r = self.check_translated_inner(sid, addr, len.max(1), access);
+        if r.is_ok() {
+            self.counters.translated_ok.inc()
+        } else {
+            self.counters.translated_blocked.inc()
+        }
+        r
+    }
+
+    fn check_translated_inner(&self, sid: SourceId, addr: Hpa, len: u64, access: Access) -> Result<(), Blocked> {
+        let fail = |f: Fault| Blocked { reason: Some(self.fault(f, sid, addr.0, access, RequestKind::Translated)) };
+        if !self.translation_enabled.load(Ordering::Acquire) {
+            // With translation off every request is passed through unchanged.
+            return if overlaps_interrupt_range(addr.0, len) { Err(Blocked { reason: None }) } else { Ok(()) };
+        }
+        let ctx = self.context(sid, self.current_epoch()).map_err(fail)?;
+        if ctx.tt != TranslationType::DeviceTlb {
+            return Err(fail(Fault { reason: FaultReason::TranslationTypeBlocked, fpd: ctx.fpd }));
+        }
+        if overlaps_interrupt_range(addr.0, len) {
+            return Err(fail(Fault { reason: FaultReason::InterruptAddress, fpd: ctx.fpd }));
+        }
+        Ok(())
+    }
+
+    /// Untranslated DMA read: translates page by page and reads host memory.
+    pub fn dma_read(&self, sid: SourceId, iova: Iova, buf: &mut [u8]) -> Result<(), DmaError> {
+        let len = buf.len() as u64;
+        iova.0.checked_add(len).ok_or(DmaError::Overflow { addr: iova.0, len })?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = iova.0 + done as u64;
+            let t = self.translate(sid, Iova(at), Access::Read).map_err(|b| blocked(at, b))?;
+            let n = chunk(at, t.page_shift, buf.len() - done);
+            self.memory.read(t.hpa, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Untranslated DMA write: translates page by page and writes host memory. Pages
+    /// before a faulting page have been written, as with a real bus.
+    pub fn dma_write(&self, sid: SourceId, iova: Iova, data: &[u8]) -> Result<(), DmaError> {
+        let len = data.len() as u64;
+        iova.0.checked_add(len).ok_or(DmaError::Overflow { addr: iova.0, len })?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = iova.0 + done as u64;
+            let t = self.translate(sid, Iova(at), Access::Write).map_err(|b| blocked(at, b))?;
+            let n = chunk(at, t.page_shift, data.len() - done);
+            self.memory.write(t.hpa, &data[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Translated DMA read at a host address the device got from a translation completion.
+    pub fn translated_read(&self, sid: SourceId, addr: Hpa, buf: &mut [u8]) -> Result<(), DmaError> {
+        let len = buf.len() as u64;
+        addr.0.checked_add(len).ok_or(DmaError::Overflow { addr: addr.0, len })?;
+        self.check_translated(sid, addr, len, Access::Read).map_err(|b| blocked(addr.0, b))?;
+        Ok(self.memory.read(addr, buf)?)
+    }
+
+    /// Translated DMA write.
+    pub fn translated_write(&self, sid: SourceId, addr: Hpa, data: &[u8]) -> Result<(), DmaError> {
+        let len = data.len() as u64;
+        addr.0.checked_add(len).ok_or(DmaError::Overflow { addr: addr.0, len })?;
+        self.check_translated(sid, addr, len, Access::Write).map_err(|b| blocked(addr.0, b))?;
+        Ok(self.memory.write(addr, data)?)
+    }
+}
+
+fn blocked(addr: u64, b: Blocked) -> DmaError {
+    match b.reason {
+        Some(reason) => DmaError::Fault { addr, reason },
+        None => DmaError::InterruptRange { addr },
+    }
+}
+
+/// Bytes from `at` to the end of its page (of size `1 << shift`), at most `left`.
+fn chunk(at: u64, shift: u32, left: usize) -> usize {
+    let to_end = (1u64 << shift) - (at & ((1u64 << shift) - 1));
+    to_end.min(left as u64) as usize
+}

@@ -1,0 +1,139 @@
+//! Event counters of one unit.
+//!
+//! Counters sit on the translation path, so each is striped over cache-line-padded cells
+//! and a thread adds to "its" cell: concurrent translations on different cores do not
+//! bounce one line between them. Reading sums the cells; a snapshot is not atomic across
+//! counters, which is fine for monitoring.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+const STRIPES: usize = 16;
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(AtomicU64);
+
+/// A striped, monotonically increasing counter.
+pub(crate) struct Counter {
+    cells: [Padded; STRIPES],
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Self { cells: std::array::from_fn(|_| Padded::default()) }
+    }
+}
+
+impl std::fmt::Debug for Counter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.get())
+    }
+}
+
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+#[inline]
+fn stripe() -> usize {
+    STRIPE.with(|s| {
+        let v = s.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+        s.set(v);
+        v
+    })
+}
+
+impl Counter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.cells[stripe()].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn inc(&self) {
+        self.add(1);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.cells.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Live counters of one unit.
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $( pub(crate) $name: Counter, )*
+        }
+
+        /// A snapshot of a unit's counters (see [`crate::unit::Unit::stats`]).
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct UnitStats {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self) -> UnitStats {
+                UnitStats { $( $name: self.$name.get(), )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Untranslated requests translated successfully (including pass-through).
+    untranslated_ok,
+    /// Untranslated requests blocked (faulted, or refused without a fault).
+    untranslated_blocked,
+    /// ATS translation requests completed with Success (any permissions).
+    ats_success,
+    /// ATS translation requests completed with R=W=0.
+    ats_no_access,
+    /// ATS translation requests completed with UR or CA.
+    ats_error,
+    /// Translated requests allowed.
+    translated_ok,
+    /// Translated requests blocked.
+    translated_blocked,
+    /// Context-cache hits.
+    context_hits,
+    /// Context-cache misses (root and context entries read from memory).
+    context_misses,
+    /// IOTLB hits.
+    iotlb_hits,
+    /// IOTLB misses.
+    iotlb_misses,
+    /// Paging-structure cache hits (walks that skipped levels).
+    paging_hits,
+    /// Paging-structure cache misses (walks from the top).
+    paging_misses,
+    /// Page walks (IOTLB misses that read page-table entries).
+    walks,
+    /// Page-table entries read by walks.
+    walk_loads,
+    /// IOTLB hits served while the leaf entry in memory differed (software changed the
+    /// table without invalidating).
+    stale_iotlb_uses,
+    /// Context-cache hits served while the context entry in memory differed.
+    stale_context_uses,
+    /// Faults written to fault recording registers.
+    faults_recorded,
+    /// Qualified faults suppressed by FPD.
+    faults_suppressed,
+    /// Faults lost to a full fault-recording ring (PFO).
+    faults_overflowed,
+    /// Context-cache invalidations performed.
+    context_invalidations,
+    /// IOTLB invalidations performed (any granularity).
+    iotlb_invalidations,
+    /// Cache entries dropped by invalidations (all caches).
+    entries_invalidated,
+}
