@@ -66,7 +66,7 @@ impl std::fmt::Debug for HostMemory {
 impl HostMemory {
     /// Creates a memory of `size` bytes of address space; nothing is allocated until written.
     pub fn new(size: u64) -> Result<Self, InvalidMemorySize> {
-        if !(MIN_MEMORY_SIZE..=MAX_MEMORY_SIZE).contains(&size) || size % MIN_MEMORY_SIZE != 0 {
+        if !(MIN_MEMORY_SIZE..=MAX_MEMORY_SIZE).contains(&size) || !size.is_multiple_of(MIN_MEMORY_SIZE) {
             return Err(InvalidMemorySize(size));
         }
         let n = (size >> CHUNK_SHIFT) as usize;

@@ -60,7 +60,7 @@ fn check(offset: u64, width: u64) -> Result<(), MmioError> {
     if offset.checked_add(width).is_none_or(|end| end > regs::WINDOW_SIZE) {
         return Err(MmioError::OutOfWindow { offset, width });
     }
-    if offset % width != 0 {
+    if !offset.is_multiple_of(width) {
         return Err(MmioError::Misaligned { offset, width });
     }
     Ok(())

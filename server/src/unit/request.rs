@@ -139,7 +139,7 @@ pub enum DmaError {
 impl Unit {
     /// Records `fault` for a request and returns its reason.
     fn fault(&self, fault: Fault, sid: SourceId, addr: u64, access: Access, kind: RequestKind) -> FaultReason {
-        let record = FaultRecord { reason: fault.reason, sid, addr, access, kind };
+        let record = FaultRecord { reason: fault.reason, sid, addr: addr & !(PAGE_SIZE - 1), access, kind };
         match self.faults.log(record, fault.fpd, self.queue_error_pending(), &*self.events) {
             Logged::Recorded(_) => self.counters.faults_recorded.inc(),
             Logged::Suppressed => self.counters.faults_suppressed.inc(),
