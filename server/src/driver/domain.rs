@@ -29,7 +29,6 @@ pub(crate) struct DomainState {
 /// One protection domain.
 #[derive(Debug)]
 pub(crate) struct Domain {
-    pub(crate) id: DomainId,
     pub(crate) kind: DomainKind,
     pub(crate) aw: AddressWidth,
     /// The top-level table (paging domains), fixed for the domain's life: context entries
@@ -39,9 +38,8 @@ pub(crate) struct Domain {
 }
 
 impl Domain {
-    pub(crate) fn new(id: DomainId, kind: DomainKind, aw: AddressWidth, tables: Option<PageTable>) -> Self {
+    pub(crate) fn new(kind: DomainKind, aw: AddressWidth, tables: Option<PageTable>) -> Self {
         Self {
-            id,
             kind,
             aw,
             top: tables.as_ref().map(PageTable::top),

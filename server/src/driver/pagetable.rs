@@ -129,7 +129,8 @@ impl PageTable {
                 // VT-d 3.6.1 / 9.8: PS=1 at level 2 maps 2 MiB, at level 3 1 GiB; the
                 // input address, output address and the rest of the range must all be
                 // aligned to it.
-                if level <= max_leaf_level && iova % size == 0 && hpa % size == 0 && remaining >= size {
+                if level <= max_leaf_level && iova.is_multiple_of(size) && hpa.is_multiple_of(size) && remaining >= size
+                {
                     let leaf = SlPte::leaf(Hpa(hpa), perm.read, perm.write, true);
                     mem.write_u64(slot, leaf.to_bits())?;
                     return Ok(size);
