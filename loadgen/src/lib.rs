@@ -66,7 +66,7 @@ pub fn run_sweep(config: &SweepConfig, mut progress: impl FnMut(&StepReport)) ->
     if config.duration.is_zero() {
         bail!("duration must be greater than zero");
     }
-    if config.footprint == 0 || config.footprint % 4096 != 0 {
+    if config.footprint == 0 || !config.footprint.is_multiple_of(4096) {
         bail!("footprint must be a positive multiple of 4 KiB");
     }
     let max = config.steps.iter().copied().max().unwrap_or(1);

@@ -172,6 +172,18 @@ impl FaultRecorder {
         Some(((u64::from(s.feuaddr) << 32) | u64::from(s.feaddr), s.fedata))
     }
 
+    /// A queue error (IQE, ICE, ITE) was newly set while no other queue error was pending:
+    /// raise the fault event unless a fault is already pending (VT-d 7.3).
+    pub(crate) fn queue_error_event(&self, events: &dyn UnitEvents) {
+        let message = {
+            let mut s = self.state.lock();
+            if s.ppf() || s.pfo { None } else { Self::raise(&mut s) }
+        };
+        if let Some((addr, data)) = message {
+            events.interrupt_message(addr, data);
+        }
+    }
+
     /// The records currently held (F set), in register order.
     pub(crate) fn records(&self) -> Vec<FaultRecord> {
         self.state.lock().records.iter().flatten().copied().collect()

@@ -52,8 +52,6 @@ pub(crate) struct RegisterFile {
     ccmd: u64,
     iva: u64,
     iotlb: u64,
-    /// FSTS IQE/ICE/ITE (queued invalidation errors).
-    fsts_queue: u32,
 }
 
 fn check(offset: u64, width: u64) -> Result<(), MmioError> {
@@ -94,6 +92,7 @@ impl Unit {
         check(offset, 8)?;
         match offset {
             regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB => self.write_qword(offset, value, true, true),
+            regs::IQA | regs::IQT => self.write_queue_reg64(offset, value),
             o if (regs::FRCD_BASE..FRCD_END).contains(&o) => self.write_qword(offset, value, true, true),
             _ => {
                 self.write_dword(offset, value as u32);
@@ -113,7 +112,15 @@ impl Unit {
             regs::GCMD => u64::from(r.gsts) << 32, // GCMD reads as 0; GSTS above it
             regs::RTADDR => r.rtaddr,
             regs::CCMD => r.ccmd,
-            0x30 => u64::from(self.faults.fsts_bits() | r.fsts_queue) << 32,
+            0x30 => {
+                drop(r);
+                self.poll();
+                u64::from(self.faults.fsts_bits() | self.queue_fsts()) << 32
+            }
+            regs::IQH | regs::IQT | regs::IQA | 0x98 | regs::IECTL | regs::IEADDR | regs::IQERCD => {
+                drop(r);
+                self.queue_reg(offset)
+            }
             regs::FECTL => u64::from(self.faults.fectl()) | (u64::from(self.faults.event_reg(0)) << 32),
             regs::FEADDR => u64::from(self.faults.event_reg(1)) | (u64::from(self.faults.event_reg(2)) << 32),
             regs::IVA => r.iva,
@@ -133,12 +140,24 @@ impl Unit {
                 if value & fsts::PFO != 0 {
                     self.faults.clear_pfo();
                 }
-                self.regs.lock().fsts_queue &= !(value & (fsts::IQE | fsts::ICE | fsts::ITE));
+                self.clear_queue_errors(value);
             }
             regs::FECTL => self.faults.write_fectl(value, &*self.events),
             regs::FEDATA => self.faults.set_event_reg(0, value),
             regs::FEADDR => self.faults.set_event_reg(1, value),
             regs::FEUADDR => self.faults.set_event_reg(2, value),
+            regs::ICS | regs::IECTL | regs::IEDATA | regs::IEADDR | regs::IEUADDR => {
+                self.write_queue_reg32(offset, value)
+            }
+            o if matches!(o & !7, regs::IQA | regs::IQT) => {
+                let old = self.queue_reg(o & !7);
+                let merged = if o & 4 == 0 {
+                    (old & !0xffff_ffff) | u64::from(value)
+                } else {
+                    (old & 0xffff_ffff) | (u64::from(value) << 32)
+                };
+                self.write_queue_reg64(o & !7, merged);
+            }
             o if matches!(o & !7, regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB)
                 || (regs::FRCD_BASE..FRCD_END).contains(&o) =>
             {
@@ -205,6 +224,11 @@ impl Unit {
             self.root_table.store(r.rtaddr & ADDR_MASK, Ordering::Release);
             r.gsts |= gcmd::SRTP; // RTPS sits at the same position as SRTP
         }
+        let qie = value & gcmd::QIE != 0;
+        if qie != (r.gsts & gcmd::QIE != 0) {
+            r.gsts ^= gcmd::QIE; // QIES sits at the same position as QIE
+            self.set_queue_enabled(qie);
+        }
         let te = value & gcmd::TE != 0;
         if te != (r.gsts & gcmd::TE != 0) {
             if te {
@@ -252,10 +276,5 @@ impl Unit {
         let performed: Option<Performed> = inv.and_then(|i| self.invalidate_iotlb(i).ok());
         let iaig = performed.map_or(0, |p| p as u64);
         (v & !(iotlb::IVT | (3 << iotlb::IAIG_SHIFT))) | (iaig << iotlb::IAIG_SHIFT)
-    }
-
-    /// Whether FSTS holds an invalidation-queue error, which holds back fault events.
-    pub(crate) fn queue_error_pending(&self) -> bool {
-        self.regs.lock().fsts_queue != 0
     }
 }

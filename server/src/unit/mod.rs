@@ -17,9 +17,12 @@
 pub mod cache;
 pub mod fault;
 pub mod fault_reason;
+pub mod interrupt;
 pub mod invalidate;
 pub mod memory;
 pub mod mmio;
+pub mod prq;
+pub mod queue;
 pub mod regs;
 pub mod request;
 pub mod stats;
@@ -28,6 +31,7 @@ mod walk;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -36,6 +40,8 @@ pub use fault::{Access, FaultRecord, NoEvents, RequestKind, UnitEvents};
 pub use fault_reason::FaultReason;
 pub use memory::{HostMemory, MemoryError};
 pub use mmio::MmioError;
+pub use queue::port::{DeviceInvalidation, DevicePort, PageResponse};
+pub use queue::{PortError, UnexpectedCompletion};
 pub use request::{AtsCompletion, AtsEntry, Blocked, DmaError, Translation};
 pub use stats::UnitStats;
 
@@ -52,16 +58,19 @@ pub struct UnitConfig {
     context_cache: CacheGeometry,
     paging_cache: CacheGeometry,
     stale_detection: bool,
+    device_tlb_timeout: Duration,
 }
 
 impl Default for UnitConfig {
-    /// IOTLB 256×8, context cache 64×4, paging-structure cache 128×4, stale detection on.
+    /// IOTLB 256×8, context cache 64×4, paging-structure cache 128×4, stale detection on,
+    /// device-TLB invalidation time-out 1 s.
     fn default() -> Self {
         Self {
             iotlb: CacheGeometry::new(256, 8),
             context_cache: CacheGeometry::new(64, 4),
             paging_cache: CacheGeometry::new(128, 4),
             stale_detection: true,
+            device_tlb_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -92,6 +101,12 @@ impl UnitConfig {
     /// load (two for the context cache).
     pub fn with_stale_detection(mut self, on: bool) -> Self {
         self.stale_detection = on;
+        self
+    }
+
+    /// Sets the time after which an unanswered device-TLB invalidation sets ITE.
+    pub fn with_device_tlb_timeout(mut self, timeout: Duration) -> Self {
+        self.device_tlb_timeout = timeout;
         self
     }
 
@@ -143,6 +158,7 @@ pub struct Unit {
     paging_cache: PagingCache,
     iotlb: Iotlb,
     faults: FaultRecorder,
+    queue: Mutex<queue::QueueState>,
     counters: Counters,
 }
 
@@ -178,6 +194,7 @@ impl Unit {
             paging_cache: PagingCache::new(config.paging_cache),
             iotlb: Iotlb::new(config.iotlb),
             faults: FaultRecorder::new(),
+            queue: Mutex::new(queue::QueueState::default()),
             counters: Counters::default(),
         }
     }

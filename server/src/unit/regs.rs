@@ -28,6 +28,42 @@ pub const FEDATA: u64 = 0x3c;
 pub const FEADDR: u64 = 0x40;
 /// FEUADDR_REG (32).
 pub const FEUADDR: u64 = 0x44;
+/// Invalidation queue head (64; QH[18:4], hardware-owned).
+pub const IQH: u64 = 0x80;
+/// Invalidation queue tail (64; QT[18:4], software-owned).
+pub const IQT: u64 = 0x88;
+/// Invalidation queue address (64): IQA[63:12], DW 11, QS[2:0].
+pub const IQA: u64 = 0x90;
+/// Invalidation completion status (32): IWC bit 0, write 1 to clear.
+pub const ICS: u64 = 0x9c;
+/// Invalidation event control (32): IM 31, IP 30.
+pub const IECTL: u64 = 0xa0;
+/// Invalidation event data.
+pub const IEDATA: u64 = 0xa4;
+/// Invalidation event address.
+pub const IEADDR: u64 = 0xa8;
+/// Invalidation event upper address.
+pub const IEUADDR: u64 = 0xac;
+/// Invalidation queue error record (64): IQEI[3:0], ITESID[47:32], ICESID[63:48].
+pub const IQERCD: u64 = 0xb0;
+/// Interrupt remapping table address (64): IRTA[63:12], EIME 11, S[3:0].
+pub const IRTA: u64 = 0xb8;
+/// Page request queue head (64).
+pub const PQH: u64 = 0xc0;
+/// Page request queue tail (64).
+pub const PQT: u64 = 0xc8;
+/// Page request queue address (64).
+pub const PQA: u64 = 0xd0;
+/// Page request status (32): PPR 0, PRO 1.
+pub const PRS: u64 = 0xdc;
+/// Page request event control (32).
+pub const PECTL: u64 = 0xe0;
+/// Page request event data.
+pub const PEDATA: u64 = 0xe4;
+/// Page request event address.
+pub const PEADDR: u64 = 0xe8;
+/// Page request event upper address.
+pub const PEUADDR: u64 = 0xec;
 /// IOTLB register block offset (ECAP.IRO × 16): IVA_REG; IOTLB_REG is at +8.
 pub const IVA: u64 = 0xf0;
 /// IOTLB_REG (64).
@@ -162,10 +198,11 @@ pub const fn cap_value() -> u64 {
 /// registers at IRO. Queued invalidation and interrupt remapping are advertised only once
 /// the model implements them.
 pub const fn ecap_value() -> u64 {
+    let qi = 1u64 << 1;
     let dt = 1u64 << 2;
     let pt = 1u64 << 6;
     let iro = IVA / 16;
-    dt | pt | (iro << 8)
+    qi | dt | pt | (iro << 8)
 }
 
 #[cfg(test)]
@@ -186,6 +223,6 @@ mod tests {
         let ecap = ecap_value();
         assert_eq!(((ecap >> 8) & 0x3ff) * 16, IVA, "IRO");
         assert_ne!(ecap & (1 << 6), 0, "PT is in ECAP, not CAP");
-        assert_eq!(ecap & 0b1010, 0, "QI and IR not advertised yet");
+        assert_ne!(ecap & 0b10, 0, "QI");
     }
 }

@@ -136,4 +136,24 @@ counters! {
     iotlb_invalidations,
     /// Cache entries dropped by invalidations (all caches).
     entries_invalidated,
+    /// Context-cache invalidation descriptors processed.
+    qi_context,
+    /// IOTLB invalidation descriptors processed.
+    qi_iotlb,
+    /// Device-TLB invalidation descriptors processed.
+    qi_device_tlb,
+    /// Interrupt-entry-cache invalidation descriptors processed.
+    qi_iec,
+    /// Invalidation-wait descriptors completed.
+    qi_wait,
+    /// Page-group-response descriptors processed.
+    qi_page_response,
+    /// Invalidation queue errors (IQE).
+    qi_errors,
+    /// Device-TLB invalidations completed by their device.
+    device_tlb_completions,
+    /// Sum of device-TLB invalidation round trips, in nanoseconds.
+    device_tlb_latency_ns,
+    /// Device-TLB invalidations abandoned by a time-out (ITE).
+    device_tlb_timeouts,
 }

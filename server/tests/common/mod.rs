@@ -29,8 +29,12 @@ impl Rig {
     }
 
     pub fn with_config(config: UnitConfig) -> Self {
+        Self::with_events(config, Arc::new(dmar_server::unit::NoEvents))
+    }
+
+    pub fn with_events(config: UnitConfig, events: Arc<dyn dmar_server::unit::UnitEvents>) -> Self {
         let mem = Arc::new(HostMemory::new(MEMORY).expect("memory"));
-        let unit = Arc::new(Unit::new(config, mem.clone()));
+        let unit = Arc::new(Unit::with_events(config, mem.clone(), events));
         let mut rig = Self { unit, mem, root: Hpa(0), next_frame: 0x100_0000, context_tables: HashMap::new() };
         rig.root = rig.alloc();
         rig.unit.write64(regs::RTADDR, rig.root.0).expect("rtaddr");
@@ -120,6 +124,29 @@ impl Rig {
     pub fn invalidate_all(&self) {
         self.unit.write64(regs::CCMD, ccmd::ICC | (ccmd::GLOBAL << ccmd::CIRG_SHIFT)).expect("ccmd");
         self.unit.write64(regs::IOTLB, iotlb::IVT | (iotlb::GLOBAL << iotlb::IIRG_SHIFT)).expect("iotlb");
+    }
+
+    /// Sets up a 256-entry invalidation queue and enables queued invalidation (keeping TE).
+    pub fn enable_queue(&mut self) -> Hpa {
+        let q = self.alloc();
+        self.unit.write64(regs::IQA, q.0).expect("iqa");
+        self.unit.write32(regs::GCMD, gcmd::TE | gcmd::QIE).expect("qie");
+        assert_ne!(self.unit.read32(regs::GSTS).expect("gsts") & gcmd::QIE, 0, "QIES");
+        q
+    }
+
+    /// Writes descriptors at the tail and moves IQT past them (32-bit write, as Linux).
+    pub fn submit(&self, descs: &[(u64, u64)]) {
+        let iqa = self.unit.read64(regs::IQA).expect("iqa");
+        let base = iqa & !0xfff;
+        let entries = 1u64 << (8 + (iqa & 7));
+        let mut tail = self.unit.read64(regs::IQT).expect("iqt") >> 4;
+        for (qw0, qw1) in descs {
+            self.mem.write_u64(Hpa(base + tail * 16), *qw0).expect("qw0");
+            self.mem.write_u64(Hpa(base + tail * 16 + 8), *qw1).expect("qw1");
+            tail = (tail + 1) % entries;
+        }
+        self.unit.write32(regs::IQT, (tail << 4) as u32).expect("iqt");
     }
 
     /// Page-selective IOTLB invalidation of one 4 KiB page through the registers.

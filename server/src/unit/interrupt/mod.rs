@@ -1,0 +1,1 @@
+//! Being written: wired in by the next change.

@@ -1,0 +1,278 @@
+//! Queued invalidation: every descriptor type, malformed descriptors (IQE, the queue
+//! stops, software recovers), device-TLB invalidations through device ports (ITags,
+//! out-of-order completions, time-outs into ITE, unexpected completions into ICE).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Rig;
+use dmar_server::unit::invalidate::{ContextInvalidation, IotlbInvalidation};
+use dmar_server::unit::queue::descriptor::{IecInvalidationDesc, WaitDesc, encode};
+use dmar_server::unit::regs::{self, fsts};
+use dmar_server::unit::tables::{AddressWidth, SlPte, TranslationType};
+use dmar_server::unit::{
+    Access, DeviceInvalidation, DevicePort, PageResponse, UnexpectedCompletion, UnitConfig, UnitEvents,
+};
+use dmar_server::{DomainId, Hpa, ITag, Iova, SourceId};
+use parking_lot::Mutex;
+
+const SID: SourceId = SourceId::new(0, 8, 0);
+const AW: AddressWidth = AddressWidth::Aw48;
+const STATUS: Hpa = Hpa(0x80_0000);
+
+/// A device port that records what it receives and answers only when told.
+#[derive(Debug, Default)]
+struct Recorder {
+    invalidations: Mutex<Vec<DeviceInvalidation>>,
+    responses: Mutex<Vec<PageResponse>>,
+}
+
+impl DevicePort for Recorder {
+    fn invalidate(&self, request: DeviceInvalidation) {
+        self.invalidations.lock().push(request);
+    }
+    fn page_response(&self, response: PageResponse) {
+        self.responses.lock().push(response);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Interrupts(Mutex<Vec<(u64, u32)>>);
+impl UnitEvents for Interrupts {
+    fn interrupt_message(&self, addr: u64, data: u32) {
+        self.0.lock().push((addr, data));
+    }
+}
+
+fn wait(data: u32) -> (u64, u64) {
+    encode::wait(WaitDesc {
+        interrupt: false,
+        status_write: true,
+        fence: true,
+        status_data: data,
+        status_addr: STATUS.0,
+    })
+}
+
+fn status(rig: &Rig) -> u64 {
+    rig.mem.read_u64(STATUS).expect("status") & 0xffff_ffff
+}
+
+fn fsts(rig: &Rig) -> u32 {
+    rig.unit.read32(regs::FSTS).expect("fsts")
+}
+
+fn head(rig: &Rig) -> u64 {
+    rig.unit.read64(regs::IQH).expect("iqh") >> 4
+}
+
+#[test]
+fn cache_invalidation_descriptors_and_wait() {
+    let mut rig = Rig::new();
+    rig.enable_queue();
+    let top = rig.attach(SID, 5, TranslationType::Untranslated, AW);
+    let pte = rig.map(top, AW, Iova(0x1000), Hpa(0x1000_0000), 1, true, true);
+    assert!(rig.unit.translate(SID, Iova(0x1000), Access::Read).is_ok());
+    rig.mem.write_u64(pte, SlPte::leaf(Hpa(0x2000_0000), true, true, false).to_bits()).expect("pte");
+    // Stale until the page-selective IOTLB descriptor is processed.
+    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Access::Read).map(|t| t.hpa), Ok(Hpa(0x1000_0000)));
+    rig.submit(&[
+        encode::context(ContextInvalidation::Device { did: DomainId(5), sid: SID, function_mask: 0 }),
+        encode::iotlb(IotlbInvalidation::Page { did: DomainId(5), addr: Iova(0x1000), am: 0, ih: false }),
+        encode::iec(IecInvalidationDesc::Global),
+        wait(0xabcd),
+    ]);
+    assert_eq!(status(&rig), 0xabcd, "wait status written");
+    assert_eq!(head(&rig), 4);
+    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Access::Read).map(|t| t.hpa), Ok(Hpa(0x2000_0000)));
+    let s = rig.unit.stats();
+    assert_eq!((s.qi_context, s.qi_iotlb, s.qi_iec, s.qi_wait), (1, 1, 1, 1));
+}
+
+#[test]
+fn wait_with_interrupt_flag_sets_iwc_and_raises_the_event() {
+    let events = Arc::new(Interrupts::default());
+    let mut rig = Rig::with_events(UnitConfig::default(), events.clone());
+    rig.enable_queue();
+    rig.unit.write32(regs::IEDATA, 0x41).expect("iedata");
+    rig.unit.write32(regs::IEADDR, 0xfee0_0000).expect("ieaddr");
+    rig.unit.write32(regs::IECTL, 0).expect("unmask");
+    let w = WaitDesc { interrupt: true, status_write: false, fence: false, status_data: 0, status_addr: 0 };
+    rig.submit(&[encode::wait(w)]);
+    assert_eq!(rig.unit.read32(regs::ICS).expect("ics") & 1, 1, "IWC");
+    assert_eq!(*events.0.lock(), vec![(0xfee0_0000, 0x41)]);
+    // IWC is write-1-to-clear; while set no further event is raised.
+    rig.submit(&[encode::wait(w)]);
+    assert_eq!(events.0.lock().len(), 1);
+    rig.unit.write32(regs::ICS, 1).expect("clear");
+    assert_eq!(rig.unit.read32(regs::ICS).expect("ics") & 1, 0);
+    rig.submit(&[encode::wait(w)]);
+    assert_eq!(events.0.lock().len(), 2);
+}
+
+#[test]
+fn malformed_descriptor_stops_the_queue_until_software_recovers() {
+    let mut rig = Rig::new();
+    rig.enable_queue();
+    let (qw0, qw1) = encode::iotlb(IotlbInvalidation::Global);
+    rig.submit(&[wait(1), (qw0 | (1 << 8), qw1), wait(2)]);
+    assert_eq!(status(&rig), 1, "descriptors before the bad one ran");
+    assert_ne!(fsts(&rig) & fsts::IQE, 0);
+    assert_eq!(rig.unit.read64(regs::IQERCD).expect("iqercd") & 0xf, 4, "IQEI: reserved field");
+    assert_eq!(head(&rig), 1, "IQH stays on the bad descriptor");
+    // More work is not fetched while IQE is set.
+    rig.submit(&[wait(3)]);
+    assert_eq!(status(&rig), 1);
+    // Software replaces the bad descriptor (Linux copies the wait over it) and clears IQE.
+    let q = rig.unit.read64(regs::IQA).expect("iqa") & !0xfff;
+    let (w0, w1) = wait(7);
+    rig.mem.write_u64(Hpa(q + 16), w0).expect("fix");
+    rig.mem.write_u64(Hpa(q + 24), w1).expect("fix");
+    rig.unit.write32(regs::FSTS, fsts::IQE).expect("clear IQE");
+    assert_eq!(fsts(&rig) & fsts::IQE, 0);
+    assert_eq!(status(&rig), 3, "the queue ran to the tail");
+    assert_eq!(head(&rig), 4);
+}
+
+#[test]
+fn each_queue_error_code() {
+    for (desc, iqei) in [
+        ((0u64, 0u64), 3u64), // type 0
+        ((6, 0), 3),          // PASID-IOTLB: no scalable mode
+        (encode::iotlb(IotlbInvalidation::Page { did: DomainId(1), addr: Iova(0), am: 19, ih: false }), 4), // AM > MAMV
+        ((wait(1).0, 0x2_0000_0000_0000), 2), // status address outside memory
+    ] {
+        let mut rig = Rig::new();
+        rig.enable_queue();
+        rig.submit(&[desc]);
+        assert_ne!(fsts(&rig) & fsts::IQE, 0, "{desc:x?}");
+        assert_eq!(rig.unit.read64(regs::IQERCD).expect("iqercd") & 0xf, iqei, "{desc:x?}");
+    }
+    // A tail beyond the queue size.
+    let mut rig = Rig::new();
+    rig.enable_queue();
+    rig.unit.write32(regs::IQT, 256 << 4).expect("iqt");
+    assert_eq!(rig.unit.read64(regs::IQERCD).expect("iqercd") & 0xf, 1);
+}
+
+#[test]
+fn device_tlb_invalidations_reach_the_port_and_the_wait_waits_for_them() {
+    let mut rig = Rig::new();
+    rig.enable_queue();
+    let ports: Vec<(SourceId, Arc<Recorder>)> =
+        (0..3).map(|i| (SourceId::new(1, i, 0), Arc::new(Recorder::default()))).collect();
+    for (sid, p) in &ports {
+        rig.unit.bind_device_port(*sid, p.clone(), 8).expect("bind");
+    }
+    let mut descs: Vec<(u64, u64)> =
+        ports.iter().map(|(sid, _)| encode::device_tlb(*sid, 0, Iova(0x4000_0000), 4)).collect();
+    descs.push(wait(9));
+    rig.submit(&descs);
+    for (sid, p) in &ports {
+        let got = p.invalidations.lock().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].sid, *sid);
+        assert_eq!(got[0].range(), (Iova(0x4000_0000), 16 * 4096));
+    }
+    assert_eq!(status(&rig), 0, "the wait is held back");
+    // Answers arrive out of order; the wait completes only after the last.
+    for idx in [2usize, 0] {
+        let (sid, p) = &ports[idx];
+        rig.unit.device_tlb_completed(*sid, p.invalidations.lock()[0].itag).expect("complete");
+        assert_eq!(status(&rig), 0);
+    }
+    let (sid, p) = &ports[1];
+    rig.unit.device_tlb_completed(*sid, p.invalidations.lock()[0].itag).expect("complete");
+    assert_eq!(status(&rig), 9);
+    assert_eq!(rig.unit.stats().device_tlb_completions, 3);
+}
+
+#[test]
+fn itags_are_bounded_by_the_queue_depth() {
+    let mut rig = Rig::new();
+    rig.enable_queue();
+    let port = Arc::new(Recorder::default());
+    rig.unit.bind_device_port(SID, port.clone(), 2).expect("bind");
+    rig.submit(&[
+        encode::device_tlb(SID, 0, Iova(0x1000), 0),
+        encode::device_tlb(SID, 0, Iova(0x2000), 0),
+        encode::device_tlb(SID, 0, Iova(0x3000), 0),
+        wait(1),
+    ]);
+    let sent = port.invalidations.lock().clone();
+    assert_eq!(sent.len(), 2, "depth 2: the third waits for a free ITag");
+    assert_ne!(sent[0].itag, sent[1].itag);
+    rig.unit.device_tlb_completed(SID, sent[1].itag).expect("complete");
+    let sent = port.invalidations.lock().clone();
+    assert_eq!(sent.len(), 3);
+    assert_eq!(sent[2].itag, sent[1].itag, "the freed tag is reused");
+    assert_eq!(sent[2].range(), (Iova(0x3000), 4096));
+    rig.unit.device_tlb_completed(SID, sent[0].itag).expect("complete");
+    assert_eq!(status(&rig), 0);
+    rig.unit.device_tlb_completed(SID, sent[2].itag).expect("complete");
+    assert_eq!(status(&rig), 1);
+}
+
+#[test]
+fn a_device_that_never_answers_yields_ite_and_the_queue_recovers() {
+    let mut rig = Rig::with_config(UnitConfig::default().with_device_tlb_timeout(Duration::from_millis(50)));
+    rig.enable_queue();
+    let silent = Arc::new(Recorder::default());
+    let healthy = Arc::new(Recorder::default());
+    let other = SourceId::new(0, 9, 0);
+    rig.unit.bind_device_port(SID, silent.clone(), 4).expect("bind");
+    rig.unit.bind_device_port(other, healthy.clone(), 4).expect("bind");
+    rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 0), encode::device_tlb(other, 0, Iova(0), 0), wait(5)]);
+    rig.unit.device_tlb_completed(other, healthy.invalidations.lock()[0].itag).expect("complete");
+    assert_eq!(status(&rig), 0);
+    rig.unit.poll_at(Instant::now() + Duration::from_millis(60));
+    assert_ne!(fsts(&rig) & fsts::ITE, 0, "ITE");
+    let iqercd = rig.unit.read64(regs::IQERCD).expect("iqercd");
+    assert_eq!((iqercd >> 32) & 0xffff, u64::from(SID.0), "ITESID");
+    assert_eq!(status(&rig), 0, "the aborted wait never writes its status");
+    assert_eq!(head(&rig), 3, "IQH is past the aborted wait");
+    assert_eq!(rig.unit.stats().device_tlb_timeouts, 1);
+    // A late answer is ignored without ICE.
+    rig.unit.device_tlb_completed(SID, silent.invalidations.lock()[0].itag).expect("late answer");
+    assert_eq!(fsts(&rig) & fsts::ICE, 0);
+    // Software clears ITE and resubmits; the other device keeps being served.
+    rig.unit.write32(regs::FSTS, fsts::ITE).expect("clear ITE");
+    rig.submit(&[encode::device_tlb(other, 0, Iova(0), 0), wait(6)]);
+    rig.unit.device_tlb_completed(other, healthy.invalidations.lock()[1].itag).expect("complete");
+    assert_eq!(status(&rig), 6);
+}
+
+#[test]
+fn unexpected_completions_set_ice_and_unbinding_completes_outstanding_work() {
+    let mut rig = Rig::new();
+    rig.enable_queue();
+    let port = Arc::new(Recorder::default());
+    rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
+    assert!(rig.unit.bind_device_port(SID, port.clone(), 4).is_err(), "one port per requester id");
+    assert!(rig.unit.bind_device_port(SourceId(1), port.clone(), 33).is_err());
+    assert_eq!(rig.unit.device_tlb_completed(SID, ITag(3)), Err(UnexpectedCompletion { sid: SID, itag: ITag(3) }));
+    assert_ne!(fsts(&rig) & fsts::ICE, 0);
+    assert_eq!(rig.unit.read64(regs::IQERCD).expect("iqercd") >> 48, u64::from(SID.0), "ICESID");
+    rig.unit.write32(regs::FSTS, fsts::ICE).expect("clear");
+    rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 0), wait(4)]);
+    assert_eq!(status(&rig), 0);
+    assert!(rig.unit.unbind_device_port(SID));
+    assert_eq!(status(&rig), 4, "the vanished device's invalidation counts as done");
+}
+
+#[test]
+fn page_group_responses_are_routed_to_the_function() {
+    let mut rig = Rig::new();
+    rig.enable_queue();
+    let port = Arc::new(Recorder::default());
+    rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
+    let qw0 = 9 | (0xf << 12) | (u64::from(SID.0) << 16);
+    let qw1 = (0x1a5 << 3) | (1 << 2);
+    rig.submit(&[(qw0, qw1), wait(1)]);
+    assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 0x1a5, code: 0xf }]);
+    // An undefined response code is a malformed descriptor.
+    rig.submit(&[(9 | (5 << 12) | (u64::from(SID.0) << 16), 0)]);
+    assert_ne!(fsts(&rig) & fsts::IQE, 0);
+}
