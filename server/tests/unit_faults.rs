@@ -273,7 +273,12 @@ fn untranslated_requests_to_the_interrupt_range_are_never_dma() {
     let top = rig.attach(SID, 1, TranslationType::Untranslated, AddressWidth::Aw48);
     rig.map(top, AddressWidth::Aw48, Iova(0xfee0_0000), Hpa(0x20_0000), 1, true, true);
     assert_eq!(rig.unit.translate(SID, Iova(0xfee0_0000), Access::Write), Err(Blocked { reason: None }));
-    assert!(rig.unit.dma_write(SID, Iova(0xfee0_0ff0), &[1, 2, 3, 4]).is_err());
+    // Anything but an aligned DWORD write there is refused...
+    assert!(rig.unit.dma_write(SID, Iova(0xfee0_0ff0), &[1, 2, 3, 4, 5, 6, 7, 8]).is_err());
+    let mut buf = [0u8; 4];
+    assert!(rig.unit.dma_read(SID, Iova(0xfee0_0000), &mut buf).is_err());
+    // ...and an aligned DWORD write is an interrupt (passed through: remapping is off).
+    assert!(rig.unit.dma_write(SID, Iova(0xfee0_0000), &[0x30, 0, 0, 0]).is_ok());
     assert_eq!(rig.mem.read_u64(Hpa(0x20_0000)).expect("mem"), 0, "nothing written");
     assert!(rig.unit.fault_records().is_empty());
 }

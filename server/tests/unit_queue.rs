@@ -276,3 +276,60 @@ fn page_group_responses_are_routed_to_the_function() {
     rig.submit(&[(9 | (5 << 12) | (u64::from(SID.0) << 16), 0)]);
     assert_ne!(fsts(&rig) & fsts::IQE, 0);
 }
+
+mod page_requests {
+    use super::*;
+    use dmar_server::unit::PageRequestOutcome;
+    use dmar_server::unit::prq::{self, PageGroupResponse, PageRequest, ResponseCode};
+
+    fn request(prgi: u16, page: u64, last: bool) -> PageRequest {
+        PageRequest { sid: SID, addr: Iova(page << 12), read: true, write: true, prgi, last, private_data: None }
+    }
+
+    fn rig_with_prq(events: Arc<Interrupts>) -> (Rig, Arc<Recorder>) {
+        let mut rig = Rig::with_events(UnitConfig::default(), events);
+        rig.enable_queue();
+        rig.attach(SID, 3, TranslationType::DeviceTlb, AW);
+        let q = rig.alloc();
+        rig.unit.write64(prq::regs::PQA, q.0).expect("pqa: 128 entries");
+        rig.unit.write32(prq::regs::PEDATA, 0x51).expect("pedata");
+        rig.unit.write32(prq::regs::PEADDR, 0xfee0_0000).expect("peaddr");
+        rig.unit.write32(prq::regs::PECTL, 0).expect("unmask");
+        let port = Arc::new(Recorder::default());
+        rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
+        (rig, port)
+    }
+
+    #[test]
+    fn round_trip_request_event_drain_and_group_response() {
+        let events = Arc::new(Interrupts::default());
+        let (rig, port) = rig_with_prq(events.clone());
+        assert_eq!(rig.unit.page_request(request(7, 0x40, false)), Ok(PageRequestOutcome::Queued));
+        assert_eq!(rig.unit.page_request(request(7, 0x41, true)), Ok(PageRequestOutcome::Queued));
+        assert_eq!(*events.0.lock(), vec![(0xfee0_0000, 0x51)], "one event for PPR 0 -> 1");
+        // Software drains the queue and answers the group through the invalidation queue.
+        let drained = rig.unit.page_request_queue().drain(&rig.mem).expect("drain");
+        assert_eq!(drained.requests, vec![request(7, 0x40, false), request(7, 0x41, true)]);
+        let [qw0, qw1] = PageGroupResponse { sid: SID, prgi: 7, code: ResponseCode::Success }.to_descriptor();
+        rig.submit(&[(qw0, qw1), wait(1)]);
+        assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 7, code: 0 }]);
+        // A function whose context does not enable device TLBs may not send page requests.
+        let other = PageRequest { sid: SourceId::new(9, 0, 0), ..request(1, 1, true) };
+        assert!(rig.unit.page_request(other).is_err());
+    }
+
+    #[test]
+    fn overflow_sets_pro_and_the_hardware_answers_the_dropped_group() {
+        let (rig, port) = rig_with_prq(Arc::new(Interrupts::default()));
+        for i in 0..127u16 {
+            assert_eq!(rig.unit.page_request(request(i % 512, u64::from(i), false)), Ok(PageRequestOutcome::Queued));
+        }
+        assert_eq!(rig.unit.page_request(request(200, 999, true)), Ok(PageRequestOutcome::Dropped));
+        assert_ne!(rig.unit.read32(prq::regs::PRS).expect("prs") & 2, 0, "PRO");
+        assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 200, code: 0 }], "auto success");
+        let drained = rig.unit.page_request_queue().drain(&rig.mem).expect("drain");
+        assert_eq!(drained.requests.len(), 127);
+        assert!(drained.overflow_cleared);
+        assert_eq!(rig.unit.page_request(request(1, 1, true)), Ok(PageRequestOutcome::Queued));
+    }
+}

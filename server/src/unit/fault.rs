@@ -71,7 +71,17 @@ pub trait UnitEvents: Send + Sync + std::fmt::Debug {
     fn fault_dropped(&self, _reason: FaultReason, _overflow: bool) {}
     /// The unit sends an interrupt message (the fault event: FEADDR/FEUADDR, FEDATA).
     fn interrupt_message(&self, _addr: u64, _data: u32) {}
+    /// A sampled page walk took this long (one walk in [`WALK_SAMPLE_PERIOD`] per thread
+    /// is timed, so the translation path stays cheap).
+    fn walk_sampled(&self, _duration: std::time::Duration) {}
+    /// An MSI write from `sid` was remapped (or passed through) into this interrupt.
+    fn interrupt_remapped(&self, _sid: SourceId, _interrupt: &super::interrupt::Remapped) {}
+    /// A device answered a device-TLB invalidation after this long.
+    fn device_tlb_completed(&self, _latency: std::time::Duration) {}
 }
+
+/// One page walk in this many (per thread) is timed for [`UnitEvents::walk_sampled`].
+pub const WALK_SAMPLE_PERIOD: u32 = 64;
 
 /// The events sink used when nobody subscribes.
 #[derive(Debug, Default)]

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 
 use super::Unit;
 use super::invalidate::{ContextInvalidation, IotlbInvalidation, Performed};
+use super::prq;
 use super::regs::{self, ccmd, fsts, gcmd, iotlb};
 use super::tables::ADDR_MASK;
 use crate::ids::{DomainId, Iova, SourceId};
@@ -52,6 +53,7 @@ pub(crate) struct RegisterFile {
     ccmd: u64,
     iva: u64,
     iotlb: u64,
+    irta: u64,
 }
 
 fn check(offset: u64, width: u64) -> Result<(), MmioError> {
@@ -91,7 +93,9 @@ impl Unit {
     pub fn write64(&self, offset: u64, value: u64) -> Result<(), MmioError> {
         check(offset, 8)?;
         match offset {
-            regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB => self.write_qword(offset, value, true, true),
+            regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB | regs::IRTA => {
+                self.write_qword(offset, value, true, true)
+            }
             regs::IQA | regs::IQT => self.write_queue_reg64(offset, value),
             o if (regs::FRCD_BASE..FRCD_END).contains(&o) => self.write_qword(offset, value, true, true),
             _ => {
@@ -124,7 +128,12 @@ impl Unit {
             regs::FECTL => u64::from(self.faults.fectl()) | (u64::from(self.faults.event_reg(0)) << 32),
             regs::FEADDR => u64::from(self.faults.event_reg(1)) | (u64::from(self.faults.event_reg(2)) << 32),
             regs::IVA => r.iva,
+            regs::IRTA => r.irta,
             regs::IOTLB => r.iotlb,
+            o if prq::regs::RANGE.contains(&o) => {
+                drop(r);
+                self.prq.read64(o)
+            }
             o if (regs::FRCD_BASE..FRCD_END).contains(&o) => {
                 let rel = o - regs::FRCD_BASE;
                 self.faults.frcd((rel / 16) as usize, ((rel / 8) % 2) as usize)
@@ -149,6 +158,11 @@ impl Unit {
             regs::ICS | regs::IECTL | regs::IEDATA | regs::IEADDR | regs::IEUADDR => {
                 self.write_queue_reg32(offset, value)
             }
+            o if prq::regs::RANGE.contains(&o) => {
+                if let Some((addr, data)) = self.prq.write32(o, value) {
+                    self.events.interrupt_message(addr, data);
+                }
+            }
             o if matches!(o & !7, regs::IQA | regs::IQT) => {
                 let old = self.queue_reg(o & !7);
                 let merged = if o & 4 == 0 {
@@ -158,7 +172,7 @@ impl Unit {
                 };
                 self.write_queue_reg64(o & !7, merged);
             }
-            o if matches!(o & !7, regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB)
+            o if matches!(o & !7, regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB | regs::IRTA)
                 || (regs::FRCD_BASE..FRCD_END).contains(&o) =>
             {
                 let high = o & 4 != 0;
@@ -181,6 +195,10 @@ impl Unit {
             regs::IVA => {
                 let mut r = self.regs.lock();
                 r.iva = merge(r.iva);
+            }
+            regs::IRTA => {
+                let mut r = self.regs.lock();
+                r.irta = merge(r.irta);
             }
             regs::CCMD => {
                 let v = {
@@ -223,6 +241,23 @@ impl Unit {
             // only the address is used.
             self.root_table.store(r.rtaddr & ADDR_MASK, Ordering::Release);
             r.gsts |= gcmd::SRTP; // RTPS sits at the same position as SRTP
+        }
+        // Interrupt remapping (VT-d 10.4.4): SIRTP latches IRTA (the interrupt entry cache
+        // is not flushed: CAP.ESIRTPS = 0), IRE enables remapping, CFI lets
+        // compatibility-format interrupts through.
+        if value & gcmd::SIRTP != 0 {
+            self.interrupts.set_table(r.irta);
+            r.gsts |= gcmd::SIRTP;
+        }
+        let ire = value & gcmd::IRE != 0;
+        if ire != (r.gsts & gcmd::IRE != 0) {
+            r.gsts ^= gcmd::IRE; // IRES
+            self.interrupts.enable(ire);
+        }
+        let cfi = value & gcmd::CFI != 0;
+        if cfi != (r.gsts & gcmd::CFI != 0) {
+            r.gsts ^= gcmd::CFI; // CFIS
+            self.interrupts.set_compat_allowed(cfi);
         }
         let qie = value & gcmd::QIE != 0;
         if qie != (r.gsts & gcmd::QIE != 0) {

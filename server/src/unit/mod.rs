@@ -41,7 +41,7 @@ pub use fault_reason::FaultReason;
 pub use memory::{HostMemory, MemoryError};
 pub use mmio::MmioError;
 pub use queue::port::{DeviceInvalidation, DevicePort, PageResponse};
-pub use queue::{PortError, UnexpectedCompletion};
+pub use queue::{PageRequestError, PageRequestOutcome, PortError, UnexpectedCompletion};
 pub use request::{AtsCompletion, AtsEntry, Blocked, DmaError, Translation};
 pub use stats::UnitStats;
 
@@ -57,6 +57,7 @@ pub struct UnitConfig {
     iotlb: CacheGeometry,
     context_cache: CacheGeometry,
     paging_cache: CacheGeometry,
+    interrupt_cache: CacheGeometry,
     stale_detection: bool,
     device_tlb_timeout: Duration,
 }
@@ -69,6 +70,7 @@ impl Default for UnitConfig {
             iotlb: CacheGeometry::new(256, 8),
             context_cache: CacheGeometry::new(64, 4),
             paging_cache: CacheGeometry::new(128, 4),
+            interrupt_cache: interrupt::DEFAULT_IEC_GEOMETRY,
             stale_detection: true,
             device_tlb_timeout: Duration::from_secs(1),
         }
@@ -94,6 +96,13 @@ impl UnitConfig {
     pub fn with_paging_cache(mut self, geometry: CacheGeometry) -> Result<Self, InvalidGeometry> {
         geometry.validate()?;
         self.paging_cache = geometry;
+        Ok(self)
+    }
+
+    /// Sets the interrupt-entry-cache geometry.
+    pub fn with_interrupt_cache(mut self, geometry: CacheGeometry) -> Result<Self, InvalidGeometry> {
+        geometry.validate()?;
+        self.interrupt_cache = geometry;
         Ok(self)
     }
 
@@ -159,6 +168,8 @@ pub struct Unit {
     iotlb: Iotlb,
     faults: FaultRecorder,
     queue: Mutex<queue::QueueState>,
+    prq: prq::PageRequestQueue,
+    interrupts: interrupt::InterruptRemapper,
     counters: Counters,
 }
 
@@ -195,6 +206,10 @@ impl Unit {
             iotlb: Iotlb::new(config.iotlb),
             faults: FaultRecorder::new(),
             queue: Mutex::new(queue::QueueState::default()),
+            prq: prq::PageRequestQueue::new(),
+            interrupts: interrupt::InterruptRemapper::new(config.interrupt_cache)
+                .unwrap_or_default()
+                .with_stale_detection(config.stale_detection),
             counters: Counters::default(),
         }
     }
@@ -222,6 +237,17 @@ impl Unit {
     /// A snapshot of the unit's counters.
     pub fn stats(&self) -> UnitStats {
         self.counters.snapshot()
+    }
+
+    /// The page request queue (software drains it; devices fill it through
+    /// [`Unit::page_request`]).
+    pub fn page_request_queue(&self) -> &prq::PageRequestQueue {
+        &self.prq
+    }
+
+    /// The interrupt remapping hardware (its table is latched through IRTA and GCMD.SIRTP).
+    pub fn interrupt_remapper(&self) -> &interrupt::InterruptRemapper {
+        &self.interrupts
     }
 
     /// Entries held by each cache.

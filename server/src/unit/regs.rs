@@ -48,22 +48,6 @@ pub const IEUADDR: u64 = 0xac;
 pub const IQERCD: u64 = 0xb0;
 /// Interrupt remapping table address (64): IRTA[63:12], EIME 11, S[3:0].
 pub const IRTA: u64 = 0xb8;
-/// Page request queue head (64).
-pub const PQH: u64 = 0xc0;
-/// Page request queue tail (64).
-pub const PQT: u64 = 0xc8;
-/// Page request queue address (64).
-pub const PQA: u64 = 0xd0;
-/// Page request status (32): PPR 0, PRO 1.
-pub const PRS: u64 = 0xdc;
-/// Page request event control (32).
-pub const PECTL: u64 = 0xe0;
-/// Page request event data.
-pub const PEDATA: u64 = 0xe4;
-/// Page request event address.
-pub const PEADDR: u64 = 0xe8;
-/// Page request event upper address.
-pub const PEUADDR: u64 = 0xec;
 /// IOTLB register block offset (ECAP.IRO × 16): IVA_REG; IOTLB_REG is at +8.
 pub const IVA: u64 = 0xf0;
 /// IOTLB_REG (64).
@@ -199,10 +183,12 @@ pub const fn cap_value() -> u64 {
 /// the model implements them.
 pub const fn ecap_value() -> u64 {
     let qi = 1u64 << 1;
+    let ir = 1u64 << 3;
+    let eim = 1u64 << 4;
     let dt = 1u64 << 2;
     let pt = 1u64 << 6;
     let iro = IVA / 16;
-    qi | dt | pt | (iro << 8)
+    qi | dt | ir | eim | pt | (iro << 8) | super::prq::ECAP_PRS
 }
 
 #[cfg(test)]
@@ -224,5 +210,7 @@ mod tests {
         assert_eq!(((ecap >> 8) & 0x3ff) * 16, IVA, "IRO");
         assert_ne!(ecap & (1 << 6), 0, "PT is in ECAP, not CAP");
         assert_ne!(ecap & 0b10, 0, "QI");
+        assert_ne!(ecap & 0b1000, 0, "IR");
+        assert_ne!(ecap & (1 << 29), 0, "PRS");
     }
 }

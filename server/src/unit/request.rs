@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 
 use super::fault::{Access, FaultRecord, RequestKind};
 use super::fault_reason::FaultReason;
+use super::interrupt::{IrFault, Remapped};
 use super::memory::MemoryError;
 use super::tables::{HOST_ADDRESS_WIDTH, TranslationType};
 use super::walk::{Fault, Leaf};
@@ -317,10 +318,21 @@ impl Unit {
     }
 
     /// Untranslated DMA write: translates page by page and writes host memory. Pages
-    /// before a faulting page have been written, as with a real bus.
+    /// before a faulting page have been written, as with a real bus. An aligned DWORD
+    /// write to the interrupt address range is an interrupt request (VT-d 3.14, 5.1) and
+    /// goes to [`Unit::msi_write`].
     pub fn dma_write(&self, sid: SourceId, iova: Iova, data: &[u8]) -> Result<(), DmaError> {
         let len = data.len() as u64;
         iova.0.checked_add(len).ok_or(DmaError::Overflow { addr: iova.0, len })?;
+        if let Ok(dword) = <[u8; 4]>::try_from(data)
+            && iova.0.is_multiple_of(4)
+            && overlaps_interrupt_range(iova.0, 4)
+        {
+            return self
+                .msi_write(sid, iova.0, u32::from_le_bytes(dword))
+                .map(|_| ())
+                .map_err(|f| DmaError::Fault { addr: iova.0, reason: f.reason });
+        }
         let mut done = 0usize;
         while done < data.len() {
             let at = iova.0 + done as u64;
@@ -360,4 +372,38 @@ fn blocked(addr: u64, b: Blocked) -> DmaError {
 fn chunk(at: u64, shift: u32, left: usize) -> usize {
     let to_end = (1u64 << shift) - (at & ((1u64 << shift) - 1));
     to_end.min(left as u64) as usize
+}
+
+impl Unit {
+    /// An MSI write from `sid` (a DWORD write to the interrupt address range): remapped
+    /// through the interrupt remapping table, or passed through when remapping is off
+    /// (VT-d 5.1). The interrupt goes to [`super::UnitEvents::interrupt_remapped`]; a
+    /// blocked one is recorded as a fault with the interrupt index in FI[63:48].
+    pub fn msi_write(&self, sid: SourceId, addr: u64, data: u32) -> Result<Remapped, IrFault> {
+        match self.interrupts.remap(&self.memory, sid, addr, data) {
+            Ok(remapped) => {
+                self.events.interrupt_remapped(sid, &remapped);
+                Ok(remapped)
+            }
+            Err(f) => {
+                if f.should_record() {
+                    let record = FaultRecord {
+                        reason: f.reason,
+                        sid,
+                        addr: f.fault_info(),
+                        access: Access::Write,
+                        kind: RequestKind::Untranslated,
+                    };
+                    match self.faults.log(record, false, self.queue_error_pending(), &*self.events) {
+                        Logged::Recorded(_) => self.counters.faults_recorded.inc(),
+                        Logged::Suppressed => self.counters.faults_suppressed.inc(),
+                        Logged::Overflow => self.counters.faults_overflowed.inc(),
+                    }
+                } else {
+                    self.counters.faults_suppressed.inc();
+                }
+                Err(f)
+            }
+        }
+    }
 }

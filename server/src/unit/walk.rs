@@ -21,6 +21,7 @@ use super::Unit;
 use super::cache::context::CachedContext;
 use super::cache::iotlb::IotlbEntry;
 use super::cache::paging::PagingEntry;
+use super::fault::WALK_SAMPLE_PERIOD;
 use super::fault_reason::FaultReason;
 use super::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType, level_index, level_shift};
 use crate::ids::{DomainId, Hpa, Iova, SourceId};
@@ -151,8 +152,27 @@ impl Unit {
         self.walk(ctx, aw, iova, epoch)
     }
 
-    /// Walks the second-stage tables from the deepest cached table (VT-d 3.7.1).
+    /// Walks the second-stage tables, timing one walk in `WALK_SAMPLE_PERIOD` per thread.
     fn walk(&self, ctx: &Context, aw: AddressWidth, iova: Iova, epoch: u64) -> Result<Leaf, Fault> {
+        thread_local! {
+            static COUNTDOWN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        let sample = COUNTDOWN.with(|c| {
+            let v = c.get();
+            c.set(if v == 0 { WALK_SAMPLE_PERIOD - 1 } else { v - 1 });
+            v == 0
+        });
+        if !sample {
+            return self.walk_tables(ctx, aw, iova, epoch);
+        }
+        let start = std::time::Instant::now();
+        let r = self.walk_tables(ctx, aw, iova, epoch);
+        self.events.walk_sampled(start.elapsed());
+        r
+    }
+
+    /// Walks the second-stage tables from the deepest cached table (VT-d 3.7.1).
+    fn walk_tables(&self, ctx: &Context, aw: AddressWidth, iova: Iova, epoch: u64) -> Result<Leaf, Fault> {
         self.counters.walks.inc();
         let fault = |reason| Fault { reason, fpd: ctx.fpd };
         let (mut level, mut table, mut read, mut write) = match self.paging_cache.lookup(ctx.did, iova, aw.levels()) {

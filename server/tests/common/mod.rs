@@ -130,7 +130,9 @@ impl Rig {
     pub fn enable_queue(&mut self) -> Hpa {
         let q = self.alloc();
         self.unit.write64(regs::IQA, q.0).expect("iqa");
-        self.unit.write32(regs::GCMD, gcmd::TE | gcmd::QIE).expect("qie");
+        // GCMD holds the full command state: keep what is enabled (Linux `iommu->gcmd`).
+        let state = self.unit.read32(regs::GSTS).expect("gsts") & (gcmd::TE | gcmd::IRE | gcmd::CFI);
+        self.unit.write32(regs::GCMD, state | gcmd::QIE).expect("qie");
         assert_ne!(self.unit.read32(regs::GSTS).expect("gsts") & gcmd::QIE, 0, "QIES");
         q
     }

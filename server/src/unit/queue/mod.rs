@@ -38,6 +38,8 @@ use std::time::{Duration, Instant};
 use self::descriptor::{Descriptor, QueueErrorCode, decode};
 use self::port::{DeviceInvalidation, DevicePort, PageResponse, PortState};
 use super::Unit;
+use super::interrupt::IecInvalidation;
+use super::prq::PageGroupResponse;
 use super::regs::{fectl, fsts};
 use crate::ids::{Hpa, ITag, SourceId};
 
@@ -134,6 +136,8 @@ enum Effect {
     Invalidate(Arc<dyn DevicePort>, DeviceInvalidation),
     PageResponse(Arc<dyn DevicePort>, PageResponse),
     Interrupt(u64, u32),
+    /// A device-TLB invalidation completed after this long.
+    Completed(Duration),
     /// A queue error was newly set while no other error was pending: raise a fault event.
     FaultEvent,
 }
@@ -183,7 +187,9 @@ impl Unit {
                 Some(p) if bit != 0 && p.in_use & bit != 0 => {
                     p.in_use &= !bit;
                     if let Some(sent) = p.sent_at[usize::from(itag.0)].take() {
-                        self.counters.device_tlb_latency_ns.add(now.duration_since(sent).as_nanos() as u64);
+                        let latency = now.duration_since(sent);
+                        self.counters.device_tlb_latency_ns.add(latency.as_nanos() as u64);
+                        effects.push(Effect::Completed(latency));
                     }
                     self.counters.device_tlb_completions.inc();
                     Ok(())
@@ -310,7 +316,13 @@ impl Unit {
                     }
                     self.counters.qi_device_tlb.inc();
                 }
-                Descriptor::Iec(_inv) => {
+                Descriptor::Iec(inv) => {
+                    self.interrupts.invalidate(match inv {
+                        descriptor::IecInvalidationDesc::Global => IecInvalidation::Global,
+                        descriptor::IecInvalidationDesc::Index { index, index_mask } => {
+                            IecInvalidation::Index { index, index_mask }
+                        }
+                    });
                     self.counters.qi_iec.inc();
                 }
                 Descriptor::Wait(w) => {
@@ -333,7 +345,9 @@ impl Unit {
                 }
                 Descriptor::PageGroupResponse(qw0, qw1) => match self.decode_page_response(qw0, qw1) {
                     Ok(resp) => {
-                        if let Some(p) = q.ports.get(&resp.sid) {
+                        if let Some(resp) = resp
+                            && let Some(p) = q.ports.get(&resp.sid)
+                        {
                             effects.push(Effect::PageResponse(p.port.clone(), resp));
                         }
                         self.counters.qi_page_response.inc();
@@ -352,6 +366,7 @@ impl Unit {
                 Effect::PageResponse(port, response) => port.page_response(response),
                 Effect::Interrupt(addr, data) => self.events.interrupt_message(addr, data),
                 Effect::FaultEvent => self.faults.queue_error_event(&*self.events),
+                Effect::Completed(latency) => self.events.device_tlb_completed(latency),
             }
         }
     }
@@ -461,22 +476,61 @@ impl Unit {
         self.apply(effects);
     }
 
-    /// Decodes a page-group-response descriptor (type 9; VTD-REFERENCE b.5): RC must be
-    /// success (0), invalid request (1) or response failure (0xF); private data (PDP) is
-    /// not supported.
-    fn decode_page_response(&self, qw0: u64, qw1: u64) -> Result<PageResponse, QueueErrorCode> {
-        if qw0 & 0xfff0_0000_0000_01e0 != 0 || qw1 & 0xffff_ffff_ffff_f003 != 0 {
-            return Err(QueueErrorCode::ReservedFields);
+    /// Decodes a page-group-response descriptor (type 9; VT-d 7.6, VTD-REFERENCE b.5).
+    /// A response without LPIG carries nothing for the device (`None`).
+    fn decode_page_response(&self, qw0: u64, qw1: u64) -> Result<Option<PageResponse>, QueueErrorCode> {
+        match PageGroupResponse::from_descriptor([qw0, qw1]) {
+            Ok(r) => Ok(r.map(|r| PageResponse { sid: r.sid, prgi: r.prgi, code: r.code.code() })),
+            Err(_) => Err(QueueErrorCode::ReservedFields),
         }
-        let code = ((qw0 >> 12) & 0xf) as u8;
-        if !matches!(code, 0 | 1 | 0xf) {
-            return Err(QueueErrorCode::ReservedFields);
-        }
-        Ok(PageResponse { sid: SourceId(((qw0 >> 16) & 0xffff) as u16), prgi: ((qw1 >> 3) & 0x1ff) as u16, code })
     }
 
     /// Time-out after which an unanswered device-TLB invalidation sets ITE.
     pub fn device_tlb_timeout(&self) -> Duration {
         self.config.device_tlb_timeout
+    }
+}
+
+/// Why a page request was not accepted from a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PageRequestError {
+    /// The function's context does not allow ATS (and so PRI): TT must be 01b.
+    #[error("requester id {0} may not issue page requests: its context does not enable device TLBs")]
+    NotAllowed(SourceId),
+}
+
+/// What became of an accepted page request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageRequestOutcome {
+    /// Written to the page request queue.
+    Queued,
+    /// Dropped: the queue overflowed (an owed response was sent to the device).
+    Dropped,
+}
+
+impl Unit {
+    /// A device's page request (PCIe PRI, VT-d 7.5). Accepted only from functions whose
+    /// context entry enables device TLBs (TT=01b); queued in the page request queue, with
+    /// the page request event, or dropped on overflow with the response the hardware owes
+    /// sent to the function's port.
+    pub fn page_request(&self, req: super::prq::PageRequest) -> Result<PageRequestOutcome, PageRequestError> {
+        let allowed = self.translation_enabled()
+            && self
+                .context(req.sid, self.current_epoch())
+                .is_ok_and(|c| c.tt == super::tables::TranslationType::DeviceTlb);
+        if !allowed {
+            return Err(PageRequestError::NotAllowed(req.sid));
+        }
+        let submitted = self.prq.submit(&self.memory, req);
+        if let Some((addr, data)) = submitted.event() {
+            self.events.interrupt_message(addr, data);
+        }
+        if let Some(r) = submitted.response() {
+            let port = self.queue.lock().ports.get(&r.sid).map(|p| p.port.clone());
+            if let Some(port) = port {
+                port.page_response(PageResponse { sid: r.sid, prgi: r.prgi, code: r.code.code() });
+            }
+        }
+        Ok(if submitted.is_queued() { PageRequestOutcome::Queued } else { PageRequestOutcome::Dropped })
     }
 }
