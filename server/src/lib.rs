@@ -11,6 +11,7 @@
 
 pub mod driver;
 pub mod ids;
+pub mod service;
 pub mod unit;
 
 pub use ids::{DomainId, Hpa, ITag, Iova, PAGE_SHIFT, PAGE_SIZE, Pasid, SourceId};

@@ -19,7 +19,8 @@ use crate::unit::tables::{ContextEntry, RootEntry};
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) struct Attachment {
     pub(crate) did: DomainId,
-    /// The device uses ATS (TT=01): device-TLB invalidations will be owed on unmap.
+    /// The device asked for ATS (TT=01b in a paging domain): its device TLB is invalidated
+    /// with the domain's IOTLB (the domain keeps the set of such devices).
     pub(crate) ats: bool,
 }
 

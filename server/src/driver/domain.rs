@@ -4,7 +4,10 @@
 //! This module owns the per-domain lock that serializes changes to one domain's tables
 //! (map and unmap on different domains never wait for each other) and the id space
 //! 1..=0xffff (0 is reserved, VT-d CAP.ND=6 gives 16-bit ids). Which devices use a domain
-//! is recorded with the context tables, not here.
+//! is recorded with the context tables; the domain keeps only the set of its ATS devices
+//! (whose device TLBs every unmap must invalidate, Linux `domain->devices` walked by
+//! `iommu_flush_dev_iotlb`) and its deferred unmaps, both under the domain's lock so that
+//! an attach cannot slip between an unmap and its invalidation.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -12,8 +15,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::DomainKind;
+use super::deferred::PendingFlush;
 use super::pagetable::PageTable;
-use crate::ids::{DomainId, Hpa};
+use crate::ids::{DomainId, Hpa, SourceId};
 use crate::unit::tables::AddressWidth;
 
 /// The mutable part of a domain, behind its lock.
@@ -24,6 +28,11 @@ pub(crate) struct DomainState {
     pub(crate) alive: bool,
     /// The page tables of a paging domain.
     pub(crate) tables: Option<PageTable>,
+    /// Attached devices with ATS on (context TT=01b): their device TLBs are invalidated
+    /// after the IOTLB on every unmap (VT-d 6.5.2.5).
+    pub(crate) ats_devices: BTreeSet<SourceId>,
+    /// Unmaps whose invalidation is deferred (`FlushPolicy::Deferred`).
+    pub(crate) pending: PendingFlush,
 }
 
 /// One protection domain.
@@ -43,7 +52,12 @@ impl Domain {
             kind,
             aw,
             top: tables.as_ref().map(PageTable::top),
-            state: Mutex::new(DomainState { alive: true, tables }),
+            state: Mutex::new(DomainState {
+                alive: true,
+                tables,
+                ats_devices: BTreeSet::new(),
+                pending: PendingFlush::default(),
+            }),
         }
     }
 }

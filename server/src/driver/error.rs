@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::ids::{DomainId, Hpa, Iova};
+use crate::ids::{DomainId, Hpa, Iova, SourceId};
 use crate::unit::memory::MemoryError;
 use crate::unit::tables::AddressWidth;
 
@@ -128,6 +128,55 @@ pub enum DriverError {
         /// Length in bytes.
         len: u64,
     },
+    /// The device asked for ATS (a TT=01b context entry), but its device TLB could not be
+    /// kept coherent: the unit lacks device-TLB support (ECAP.DT) or queued invalidation is
+    /// off (device-TLB invalidations exist only as queue descriptors, VT-d 6.5.2.5).
+    #[error("device {0} cannot use ATS: needs device-TLB support and queued invalidation")]
+    AtsUnsupported(SourceId),
+    /// A device did not answer a device-TLB invalidation within the unit's time-out
+    /// (FSTS.ITE with IQERCD.ITESID, VT-d 6.5.2.10).
+    ///
+    /// The operation itself was carried out and the IOTLB, paging-structure caches and the
+    /// other devices' TLBs were invalidated (the driver resubmits those after the
+    /// time-out), but this device may still hold translations for the range. Detaching it
+    /// makes them harmless: without a TT=01b context entry its translated requests are
+    /// blocked (VT-d 4.2.4). An attach that fails this way leaves the device detached.
+    #[error("device {sid} did not complete a device-TLB invalidation in time")]
+    DeviceTlbTimeout {
+        /// The device that timed out (the first one, if several did).
+        sid: SourceId,
+    },
+    /// A descriptor handed in by software is malformed (VT-d 6.5.2; it would stop the
+    /// queue with IQE), or names a type the unit does not implement.
+    #[error("invalid invalidation descriptor {qw0:#018x} {qw1:#018x}: {why}")]
+    InvalidDescriptor {
+        /// Low quadword.
+        qw0: u64,
+        /// High quadword.
+        qw1: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// The operation needs queued invalidation, which is off.
+    #[error("queued invalidation is not enabled")]
+    QueueDisabled,
+    /// Interrupt remapping has not been set up by the driver.
+    #[error("interrupt remapping is not enabled")]
+    InterruptRemappingDisabled,
+    /// An interrupt remapping table index beyond the table.
+    #[error("interrupt index {index} is beyond the {entries}-entry remapping table")]
+    InterruptIndex {
+        /// The index.
+        index: u16,
+        /// Table size.
+        entries: u32,
+    },
+    /// Page requests have not been set up by the driver.
+    #[error("the page request queue is not enabled")]
+    PageRequestsDisabled,
+    /// The page request queue could not be read.
+    #[error("page request queue: {0}")]
+    PageRequestQueue(String),
     /// A table access failed (the table region was validated, so this means a bug).
     #[error("table memory access failed")]
     Memory(#[from] MemoryError),

@@ -1,18 +1,23 @@
-//! Register-based invalidation (VT-d 6.5.1; VTD-REFERENCE b.1): the context-command
-//! register for the context cache and the IVA/IOTLB register pair for the IOTLB and
-//! paging-structure caches, after Linux `__iommu_flush_context` / `__iommu_flush_iotlb` /
-//! `iommu_flush_iotlb_psi`.
+//! Invalidation requests and how they reach the unit (VT-d 6.5; VTD-REFERENCE b.1, b.5):
+//! the typed requests the driver issues ([`Invalidation`]), how a range becomes a
+//! page-selective request (address mask, invalidation hint, domain-selective fallback) and
+//! the matching device-TLB range, and the two ways to carry them out: register-based
+//! (CCMD and the IVA/IOTLB pair, after Linux `__iommu_flush_context` /
+//! `__iommu_flush_iotlb`) or queued (`queue`, after Linux `qi_flush_*`), chosen once at
+//! init ([`Invalidator`]).
 //!
-//! This module owns how a flush is encoded, how a range becomes a page-selective request
-//! (address mask, invalidation hint, domain-selective fallback), and the completion check.
-//! It does not decide *when* to flush: the driver calls it after each change, according to
-//! its flush policy. Queued invalidation and device-TLB invalidation will sit beside these.
+//! It does not decide *when* to invalidate: the driver calls it after each change, according
+//! to its flush policy. Device-TLB invalidations exist only as queue descriptors (VT-d
+//! 6.5.2.5), so the driver refuses ATS when the queue is off.
 
 use tracing::warn;
 
 use super::error::DriverError;
-use super::registers::Registers;
+use super::queue::InvalidationQueue;
+use super::registers::{Capabilities, Registers};
 use crate::ids::{DomainId, Iova, PAGE_SHIFT, SourceId};
+use crate::unit::invalidate::{ContextInvalidation, IotlbInvalidation};
+use crate::unit::queue::descriptor::encode;
 use crate::unit::regs::{self, ccmd, iotlb};
 
 /// What a context-cache invalidation covers (CCMD.CIRG, VT-d 10.4.7).
@@ -66,6 +71,133 @@ pub(crate) fn page_scope(did: DomainId, start: u64, end: u64, ih: bool, mamv: u3
         return IotlbScope::Domain(did);
     }
     IotlbScope::Pages { did, addr: Iova((first >> am) << am << PAGE_SHIFT), am, ih }
+}
+
+/// A device-TLB invalidation range: `2^pages_log2` pages at `addr` (aligned to that size),
+/// sent with the ATS S-bit encoding (VTD-REFERENCE b.5).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct DeviceTlbRange {
+    /// First address, aligned to 2^(12 + pages_log2).
+    pub(crate) addr: Iova,
+    /// log2 of the number of 4 KiB pages.
+    pub(crate) pages_log2: u32,
+}
+
+impl DeviceTlbRange {
+    /// The whole address space (Linux passes `MAX_AGAW_PFN_WIDTH` to
+    /// `qi_flush_dev_iotlb`: 52 bits of page number, every S bit set).
+    pub(crate) const ALL: Self = Self { addr: Iova(0), pages_log2: 52 };
+
+    /// The device-TLB range that goes with an IOTLB invalidation: the same aligned block
+    /// for a page-selective one (Linux `iommu_flush_dev_iotlb(domain, addr, mask)`), the
+    /// whole space for domain-selective and global ones.
+    pub(crate) fn for_scope(scope: IotlbScope) -> Self {
+        match scope {
+            IotlbScope::Pages { addr, am, .. } => Self { addr, pages_log2: am },
+            IotlbScope::Domain(_) | IotlbScope::Global => Self::ALL,
+        }
+    }
+}
+
+/// One invalidation request, whichever interface carries it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Invalidation {
+    /// Context cache (descriptor type 1 / CCMD).
+    Context(ContextScope),
+    /// IOTLB and paging-structure caches (type 2 / IOTLB_REG).
+    Iotlb(IotlbScope),
+    /// One function's device TLB (type 3; queue only).
+    DeviceTlb {
+        /// The function.
+        sid: SourceId,
+        /// What to drop.
+        range: DeviceTlbRange,
+    },
+    /// A descriptor built elsewhere (interrupt-entry-cache invalidations, page group
+    /// responses, or software's own descriptors; queue only), already validated.
+    Raw(u64, u64),
+}
+
+impl Invalidation {
+    /// The 128-bit descriptor (VTD-REFERENCE b.5). The drain bits of IOTLB descriptors
+    /// follow CAP.DRD/DWD as Linux sets them; device-TLB descriptors carry queue depth 0
+    /// (32: the unit then bounds the function by the depth its port advertised) and no
+    /// PFSID (no virtual functions here).
+    pub(crate) fn descriptor(self, read_drain: bool, write_drain: bool) -> (u64, u64) {
+        match self {
+            Self::Context(ContextScope::Global) => encode::context(ContextInvalidation::Global),
+            Self::Context(ContextScope::Device { sid, did }) => {
+                encode::context(ContextInvalidation::Device { did, sid, function_mask: 0 })
+            }
+            Self::Iotlb(scope) => {
+                let inv = match scope {
+                    IotlbScope::Global => IotlbInvalidation::Global,
+                    IotlbScope::Domain(did) => IotlbInvalidation::Domain(did),
+                    // am <= MAMV (18) by construction in `page_scope`.
+                    IotlbScope::Pages { did, addr, am, ih } => {
+                        IotlbInvalidation::Page { did, addr, am: am.min(63) as u8, ih }
+                    }
+                };
+                let (qw0, qw1) = encode::iotlb(inv);
+                let dr = if read_drain { 0 } else { 1 << 7 };
+                let dw = if write_drain { 0 } else { 1 << 6 };
+                (qw0 & !(dr | dw), qw1)
+            }
+            Self::DeviceTlb { sid, range } => encode::device_tlb(sid, 0, range.addr, range.pages_log2),
+            Self::Raw(qw0, qw1) => (qw0, qw1),
+        }
+    }
+}
+
+/// How invalidations reach the unit, fixed at init (Linux `iommu->flush.flush_context` /
+/// `flush_iotlb` point at the register or the queue functions).
+#[derive(Debug)]
+pub(crate) struct Invalidator {
+    queue: Option<InvalidationQueue>,
+    read_drain: bool,
+    write_drain: bool,
+}
+
+impl Invalidator {
+    /// Register-based invalidation.
+    pub(crate) fn registers(caps: &Capabilities) -> Self {
+        Self { queue: None, read_drain: caps.read_drain, write_drain: caps.write_drain }
+    }
+
+    /// Queued invalidation through an enabled queue.
+    pub(crate) fn queued(queue: InvalidationQueue, caps: &Capabilities) -> Self {
+        Self { queue: Some(queue), read_drain: caps.read_drain, write_drain: caps.write_drain }
+    }
+
+    /// True when invalidations go through the queue (so device TLBs can be invalidated).
+    pub(crate) fn is_queued(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// Carries out `batch` in order and returns once all of it has completed.
+    ///
+    /// Queued: one submission with a single wait (split only past the queue's batch
+    /// limit). Registers: one command per request; device-TLB requests are refused.
+    pub(crate) fn run(&self, regs: &Registers, batch: &[Invalidation]) -> Result<(), DriverError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if let Some(q) = &self.queue {
+            return q.run(regs, batch, self.read_drain, self.write_drain);
+        }
+        for inv in batch {
+            match *inv {
+                Invalidation::Context(scope) => regs.flush_context(scope)?,
+                Invalidation::Iotlb(scope) => regs.flush_iotlb(scope, self.read_drain, self.write_drain)?,
+                Invalidation::DeviceTlb { .. } | Invalidation::Raw(..) => {
+                    return Err(DriverError::Hardware(
+                        "this invalidation needs queued invalidation (VT-d 6.5.2)".to_owned(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Registers {
@@ -169,6 +301,45 @@ mod tests {
             assert!(addr.0 <= s * PAGE && addr.0 + block >= e * PAGE);
             assert!(block >= (e - s) * PAGE);
         }
+    }
+
+    #[test]
+    fn device_tlb_ranges_follow_the_iotlb_scope() {
+        use crate::unit::queue::descriptor::{Descriptor, decode};
+        use crate::unit::queue::srange;
+
+        let scope = pages(3 * PAGE, 5 * PAGE, true);
+        let range = DeviceTlbRange::for_scope(scope);
+        assert_eq!(range, DeviceTlbRange { addr: Iova(0), pages_log2: 3 });
+        let sid = SourceId::new(4, 2, 1);
+        let (qw0, qw1) = Invalidation::DeviceTlb { sid, range }.descriptor(true, true);
+        let Ok(Descriptor::DeviceTlb(d)) = decode(qw0, qw1) else { panic!("not a device-TLB descriptor") };
+        assert_eq!((d.sid, d.queue_depth), (sid, 0));
+        assert_eq!(srange::decode(d.addr_s), (Iova(0), 8 * PAGE));
+        assert_eq!(DeviceTlbRange::for_scope(IotlbScope::Domain(D)), DeviceTlbRange::ALL);
+        let (qw0, qw1) = Invalidation::DeviceTlb { sid, range: DeviceTlbRange::ALL }.descriptor(true, true);
+        let Ok(Descriptor::DeviceTlb(d)) = decode(qw0, qw1) else { panic!("not a device-TLB descriptor") };
+        assert_eq!(srange::decode(d.addr_s), (Iova(0), u64::MAX), "the whole space");
+    }
+
+    #[test]
+    fn descriptors_decode_to_the_requested_scope() {
+        use crate::unit::queue::descriptor::{Descriptor, decode};
+
+        let scope = pages(0x20_0000, 0x40_0000, false);
+        let (qw0, qw1) = Invalidation::Iotlb(scope).descriptor(true, false);
+        assert_eq!(qw0 & (1 << 6), 0, "no write drain without CAP.DWD");
+        assert_ne!(qw0 & (1 << 7), 0, "read drain with CAP.DRD");
+        assert_eq!(
+            decode(qw0, qw1),
+            Ok(Descriptor::Iotlb(IotlbInvalidation::Page { did: D, addr: Iova(0x20_0000), am: 9, ih: false }))
+        );
+        let sid = SourceId::new(1, 2, 3);
+        let (qw0, qw1) = Invalidation::Context(ContextScope::Device { sid, did: D }).descriptor(true, true);
+        assert_eq!(
+            decode(qw0, qw1),
+            Ok(Descriptor::Context(ContextInvalidation::Device { did: D, sid, function_mask: 0 }))
+        );
     }
 
     #[test]

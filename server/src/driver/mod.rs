@@ -1,41 +1,70 @@
 //! The driver model: the software that programs the remapping unit, after the Linux
-//! intel-iommu driver (`drivers/iommu/intel/iommu.c`).
+//! intel-iommu driver (`drivers/iommu/intel/iommu.c`, `dmar.c`).
 //!
 //! It owns everything a kernel driver owns: the table memory (`frames`), the root and
 //! context tables (`context`), protection domains and their ids (`domain`), the
 //! second-stage page tables (`pagetable`), and the invalidation each change needs
-//! (`invalidate`, through the register interface in `registers`). It talks to the unit only
-//! through registers and host memory, exactly as a real driver would, so whatever it gets
-//! wrong shows up as faults or stale translations in the unit.
+//! (`invalidate`), carried out through the invalidation queue (`queue`) when the unit has
+//! one (ECAP.QI) or through the register interface (`registers`) otherwise, and deferred
+//! when the flush policy says so (`deferred`). It talks to the unit only through registers
+//! and host memory, exactly as a real driver would, so whatever it gets wrong shows up as
+//! faults or stale translations in the unit.
 //!
-//! It does not translate DMA (the unit does), does not know about the network, and does
-//! not yet do queued invalidation, device-TLB invalidation or deferred flushing: those
-//! plug in at [`FlushPolicy`] and `invalidate`.
+//! It does not translate DMA (the unit does), does not know about the network, and does not
+//! talk to devices: device-TLB invalidations leave through the unit's device ports.
+//!
+//! Invalidation rules (VT-d 6.5.3.3, 6.5.2.5; Linux `intel_iommu_tlb_sync`,
+//! `domain_context_clear_one`, `dma-iommu.c` flush queue):
+//! - An unmap invalidates the IOTLB page-selectively (domain-selectively above CAP.MAMV)
+//!   and, in the same batch before the single wait, the device TLB of every ATS device
+//!   attached to the domain, over the same aligned block (the whole space after a
+//!   domain-selective fallback). Table frames it retired are freed only after that.
+//! - [`FlushPolicy::Strict`] returns after the invalidations completed;
+//!   [`FlushPolicy::Deferred`] returns after clearing the entries and queues the range. A
+//!   domain's queue is flushed (one domain-selective IOTLB invalidation, a device-TLB
+//!   invalidate-all per ATS device, one wait) when it holds `max_entries` ranges, when its
+//!   oldest range is older than `max_delay` (checked on every driver call, and by
+//!   [`Driver::poll_deferred`] for a timer), before a map that overlaps a queued range,
+//!   and by [`Driver::flush_deferred`].
+//! - Detach invalidates the context cache (device-selective), the IOTLB (domain-selective)
+//!   and, for an ATS device, its whole device TLB; attaching an ATS device invalidates its
+//!   device TLB before the TT=01b entry is written, so it starts empty.
 //!
 //! Locking: the context tables and attachments sit behind one lock; each domain's page
-//! tables behind its own, so map/unmap on different domains run in parallel; the register
-//! interface behind a third (a flush is a multi-register handshake). Order: context, then
-//! the domain registry, then a domain, then the registers.
+//! tables, ATS devices and deferred unmaps behind its own, so map/unmap on different
+//! domains run in parallel; the register interface behind a third (a flush is a
+//! multi-register handshake) and the invalidation queue behind a fourth, held only to
+//! write descriptors (waits happen outside it). Order: context, then the domain registry,
+//! then a domain, then the deferred index, the registers or the queue. Deferred flushes
+//! that come due are run at the start of a driver call, before any lock is taken.
 
 mod context;
+mod deferred;
 mod domain;
 mod error;
 mod frames;
+mod interrupts;
 mod invalidate;
+mod page_requests;
 mod pagetable;
+mod queue;
 mod registers;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use self::context::{Attachment, ContextTables};
-use self::domain::{Domain, Domains};
+use self::deferred::DeferredDomains;
+use self::domain::{Domain, DomainState, Domains};
 pub use self::error::{AddressField, DriverError};
 use self::frames::FrameAllocator;
-use self::invalidate::{ContextScope, IotlbScope, page_scope};
+pub use self::interrupts::IRT_ENTRIES;
+use self::invalidate::{ContextScope, DeviceTlbRange, Invalidation, Invalidator, IotlbScope, page_scope};
 use self::pagetable::PageTable;
+use self::queue::InvalidationQueue;
 use self::registers::{Capabilities, Registers};
 use crate::ids::{DomainId, Hpa, Iova, PAGE_SIZE, SourceId};
 use crate::unit::Unit;
@@ -75,35 +104,65 @@ pub enum DomainKind {
     Paging,
 }
 
-/// When the driver invalidates after an unmap.
-///
-/// Only `Strict` exists yet: every unmap flushes before it returns. Deferred flushing
-/// (Linux flush queues) and device-TLB invalidation for ATS devices plug in here.
+/// When the driver invalidates after an unmap (Linux `iommu.strict`: strict vs the
+/// `DMA_FQ` flush queue). Set per driver in [`DriverConfig`] and per call with
+/// [`Driver::unmap_with`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 #[non_exhaustive]
 pub enum FlushPolicy {
-    /// Flush the IOTLB and paging-structure caches before unmap returns.
+    /// Invalidate the IOTLB, the paging-structure caches and the device TLBs of the
+    /// domain's ATS devices before unmap returns: once it has, no cache serves the range.
     #[default]
     Strict,
+    /// Clear the entries, queue the range and return; invalidate later, in bulk. Until
+    /// then devices may keep using cached translations of the range (the freed page-table
+    /// pages are kept until the flush, so nothing else is ever reached through them), and
+    /// a map over a queued range flushes first. Far cheaper per unmap (VTD-REFERENCE (d)).
+    Deferred {
+        /// Flush once a domain has this many queued unmaps (Linux: 256; 0 acts as 1).
+        max_entries: usize,
+        /// Flush once a domain's oldest queued unmap is this old (Linux: 10 ms).
+        max_delay: Duration,
+    },
+}
+
+impl FlushPolicy {
+    /// Deferred flushing with the Linux flush-queue sizes: 256 entries, 10 ms.
+    pub const DEFERRED: Self = Self::Deferred { max_entries: 256, max_delay: Duration::from_millis(10) };
 }
 
 /// How the driver is set up.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct DriverConfig {
-    /// `(base, len)` of host memory reserved for root, context and page tables. Mappings
-    /// may not target it.
+    /// `(base, len)` of host memory reserved for root, context and page tables and the
+    /// invalidation queue. Mappings may not target it.
     pub table_region: (Hpa, u64),
-    /// Invalidation policy.
+    /// Default invalidation policy of unmaps.
     pub flush: FlushPolicy,
+    /// Use queued invalidation when the unit offers it (ECAP.QI). Off, the driver uses the
+    /// registers and refuses ATS (device TLBs can only be invalidated through the queue).
+    pub queued_invalidation: bool,
 }
 
 impl DriverConfig {
     /// The top eighth of a memory of `size` bytes, at most [`MAX_TABLE_REGION`], page
-    /// aligned, with strict flushing.
+    /// aligned, with strict flushing and queued invalidation.
     pub fn for_memory(size: u64) -> Self {
         let end = size & !(PAGE_SIZE - 1);
         let len = (size / 8).min(MAX_TABLE_REGION) & !(PAGE_SIZE - 1);
-        Self { table_region: (Hpa(end - len), len), flush: FlushPolicy::Strict }
+        Self { table_region: (Hpa(end - len), len), flush: FlushPolicy::Strict, queued_invalidation: true }
+    }
+
+    /// The same with another default flush policy.
+    pub fn with_flush(mut self, flush: FlushPolicy) -> Self {
+        self.flush = flush;
+        self
+    }
+
+    /// The same with queued invalidation allowed or not.
+    pub fn with_queued_invalidation(mut self, on: bool) -> Self {
+        self.queued_invalidation = on;
+        self
     }
 }
 
@@ -114,9 +173,17 @@ pub struct Driver {
     regs: Registers,
     caps: Capabilities,
     frames: FrameAllocator,
+    /// Frames held for the driver's life outside the tables (the invalidation queue).
+    fixed_frames: usize,
+    /// The interrupt remapping table, once enabled.
+    irt: Mutex<Option<Hpa>>,
+    /// Whether the page request queue is set up.
+    prq: Mutex<bool>,
+    invalidator: Invalidator,
     flush: FlushPolicy,
     context: Mutex<ContextTables>,
     domains: RwLock<Domains>,
+    deferred: DeferredDomains,
 }
 
 impl std::fmt::Debug for Driver {
@@ -124,7 +191,8 @@ impl std::fmt::Debug for Driver {
         f.debug_struct("Driver")
             .field("caps", &self.caps)
             .field("table_region", &self.frames.region())
-            .field("table_frames_in_use", &self.frames.in_use())
+            .field("table_frames_in_use", &self.table_frames_in_use())
+            .field("queued_invalidation", &self.invalidator.is_queued())
             .field("flush", &self.flush)
             .finish_non_exhaustive()
     }
@@ -153,33 +221,63 @@ fn check_width(aw: AddressWidth, iova: Iova, end: u64) -> Result<(), DriverError
     Ok(())
 }
 
+/// The IOTLB invalidation followed by the matching device-TLB invalidation of every ATS
+/// device of the domain: one batch, one wait (VT-d 6.5.2.5: a device TLB is invalidated
+/// after the IOTLB, so the device cannot refetch the stale translation from it).
+fn with_device_tlbs(iotlb: IotlbScope, range: DeviceTlbRange, state: &DomainState) -> Vec<Invalidation> {
+    let mut batch = Vec::with_capacity(1 + state.ats_devices.len());
+    batch.push(Invalidation::Iotlb(iotlb));
+    batch.extend(state.ats_devices.iter().map(|&sid| Invalidation::DeviceTlb { sid, range }));
+    batch
+}
+
+/// What detaching a device did.
+#[derive(Clone, Copy, Debug)]
+struct Detached {
+    did: DomainId,
+    /// The device's TLB was invalidated (it had a TT=01b entry).
+    device_tlb_flushed: bool,
+}
+
 impl Driver {
-    /// Takes over `unit`: allocates the root table, points the unit at it, flushes the
-    /// context cache and IOTLB globally and enables translation (Linux `init_dmars`:
-    /// `iommu_set_root_entry`, the global flushes, `iommu_enable_translation`).
+    /// Takes over `unit` (Linux `init_dmars`): turns queued invalidation on when the unit
+    /// has it and the config allows it (`intel_iommu_init_qi`), allocates the root table,
+    /// points the unit at it, invalidates the context cache and the IOTLB globally
+    /// (`iommu_set_root_entry`) and enables translation (`iommu_enable_translation`).
     pub fn new(unit: Arc<Unit>, config: DriverConfig) -> Result<Driver, DriverError> {
         let memory = unit.memory().clone();
         let (base, len) = config.table_region;
         let frames = FrameAllocator::new(memory.clone(), base, len)?;
         let regs = Registers::new(unit.clone());
         let caps = regs.capabilities()?;
+        let (invalidator, fixed_frames) = if caps.queued_invalidation && config.queued_invalidation {
+            let queue = InvalidationQueue::enable(memory.clone(), &regs, &frames)?;
+            (Invalidator::queued(queue, &caps), InvalidationQueue::FRAMES)
+        } else {
+            (Invalidator::registers(&caps), 0)
+        };
         let context = ContextTables::new(&frames)?;
         regs.set_root_table(context.root())?;
         // VT-d 6.5.3.3 / 11.4.4: after setting the root table pointer, software must
         // invalidate the context cache and then the IOTLB globally.
-        regs.flush_context(ContextScope::Global)?;
-        regs.flush_iotlb(IotlbScope::Global, caps.read_drain, caps.write_drain)?;
+        invalidator
+            .run(&regs, &[Invalidation::Context(ContextScope::Global), Invalidation::Iotlb(IotlbScope::Global)])?;
         regs.enable_translation()?;
-        debug!(root = %context.root(), "remapping unit enabled");
+        debug!(root = %context.root(), queued = invalidator.is_queued(), "remapping unit enabled");
         Ok(Driver {
             unit,
             memory,
             regs,
             caps,
             frames,
+            fixed_frames,
+            irt: Mutex::new(None),
+            prq: Mutex::new(false),
+            invalidator,
             flush: config.flush,
             context: Mutex::new(context),
             domains: RwLock::new(Domains::default()),
+            deferred: DeferredDomains::default(),
         })
     }
 
@@ -188,17 +286,122 @@ impl Driver {
         &self.unit
     }
 
-    /// Page-table frames in use (root, context and page tables): for tests and metrics.
+    /// Whether invalidations go through the invalidation queue (else the registers).
+    pub fn queued_invalidation(&self) -> bool {
+        self.invalidator.is_queued()
+    }
+
+    /// The default flush policy of [`Driver::unmap`].
+    pub fn flush_policy(&self) -> FlushPolicy {
+        self.flush
+    }
+
+    /// Page-table frames in use (root, context and page tables, including tables retired
+    /// by deferred unmaps and not yet freed; not the invalidation queue): for tests and
+    /// metrics.
     pub fn table_frames_in_use(&self) -> usize {
-        self.frames.in_use()
+        let extra = usize::from(self.irt.lock().is_some()) + usize::from(*self.prq.lock());
+        self.frames.in_use().saturating_sub(self.fixed_frames + extra)
+    }
+
+    /// Deferred unmaps not yet invalidated, over all domains.
+    pub fn pending_deferred(&self) -> usize {
+        self.deferred
+            .all()
+            .into_iter()
+            .filter_map(|did| self.domain(did).ok())
+            .map(|d| d.state.lock().pending.len())
+            .sum()
     }
 
     fn domain(&self, did: DomainId) -> Result<Arc<Domain>, DriverError> {
         self.domains.read().map.get(&did).cloned().ok_or(DriverError::UnknownDomain(did))
     }
 
+    fn invalidate(&self, batch: &[Invalidation]) -> Result<(), DriverError> {
+        self.invalidator.run(&self.regs, batch)
+    }
+
+    /// ATS needs TT=01b (ECAP.DT) and device-TLB invalidation (queue descriptors only).
+    fn ats_supported(&self) -> bool {
+        self.caps.device_tlb && self.invalidator.is_queued()
+    }
+
+    /// Runs the deferred flushes that are due; called at the start of every driver call,
+    /// with no lock held. Failures are logged here: they belong to other domains than the
+    /// caller's, and the flush is retried on the next call.
+    fn run_due_flushes(&self) {
+        if !self.deferred.any_pending() {
+            return;
+        }
+        if let Err(e) = self.poll_deferred() {
+            warn!(error = %e, "deferred invalidation failed");
+        }
+    }
+
+    /// Flushes every domain whose oldest deferred unmap is older than its `max_delay`
+    /// (Linux `fq_flush_timeout`). Every driver call does this first; a timer should call
+    /// it too, so that an idle driver still flushes on time. Returns the first error after
+    /// trying every due domain.
+    pub fn poll_deferred(&self) -> Result<(), DriverError> {
+        let now = Instant::now();
+        if !self.deferred.maybe_due(now) {
+            return Ok(());
+        }
+        self.flush_domains(self.deferred.due(now))
+    }
+
+    /// Whether some domain's deferred flush is due: a cheap check (one atomic load when
+    /// nothing is pending) for a timer to run [`Driver::poll_deferred`] only when needed.
+    pub fn deferred_due(&self) -> bool {
+        self.deferred.any_pending() && self.deferred.maybe_due(Instant::now())
+    }
+
+    /// Flushes every deferred unmap of every domain now.
+    pub fn flush_deferred(&self) -> Result<(), DriverError> {
+        self.flush_domains(self.deferred.all())
+    }
+
+    fn flush_domains(&self, dids: Vec<DomainId>) -> Result<(), DriverError> {
+        let mut first = Ok(());
+        for did in dids {
+            let r = match self.domain(did) {
+                Ok(domain) => self.flush_pending(did, &mut domain.state.lock()),
+                Err(_) => {
+                    self.deferred.forget(did); // destroyed meanwhile (destroy flushed it)
+                    Ok(())
+                }
+            };
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// Flushes a domain's deferred unmaps (Linux `fq_flush_iotlb`): one domain-selective
+    /// IOTLB invalidation, a device-TLB invalidate-all per ATS device, one wait; then frees
+    /// the tables they retired. On a device time-out the IOTLB part was done, so the queue
+    /// is emptied anyway and the time-out reported; on other errors it is kept for a retry.
+    fn flush_pending(&self, did: DomainId, state: &mut DomainState) -> Result<(), DriverError> {
+        if state.pending.is_empty() {
+            self.deferred.forget(did);
+            return Ok(());
+        }
+        let batch = with_device_tlbs(IotlbScope::Domain(did), DeviceTlbRange::ALL, state);
+        let result = self.invalidate(&batch);
+        if matches!(result, Ok(()) | Err(DriverError::DeviceTlbTimeout { .. })) {
+            let n = state.pending.len();
+            self.frames.free_all(state.pending.take());
+            self.deferred.forget(did);
+            debug!(domain = did.0, unmaps = n, "deferred invalidation flushed");
+        }
+        result
+    }
+
     /// Creates a domain and returns its id (the lowest free id in 1..=0xffff).
     pub fn create_domain(&self, kind: DomainKind, aw: AddressWidth) -> Result<DomainId, DriverError> {
+        self.run_due_flushes();
         if !self.caps.supports(aw) {
             return Err(DriverError::UnsupportedWidth(aw));
         }
@@ -222,8 +425,10 @@ impl Driver {
         Ok(did)
     }
 
-    /// Destroys a domain with no devices attached, freeing all its table frames.
+    /// Destroys a domain with no devices attached, freeing all its table frames (its
+    /// deferred unmaps included: the domain-selective flush covers them).
     pub fn destroy_domain(&self, did: DomainId) -> Result<(), DriverError> {
+        self.run_due_flushes();
         let ctx = self.context.lock();
         let devices = ctx.attached(did).count();
         if devices != 0 {
@@ -232,12 +437,14 @@ impl Driver {
         let domain = self.domains.write().map.remove(&did).ok_or(DriverError::UnknownDomain(did))?;
         let mut state = domain.state.lock();
         state.alive = false;
-        let mut retired = Vec::new();
+        let mut retired = state.pending.take();
+        self.deferred.forget(did);
         if let Some(t) = state.tables.take() {
             t.collect_frames(&self.memory, &mut retired);
             // Detach already flushed this domain; flush once more before its tables
-            // and its id are reused, in case a walk raced with the last detach.
-            self.flush_iotlb(IotlbScope::Domain(did))?;
+            // and its id are reused, in case a walk raced with the last detach. No device
+            // is attached, so no device TLB can hold its translations (detach flushed them).
+            self.invalidate(&[Invalidation::Iotlb(IotlbScope::Domain(did))])?;
         }
         drop(state);
         self.frames.free_all(retired);
@@ -265,7 +472,13 @@ impl Driver {
     /// Paging: TT=01b when the device uses ATS, else 00b, SLPTPTR = the domain's top
     /// table, AW = its width. Identity: TT=10b (pass-through). Blocked: the entry stays
     /// not present, so every request faults.
+    ///
+    /// ATS needs device-TLB support and queued invalidation
+    /// ([`DriverError::AtsUnsupported`]). The device's TLB is invalidated before its TT=01b
+    /// entry is written; if the device does not answer
+    /// ([`DriverError::DeviceTlbTimeout`]) it is left detached.
     pub fn attach(&self, sid: SourceId, did: DomainId, ats: bool) -> Result<(), DriverError> {
+        self.run_due_flushes();
         let mut ctx = self.context.lock();
         // Looked up under the context lock: destroy holds it too, so the domain cannot go
         // away between here and the entry write.
@@ -274,49 +487,84 @@ impl Driver {
         if ctx.devices.get(&sid) == Some(&wanted) {
             return Ok(());
         }
-        self.detach_locked(&mut ctx, sid)?;
+        let uses_ats = ats && domain.kind == DomainKind::Paging;
+        if uses_ats && !self.ats_supported() {
+            return Err(DriverError::AtsUnsupported(sid));
+        }
+        let detached = self.detach_locked(&mut ctx, sid)?;
         let entry = match domain.kind {
             DomainKind::Blocked => None,
             DomainKind::Identity => {
                 Some(ContextEntry::new(did, TranslationType::PassThrough, domain.aw, Hpa(0), false))
             }
             DomainKind::Paging => {
-                let tt = if ats { TranslationType::DeviceTlb } else { TranslationType::Untranslated };
+                let tt = if uses_ats { TranslationType::DeviceTlb } else { TranslationType::Untranslated };
                 let top = domain.top.ok_or(DriverError::NotPaging(did))?;
                 Some(ContextEntry::new(did, tt, domain.aw, top, false))
             }
         };
-        if let Some(entry) = entry {
-            ctx.install(&self.memory, &self.frames, sid, entry)?;
+        if uses_ats {
+            // The device TLB must hold nothing from an earlier life before the device may
+            // translate again (detach just did this if it was an ATS device).
+            if !detached.is_some_and(|d| d.device_tlb_flushed) {
+                let range = DeviceTlbRange::ALL;
+                self.invalidate(&[Invalidation::DeviceTlb { sid, range }])?;
+            }
+            // Before the entry is written: from then on every unmap of the domain also
+            // invalidates this device's TLB.
+            domain.state.lock().ats_devices.insert(sid);
+        }
+        if let Some(entry) = entry
+            && let Err(e) = ctx.install(&self.memory, &self.frames, sid, entry)
+        {
+            domain.state.lock().ats_devices.remove(&sid);
+            return Err(e);
         }
         ctx.devices.insert(sid, wanted);
-        debug!(sid = %sid, domain = did.0, ats, "device attached");
+        debug!(sid = %sid, domain = did.0, ats = uses_ats, "device attached");
         Ok(())
     }
 
     /// Detaches a device: clears its context entry and flushes. Returns the domain it was
     /// attached to, or `None` if it was not attached.
+    ///
+    /// On [`DriverError::DeviceTlbTimeout`] the device is detached all the same (its
+    /// translated requests are blocked from now on); only its device TLB is unconfirmed.
     pub fn detach(&self, sid: SourceId) -> Result<Option<DomainId>, DriverError> {
+        self.run_due_flushes();
         let mut ctx = self.context.lock();
-        self.detach_locked(&mut ctx, sid)
+        Ok(self.detach_locked(&mut ctx, sid)?.map(|d| d.did))
     }
 
-    fn detach_locked(&self, ctx: &mut ContextTables, sid: SourceId) -> Result<Option<DomainId>, DriverError> {
+    fn detach_locked(&self, ctx: &mut ContextTables, sid: SourceId) -> Result<Option<Detached>, DriverError> {
         let Some(att) = ctx.devices.remove(&sid) else {
             return Ok(None);
         };
         let old = ctx.clear(&self.memory, sid)?;
+        let mut device_tlb_flushed = false;
+        let mut result = Ok(());
         if old.present() {
             // VT-d 6.5.3.3 (Linux `domain_context_clear_one`): device-selective
-            // context-cache invalidation tagged with the old DID, then a domain-selective
-            // IOTLB flush of the old domain. (Device-TLB flushes for ATS devices belong
-            // here once the device port exists.)
+            // context-cache invalidation tagged with the old DID, a domain-selective IOTLB
+            // invalidation of the old domain, and for a TT=01b entry the device's whole
+            // TLB (`__iommu_flush_dev_iotlb(info, 0, MAX_AGAW_PFN_WIDTH)`); one batch.
             let old_did = old.domain();
-            self.regs.flush_context(ContextScope::Device { sid, did: old_did })?;
-            self.flush_iotlb(IotlbScope::Domain(old_did))?;
+            let mut batch = vec![
+                Invalidation::Context(ContextScope::Device { sid, did: old_did }),
+                Invalidation::Iotlb(IotlbScope::Domain(old_did)),
+            ];
+            if old.tt_bits() == TranslationType::DeviceTlb as u64 {
+                batch.push(Invalidation::DeviceTlb { sid, range: DeviceTlbRange::ALL });
+                device_tlb_flushed = true;
+            }
+            result = self.invalidate(&batch);
+        }
+        // Only now: unmaps that ran meanwhile still invalidated this device's TLB.
+        if let Ok(domain) = self.domain(att.did) {
+            domain.state.lock().ats_devices.remove(&sid);
         }
         debug!(sid = %sid, domain = att.did.0, "device detached");
-        Ok(Some(att.did))
+        result.map(|()| Some(Detached { did: att.did, device_tlb_flushed }))
     }
 
     /// The devices attached to a domain, ascending (empty for an unknown domain).
@@ -334,8 +582,12 @@ impl Driver {
     ///
     /// Uses 1 GiB and 2 MiB leaves wherever iova, hpa and the rest of the range are aligned
     /// and the unit supports them (CAP.SSLPS). Needs no invalidation: with CM=0 the unit
-    /// never caches not-present entries (VT-d 6.1).
+    /// never caches not-present entries (VT-d 6.1). The exception is a range that overlaps
+    /// a deferred unmap: its stale IOTLB and paging-structure entries could shadow the new
+    /// mapping, so the domain's deferred unmaps are flushed first (if that fails, nothing
+    /// is mapped).
     pub fn map(&self, did: DomainId, iova: Iova, hpa: Hpa, len: u64, perm: Perm) -> Result<(), DriverError> {
+        self.run_due_flushes();
         let end = check_range(iova, len)?;
         if !hpa.is_page_aligned() {
             return Err(DriverError::Unaligned { field: AddressField::Hpa, value: hpa.0 });
@@ -356,33 +608,50 @@ impl Driver {
         }
         check_width(domain.aw, iova, end)?;
 
-        let mut state = domain.state.lock();
+        let mut guard = domain.state.lock();
+        let state = &mut *guard;
         if !state.alive {
             return Err(DriverError::UnknownDomain(did));
         }
-        let tables = state.tables.as_mut().ok_or(DriverError::NotPaging(did))?;
+        let tables = state.tables.as_ref().ok_or(DriverError::NotPaging(did))?;
         if let Some(found) = tables.first_mapped(&self.memory, iova.0, end)? {
             return Err(DriverError::Overlap { iova: Iova(found) });
         }
+        if state.pending.overlaps(iova.0, end) {
+            self.flush_pending(did, state)?;
+        }
+        let tables = state.tables.as_mut().ok_or(DriverError::NotPaging(did))?;
         let mapped = tables.map(&self.memory, &self.frames, iova.0, hpa.0, len, perm, self.caps.max_leaf_level);
         if let Err(e) = mapped {
             // All or nothing: take back what was written (the range was empty before).
             // Devices may already have used the partial mapping, so this is a full unmap
             // with its flush.
-            self.unmap_locked(did, tables, iova.0, end)?;
+            self.unmap_locked(did, state, iova.0, end, FlushPolicy::Strict)?;
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Unmaps every mapping inside `[iova, iova + len)` with the driver's flush policy and
+    /// returns the bytes unmapped (holes are skipped). See [`Driver::unmap_with`].
+    pub fn unmap(&self, did: DomainId, iova: Iova, len: u64) -> Result<u64, DriverError> {
+        self.unmap_with(did, iova, len, self.flush)
     }
 
     /// Unmaps every mapping inside `[iova, iova + len)` and returns the bytes unmapped
     /// (holes are skipped). A superpage only partly inside the range is refused with
     /// [`DriverError::PartialSuperpage`] and nothing changes.
     ///
-    /// Page-table pages that become empty are unlinked, the IOTLB is flushed
-    /// page-selectively (domain-selectively above CAP.MAMV), and only then are the pages
-    /// freed (Linux `intel_iommu_unmap` + `intel_iommu_tlb_sync`).
-    pub fn unmap(&self, did: DomainId, iova: Iova, len: u64) -> Result<u64, DriverError> {
+    /// Page-table pages that become empty are unlinked. `Strict`: the IOTLB is invalidated
+    /// page-selectively (domain-selectively above CAP.MAMV) together with the device TLBs
+    /// of the domain's ATS devices, and only then are the pages freed (Linux
+    /// `intel_iommu_unmap` + `intel_iommu_tlb_sync`). `Deferred`: the range and the pages
+    /// are queued for the domain's next flush (Linux `queue_iova`).
+    ///
+    /// [`DriverError::DeviceTlbTimeout`] means the range is unmapped and the IOTLB
+    /// invalidated, but the named device may still cache it.
+    pub fn unmap_with(&self, did: DomainId, iova: Iova, len: u64, policy: FlushPolicy) -> Result<u64, DriverError> {
+        self.run_due_flushes();
         let end = check_range(iova, len)?;
         let domain = self.domain(did)?;
         if domain.kind != DomainKind::Paging {
@@ -393,43 +662,67 @@ impl Driver {
         if !state.alive {
             return Err(DriverError::UnknownDomain(did));
         }
-        let tables = state.tables.as_mut().ok_or(DriverError::NotPaging(did))?;
+        let tables = state.tables.as_ref().ok_or(DriverError::NotPaging(did))?;
         tables.check_unmap(&self.memory, iova.0, end)?;
-        self.unmap_locked(did, tables, iova.0, end)
+        self.unmap_locked(did, &mut state, iova.0, end, policy)
     }
 
-    /// Clears `[start, end)`, flushes per the policy, frees the retired tables.
-    fn unmap_locked(&self, did: DomainId, tables: &mut PageTable, start: u64, end: u64) -> Result<u64, DriverError> {
+    /// Clears `[start, end)`, invalidates or queues per `policy`, frees the retired tables
+    /// once nothing can reach them.
+    fn unmap_locked(
+        &self,
+        did: DomainId,
+        state: &mut DomainState,
+        start: u64,
+        end: u64,
+        policy: FlushPolicy,
+    ) -> Result<u64, DriverError> {
+        let tables = state.tables.as_mut().ok_or(DriverError::NotPaging(did))?;
         let mut retired = Vec::new();
         let out = tables.unmap(&self.memory, start, end, &mut retired)?;
-        if let Some((first, last)) = out.span {
-            match self.flush {
-                FlushPolicy::Strict => {
-                    // VT-d 6.5.1.2: IH=1 only when no paging-structure entry changed.
-                    let ih = out.tables_freed == 0;
-                    let scope = if self.caps.page_selective {
-                        page_scope(did, first, last, ih, self.caps.mamv)
-                    } else {
-                        IotlbScope::Domain(did)
-                    };
-                    // On failure the retired frames leak rather than be reused while the
-                    // unit may still cache them.
-                    self.flush_iotlb(scope)?;
+        let (Some((first, last)), Some(stale)) = (out.span, out.stale_span()) else {
+            self.frames.free_all(retired);
+            return Ok(out.bytes);
+        };
+        match policy {
+            FlushPolicy::Strict => {
+                // VT-d 6.5.1.2: IH=1 only when no paging-structure entry changed.
+                let ih = out.tables_freed == 0;
+                let scope = if self.caps.page_selective {
+                    page_scope(did, first, last, ih, self.caps.mamv)
+                } else {
+                    IotlbScope::Domain(did)
+                };
+                let batch = with_device_tlbs(scope, DeviceTlbRange::for_scope(scope), state);
+                let result = self.invalidate(&batch);
+                // A device time-out: the IOTLB and paging-structure caches were invalidated
+                // all the same, and device TLBs never hold tables. Other failures leak the
+                // retired frames rather than reuse them while the unit may still cache them.
+                if matches!(result, Ok(()) | Err(DriverError::DeviceTlbTimeout { .. })) {
+                    self.frames.free_all(retired);
                 }
+                result.map(|()| out.bytes)
+            }
+            FlushPolicy::Deferred { max_entries, max_delay } => {
+                let now = Instant::now();
+                let deadline = now.checked_add(max_delay).unwrap_or(now + Duration::from_secs(3600));
+                state.pending.push(stale, retired, deadline);
+                if let Some(due) = state.pending.deadline() {
+                    self.deferred.note(did, due);
+                }
+                if state.pending.len() >= max_entries.max(1) || state.pending.deadline().is_some_and(|d| d <= now) {
+                    self.flush_pending(did, state)?;
+                }
+                Ok(out.bytes)
             }
         }
-        self.frames.free_all(retired);
-        Ok(out.bytes)
-    }
-
-    fn flush_iotlb(&self, scope: IotlbScope) -> Result<(), DriverError> {
-        self.regs.flush_iotlb(scope, self.caps.read_drain, self.caps.write_drain)
     }
 
     /// Software walk of a domain's tables: the host address `iova` maps to, the
     /// permissions and the size of the page that maps it. Identity domains map every
     /// address to itself; blocked domains map nothing.
     pub fn lookup(&self, did: DomainId, iova: Iova) -> Option<(Hpa, Perm, u64)> {
+        self.run_due_flushes();
         let domain = self.domain(did).ok()?;
         if !domain.aw.covers(iova) {
             return None;
@@ -485,8 +778,22 @@ mod tests {
         assert!(base.is_page_aligned() && len.is_multiple_of(PAGE_SIZE) && base.0 + len <= 2 * MIB + 4096 * 3);
         // too small to hold a table: refused, not a panic
         let unit = Arc::new(Unit::new(UnitConfig::default(), Arc::new(HostMemory::new(2 * MIB).unwrap())));
-        let cfg = DriverConfig { table_region: (Hpa(0), 0), flush: FlushPolicy::Strict };
+        let cfg = DriverConfig { table_region: (Hpa(0), 0), ..DriverConfig::for_memory(2 * MIB) };
         assert!(matches!(Driver::new(unit, cfg), Err(DriverError::InvalidTableRegion { .. })));
+    }
+
+    #[test]
+    fn config_defaults_to_strict_queued_invalidation() {
+        let cfg = DriverConfig::for_memory(64 * MIB);
+        assert_eq!((cfg.flush, cfg.queued_invalidation), (FlushPolicy::Strict, true));
+        let lazy = cfg.with_flush(FlushPolicy::DEFERRED).with_queued_invalidation(false);
+        assert_eq!(lazy.flush, FlushPolicy::Deferred { max_entries: 256, max_delay: Duration::from_millis(10) });
+        assert!(!lazy.queued_invalidation);
+        let d = driver_with(64 * MIB, cfg);
+        assert!(d.queued_invalidation());
+        assert_eq!(d.flush_policy(), FlushPolicy::Strict);
+        assert!(!d.deferred_due() && d.pending_deferred() == 0);
+        assert!(!driver_with(64 * MIB, lazy).queued_invalidation());
     }
 
     #[test]
@@ -581,9 +888,10 @@ mod tests {
 
     #[test]
     fn running_out_of_table_memory_rolls_the_map_back() {
-        // root + context + top + L2 + one L1: the second L1 table cannot be allocated
-        let region = (Hpa(60 * MIB), 5 * PAGE_SIZE);
-        let d = driver_with(64 * MIB, DriverConfig { table_region: region, flush: FlushPolicy::Strict });
+        // queue + status page + root + context + top + L2 + one L1: the second L1 table
+        // cannot be allocated
+        let region = (Hpa(60 * MIB), 7 * PAGE_SIZE);
+        let d = driver_with(64 * MIB, DriverConfig { table_region: region, ..DriverConfig::for_memory(64 * MIB) });
         let did = d.create_domain(DomainKind::Paging, AddressWidth::Aw39).unwrap();
         d.attach(SID, did, false).unwrap();
         let frames = d.table_frames_in_use();

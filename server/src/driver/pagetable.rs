@@ -44,14 +44,31 @@ pub(crate) struct UnmapOutcome {
     pub(crate) span: Option<(u64, u64)>,
     /// Page-table pages unlinked from the tree (their frames are in the caller's list).
     pub(crate) tables_freed: usize,
+    /// `[first, end)` covering the whole span of every retired table: until the
+    /// paging-structure caches are invalidated, a walk anywhere in it may still go through
+    /// a retired table, so a deferred flush must come before anything is mapped there.
+    pub(crate) table_span: Option<(u64, u64)>,
+}
+
+fn union(span: Option<(u64, u64)>, start: u64, end: u64) -> Option<(u64, u64)> {
+    Some(match span {
+        None => (start, end),
+        Some((s, e)) => (s.min(start), e.max(end)),
+    })
 }
 
 impl UnmapOutcome {
     fn touch(&mut self, start: u64, end: u64) {
-        self.span = Some(match self.span {
-            None => (start, end),
-            Some((s, e)) => (s.min(start), e.max(end)),
-        });
+        self.span = union(self.span, start, end);
+    }
+
+    /// Everything whose translation may be stale until the flush: the leaves and the
+    /// retired tables' spans.
+    pub(crate) fn stale_span(&self) -> Option<(u64, u64)> {
+        match (self.span, self.table_span) {
+            (Some((s, e)), t) => union(t, s, e),
+            (None, t) => t,
+        }
     }
 }
 
@@ -279,8 +296,10 @@ fn unmap_in(
             } else {
                 let child = pte.addr();
                 unmap_in(mem, child, level - 1, a, chunk_end, retired, out)?;
-                // A child whose whole span was in the range is empty now; otherwise look.
-                if covered || table_is_empty(mem, child)? {
+                // A child whose whole span was in the range is empty now; otherwise look,
+                // starting right after the cleared part (where a live entry usually is).
+                let next = level_index(Iova(chunk_end), level - 1);
+                if covered || table_is_empty(mem, child, next)? {
                     // Linux dma_pte_clear_level + dma_pte_list_pagetables: unlink, and
                     // free only after the flush (IH=0 drops paging-structure caches).
                     mem.write_u64(slot, 0)?;
@@ -291,6 +310,7 @@ fn unmap_in(
                     // the one pointing at this table.
                     out.touch(a, chunk_end);
                     out.tables_freed += 1;
+                    out.table_span = union(out.table_span, base, base.saturating_add(size));
                 }
             }
         }
@@ -299,8 +319,14 @@ fn unmap_in(
     Ok(())
 }
 
-fn table_is_empty(mem: &HostMemory, table: Hpa) -> Result<bool, MemoryError> {
-    for i in 0..ENTRIES {
+/// Whether every entry of `table` is zero, looking at entry `from` first and going round:
+/// after clearing part of a table, the entries next to the cleared run are the likeliest
+/// to be live, so a table that is not empty is usually proven so in one or two loads
+/// instead of a scan from index 0 (which costs up to 512 loads per 4 KiB unmap when pages
+/// are unmapped in address order).
+fn table_is_empty(mem: &HostMemory, table: Hpa, from: u64) -> Result<bool, MemoryError> {
+    for k in 0..ENTRIES {
+        let i = (from + k) % ENTRIES;
         if mem.read_u64(Hpa(table.0 + i * 8))? != 0 {
             return Ok(false);
         }
@@ -428,12 +454,18 @@ mod tests {
         let out = f.unmap(base + 4096, base + 2 * 4096).unwrap();
         assert_eq!((out.bytes, out.tables_freed), (4096, 0));
         assert_eq!(out.span, Some((base + 4096, base + 2 * 4096)));
+        assert_eq!((out.table_span, out.stale_span()), (None, out.span));
         let out = f.unmap(base, base + 2 * MIB).unwrap();
         assert_eq!((out.bytes, out.tables_freed), (2 * 4096, 1));
         assert_eq!(out.span, Some((base, base + 2 * MIB)));
+        assert_eq!(out.table_span, Some((base, base + 2 * MIB)));
         let out = f.unmap(base + 2 * MIB, base + 2 * MIB + 4096).unwrap();
         assert_eq!((out.bytes, out.tables_freed), (4096, 4));
         assert_eq!(out.span, Some((base + 2 * MIB, base + 2 * MIB + 4096)));
+        // the L4 table went too: its whole 256 TiB span may be cached until the flush
+        let top = 1u64 << 57;
+        assert_eq!(out.table_span, Some((top - (1 << 48), top)));
+        assert_eq!(out.stale_span(), out.table_span);
         assert_eq!(f.frames.in_use(), 1, "only the top table is left");
         f.map(base + 2 * MIB, 0, 4096, RW, 3).unwrap();
         let out = f.unmap(base, 1 << 57).unwrap();

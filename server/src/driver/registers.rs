@@ -4,7 +4,8 @@
 //!
 //! It owns the register lock (Linux `iommu->register_lock`): a command that takes two
 //! writes (IVA then IOTLB) or a write and a poll must not interleave with another thread's.
-//! The invalidation commands built on it live in `invalidate`.
+//! The invalidation commands built on it live in `invalidate`; once queued invalidation is
+//! on, only `queue` writes the queue registers (IQA, IQT, FSTS queue bits).
 
 use std::sync::Arc;
 
@@ -42,6 +43,10 @@ pub(crate) struct Capabilities {
     pub(crate) page_selective: bool,
     /// ECAP.PT: context entries may use TT=10b (pass-through).
     pub(crate) pass_through: bool,
+    /// ECAP.QI: the unit has an invalidation queue (VT-d 6.5.2).
+    pub(crate) queued_invalidation: bool,
+    /// ECAP.DT: context entries may use TT=01b, so devices may cache translations (ATS).
+    pub(crate) device_tlb: bool,
 }
 
 impl Capabilities {
@@ -61,6 +66,8 @@ impl Capabilities {
             write_drain: cap & (1 << 54) != 0,
             page_selective: cap & (1 << 39) != 0,
             pass_through: ecap & (1 << 6) != 0,
+            queued_invalidation: ecap & (1 << 1) != 0,
+            device_tlb: ecap & (1 << 2) != 0,
         }
     }
 
@@ -132,6 +139,11 @@ impl Registers {
     /// Issues one global command and waits for its status bit (VT-d 10.4.4/10.4.5): the
     /// value written is the current persistent state plus the new command, since GCMD
     /// sets the whole command state at once.
+    /// Issues a one-shot or enabling GCMD command and waits for its status bit.
+    pub(crate) fn command(&self, command: u32, what: &str) -> Result<(), DriverError> {
+        self.global_command(command, what)
+    }
+
     fn global_command(&self, command: u32, what: &str) -> Result<(), DriverError> {
         let _g = self.lock();
         let status = self.read32(regs::GSTS)? & GSTS_PERSISTENT;
@@ -157,6 +169,30 @@ impl Registers {
     pub(crate) fn enable_translation(&self) -> Result<(), DriverError> {
         self.global_command(gcmd::TE, "translation enable")
     }
+
+    /// Turns queued invalidation on: GCMD.QIE and wait for GSTS.QIES (VT-d 10.4.4; Linux
+    /// `__dmar_enable_qi`). IQA and IQT must be programmed first.
+    pub(crate) fn enable_queued_invalidation(&self) -> Result<(), DriverError> {
+        self.global_command(gcmd::QIE, "queued invalidation enable")
+    }
+
+    /// Turns queued invalidation off if it is on (Linux `__dmar_disable_qi`: a previous
+    /// owner may have left it enabled), writing the persistent state without QIE.
+    pub(crate) fn disable_queued_invalidation(&self) -> Result<(), DriverError> {
+        let _g = self.lock();
+        let status = self.read32(regs::GSTS)? & GSTS_PERSISTENT;
+        if status & gcmd::QIE == 0 {
+            return Ok(());
+        }
+        self.write32(regs::GCMD, status & !gcmd::QIE)?;
+        for _ in 0..POLL_LIMIT {
+            if self.read32(regs::GSTS)? & gcmd::QIE == 0 {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        Err(DriverError::Hardware("queued invalidation disable did not complete".to_owned()))
+    }
 }
 
 #[cfg(test)]
@@ -173,11 +209,12 @@ mod tests {
         assert_eq!(u64::from(caps.mamv), regs::MAMV);
         assert!(caps.page_selective && caps.pass_through);
         assert!(caps.read_drain && caps.write_drain);
+        assert!(caps.queued_invalidation && caps.device_tlb);
 
         let bare = Capabilities::decode(1 << 10, 0);
         assert!(!bare.supports(AddressWidth::Aw39) && bare.supports(AddressWidth::Aw48));
         assert_eq!(bare.max_leaf_level, 1);
-        assert!(!bare.pass_through && !bare.page_selective);
+        assert!(!bare.pass_through && !bare.page_selective && !bare.queued_invalidation && !bare.device_tlb);
         assert_eq!(Capabilities::decode(1 << 34, 0).max_leaf_level, 2);
     }
 }

@@ -85,6 +85,13 @@ macro_rules! counters {
                 UnitStats { $( $name: self.$name.get(), )* }
             }
         }
+
+        impl UnitStats {
+            /// Every counter with its name, in declaration order.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($name), self.$name), )* ]
+            }
+        }
     };
 }
 

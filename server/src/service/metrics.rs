@@ -1,0 +1,237 @@
+//! The server's Prometheus metrics: names, descriptions, buckets, and the handles the hot
+//! paths touch.
+//!
+//! Naming follows `dmar_<subsystem>_<name>_<unit>` with base units and `_total` counters;
+//! labels are bounded enums, never device ids. Counters the unit already keeps (lock-free,
+//! striped) are copied into the exporter by [`Metrics::refresh`] on every scrape interval
+//! tick rather than counted twice on the translation path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::unit::{FaultReason, UnitStats};
+
+/// Histogram buckets for page walks (seconds): 25 ns to 100 µs.
+const WALK_BUCKETS: &[f64] = &[25e-9, 50e-9, 100e-9, 200e-9, 400e-9, 800e-9, 1.6e-6, 3.2e-6, 10e-6, 100e-6];
+/// Histogram buckets for device-TLB invalidations (seconds): 10 µs to 10 s.
+const DEVTLB_BUCKETS: &[f64] = &[10e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3, 50e-3, 250e-3, 1.0, 10.0];
+/// Histogram buckets for link message handling (seconds).
+const LINK_BUCKETS: &[f64] = &[1e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 1e-3, 10e-3];
+
+/// Installs the global Prometheus recorder with dmar's buckets. Returns the render handle
+/// (the caller serves it) or an error if a recorder is already installed.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("dmar_unit_walk_duration_seconds".into()), WALK_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full("dmar_unit_device_tlb_invalidation_duration_seconds".into()),
+            DEVTLB_BUCKETS,
+        )?
+        .set_buckets_for_metric(Matcher::Full("dmar_link_batch_duration_seconds".into()), LINK_BUCKETS)?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// Every metric the server exports, by name, for dashboards and tests.
+pub const METRIC_NAMES: &[&str] = &[
+    "dmar_unit_translations_total",
+    "dmar_unit_cache_lookups_total",
+    "dmar_unit_walks_total",
+    "dmar_unit_walk_loads_total",
+    "dmar_unit_walk_duration_seconds",
+    "dmar_unit_stale_uses_total",
+    "dmar_unit_faults_total",
+    "dmar_unit_faults_dropped_total",
+    "dmar_unit_invalidation_descriptors_total",
+    "dmar_unit_invalidation_queue_errors_total",
+    "dmar_unit_device_tlb_invalidation_duration_seconds",
+    "dmar_unit_device_tlb_timeouts_total",
+    "dmar_link_connections",
+    "dmar_link_bound_functions",
+    "dmar_link_messages_total",
+    "dmar_link_batch_duration_seconds",
+    "dmar_prq_page_requests_total",
+    "dmar_interrupt_remapped_total",
+    "dmar_server_cpu_used_seconds",
+];
+
+fn describe() {
+    describe_counter!("dmar_unit_translations_total", "Requests answered by the unit, by kind and result");
+    describe_counter!("dmar_unit_cache_lookups_total", "Lookups in the unit's caches, by cache and result");
+    describe_counter!("dmar_unit_walks_total", "Page walks (IOTLB misses)");
+    describe_counter!("dmar_unit_walk_loads_total", "Page-table entries read by walks");
+    describe_histogram!(
+        "dmar_unit_walk_duration_seconds",
+        metrics::Unit::Seconds,
+        "Duration of sampled page walks (one in 64 per thread)"
+    );
+    describe_counter!("dmar_unit_stale_uses_total", "Cache hits served although the source entry had changed");
+    describe_counter!("dmar_unit_faults_total", "Faults recorded, by reason");
+    describe_counter!("dmar_unit_faults_dropped_total", "Faults not recorded, by cause (fpd, overflow)");
+    describe_counter!("dmar_unit_invalidation_descriptors_total", "Invalidation descriptors processed, by type");
+    describe_counter!("dmar_unit_invalidation_queue_errors_total", "Invalidation queue errors (IQE)");
+    describe_histogram!(
+        "dmar_unit_device_tlb_invalidation_duration_seconds",
+        metrics::Unit::Seconds,
+        "Round trip of device-TLB invalidations to their function"
+    );
+    describe_counter!("dmar_unit_device_tlb_timeouts_total", "Device-TLB invalidations abandoned by a time-out (ITE)");
+    describe_gauge!("dmar_link_connections", "Live ATS links");
+    describe_gauge!("dmar_link_bound_functions", "Functions bound on live ATS links");
+    describe_counter!("dmar_link_messages_total", "ATS link items, by kind");
+    describe_histogram!(
+        "dmar_link_batch_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to handle one inbound link message"
+    );
+    describe_counter!("dmar_prq_page_requests_total", "Page requests, by result (queued, overflow)");
+    describe_counter!("dmar_interrupt_remapped_total", "MSI writes, by result");
+    describe_counter!("dmar_server_cpu_used_seconds", metrics::Unit::Seconds, "CPU time used by the server process");
+}
+
+/// A counter mirrored from one field of the unit's stats.
+type Mirrored = (Counter, fn(&UnitStats) -> u64);
+
+/// Handles, registered once.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    translations: [Mirrored; 7],
+    lookups: [Mirrored; 6],
+    walks: Counter,
+    walk_loads: Counter,
+    stale: [Mirrored; 2],
+    dropped: [Mirrored; 2],
+    descriptors: [Mirrored; 6],
+    queue_errors: Counter,
+    devtlb_timeouts: Counter,
+    cpu: Gauge,
+    pub(crate) walk_duration: Histogram,
+    pub(crate) devtlb_duration: Histogram,
+    pub(crate) faults: Arc<[Counter; 256]>,
+    pub(crate) connections: Gauge,
+    pub(crate) bound_functions: Gauge,
+    pub(crate) link_translations: Counter,
+    pub(crate) link_dma: Counter,
+    pub(crate) link_invalidations: Counter,
+    pub(crate) link_msi: Counter,
+    pub(crate) link_page_requests: Counter,
+    pub(crate) batch_duration: Histogram,
+    pub(crate) prq_queued: Counter,
+    pub(crate) prq_overflow: Counter,
+    pub(crate) irq_remapped: Counter,
+    pub(crate) irq_blocked: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Registers every metric (with the installed recorder, or a no-op one).
+    pub(crate) fn new() -> Self {
+        describe();
+        let t = |kind: &'static str, result: &'static str| counter!("dmar_unit_translations_total", "kind" => kind, "result" => result);
+        let l = |cache: &'static str, result: &'static str| counter!("dmar_unit_cache_lookups_total", "cache" => cache, "result" => result);
+        let d = |ty: &'static str| counter!("dmar_unit_invalidation_descriptors_total", "type" => ty);
+        let faults: [Counter; 256] = std::array::from_fn(|code| match FaultReason::from_code(code as u8) {
+            Some(r) => counter!("dmar_unit_faults_total", "reason" => r.name()),
+            None => Counter::noop(),
+        });
+        let m = |kind: &'static str| counter!("dmar_link_messages_total", "kind" => kind);
+        Self {
+            translations: [
+                (t("untranslated", "ok"), |s| s.untranslated_ok),
+                (t("untranslated", "blocked"), |s| s.untranslated_blocked),
+                (t("ats", "ok"), |s| s.ats_success),
+                (t("ats", "no_access"), |s| s.ats_no_access),
+                (t("ats", "error"), |s| s.ats_error),
+                (t("translated", "ok"), |s| s.translated_ok),
+                (t("translated", "blocked"), |s| s.translated_blocked),
+            ],
+            lookups: [
+                (l("iotlb", "hit"), |s| s.iotlb_hits),
+                (l("iotlb", "miss"), |s| s.iotlb_misses),
+                (l("context", "hit"), |s| s.context_hits),
+                (l("context", "miss"), |s| s.context_misses),
+                (l("paging", "hit"), |s| s.paging_hits),
+                (l("paging", "miss"), |s| s.paging_misses),
+            ],
+            walks: counter!("dmar_unit_walks_total"),
+            walk_loads: counter!("dmar_unit_walk_loads_total"),
+            stale: [
+                (counter!("dmar_unit_stale_uses_total", "cache" => "iotlb"), |s| s.stale_iotlb_uses),
+                (counter!("dmar_unit_stale_uses_total", "cache" => "context"), |s| s.stale_context_uses),
+            ],
+            dropped: [
+                (counter!("dmar_unit_faults_dropped_total", "cause" => "fpd"), |s| s.faults_suppressed),
+                (counter!("dmar_unit_faults_dropped_total", "cause" => "overflow"), |s| s.faults_overflowed),
+            ],
+            descriptors: [
+                (d("context"), |s| s.qi_context),
+                (d("iotlb"), |s| s.qi_iotlb),
+                (d("device_tlb"), |s| s.qi_device_tlb),
+                (d("iec"), |s| s.qi_iec),
+                (d("wait"), |s| s.qi_wait),
+                (d("page_response"), |s| s.qi_page_response),
+            ],
+            queue_errors: counter!("dmar_unit_invalidation_queue_errors_total"),
+            devtlb_timeouts: counter!("dmar_unit_device_tlb_timeouts_total"),
+            cpu: gauge!("dmar_server_cpu_used_seconds"),
+            walk_duration: histogram!("dmar_unit_walk_duration_seconds"),
+            devtlb_duration: histogram!("dmar_unit_device_tlb_invalidation_duration_seconds"),
+            faults: Arc::new(faults),
+            connections: gauge!("dmar_link_connections"),
+            bound_functions: gauge!("dmar_link_bound_functions"),
+            link_translations: m("translation"),
+            link_dma: m("dma"),
+            link_invalidations: m("invalidation"),
+            link_msi: m("msi"),
+            link_page_requests: m("page_request"),
+            batch_duration: histogram!("dmar_link_batch_duration_seconds"),
+            prq_queued: counter!("dmar_prq_page_requests_total", "result" => "queued"),
+            prq_overflow: counter!("dmar_prq_page_requests_total", "result" => "overflow"),
+            irq_remapped: counter!("dmar_interrupt_remapped_total", "result" => "remapped"),
+            irq_blocked: counter!("dmar_interrupt_remapped_total", "result" => "blocked"),
+        }
+    }
+
+    /// Copies the unit's counters and the process CPU time into the exporter.
+    pub(crate) fn refresh(&self, s: &UnitStats) {
+        for (c, f) in self
+            .translations
+            .iter()
+            .chain(&self.lookups)
+            .chain(&self.stale)
+            .chain(&self.dropped)
+            .chain(&self.descriptors)
+        {
+            c.absolute(f(s));
+        }
+        self.walks.absolute(s.walks);
+        self.walk_loads.absolute(s.walk_loads);
+        self.queue_errors.absolute(s.qi_errors);
+        self.devtlb_timeouts.absolute(s.device_tlb_timeouts);
+        if let Some(cpu) = process_cpu_time() {
+            self.cpu.set(cpu.as_secs_f64());
+        }
+    }
+}
+
+/// CPU time (user + system) of this process, from `/proc/self/stat` (Linux; the kernel
+/// reports clock ticks of 1/100 s to user space).
+pub fn process_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}

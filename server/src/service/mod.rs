@@ -1,0 +1,232 @@
+//! The network faces of dmar-server: the Control service (software side), the ATS link
+//! service (PCIe side), health, reflection and Prometheus metrics.
+//!
+//! No VT-d logic lives here: each call decodes, calls the driver or the unit, encodes.
+//! This module owns the process-level wiring: building the unit and its driver from a
+//! [`ServerConfig`], the background ticks that let time pass for the unit (device-TLB
+//! time-outs, the deferred flush queue, metric refresh), the page request pump that
+//! drains the unit's page request queue to watchers, and graceful shutdown.
+
+pub mod control;
+pub mod events;
+pub mod link;
+pub mod metrics;
+mod metrics_http;
+mod status;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dmar_proto::v1::ats_link_server::AtsLinkServer;
+use dmar_proto::v1::control_server::ControlServer;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::events::EventHub;
+use self::metrics::Metrics;
+use crate::driver::{Driver, DriverConfig, DriverError, FlushPolicy};
+use crate::unit::memory::{DEFAULT_MEMORY_SIZE, InvalidMemorySize};
+use crate::unit::{HostMemory, Unit, UnitConfig, UnitStats};
+
+/// How the server is built.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Emulated host memory size in bytes (a multiple of 2 MiB).
+    pub memory_size: u64,
+    /// Unit cache geometries, stale detection and the device-TLB invalidation time-out.
+    pub unit: UnitConfig,
+    /// Flush policy for unmaps that do not choose one.
+    pub default_flush: FlushPolicy,
+    /// The deferred policy's bounds (used when a call asks for deferred flushing).
+    pub deferred: FlushPolicy,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            memory_size: DEFAULT_MEMORY_SIZE,
+            unit: UnitConfig::default(),
+            default_flush: FlushPolicy::Strict,
+            deferred: FlushPolicy::Deferred { max_entries: 256, max_delay: Duration::from_millis(10) },
+        }
+    }
+}
+
+/// The sockets the server serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (Control, ATS link, health, reflection).
+    pub grpc: TcpListener,
+    /// Prometheus `/metrics`, if wanted.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The memory size is unusable.
+    #[error(transparent)]
+    Memory(#[from] InvalidMemorySize),
+    /// The driver could not initialise the unit.
+    #[error("driver initialisation failed: {0}")]
+    Driver(#[from] DriverError),
+    /// The metrics recorder could not be installed.
+    #[error("metrics: {0}")]
+    Metrics(String),
+    /// Reflection could not be built.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The gRPC transport failed.
+    #[error("grpc transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Shared by every service and task of one server.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) unit: Arc<Unit>,
+    pub(crate) driver: Arc<Driver>,
+    pub(crate) hub: Arc<EventHub>,
+    pub(crate) metrics: Metrics,
+    pub(crate) default_flush: FlushPolicy,
+    pub(crate) deferred: FlushPolicy,
+    pub(crate) links: AtomicU64,
+    pub(crate) bound_functions: AtomicU64,
+    pub(crate) link_translations: AtomicU64,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn prometheus() -> Result<PrometheusHandle, ServeError> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE.get_or_init(|| metrics::install().map_err(|e| e.to_string())).clone().map_err(ServeError::Metrics)
+}
+
+pub(crate) fn stats_map(s: &UnitStats) -> HashMap<String, u64> {
+    s.fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// Serves until `shutdown` is cancelled, then drains: links are closed, background tasks
+/// stop, and the call returns.
+pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let handle = match listeners.metrics {
+        Some(_) => Some(prometheus()?),
+        None => None,
+    };
+    let metrics = Metrics::new();
+    let page_requests = Arc::new(Notify::new());
+    let hub = Arc::new(EventHub::new(metrics.clone(), page_requests.clone()));
+    let memory = Arc::new(HostMemory::new(config.memory_size)?);
+    let unit = Arc::new(Unit::with_events(config.unit, memory, hub.clone()));
+    let driver_config = DriverConfig { flush: config.default_flush, ..DriverConfig::for_memory(config.memory_size) };
+    let driver = Arc::new(Driver::new(unit.clone(), driver_config)?);
+    driver.enable_interrupt_remapping()?;
+    driver.enable_page_requests(events::PAGE_REQUEST_VECTOR)?;
+    let tasks = TaskTracker::new();
+    let state = Arc::new(State {
+        unit,
+        driver,
+        hub,
+        metrics,
+        default_flush: config.default_flush,
+        deferred: config.deferred,
+        links: AtomicU64::new(0),
+        bound_functions: AtomicU64::new(0),
+        link_translations: AtomicU64::new(0),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    });
+
+    tasks.spawn(ticker(state.clone()));
+    tasks.spawn(page_request_pump(state.clone(), page_requests));
+    if let (Some(listener), Some(handle)) = (listeners.metrics, handle) {
+        tasks.spawn(metrics_http::serve(listener, handle, state.clone(), shutdown.clone()));
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dmar_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    health.set_serving::<ControlServer<control::ControlService>>().await;
+    health.set_serving::<AtsLinkServer<link::LinkService>>().await;
+    let addr = listeners.grpc.local_addr().ok();
+    tracing::info!(?addr, "dmar-server serving");
+
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ControlServer::new(control::ControlService { state: state.clone() }))
+        .add_service(AtsLinkServer::new(link::LinkService { state: state.clone() }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), shutdown.cancelled())
+        .await;
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+        tracing::warn!("background tasks did not stop within 5 s");
+    }
+    tracing::info!("dmar-server stopped");
+    result.map_err(ServeError::from)
+}
+
+/// Lets time pass for the unit and the driver, and refreshes the metrics.
+async fn ticker(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut n = 0u32;
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        state.unit.poll();
+        let driver = state.driver.clone();
+        // A due deferred flush waits for devices: off the runtime threads.
+        if driver.deferred_due() {
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = driver.poll_deferred() {
+                    tracing::warn!(error = %e, "deferred flush failed");
+                }
+            })
+            .await;
+        }
+        n = n.wrapping_add(1);
+        if n.is_multiple_of(200) {
+            state.metrics.refresh(&state.unit.stats());
+        }
+    }
+}
+
+/// Drains the page request queue whenever the unit raises its page request event, and
+/// hands the requests to watchers.
+async fn page_request_pump(state: Arc<State>, notify: Arc<Notify>) {
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            () = notify.notified() => {}
+        }
+        match state.driver.drain_page_requests() {
+            Ok(requests) => {
+                for r in requests {
+                    let _ = state.hub.page_requests.send(events::PageRequestNote {
+                        source_id: r.sid.0,
+                        address: r.addr.0,
+                        read: r.read,
+                        write: r.write,
+                        group_index: r.prgi,
+                        last: r.last,
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "page request queue drain failed"),
+        }
+    }
+}

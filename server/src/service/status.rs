@@ -1,0 +1,53 @@
+//! The one place where domain errors become gRPC statuses. Messages are the errors' own
+//! (lowercase, no trailing period); the code tells the client what kind of problem it is.
+
+use tonic::Status;
+
+use crate::driver::DriverError;
+use crate::unit::queue::PortError;
+use crate::unit::{DmaError, MemoryError, MmioError};
+
+/// Maps a driver error to a status.
+pub(crate) fn driver(e: DriverError) -> Status {
+    use DriverError as E;
+    let msg = e.to_string();
+    match e {
+        E::UnknownDomain(_) => Status::not_found(msg),
+        E::Overlap { .. } => Status::already_exists(msg),
+        E::DomainInUse { .. }
+        | E::NotPaging(_)
+        | E::PartialSuperpage { .. }
+        | E::AtsUnsupported(_)
+        | E::QueueDisabled
+        | E::InterruptRemappingDisabled
+        | E::PageRequestsDisabled => Status::failed_precondition(msg),
+        E::DomainIdsExhausted | E::OutOfTableMemory => Status::resource_exhausted(msg),
+        E::Hardware(_) | E::Memory(_) => Status::internal(msg),
+        E::DeviceTlbTimeout { .. } => Status::deadline_exceeded(msg),
+        _ => Status::invalid_argument(msg),
+    }
+}
+
+pub(crate) fn mmio(e: MmioError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+pub(crate) fn memory(e: MemoryError) -> Status {
+    Status::out_of_range(e.to_string())
+}
+
+pub(crate) fn port(e: PortError) -> Status {
+    match e {
+        PortError::AlreadyBound(_) => Status::already_exists(e.to_string()),
+        PortError::InvalidDepth(_) => Status::invalid_argument(e.to_string()),
+    }
+}
+
+/// DMA failures are answered in the completion, not as a status; this gives the fault
+/// code carried there (0 when the refusal records no fault).
+pub(crate) fn dma_fault_code(e: &DmaError) -> u32 {
+    match e {
+        DmaError::Fault { reason, .. } => u32::from(reason.code()),
+        _ => 0,
+    }
+}
