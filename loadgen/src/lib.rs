@@ -1,166 +1,212 @@
-//! dmar-loadgen: scenario setup and translation-scaling measurements.
+//! dmar-loadgen: sets up scenarios through the server's Control service, drives device
+//! agents through their AgentControl services, and reports how translation throughput and
+//! latency scale with concurrent devices, against a no-device-TLB baseline measured in the
+//! same run.
 //!
-//! This first version drives the remapping unit in process: it builds a scenario with the
-//! driver model (one paging domain, a mapped footprint, N devices attached with ATS), then
-//! steps over the number of concurrent devices, each a thread issuing translation requests
-//! over its footprint, and reports throughput and cache behaviour per step. The networked
-//! sweep (server, agents, device TLBs, baseline) replaces the device threads once those
-//! services exist; the scenario and report types stay.
+//! Layout: [`args`] (the command line), [`cluster`] (the server and agents under test),
+//! [`embedded`] (an in-process server and agents on loopback, the default),
+//! [`scenario`] (domains and mappings), [`run`] (one workload across agents), [`sweep`],
+//! [`scenarios`] (invalidate, demand paging), [`report`], [`output`] and [`plot`].
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+pub mod args;
+pub mod cluster;
+pub mod embedded;
+pub mod output;
+pub mod plot;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod scenarios;
+pub mod sweep;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use dmar_server::driver::{DomainKind, Driver, DriverConfig, Perm};
-use dmar_server::unit::tables::AddressWidth;
-use dmar_server::unit::{Access, HostMemory, Unit, UnitConfig};
-use dmar_server::{Hpa, Iova, SourceId};
+use dmar_proto::v1::GetAgentInfoRequest;
 
-/// What to run.
-#[derive(Clone, Debug)]
-pub struct SweepConfig {
-    /// Concurrent device counts, one step each.
-    pub steps: Vec<usize>,
-    /// Measured time per step.
-    pub duration: Duration,
-    /// Bytes mapped per device.
-    pub footprint: u64,
+use crate::args::{Cli, Command, Format};
+use crate::cluster::Cluster;
+use crate::embedded::Embedded;
+use crate::report::{Settings, SweepReport};
+
+/// What a scenario produced.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// A sweep (or baseline-only) report.
+    Sweep(SweepReport),
+    /// The invalidate scenario.
+    Invalidate(scenarios::InvalidateReport),
+    /// The demand-paging scenario.
+    DemandPaging(scenarios::DemandReport),
 }
 
-impl Default for SweepConfig {
-    fn default() -> Self {
-        Self { steps: vec![1, 2, 4, 8], duration: Duration::from_millis(500), footprint: 8 << 20 }
-    }
-}
-
-/// The measurements of one step.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepReport {
-    /// Concurrent devices.
-    pub devices: usize,
-    /// Translations performed.
-    pub translations: u64,
-    /// Translations per second over the step.
-    pub per_second: f64,
-    /// IOTLB hits / (hits + misses) over the step.
-    pub iotlb_hit_ratio: f64,
-    /// Faults recorded during the step (must be 0).
-    pub faults: u64,
-}
-
-/// Parses a step list such as `1,2,4,8`.
-pub fn parse_steps(s: &str) -> anyhow::Result<Vec<usize>> {
-    let steps = s
-        .split(',')
-        .map(|p| p.trim().parse::<usize>().with_context(|| format!("step {p:?} is not a device count")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    if steps.is_empty() || steps.iter().any(|&n| n == 0 || n > 256) {
-        bail!("steps must be device counts between 1 and 256, got {s:?}");
-    }
-    Ok(steps)
-}
-
-/// Runs the in-process sweep.
-pub fn run_sweep(config: &SweepConfig, mut progress: impl FnMut(&StepReport)) -> anyhow::Result<Vec<StepReport>> {
-    if config.duration.is_zero() {
-        bail!("duration must be greater than zero");
-    }
-    if config.footprint == 0 || !config.footprint.is_multiple_of(4096) {
-        bail!("footprint must be a positive multiple of 4 KiB");
-    }
-    let max = config.steps.iter().copied().max().unwrap_or(1);
-    let memory_size = 8u64 << 30;
-    let mem = Arc::new(HostMemory::new(memory_size)?);
-    let unit = Arc::new(Unit::new(UnitConfig::default(), mem));
-    let driver = Driver::new(unit.clone(), DriverConfig::for_memory(memory_size))?;
-    let did = driver.create_domain(DomainKind::Paging, AddressWidth::Aw48)?;
-    // Device i owns [i * footprint, (i + 1) * footprint) of IOVA space, backed by frames
-    // from the bottom of memory. The frames are deliberately not 2 MiB aligned, so the
-    // footprint is mapped with 4 KiB pages and a large footprint overflows the IOTLB.
-    let sids: Vec<SourceId> = (0..max).map(|i| SourceId::new(1 + (i / 32) as u8, (i % 32) as u8, 0)).collect();
-    for (i, sid) in sids.iter().enumerate() {
-        driver.attach(*sid, did, true)?;
-        let base = i as u64 * config.footprint;
-        driver.map(did, Iova(0x1_0000_0000 + base), Hpa(0x100_1000 + base), config.footprint, Perm::RW)?;
-    }
-    let mut reports = Vec::new();
-    for &devices in &config.steps {
-        let before = unit.stats();
-        let stop = Arc::new(AtomicBool::new(false));
-        let start = Instant::now();
-        let workers: Vec<_> = sids[..devices]
-            .iter()
-            .enumerate()
-            .map(|(i, &sid)| {
-                let unit = unit.clone();
-                let stop = stop.clone();
-                let base = 0x1_0000_0000 + i as u64 * config.footprint;
-                let pages = config.footprint / 4096;
-                std::thread::spawn(move || {
-                    let mut n = 0u64;
-                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i as u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        for _ in 0..256 {
-                            // xorshift: uniform over the footprint.
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            let iova = Iova(base + (x % pages) * 4096);
-                            let _ = std::hint::black_box(unit.translate(sid, iova, Access::Read));
-                        }
-                        n += 256;
-                    }
-                    n
-                })
-            })
-            .collect();
-        std::thread::sleep(config.duration);
-        stop.store(true, Ordering::Relaxed);
-        let mut translations = 0;
-        for w in workers {
-            translations += w.join().map_err(|_| anyhow::anyhow!("a device thread panicked"))?;
+impl Outcome {
+    /// Renders the outcome in `format`.
+    pub fn render(&self, format: Format) -> anyhow::Result<String> {
+        match (self, format) {
+            (Outcome::Sweep(r), Format::Text) => Ok(output::text(r)),
+            (Outcome::Sweep(r), Format::Json) => output::json(r),
+            (Outcome::Sweep(r), Format::Csv) => Ok(output::csv(r)),
+            (Outcome::Invalidate(r), Format::Csv) => Ok(invalidate_csv(r)),
+            (Outcome::Invalidate(r), _) if format == Format::Json => Ok(serde_json::to_string_pretty(r)? + "\n"),
+            (Outcome::Invalidate(r), _) => Ok(invalidate_text(r)),
+            (Outcome::DemandPaging(r), Format::Text) => Ok(format!(
+                "demand paging: {} pages mapped on request; service p50 {} ns p99 {} ns; {} accesses, {} page requests, {} failed, {} faults\n",
+                r.pages_mapped,
+                r.service_latency.p50_ns,
+                r.service_latency.p99_ns,
+                r.devices.counts.accesses,
+                r.devices.counts.page_requests,
+                r.devices.counts.page_request_failures,
+                r.devices.counts.faults
+            )),
+            (Outcome::DemandPaging(r), Format::Json) => Ok(serde_json::to_string_pretty(r)? + "\n"),
+            (Outcome::DemandPaging(r), Format::Csv) => Ok(format!(
+                "pages_mapped,service_p50_ns,service_p99_ns,accesses,page_requests,page_request_failures,faults\n{},{},{},{},{},{},{}\n",
+                r.pages_mapped,
+                r.service_latency.p50_ns,
+                r.service_latency.p99_ns,
+                r.devices.counts.accesses,
+                r.devices.counts.page_requests,
+                r.devices.counts.page_request_failures,
+                r.devices.counts.faults
+            )),
         }
-        let elapsed = start.elapsed().as_secs_f64();
-        let after = unit.stats();
-        let hits = after.iotlb_hits - before.iotlb_hits;
-        let misses = after.iotlb_misses - before.iotlb_misses;
-        let report = StepReport {
-            devices,
-            translations,
-            per_second: translations as f64 / elapsed,
-            iotlb_hit_ratio: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
-            faults: after.faults_recorded - before.faults_recorded,
+    }
+}
+
+fn invalidate_text(r: &scenarios::InvalidateReport) -> String {
+    let mut out = String::from(
+        "policy     unmaps/s   p50        p90        p99        p99.9      max        device tr/s  use-after-invalidation\n",
+    );
+    for p in &r.phases {
+        let l = &p.unmap_latency;
+        out += &format!(
+            "{:<10} {:>9.0}  {:>8}ns {:>8}ns {:>8}ns {:>8}ns {:>8}ns {:>12.0}  {}\n",
+            p.policy,
+            p.unmaps_per_s,
+            l.p50_ns,
+            l.p90_ns,
+            l.p99_ns,
+            l.p999_ns,
+            l.max_ns,
+            p.devices.device_translations_per_s,
+            p.use_after_invalidation
+        );
+    }
+    out
+}
+
+fn invalidate_csv(r: &scenarios::InvalidateReport) -> String {
+    let mut out = String::from(
+        "policy,unmaps,unmaps_per_s,p50_ns,p90_ns,p99_ns,p999_ns,max_ns,device_translations_per_s,use_after_invalidation\n",
+    );
+    for p in &r.phases {
+        let l = &p.unmap_latency;
+        out += &format!(
+            "{},{},{:.1},{},{},{},{},{},{:.1},{}\n",
+            p.policy,
+            p.unmaps,
+            p.unmaps_per_s,
+            l.p50_ns,
+            l.p90_ns,
+            l.p99_ns,
+            l.p999_ns,
+            l.max_ns,
+            p.devices.device_translations_per_s,
+            p.use_after_invalidation
+        );
+    }
+    out
+}
+
+/// Waits until every agent's link to the server is up.
+async fn wait_connected(cluster: &Cluster, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    for a in &cluster.agents {
+        loop {
+            let info =
+                a.client.clone().get_agent_info(GetAgentInfoRequest {}).await.context("GetAgentInfo")?.into_inner();
+            if info.connected {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("agent {} has no link to the server after {timeout:?}", a.endpoint);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Runs what `cli` asks for: embedded when neither a server nor agents are given.
+pub async fn execute(cli: &Cli) -> anyhow::Result<Outcome> {
+    let c = &cli.common;
+    if !(0.0..=1.0).contains(&c.write_fraction) {
+        bail!("write fraction {} is outside 0..=1", c.write_fraction);
+    }
+    if !(c.rate >= 0.0 && c.rate.is_finite()) {
+        bail!("rate {} must be zero (closed loop) or positive", c.rate);
+    }
+    let embedded = c.server.is_none() && c.agents.is_empty();
+    let (system, server, agents) = if embedded {
+        let largest = match &cli.command {
+            Some(Command::Invalidate(i)) => i.devices,
+            _ => c.steps.0.last().copied().unwrap_or(1),
         };
-        progress(&report);
-        reports.push(report);
-    }
-    Ok(reports)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn step_lists_are_validated() {
-        assert_eq!(parse_steps("1, 2,4").unwrap(), vec![1, 2, 4]);
-        assert!(parse_steps("1,x").is_err());
-        assert!(parse_steps("0").is_err());
-        assert!(parse_steps("").is_err());
-    }
-
-    #[test]
-    fn a_tiny_sweep_is_consistent() {
-        let config = SweepConfig { steps: vec![1, 2], duration: Duration::from_millis(50), footprint: 1 << 20 };
-        let mut seen = 0;
-        let reports = run_sweep(&config, |_| seen += 1).unwrap();
-        assert_eq!(seen, 2);
-        for r in &reports {
-            assert!(r.translations > 0);
-            assert_eq!(r.faults, 0, "every translated page is mapped");
-            assert!(r.iotlb_hit_ratio > 0.0 && r.iotlb_hit_ratio <= 1.0);
+        let per_agent = largest.div_ceil(c.embedded_agents as usize).max(1) as u32;
+        let e = Embedded::start(c.embedded_agents, per_agent, c.atc_capacity).await?;
+        let (s, a) = (e.server.clone(), e.agents.clone());
+        (Some(e), s, a)
+    } else {
+        let Some(server) = c.server.clone() else { bail!("--agents needs --server too") };
+        if c.agents.is_empty() {
+            bail!("--server needs --agents too (agent control endpoints)");
         }
-        assert!(run_sweep(&SweepConfig { duration: Duration::ZERO, ..config }, |_| ()).is_err());
+        (None, server, c.agents.clone())
+    };
+    let result = async {
+        let cluster = Cluster::connect(&server, &agents).await?;
+        wait_connected(&cluster, Duration::from_secs(20)).await?;
+        let settings = Settings {
+            embedded,
+            agents: cluster.agents.len(),
+            duration_s: c.duration.as_secs_f64(),
+            warmup_s: c.warmup.as_secs_f64(),
+            concurrency: c.concurrency,
+            rate_per_device: c.rate,
+            footprint: c.footprint,
+            page_mix: format!("{:?}", c.page_mix).to_lowercase(),
+            pattern: format!("{:?}", c.pattern).to_lowercase(),
+            write_fraction: c.write_fraction,
+            translate_only: !c.dma,
+            cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        };
+        match &cli.command {
+            None | Some(Command::Sweep) => {
+                let mut r = sweep::sweep(&cluster, c, true, !c.no_baseline).await?;
+                r.settings = settings;
+                Ok(Outcome::Sweep(r))
+            }
+            Some(Command::Baseline) => {
+                let mut r = sweep::sweep(&cluster, c, false, true).await?;
+                for s in &mut r.steps {
+                    if let Some(b) = s.baseline.take() {
+                        s.ats = b;
+                    }
+                }
+                r.settings = settings;
+                Ok(Outcome::Sweep(r))
+            }
+            Some(Command::Invalidate(i)) => {
+                Ok(Outcome::Invalidate(scenarios::invalidate(&cluster, c, i.devices).await?))
+            }
+            Some(Command::DemandPaging) => Ok(Outcome::DemandPaging(scenarios::demand_paging(&cluster, c).await?)),
+        }
     }
+    .await;
+    if let Some(e) = system {
+        e.stop().await;
+    }
+    result
 }

@@ -1,29 +1,26 @@
-//! `dmar-loadgen`: with no arguments, runs the embedded translation sweep.
+//! `dmar-loadgen`: with no arguments, starts a server and agents in process and runs a
+//! short sweep; otherwise drives the given server and agents.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
-use dmar_loadgen::{SweepConfig, parse_steps, run_sweep};
-
-/// Measures how translation throughput scales with concurrent devices.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// Concurrent device counts to step over.
-    #[arg(long, env = "DMAR_STEPS", default_value = "1,2,4,8")]
-    steps: String,
-    /// Measured time per step, in milliseconds.
-    #[arg(long, env = "DMAR_DURATION_MS", default_value_t = 1000)]
-    duration_ms: u64,
-    /// Bytes mapped per device (a multiple of 4096).
-    #[arg(long, env = "DMAR_FOOTPRINT", default_value_t = 8 << 20)]
-    footprint: u64,
-}
+use dmar_loadgen::args::Cli;
+use dmar_loadgen::{Outcome, execute, plot};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dmar-loadgen: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dmar-loadgen: {e:#}");
@@ -32,23 +29,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> anyhow::Result<()> {
-    let config = SweepConfig {
-        steps: parse_steps(&args.steps)?,
-        duration: Duration::from_millis(args.duration_ms),
-        footprint: args.footprint,
-    };
-    println!("embedded unit sweep: {} ms per step, {} KiB per device", args.duration_ms, args.footprint >> 10);
-    println!("{:>8} {:>14} {:>14} {:>10} {:>7}", "devices", "translations", "per second", "IOTLB hit", "faults");
-    run_sweep(&config, |r| {
-        println!(
-            "{:>8} {:>14} {:>14.0} {:>9.1}% {:>7}",
-            r.devices,
-            r.translations,
-            r.per_second,
-            r.iotlb_hit_ratio * 100.0,
-            r.faults
-        );
-    })?;
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let outcome = execute(cli).await?;
+    let text = outcome.render(cli.common.format)?;
+    match &cli.common.output {
+        Some(path) => {
+            std::fs::write(path, &text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?
+        }
+        None => print!("{text}"),
+    }
+    if let Some(path) = &cli.common.plot {
+        match &outcome {
+            Outcome::Sweep(r) => plot::plot(r, path)?,
+            _ => anyhow::bail!("--plot draws sweeps only"),
+        }
+    }
     Ok(())
 }

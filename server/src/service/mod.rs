@@ -24,7 +24,6 @@ use dmar_proto::v1::control_server::ControlServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -166,7 +165,11 @@ pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: Cancell
         .add_service(reflection)
         .add_service(ControlServer::new(control::ControlService { state: state.clone() }))
         .add_service(AtsLinkServer::new(link::LinkService { state: state.clone() }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), shutdown.cancelled())
+        .serve_with_incoming_shutdown(
+            // Small link messages must not wait for delayed ACKs (Nagle): 40 ms stalls otherwise.
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            shutdown.cancelled(),
+        )
         .await;
     shutdown.cancel();
     tasks.close();

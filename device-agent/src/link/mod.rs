@@ -1,0 +1,352 @@
+//! The agent's end of the ATS link: one long-lived bidirectional stream to the server
+//! carrying every function's traffic.
+//!
+//! Owns connecting, binding the functions (the first message), reconnecting with
+//! exponential back-off, and moving messages: the writer (`writer`) batches what the
+//! functions queue; the reader routes what the server sends to the functions by requester
+//! id, one batch per function per message. Neither ever waits on a function: the
+//! functions' inboxes are unbounded, and what can be in them is bounded by the protocol
+//! (completions answer requests the function itself sent; invalidations are bounded by
+//! its invalidate queue depth). So the reader keeps servicing the link whatever a
+//! function is waiting for, the rule that keeps vhost-user-style deadlocks out.
+//!
+//! Every connection has a generation number. A function learns it from the link-up event
+//! and stamps what it queues with it; the writer drops anything stamped with an older one,
+//! because the function has already failed the accesses behind it on the link-down event.
+//! Not here: what a function does with its traffic (`function`).
+
+mod backoff;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmar_proto::v1::ats_link_client::AtsLinkClient;
+use dmar_proto::v1::{
+    Bind, DmaRequest, Function as WireFunction, InvalidationCompletion, LinkDown, LinkUp, PageRequest,
+    TranslationRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tonic::transport::Endpoint;
+
+use self::backoff::Backoff;
+use crate::config::AgentConfig;
+use crate::function::{FunctionDown, Inbound};
+use crate::metrics::AgentMetrics;
+
+/// Outbound messages buffered towards gRPC before the writer waits.
+const OUTBOUND_DEPTH: usize = 32;
+/// Largest message accepted from the server (DMA read data rides in completions).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The state of the link, as the functions and the control service see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LinkState {
+    /// Bound now.
+    pub connected: bool,
+    /// Successful binds so far; while connected, the number of the current connection.
+    pub generation: u64,
+}
+
+/// A request a function queues for the server.
+#[derive(Debug)]
+pub(crate) enum UpKind {
+    Translation(TranslationRequest),
+    Dma(DmaRequest),
+    Page(PageRequest),
+}
+
+/// Requests a function queued in one turn of its loop, stamped with the connection they
+/// were meant for (one channel operation per turn, not per request).
+#[derive(Debug)]
+pub(crate) struct UpItem {
+    pub(crate) generation: u64,
+    pub(crate) items: Vec<UpKind>,
+}
+
+/// An invalidation completion stamped with its connection.
+#[derive(Debug)]
+pub(crate) struct PrioItem {
+    pub(crate) generation: u64,
+    pub(crate) completion: InvalidationCompletion,
+}
+
+/// The functions' side of the link's queues.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkTx {
+    up: mpsc::UnboundedSender<UpItem>,
+    prio: mpsc::UnboundedSender<PrioItem>,
+}
+
+impl LinkTx {
+    /// Queues a function's requests; false if the link task is gone (the agent is stopping).
+    pub(crate) fn send(&self, generation: u64, items: Vec<UpKind>) -> bool {
+        self.up.send(UpItem { generation, items }).is_ok()
+    }
+
+    /// A link end whose queues a test reads directly.
+    #[cfg(test)]
+    pub(crate) fn pair_for_tests() -> (LinkTx, mpsc::UnboundedReceiver<UpItem>, mpsc::UnboundedReceiver<PrioItem>) {
+        let (up, up_rx) = mpsc::unbounded_channel();
+        let (prio, prio_rx) = mpsc::unbounded_channel();
+        (LinkTx { up, prio }, up_rx, prio_rx)
+    }
+
+    /// Queues an invalidation completion on the priority path.
+    pub(crate) fn complete(&self, generation: u64, completion: InvalidationCompletion) -> bool {
+        self.prio.send(PrioItem { generation, completion }).is_ok()
+    }
+}
+
+/// Why a connection ended or could not be made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    #[error("cannot connect")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("server refused the link: {}", .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("server closed the link during the bind")]
+    Closed,
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// An error with its causes, `outer: inner: innermost` (tonic's transport errors say
+/// little at the top).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// How a live connection ended.
+#[derive(Debug)]
+pub(super) enum End {
+    /// The server closed the stream.
+    Closed,
+    /// The stream failed.
+    Status(tonic::Status),
+    /// The agent is stopping.
+    Shutdown,
+}
+
+/// Routes a function's inbound batches by requester id.
+#[derive(Debug)]
+struct Router {
+    inboxes: Vec<mpsc::UnboundedSender<Inbound>>,
+    index: HashMap<u32, usize>,
+    scratch: Vec<FunctionDown>,
+    touched: Vec<usize>,
+}
+
+impl Router {
+    fn slot(&mut self, sid: u32) -> Option<&mut FunctionDown> {
+        let Some(&i) = self.index.get(&sid) else {
+            tracing::debug!(sid, "link message for a function this agent does not host");
+            return None;
+        };
+        if self.scratch[i].is_empty() {
+            self.touched.push(i);
+        }
+        Some(&mut self.scratch[i])
+    }
+
+    fn route(&mut self, m: LinkDown) {
+        for x in m.invalidations {
+            if let Some(d) = self.slot(x.source_id) {
+                d.invalidations.push(x);
+            }
+        }
+        for x in m.completions {
+            if let Some(d) = self.slot(x.source_id) {
+                d.completions.push(x);
+            }
+        }
+        for x in m.dma {
+            if let Some(d) = self.slot(x.source_id) {
+                d.dma.push(x);
+            }
+        }
+        for x in m.page_responses {
+            if let Some(d) = self.slot(x.source_id) {
+                d.page_responses.push(x);
+            }
+        }
+        for i in self.touched.drain(..) {
+            let batch = std::mem::take(&mut self.scratch[i]);
+            // A closed inbox means the function task has stopped (shutdown).
+            let _ = self.inboxes[i].send(Inbound::Down(batch));
+        }
+    }
+
+    fn broadcast(&self, event: impl Fn() -> Inbound) {
+        for inbox in &self.inboxes {
+            let _ = inbox.send(event());
+        }
+    }
+}
+
+/// The link task: connects, binds, serves, reconnects.
+#[derive(Debug)]
+pub(crate) struct Link {
+    config: Arc<AgentConfig>,
+    bind: Vec<WireFunction>,
+    router: Router,
+    up: mpsc::UnboundedReceiver<UpItem>,
+    prio: mpsc::UnboundedReceiver<PrioItem>,
+    state: watch::Sender<LinkState>,
+    metrics: AgentMetrics,
+}
+
+impl Link {
+    /// Builds the link for `config`'s functions; `inboxes` are theirs, in the same order.
+    pub(crate) fn new(
+        config: Arc<AgentConfig>,
+        inboxes: Vec<mpsc::UnboundedSender<Inbound>>,
+        metrics: AgentMetrics,
+    ) -> (Link, LinkTx, watch::Receiver<LinkState>) {
+        let (up_tx, up) = mpsc::unbounded_channel();
+        let (prio_tx, prio) = mpsc::unbounded_channel();
+        let (state, state_rx) = watch::channel(LinkState::default());
+        let bind = config
+            .functions
+            .iter()
+            .map(|f| WireFunction {
+                source_id: u32::from(f.sid.0),
+                invalidate_queue_depth: u32::from(f.invalidate_queue_depth),
+                page_request_capacity: u32::from(f.page_request_capacity),
+            })
+            .collect::<Vec<_>>();
+        let index = bind.iter().enumerate().map(|(i, f)| (f.source_id, i)).collect();
+        let scratch = (0..inboxes.len()).map(|_| FunctionDown::default()).collect();
+        let router = Router { inboxes, index, scratch, touched: Vec::new() };
+        let link = Link { config, bind, router, up, prio, state, metrics };
+        (link, LinkTx { up: up_tx, prio: prio_tx }, state_rx)
+    }
+
+    /// Runs until `shutdown`.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        let seed = std::process::id() as u64 ^ self.bind.first().map_or(0, |f| u64::from(f.source_id) << 32);
+        let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max, seed);
+        let mut generation = 0u64;
+        let url = self.config.server_url();
+        loop {
+            let attempt = tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = self.connect(&url) => r,
+            };
+            match attempt {
+                Ok((out, inbound)) => {
+                    generation += 1;
+                    backoff.reset();
+                    self.router.broadcast(|| Inbound::LinkUp { generation });
+                    self.state.send_replace(LinkState { connected: true, generation });
+                    self.metrics.link_up.increment(1.0);
+                    self.metrics.link_connections.increment(1);
+                    tracing::info!(server = %url, generation, functions = self.bind.len(), "ATS link bound");
+                    let end = self.serve(out, inbound, generation, &shutdown).await;
+                    self.router.broadcast(|| Inbound::LinkDown { generation });
+                    self.state.send_replace(LinkState { connected: false, generation });
+                    self.metrics.link_up.decrement(1.0);
+                    match end {
+                        End::Shutdown => break,
+                        End::Closed => tracing::warn!(server = %url, "ATS link closed by the server; reconnecting"),
+                        End::Status(s) => {
+                            tracing::warn!(server = %url, error = %s.message(), code = ?s.code(), "ATS link failed; reconnecting")
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(server = %url, error = %chain(&e), "ATS link not established"),
+            }
+            let delay = backoff.next_delay();
+            tracing::debug!(?delay, "next ATS link attempt");
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        tracing::info!("ATS link stopped");
+    }
+
+    /// Connects and binds; returns the outbound queue and the inbound stream.
+    async fn connect(&self, url: &str) -> Result<(mpsc::Sender<LinkUp>, Streaming<LinkDown>), LinkError> {
+        let t = self.config.connect_timeout;
+        let endpoint = Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(t)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let channel = tokio::time::timeout(t, endpoint.connect()).await.map_err(|_| LinkError::Timeout(t))??;
+        let mut client = AtsLinkClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (out, rx) = mpsc::channel(OUTBOUND_DEPTH);
+        let bind = LinkUp {
+            bind: Some(Bind { functions: self.bind.clone(), agent: self.config.name.clone() }),
+            ..Default::default()
+        };
+        // The server reads the bind before it answers the call, so it must be queued first.
+        out.send(bind).await.map_err(|_| LinkError::Closed)?;
+        let response = tokio::time::timeout(t, client.open(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| LinkError::Timeout(t))??;
+        let mut inbound = response.into_inner();
+        let first = tokio::time::timeout(t, inbound.message()).await.map_err(|_| LinkError::Timeout(t))??;
+        let bound = first
+            .ok_or(LinkError::Closed)?
+            .bound
+            .ok_or_else(|| LinkError::Protocol("the first message is not the bind's answer".into()))?;
+        let mut got = bound.source_ids;
+        got.sort_unstable();
+        let mut want: Vec<u32> = self.bind.iter().map(|f| f.source_id).collect();
+        want.sort_unstable();
+        if got != want {
+            return Err(LinkError::Protocol(format!("bound {got:?}, asked for {want:?}")));
+        }
+        Ok((out, inbound))
+    }
+
+    /// Serves one connection until it ends.
+    async fn serve(
+        &mut self,
+        out: mpsc::Sender<LinkUp>,
+        mut inbound: Streaming<LinkDown>,
+        generation: u64,
+        shutdown: &CancellationToken,
+    ) -> End {
+        let Link { router, up, prio, metrics, config, .. } = self;
+        let reader = async {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => {
+                        metrics.link_messages_down.increment(1);
+                        router.route(m);
+                    }
+                    Ok(None) => return End::Closed,
+                    Err(s) => return End::Status(s),
+                }
+            }
+        };
+        let writer = writer::write_loop(up, prio, &out, generation, config.max_batch, metrics);
+        tokio::select! {
+            end = reader => end,
+            end = writer => end,
+            () = shutdown.cancelled() => End::Shutdown,
+        }
+    }
+}

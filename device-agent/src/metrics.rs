@@ -1,0 +1,297 @@
+//! The agent's Prometheus metrics: names, descriptions, buckets, and the handles the
+//! functions and the link touch.
+//!
+//! Naming follows `dmar_agent_<name>_<unit>`, counters end `_total`, base units, and labels
+//! are bounded enums, never requester ids (the scrape's `instance` names the agent).
+//!
+//! The recorder is process-wide and built once (a `OnceLock`), but it is *not* installed
+//! as the global `metrics` recorder: the handles are registered on it directly. So several
+//! agents share it in one process (their series add up), and a dmar server embedded in
+//! the same process keeps its own global recorder. Functions count in plain integers and
+//! flush the differences here every 100 ms, so no access pays for an atomic.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::counters::Counters;
+
+/// Buckets of translation (miss) latency, seconds: 5 µs to 1 s.
+const TRANSLATION_BUCKETS: &[f64] =
+    &[5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3, 100e-3, 1.0];
+/// Buckets of invalidation handling time, seconds: 1 µs to 1 s.
+const INVALIDATION_BUCKETS: &[f64] = &[1e-6, 5e-6, 10e-6, 50e-6, 100e-6, 500e-6, 1e-3, 5e-3, 25e-3, 100e-3, 1.0];
+/// Buckets of items per outbound link message.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
+
+/// Every metric the agent exports, by name, for dashboards and tests.
+pub const METRIC_NAMES: &[&str] = &[
+    "dmar_agent_accesses_total",
+    "dmar_agent_atc_lookups_total",
+    "dmar_agent_atc_coalesced_misses_total",
+    "dmar_agent_atc_evictions_total",
+    "dmar_agent_atc_invalidated_entries_total",
+    "dmar_agent_atc_entries",
+    "dmar_agent_translation_requests_total",
+    "dmar_agent_translation_errors_total",
+    "dmar_agent_translation_stale_completions_total",
+    "dmar_agent_translation_duration_seconds",
+    "dmar_agent_faults_total",
+    "dmar_agent_invalidations_total",
+    "dmar_agent_invalidation_duration_seconds",
+    "dmar_agent_page_requests_total",
+    "dmar_agent_dma_total",
+    "dmar_agent_baseline_calls_total",
+    "dmar_agent_link_up",
+    "dmar_agent_link_connections_total",
+    "dmar_agent_link_messages_total",
+    "dmar_agent_link_batch_items",
+    "dmar_agent_functions",
+];
+
+/// The handles every function and link of the process share.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentMetrics {
+    accesses_ok: Counter,
+    accesses_fault: Counter,
+    accesses_aborted: Counter,
+    lookups_hit: Counter,
+    lookups_miss: Counter,
+    coalesced: Counter,
+    evictions: Counter,
+    invalidated_entries: Counter,
+    pub(crate) atc_entries: Gauge,
+    translation_requests: Counter,
+    translation_errors: Counter,
+    stale_completions: Counter,
+    pub(crate) translation_duration: Histogram,
+    faults: Counter,
+    invalidations: Counter,
+    pub(crate) invalidation_duration: Histogram,
+    page_requests_sent: Counter,
+    page_requests_failed: Counter,
+    dma_ok: Counter,
+    dma_failed: Counter,
+    dma_untranslated: Counter,
+    baseline_calls: Counter,
+    pub(crate) link_up: Gauge,
+    pub(crate) link_connections: Counter,
+    pub(crate) link_messages_up: Counter,
+    pub(crate) link_messages_down: Counter,
+    pub(crate) link_batch_items: Histogram,
+    pub(crate) functions: Gauge,
+}
+
+struct Registry {
+    /// Keeps the recorder alive beside its handles.
+    _recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    metrics: AgentMetrics,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(build)
+}
+
+/// The process-wide handles.
+pub(crate) fn handles() -> AgentMetrics {
+    registry().metrics.clone()
+}
+
+/// The renderer of the process-wide agent registry (what `/metrics` serves).
+pub fn prometheus() -> PrometheusHandle {
+    registry().handle.clone()
+}
+
+fn buckets() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("dmar_agent_translation_duration_seconds".into()), TRANSLATION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("dmar_agent_invalidation_duration_seconds".into()), INVALIDATION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("dmar_agent_link_batch_items".into()), BATCH_BUCKETS)
+}
+
+fn build() -> Registry {
+    // Only empty bucket lists are refused, and these are constants.
+    let builder = buckets().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "histogram buckets refused; histograms become summaries");
+        PrometheusBuilder::new()
+    });
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    let r = &recorder;
+    describe(r);
+    let metrics = AgentMetrics {
+        accesses_ok: counter(r, "dmar_agent_accesses_total", &[("result", "ok")]),
+        accesses_fault: counter(r, "dmar_agent_accesses_total", &[("result", "fault")]),
+        accesses_aborted: counter(r, "dmar_agent_accesses_total", &[("result", "aborted")]),
+        lookups_hit: counter(r, "dmar_agent_atc_lookups_total", &[("result", "hit")]),
+        lookups_miss: counter(r, "dmar_agent_atc_lookups_total", &[("result", "miss")]),
+        coalesced: counter(r, "dmar_agent_atc_coalesced_misses_total", &[]),
+        evictions: counter(r, "dmar_agent_atc_evictions_total", &[]),
+        invalidated_entries: counter(r, "dmar_agent_atc_invalidated_entries_total", &[]),
+        atc_entries: r.register_gauge(&key("dmar_agent_atc_entries", &[]), &meta()),
+        translation_requests: counter(r, "dmar_agent_translation_requests_total", &[]),
+        translation_errors: counter(r, "dmar_agent_translation_errors_total", &[]),
+        stale_completions: counter(r, "dmar_agent_translation_stale_completions_total", &[]),
+        translation_duration: r.register_histogram(&key("dmar_agent_translation_duration_seconds", &[]), &meta()),
+        faults: counter(r, "dmar_agent_faults_total", &[]),
+        invalidations: counter(r, "dmar_agent_invalidations_total", &[]),
+        invalidation_duration: r.register_histogram(&key("dmar_agent_invalidation_duration_seconds", &[]), &meta()),
+        page_requests_sent: counter(r, "dmar_agent_page_requests_total", &[("result", "sent")]),
+        page_requests_failed: counter(r, "dmar_agent_page_requests_total", &[("result", "failed")]),
+        dma_ok: counter(r, "dmar_agent_dma_total", &[("result", "ok"), ("kind", "any")]),
+        dma_failed: counter(r, "dmar_agent_dma_total", &[("result", "failed"), ("kind", "any")]),
+        dma_untranslated: counter(r, "dmar_agent_dma_total", &[("result", "sent"), ("kind", "untranslated")]),
+        baseline_calls: counter(r, "dmar_agent_baseline_calls_total", &[]),
+        link_up: r.register_gauge(&key("dmar_agent_link_up", &[]), &meta()),
+        link_connections: counter(r, "dmar_agent_link_connections_total", &[]),
+        link_messages_up: counter(r, "dmar_agent_link_messages_total", &[("direction", "up")]),
+        link_messages_down: counter(r, "dmar_agent_link_messages_total", &[("direction", "down")]),
+        link_batch_items: r.register_histogram(&key("dmar_agent_link_batch_items", &[]), &meta()),
+        functions: r.register_gauge(&key("dmar_agent_functions", &[]), &meta()),
+    };
+    Registry { _recorder: recorder, handle, metrics }
+}
+
+fn meta() -> Metadata<'static> {
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
+    Key::from_parts(name, labels)
+}
+
+fn counter(r: &PrometheusRecorder, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+    r.register_counter(&key(name, labels), &meta())
+}
+
+fn describe(r: &PrometheusRecorder) {
+    let c = |name: &'static str, unit: Option<Unit>, text: &'static str| {
+        r.describe_counter(KeyName::from(name), unit, SharedString::from(text));
+    };
+    let g = |name: &'static str, text: &'static str| {
+        r.describe_gauge(KeyName::from(name), None, SharedString::from(text));
+    };
+    let h = |name: &'static str, unit: Option<Unit>, text: &'static str| {
+        r.describe_histogram(KeyName::from(name), unit, SharedString::from(text));
+    };
+    c("dmar_agent_accesses_total", None, "Accesses finished by emulated functions, by result");
+    c("dmar_agent_atc_lookups_total", None, "Device TLB lookups, by result");
+    c("dmar_agent_atc_coalesced_misses_total", None, "Misses that joined an outstanding translation request");
+    c("dmar_agent_atc_evictions_total", None, "Device TLB entries evicted to make room");
+    c("dmar_agent_atc_invalidated_entries_total", None, "Device TLB entries dropped by invalidation requests");
+    g("dmar_agent_atc_entries", "Entries held in the device TLBs of the process's functions");
+    c("dmar_agent_translation_requests_total", None, "ATS translation requests sent");
+    c("dmar_agent_translation_errors_total", None, "Translation completions with UR or CA status");
+    c("dmar_agent_translation_stale_completions_total", None, "Completions overtaken by an invalidation and retried");
+    h(
+        "dmar_agent_translation_duration_seconds",
+        Some(Unit::Seconds),
+        "Time from a device TLB miss to its translation (page requests included); one miss in 16 per function",
+    );
+    c("dmar_agent_faults_total", None, "Accesses refused for want of a usable translation");
+    c("dmar_agent_invalidations_total", None, "ATS invalidation requests completed");
+    h(
+        "dmar_agent_invalidation_duration_seconds",
+        Some(Unit::Seconds),
+        "Time from an invalidation request to its completion (entries dropped, DMA drained)",
+    );
+    c("dmar_agent_page_requests_total", None, "PRI page requests, by result (sent, failed)");
+    c("dmar_agent_dma_total", None, "DMA requests, by result and kind");
+    c("dmar_agent_baseline_calls_total", None, "Unary Control.Translate calls of the baseline mode");
+    g("dmar_agent_link_up", "ATS links of the process that are bound now");
+    c("dmar_agent_link_connections_total", None, "Successful ATS link binds (reconnections included)");
+    c("dmar_agent_link_messages_total", None, "ATS link messages, by direction");
+    h("dmar_agent_link_batch_items", None, "Items per outbound ATS link message");
+    g("dmar_agent_functions", "Emulated functions hosted by the process's agents");
+}
+
+impl AgentMetrics {
+    /// Adds a function's counter increments since its last flush.
+    pub(crate) fn flush(&self, d: &Counters) {
+        let add = |c: &Counter, n: u64| {
+            if n > 0 {
+                c.increment(n);
+            }
+        };
+        let ok = d.accesses.saturating_sub(d.faults + d.aborted + d.dma_failed);
+        add(&self.accesses_ok, ok);
+        add(&self.accesses_fault, d.faults + d.dma_failed);
+        add(&self.accesses_aborted, d.aborted);
+        add(&self.lookups_hit, d.atc_hits);
+        add(&self.lookups_miss, d.atc_misses);
+        add(&self.coalesced, d.coalesced_misses);
+        add(&self.evictions, d.evictions);
+        add(&self.invalidated_entries, d.invalidated_entries);
+        add(&self.translation_requests, d.translations_requested);
+        add(&self.translation_errors, d.translation_errors);
+        add(&self.stale_completions, d.stale_completions);
+        add(&self.faults, d.faults);
+        add(&self.invalidations, d.invalidations_handled);
+        add(&self.page_requests_sent, d.page_requests);
+        add(&self.page_requests_failed, d.page_request_failures);
+        add(&self.dma_ok, d.dma_ok);
+        add(&self.dma_failed, d.dma_failed);
+        add(&self.dma_untranslated, d.untranslated_dma);
+        add(&self.baseline_calls, d.baseline_calls);
+    }
+}
+
+/// Drains histogram samples into their buckets so memory stays bounded between scrapes.
+pub(crate) fn upkeep() {
+    registry().handle.run_upkeep();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_renders_once_touched() {
+        let m = handles();
+        m.flush(&Counters { accesses: 1, atc_hits: 1, ..Default::default() });
+        m.translation_duration.record(1e-4);
+        m.invalidation_duration.record(1e-5);
+        m.link_batch_items.record(3.0);
+        m.link_connections.increment(1);
+        m.link_messages_up.increment(1);
+        m.link_messages_down.increment(1);
+        m.functions.increment(1.0);
+        m.link_up.increment(1.0);
+        m.atc_entries.increment(1.0);
+        m.flush(&Counters {
+            accesses: 1,
+            faults: 1,
+            atc_misses: 1,
+            coalesced_misses: 1,
+            evictions: 1,
+            invalidated_entries: 1,
+            translations_requested: 1,
+            translation_errors: 1,
+            stale_completions: 1,
+            invalidations_handled: 1,
+            page_requests: 1,
+            page_request_failures: 1,
+            dma_ok: 1,
+            dma_failed: 1,
+            untranslated_dma: 1,
+            baseline_calls: 1,
+            aborted: 1,
+            ..Default::default()
+        });
+        let text = prometheus().render();
+        for name in METRIC_NAMES {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+        assert!(text.contains("dmar_agent_translation_duration_seconds_bucket"), "explicit buckets:\n{text}");
+    }
+}

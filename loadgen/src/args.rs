@@ -1,0 +1,232 @@
+//! Command-line arguments and the small parsers they need. Every flag also reads
+//! `DMAR_<FLAG>`; with no flags at all the load generator runs the embedded sweep.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+
+/// Measures how translation throughput and latency scale with concurrent devices, and
+/// what device TLBs buy over a no-device-TLB baseline.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Cli {
+    /// What to run (default: sweep).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options shared by every scenario.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// The scenarios.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Step over the number of concurrent devices; ATS and baseline per step.
+    Sweep,
+    /// Only the no-device-TLB baseline (one unary Translate call per access).
+    Baseline,
+    /// Unmap and remap pages while devices run, under strict and deferred flushing.
+    Invalidate(InvalidateArgs),
+    /// Devices touch unmapped memory; page requests are answered by mapping on demand.
+    DemandPaging,
+}
+
+/// Options of the invalidate scenario.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct InvalidateArgs {
+    /// Concurrent devices running while pages are unmapped and remapped.
+    #[arg(long, env = "DMAR_DEVICES", default_value_t = 4)]
+    pub devices: usize,
+}
+
+/// Output formats.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A terminal table.
+    Text,
+    /// One JSON document.
+    Json,
+    /// CSV, one row per step.
+    Csv,
+}
+
+/// Address patterns.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatternArg {
+    /// Uniform over the footprint.
+    Uniform,
+    /// Zipf over the footprint's pages.
+    Zipf,
+    /// A sequential ring (NIC-like).
+    Sequential,
+    /// Fixed stride.
+    Strided,
+}
+
+/// How the footprint is mapped.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageMix {
+    /// 4 KiB pages only.
+    #[value(name = "4k")]
+    Small,
+    /// 2 MiB pages only.
+    #[value(name = "2m")]
+    Large,
+    /// Half 2 MiB, half 4 KiB.
+    Mixed,
+}
+
+/// Options shared by every scenario.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct Common {
+    /// Server gRPC URL; with no server and no agents everything runs embedded on loopback.
+    #[arg(long, env = "DMAR_SERVER")]
+    pub server: Option<String>,
+    /// Agent control endpoints (host:port, comma separated; a name resolving to several
+    /// addresses means several agents).
+    #[arg(long, env = "DMAR_AGENTS", value_delimiter = ',')]
+    pub agents: Vec<String>,
+    /// Device counts to step over.
+    #[arg(long, env = "DMAR_STEPS", default_value = "1,2,4,8", value_parser = parse_steps)]
+    pub steps: Steps,
+    /// Measured time per run (e.g. 500ms, 2s).
+    #[arg(long, env = "DMAR_DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Warm-up before measuring.
+    #[arg(long, env = "DMAR_WARMUP", default_value = "300ms", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Accesses in flight per device (closed loop).
+    #[arg(long, env = "DMAR_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrency: u32,
+    /// Fixed rate per device in accesses/s (open loop; latency from the intended send
+    /// time). 0 = closed loop.
+    #[arg(long, env = "DMAR_RATE", default_value_t = 0.0)]
+    pub rate: f64,
+    /// Bytes mapped per device.
+    #[arg(long, env = "DMAR_FOOTPRINT", default_value = "16M", value_parser = parse_size)]
+    pub footprint: u64,
+    /// Page sizes of the mapping.
+    #[arg(long, env = "DMAR_PAGE_MIX", value_enum, default_value_t = PageMix::Small)]
+    pub page_mix: PageMix,
+    /// Address pattern.
+    #[arg(long, env = "DMAR_PATTERN", value_enum, default_value_t = PatternArg::Zipf)]
+    pub pattern: PatternArg,
+    /// Fraction of accesses that write (0..=1).
+    #[arg(long, env = "DMAR_WRITE_FRACTION", default_value_t = 0.3)]
+    pub write_fraction: f64,
+    /// Also perform each access's DMA over the link (translated DMA after a device-TLB
+    /// hit). Off by default: the sweep measures translation, and a DMA round trip would
+    /// dominate every access.
+    #[arg(long, env = "DMAR_DMA")]
+    pub dma: bool,
+    /// Device TLB entries per function (embedded agents).
+    #[arg(long, env = "DMAR_ATC_CAPACITY", default_value_t = 2048)]
+    pub atc_capacity: usize,
+    /// Embedded mode: agents to start.
+    #[arg(long, env = "DMAR_EMBEDDED_AGENTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub embedded_agents: u32,
+    /// Skip the baseline runs of a sweep.
+    #[arg(long, env = "DMAR_NO_BASELINE")]
+    pub no_baseline: bool,
+    /// Output format.
+    #[arg(long, env = "DMAR_FORMAT", value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Write the report to this file instead of standard output.
+    #[arg(long, env = "DMAR_OUTPUT")]
+    pub output: Option<PathBuf>,
+    /// Write an SVG chart of throughput and p99 miss latency against device count.
+    #[arg(long, env = "DMAR_PLOT")]
+    pub plot: Option<PathBuf>,
+    /// Seed for the address streams.
+    #[arg(long, env = "DMAR_SEED", default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// A validated step list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Steps(pub Vec<usize>);
+
+/// Parses a step list such as `1,2,4,8`: device counts 1..=256, strictly increasing.
+pub fn parse_steps(s: &str) -> Result<Steps, String> {
+    let steps = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>().map_err(|_| format!("step {:?} is not a device count", p.trim())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if steps.is_empty() || steps.iter().any(|&n| n == 0 || n > 256) {
+        return Err(format!("steps must be device counts between 1 and 256, got {s:?}"));
+    }
+    if steps.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!("steps must increase, got {s:?}"));
+    }
+    Ok(Steps(steps))
+}
+
+/// Parses `250ms`, `2s`, `1m` or a bare number of milliseconds; zero is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, "ms"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 2s)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        _ => return Err(format!("unknown duration unit {unit:?} in {s:?} (use ms, s or m)")),
+    };
+    if !(secs > 0.0 && secs.is_finite() && secs < 86_400.0) {
+        return Err(format!("duration {s:?} must be greater than zero and below a day"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a size in bytes with an optional K/M/G suffix (binary units); it must be a
+/// positive multiple of 4 KiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                _ => return Err(format!("unknown size suffix in {t:?} (use K, M or G)")),
+            };
+            (&t[..t.len() - 1], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{t:?} is not a size"))?;
+    let v = n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("{t:?} is too large"))?;
+    if v == 0 || v % 4096 != 0 {
+        return Err(format!("size {t:?} must be a positive multiple of 4 KiB"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsers_accept_good_and_refuse_bad_input() {
+        assert_eq!(parse_steps("1, 2,4"), Ok(Steps(vec![1, 2, 4])));
+        assert!(parse_steps("1,x").is_err());
+        assert!(parse_steps("0").is_err());
+        assert!(parse_steps("4,2").is_err());
+        assert!(parse_steps("").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("3h").is_err());
+        assert_eq!(parse_size("16M"), Ok(16 << 20));
+        assert!(parse_size("100").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn no_arguments_is_a_valid_embedded_sweep() {
+        let cli = Cli::try_parse_from(["dmar-loadgen"]).expect("parses");
+        assert!(cli.command.is_none() && cli.common.server.is_none() && cli.common.agents.is_empty());
+    }
+}

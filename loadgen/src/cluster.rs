@@ -1,0 +1,115 @@
+//! The system under test as the load generator sees it: one server (its Control
+//! service) and the agents (their AgentControl services), with the functions each agent
+//! hosts. Works the same for embedded and remote processes.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use dmar_proto::v1::agent_control_client::AgentControlClient;
+use dmar_proto::v1::control_client::ControlClient;
+use dmar_proto::v1::{GetAgentInfoRequest, GetStatsRequest, Stats};
+use tonic::transport::{Channel, Endpoint};
+
+/// One agent and its functions.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    /// Control endpoint.
+    pub endpoint: String,
+    /// Client.
+    pub client: AgentControlClient<Channel>,
+    /// Requester ids of its ATS functions.
+    pub functions: Vec<u32>,
+}
+
+/// The server and the agents.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// The server's Control service.
+    pub control: ControlClient<Channel>,
+    /// The agents, in a stable order.
+    pub agents: Vec<AgentHandle>,
+}
+
+/// A function chosen for a run: which agent hosts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Device {
+    /// Index into [`Cluster::agents`].
+    pub agent: usize,
+    /// Requester id.
+    pub sid: u32,
+}
+
+fn url(s: &str) -> String {
+    if s.contains("://") { s.to_owned() } else { format!("http://{s}") }
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(url(addr))
+        .with_context(|| format!("{addr:?} is not a usable address"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(600));
+    endpoint.connect().await.with_context(|| format!("cannot reach {addr}"))
+}
+
+/// Expands agent addresses: `host:port` names that resolve to several addresses (a
+/// scaled compose service) become one agent each.
+pub async fn expand_agents(addrs: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        let bare = a.split("://").last().unwrap_or(a);
+        let mut resolved: Vec<String> = tokio::net::lookup_host(bare)
+            .await
+            .with_context(|| format!("cannot resolve agent address {a:?}"))?
+            .map(|sa| sa.to_string())
+            .collect();
+        resolved.sort();
+        resolved.dedup();
+        if resolved.is_empty() {
+            bail!("agent address {a:?} resolves to nothing");
+        }
+        out.extend(resolved);
+    }
+    Ok(out)
+}
+
+impl Cluster {
+    /// Connects to the server and every agent and asks the agents for their functions.
+    pub async fn connect(server: &str, agents: &[String]) -> anyhow::Result<Cluster> {
+        if agents.is_empty() {
+            bail!("no agents given (use --agents host:port,...)");
+        }
+        let control = ControlClient::new(connect(server).await?);
+        let mut handles = Vec::new();
+        for a in expand_agents(agents).await? {
+            let mut client = AgentControlClient::new(connect(&a).await?);
+            let info = client
+                .get_agent_info(GetAgentInfoRequest {})
+                .await
+                .with_context(|| format!("agent {a} does not answer GetAgentInfo"))?
+                .into_inner();
+            let functions = info.functions.iter().filter(|f| f.ats).map(|f| f.source_id).collect();
+            handles.push(AgentHandle { endpoint: a, client, functions });
+        }
+        Ok(Cluster { control, agents: handles })
+    }
+
+    /// Every ATS function, spread over the agents round-robin (so `n` devices use as many
+    /// agents as they can).
+    pub fn devices(&self) -> Vec<Device> {
+        let mut out = Vec::new();
+        let longest = self.agents.iter().map(|a| a.functions.len()).max().unwrap_or(0);
+        for i in 0..longest {
+            for (agent, a) in self.agents.iter().enumerate() {
+                if let Some(&sid) = a.functions.get(i) {
+                    out.push(Device { agent, sid });
+                }
+            }
+        }
+        out
+    }
+
+    /// The server's counters.
+    pub async fn stats(&self) -> anyhow::Result<Stats> {
+        Ok(self.control.clone().get_stats(GetStatsRequest {}).await.context("server GetStats")?.into_inner())
+    }
+}

@@ -1,0 +1,243 @@
+//! Report types and their aggregation from agent and server figures.
+//!
+//! A run's figures come from two sides measured over different windows, so each ratio is
+//! taken within one side: device-side rates from the agents' measured window; server CPU
+//! per served translation from the server's counters over the whole run (CPU and served
+//! translations both include the warm-up).
+
+use dmar_proto::v1::{LatencySummary, Stats, WorkloadCounters, WorkloadReport};
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::Deserializer;
+use serde::Serialize;
+
+/// Latency percentiles in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_ns: u64,
+    /// 90th percentile.
+    pub p90_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+    /// Largest.
+    pub max_ns: u64,
+}
+
+impl Latency {
+    /// Percentiles of one histogram.
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: h.len(),
+            p50_ns: h.value_at_quantile(0.5),
+            p90_ns: h.value_at_quantile(0.9),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+        }
+    }
+
+    /// Merges the agents' serialized histograms (HdrHistogram V2); summaries without one
+    /// are skipped.
+    pub fn merge<'a>(summaries: impl IntoIterator<Item = &'a LatencySummary>) -> Latency {
+        let mut total: Option<Histogram<u64>> = None;
+        for s in summaries {
+            if s.histogram.is_empty() {
+                continue;
+            }
+            let Ok(h) = Deserializer::new().deserialize::<u64, _>(&mut &s.histogram[..]) else { continue };
+            match total.as_mut() {
+                Some(t) => {
+                    let _ = t.add(&h);
+                }
+                None => total = Some(h),
+            }
+        }
+        total.as_ref().map_or_else(Latency::default, Latency::of)
+    }
+}
+
+/// Agent counters summed over the agents of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Accesses issued.
+    pub accesses: u64,
+    /// Device-TLB hits.
+    pub atc_hits: u64,
+    /// Device-TLB misses.
+    pub atc_misses: u64,
+    /// Misses that joined an outstanding request for the same page.
+    pub coalesced_misses: u64,
+    /// Translation requests sent to the server.
+    pub translations_requested: u64,
+    /// Accesses that faulted.
+    pub faults: u64,
+    /// Invalidations the devices handled.
+    pub invalidations_handled: u64,
+    /// Page requests sent.
+    pub page_requests: u64,
+    /// Page requests that failed.
+    pub page_request_failures: u64,
+    /// DMA completed.
+    pub dma_ok: u64,
+    /// DMA refused.
+    pub dma_failed: u64,
+    /// Unary Translate calls (baseline).
+    pub baseline_calls: u64,
+}
+
+impl Counts {
+    fn add(&mut self, c: &WorkloadCounters) {
+        self.accesses += c.accesses;
+        self.atc_hits += c.atc_hits;
+        self.atc_misses += c.atc_misses;
+        self.coalesced_misses += c.coalesced_misses;
+        self.translations_requested += c.translations_requested;
+        self.faults += c.faults;
+        self.invalidations_handled += c.invalidations_handled;
+        self.page_requests += c.page_requests;
+        self.page_request_failures += c.page_request_failures;
+        self.dma_ok += c.dma_ok;
+        self.dma_failed += c.dma_failed;
+        self.baseline_calls += c.baseline_calls;
+    }
+
+    /// Device-TLB lookups.
+    pub fn lookups(&self) -> u64 {
+        self.atc_hits + self.atc_misses
+    }
+}
+
+/// One workload run over some devices.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RunSummary {
+    /// Devices that ran.
+    pub devices: usize,
+    /// Agents they were spread over.
+    pub agents: usize,
+    /// Longest measured window among the agents, in seconds.
+    pub measured_s: f64,
+    /// Summed counters.
+    pub counts: Counts,
+    /// Device-side translations per second: device-TLB hits plus misses (ATS runs), or
+    /// unary Translate calls (baseline runs).
+    pub device_translations_per_s: f64,
+    /// Translations the server served per second (requests the devices sent).
+    pub server_translations_per_s: f64,
+    /// Device-TLB hit ratio.
+    pub atc_hit_ratio: f64,
+    /// Latency of a translation a device had to fetch (miss, or a unary call).
+    pub miss_latency: Latency,
+    /// Latency of every access.
+    pub access_latency: Latency,
+    /// Server CPU time per translation it served, in nanoseconds (whole run).
+    pub server_cpu_ns_per_translation: Option<f64>,
+}
+
+impl RunSummary {
+    /// Aggregates the agents' reports and the server's counters around the run.
+    pub fn aggregate(
+        devices: usize,
+        reports: &[WorkloadReport],
+        before: &Stats,
+        after: &Stats,
+        baseline: bool,
+    ) -> RunSummary {
+        let mut counts = Counts::default();
+        let mut rate = 0.0;
+        let mut server_rate = 0.0;
+        let mut measured_s: f64 = 0.0;
+        for r in reports {
+            let c = r.totals.unwrap_or_default();
+            counts.add(&c);
+            let s = r.measured_ns as f64 / 1e9;
+            measured_s = measured_s.max(s);
+            if s > 0.0 {
+                let translations = if baseline { c.baseline_calls } else { c.atc_hits + c.atc_misses };
+                rate += translations as f64 / s;
+                server_rate += (if baseline { c.baseline_calls } else { c.translations_requested }) as f64 / s;
+            }
+        }
+        let served = if baseline {
+            // Unary Translate calls are not link translations: use the unit's untranslated count.
+            let field = |s: &Stats| {
+                s.unit.get("untranslated_ok").copied().unwrap_or(0)
+                    + s.unit.get("untranslated_blocked").copied().unwrap_or(0)
+            };
+            field(after).saturating_sub(field(before))
+        } else {
+            after.link_translations.saturating_sub(before.link_translations)
+        };
+        let cpu = after.cpu_time_ns.saturating_sub(before.cpu_time_ns);
+        let lookups = counts.lookups();
+        RunSummary {
+            devices,
+            agents: reports.len(),
+            measured_s,
+            device_translations_per_s: rate,
+            server_translations_per_s: server_rate,
+            atc_hit_ratio: if lookups == 0 { 0.0 } else { counts.atc_hits as f64 / lookups as f64 },
+            miss_latency: Latency::merge(reports.iter().filter_map(|r| r.miss_latency.as_ref())),
+            access_latency: Latency::merge(reports.iter().filter_map(|r| r.access_latency.as_ref())),
+            server_cpu_ns_per_translation: (served > 0 && cpu > 0).then(|| cpu as f64 / served as f64),
+            counts,
+        }
+    }
+}
+
+/// One step of a sweep.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Step {
+    /// Concurrent devices.
+    pub devices: usize,
+    /// The ATS run (device TLBs on).
+    pub ats: RunSummary,
+    /// The baseline run (no device TLB, one unary call per access).
+    pub baseline: Option<RunSummary>,
+    /// Device-side translations/s of the ATS path over the baseline's, same run.
+    pub ats_over_baseline: Option<f64>,
+}
+
+/// The settings a report was produced with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Settings {
+    /// Embedded (in-process server and agents) or remote.
+    pub embedded: bool,
+    /// Agents.
+    pub agents: usize,
+    /// Measured seconds per run.
+    pub duration_s: f64,
+    /// Warm-up seconds per run.
+    pub warmup_s: f64,
+    /// Accesses in flight per device.
+    pub concurrency: u32,
+    /// Fixed rate per device (0: closed loop).
+    pub rate_per_device: f64,
+    /// Bytes mapped per device.
+    pub footprint: u64,
+    /// Page-size mix.
+    pub page_mix: String,
+    /// Address pattern.
+    pub pattern: String,
+    /// Fraction of writes.
+    pub write_fraction: f64,
+    /// Translate only (no DMA).
+    pub translate_only: bool,
+    /// CPUs of the machine that ran the load generator.
+    pub cpus: usize,
+}
+
+/// A sweep's full report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SweepReport {
+    /// How it was run.
+    pub settings: Settings,
+    /// The steps.
+    pub steps: Vec<Step>,
+}

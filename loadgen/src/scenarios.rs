@@ -1,0 +1,221 @@
+//! The invalidation and demand-paging scenarios.
+//!
+//! - Invalidate: devices run the ATS workload while the load generator unmaps and remaps
+//!   pages of their footprints, first with strict then with deferred flushing. It reports
+//!   unmaps/s and unmap latency percentiles, and the devices' own check that no access
+//!   used a translation after its invalidation completed.
+//! - Demand paging: devices start with nothing mapped; every access faults into a page
+//!   request, which the load generator answers by mapping the page and responding
+//!   (PRI), after which the device retries.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use dmar_proto::v1::*;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio_stream::StreamExt;
+
+use crate::args::Common;
+use crate::cluster::Cluster;
+use crate::report::{Latency, RunSummary};
+use crate::run::{run, workload};
+use crate::scenario::{self, HPA_BASE, IOVA_BASE};
+
+/// One policy's invalidation figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct InvalidatePhase {
+    /// strict or deferred.
+    pub policy: String,
+    /// Unmap calls completed (each followed by a remap).
+    pub unmaps: u64,
+    /// Unmaps per second (unmap + remap pairs issued back to back from one client).
+    pub unmaps_per_s: f64,
+    /// Latency of the unmap call (for strict: until every cache, device TLBs included,
+    /// dropped the page).
+    pub unmap_latency: Latency,
+    /// The devices' workload while it ran.
+    pub devices: RunSummary,
+    /// Accesses the devices saw use a translation after acknowledging its invalidation
+    /// (must be 0).
+    pub use_after_invalidation: u64,
+}
+
+/// The invalidate scenario's report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct InvalidateReport {
+    /// Per policy.
+    pub phases: Vec<InvalidatePhase>,
+}
+
+/// Runs the invalidate scenario with `devices` devices.
+pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> anyhow::Result<InvalidateReport> {
+    let all = cluster.devices();
+    if devices == 0 || all.len() < devices {
+        bail!("the invalidate scenario needs {devices} devices but the agents host {} ATS functions", all.len());
+    }
+    let chosen = all[..devices].to_vec();
+    let sids: Vec<u32> = chosen.iter().map(|d| d.sid).collect();
+    let mut control = cluster.control.clone();
+    let prepared = scenario::prepare(&mut control, &sids, common.footprint, crate::args::PageMix::Small).await?;
+    let mut report = InvalidateReport::default();
+    let pages = common.footprint / 4096;
+    let result: anyhow::Result<()> = async {
+        for (name, policy) in [("strict", FlushPolicy::Strict), ("deferred", FlushPolicy::Deferred)] {
+            let request = workload(common, WorkloadMode::Ats);
+            let cluster2 = cluster.clone();
+            let chosen2 = chosen.clone();
+            let work = tokio::spawn(async move { run(&cluster2, &chosen2, &request).await });
+            // Unmap while the devices measure: start after the warm-up, stop at its end.
+            tokio::time::sleep(common.warmup).await;
+            let end = Instant::now() + common.duration;
+            let mut lat = Histogram::<u64>::new(3).context("histogram")?;
+            let mut n = 0u64;
+            let mut x = common.seed | 1;
+            let start = Instant::now();
+            while Instant::now() < end {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let p = &prepared[(x as usize) % prepared.len()];
+                let page = (x >> 8) % pages;
+                let iova = IOVA_BASE + page * 4096;
+                let t = Instant::now();
+                control
+                    .unmap(UnmapRequest {
+                        domain_id: p.domain,
+                        ranges: vec![UnmapRange { iova, length: 4096 }],
+                        policy: policy as i32,
+                    })
+                    .await
+                    .context("Unmap")?;
+                let _ = lat.record(t.elapsed().as_nanos() as u64);
+                let perms = Some(Permissions { read: true, write: true });
+                control
+                    .map(MapRequest {
+                        domain_id: p.domain,
+                        ranges: vec![MapRange {
+                            iova,
+                            hpa: HPA_BASE + 0x1000 + page * 4096,
+                            length: 4096,
+                            permissions: perms,
+                        }],
+                    })
+                    .await
+                    .context("Map")?;
+                n += 1;
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            control.flush(FlushRequest {}).await.context("Flush")?;
+            let (devices, reports) = work.await.context("workload task")??;
+            let violations = reports.iter().filter_map(|r| r.totals).map(|t| t.stale_completions).sum();
+            report.phases.push(InvalidatePhase {
+                policy: name.to_owned(),
+                unmaps: n,
+                unmaps_per_s: n as f64 / elapsed.max(1e-9),
+                unmap_latency: Latency::of(&lat),
+                devices,
+                use_after_invalidation: violations,
+            });
+        }
+        Ok(())
+    }
+    .await;
+    scenario::teardown(&mut control, &prepared).await;
+    result?;
+    Ok(report)
+}
+
+/// The demand-paging scenario's report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DemandReport {
+    /// Page requests answered by mapping.
+    pub pages_mapped: u64,
+    /// Time from receiving a page request to its response being accepted.
+    pub service_latency: Latency,
+    /// The devices' workload.
+    pub devices: RunSummary,
+}
+
+/// Runs the demand-paging scenario on the first device of each agent.
+pub async fn demand_paging(cluster: &Cluster, common: &Common) -> anyhow::Result<DemandReport> {
+    let chosen: Vec<_> = cluster.devices().into_iter().take(cluster.agents.len().max(1)).collect();
+    if chosen.is_empty() {
+        bail!("no ATS functions to run demand paging on");
+    }
+    let mut control = cluster.control.clone();
+    let mut prepared = Vec::new();
+    for d in &chosen {
+        let domain = control
+            .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
+            .await
+            .context("CreateDomain")?
+            .into_inner()
+            .domain_id;
+        control.attach(AttachRequest { source_id: d.sid, domain_id: domain, ats: true }).await.context("Attach")?;
+        prepared.push(scenario::Prepared { sid: d.sid, domain });
+    }
+    let mut watch = control.watch_page_requests(WatchRequest {}).await.context("WatchPageRequests")?.into_inner();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handler = {
+        let mut control = control.clone();
+        let prepared = prepared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut lat = Histogram::<u64>::new(3).ok();
+            let mut mapped = 0u64;
+            loop {
+                let req = tokio::select! {
+                    () = stop.cancelled() => break,
+                    next = watch.next() => match next {
+                        Some(Ok(req)) => req,
+                        _ => break,
+                    },
+                };
+                let t = Instant::now();
+                let Some(p) = prepared.iter().find(|p| p.sid == req.source_id) else { continue };
+                let page = (req.address - IOVA_BASE.min(req.address)) / 4096;
+                let perms = Some(Permissions { read: true, write: true });
+                let map = MapRequest {
+                    domain_id: p.domain,
+                    ranges: vec![MapRange {
+                        iova: req.address & !0xfff,
+                        hpa: HPA_BASE + 0x1000 + page * 4096,
+                        length: 4096,
+                        permissions: perms,
+                    }],
+                };
+                // Already mapped (a concurrent request for the same page) is fine.
+                if control.map(map).await.is_ok() {
+                    mapped += 1;
+                }
+                if req.last {
+                    let _ = control
+                        .respond_page_request(RespondPageRequestRequest {
+                            source_id: req.source_id,
+                            group_index: req.group_index,
+                            code: PageResponseCode::Success as i32,
+                        })
+                        .await;
+                }
+                if let Some(h) = lat.as_mut() {
+                    let _ = h.record(t.elapsed().as_nanos() as u64);
+                }
+            }
+            (mapped, lat)
+        })
+    };
+    let summary = run(cluster, &chosen, &workload(common, WorkloadMode::Ats)).await;
+    stop.cancel();
+    let (mapped, lat) = match tokio::time::timeout(Duration::from_secs(5), handler).await {
+        Ok(Ok(v)) => v,
+        _ => (0, None),
+    };
+    scenario::teardown(&mut control, &prepared).await;
+    let (devices, _) = summary?;
+    Ok(DemandReport {
+        pages_mapped: mapped.max(devices.counts.page_requests.saturating_sub(devices.counts.page_request_failures)),
+        service_latency: lat.as_ref().map_or_else(Latency::default, Latency::of),
+        devices,
+    })
+}

@@ -1,0 +1,73 @@
+//! A tiny embedded sweep (server and agents in process on loopback), checked for internal
+//! consistency rather than speed.
+
+use clap::Parser;
+use dmar_loadgen::args::Cli;
+use dmar_loadgen::{Outcome, execute};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_embedded_sweep_is_consistent() {
+    let cli = Cli::try_parse_from([
+        "dmar-loadgen",
+        "--steps",
+        "1,2",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "100ms",
+        "--footprint",
+        "4M",
+    ])
+    .expect("arguments");
+    let Outcome::Sweep(report) = execute(&cli).await.expect("sweep") else { panic!("not a sweep") };
+    assert!(report.settings.embedded);
+    assert_eq!(report.steps.iter().map(|s| s.devices).collect::<Vec<_>>(), vec![1, 2]);
+    for step in &report.steps {
+        let c = &step.ats.counts;
+        assert!(c.accesses > 0, "step {}: no accesses", step.devices);
+        // Every access looks the device TLB up once when it starts and is counted as an
+        // access when it completes: lookups = hits + misses, and they exceed completed
+        // accesses by at most the accesses in flight when the window closed (8 per device).
+        let lookups = c.atc_hits + c.atc_misses;
+        assert!(lookups >= c.accesses, "step {}: {lookups} lookups < {} accesses", step.devices, c.accesses);
+        assert!(
+            lookups - c.accesses <= 8 * step.devices as u64,
+            "step {}: {lookups} lookups vs {} accesses",
+            step.devices,
+            c.accesses
+        );
+        // Every miss either joined an outstanding request or sent one (no PRI, no
+        // invalidations here, so there are no retries).
+        assert_eq!(
+            c.translations_requested,
+            c.atc_misses - c.coalesced_misses,
+            "step {}: served = misses - coalesced",
+            step.devices
+        );
+        assert_eq!(c.faults, 0);
+        let baseline = step.baseline.as_ref().expect("baseline measured in the same run");
+        assert!(baseline.counts.baseline_calls > 0);
+        let ratio = step.ats_over_baseline.expect("ratio");
+        assert!(ratio > 0.0 && ratio.is_finite());
+        assert!(step.ats.miss_latency.count > 0 && step.ats.miss_latency.p50_ns <= step.ats.miss_latency.p99_ns);
+    }
+    // Every rendering works.
+    let outcome = Outcome::Sweep(report);
+    for format in [dmar_loadgen::args::Format::Text, dmar_loadgen::args::Format::Json, dmar_loadgen::args::Format::Csv]
+    {
+        assert!(!outcome.render(format).expect("render").is_empty());
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("sweep.svg");
+    let Outcome::Sweep(r) = &outcome else { unreachable!() };
+    dmar_loadgen::plot::plot(r, &svg).expect("plot");
+    assert!(std::fs::read_to_string(&svg).expect("svg").contains("<svg"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_addresses_are_an_error() {
+    let cli =
+        Cli::try_parse_from(["dmar-loadgen", "--server", "127.0.0.1:1", "--agents", "127.0.0.1:1"]).expect("arguments");
+    let err = execute(&cli).await.expect_err("unreachable");
+    assert!(format!("{err:#}").contains("cannot reach"), "{err:#}");
+}
