@@ -25,13 +25,13 @@ async fn tiny_embedded_sweep_is_consistent() {
     for step in &report.steps {
         let c = &step.ats.counts;
         assert!(c.accesses > 0, "step {}: no accesses", step.devices);
-        // Every access looks the device TLB up once when it starts and is counted as an
-        // access when it completes: lookups = hits + misses, and they exceed completed
-        // accesses by at most the accesses in flight when the window closed (8 per device).
+        // Every access looks the device TLB up once when it starts (lookups = hits +
+        // misses) and is counted as an access when it completes. The two differ only by
+        // accesses in flight across the window's edges: at most the concurrency (8) per
+        // device.
         let lookups = c.atc_hits + c.atc_misses;
-        assert!(lookups >= c.accesses, "step {}: {lookups} lookups < {} accesses", step.devices, c.accesses);
         assert!(
-            lookups - c.accesses <= 8 * step.devices as u64,
+            lookups.abs_diff(c.accesses) <= 8 * step.devices as u64,
             "step {}: {lookups} lookups vs {} accesses",
             step.devices,
             c.accesses

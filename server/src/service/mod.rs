@@ -11,7 +11,7 @@ pub mod control;
 pub mod events;
 pub mod link;
 pub mod metrics;
-mod metrics_http;
+pub mod process;
 mod status;
 
 use std::collections::HashMap;
@@ -146,7 +146,12 @@ pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: Cancell
     tasks.spawn(ticker(state.clone()));
     tasks.spawn(page_request_pump(state.clone(), page_requests));
     if let (Some(listener), Some(handle)) = (listeners.metrics, handle) {
-        tasks.spawn(metrics_http::serve(listener, handle, state.clone(), shutdown.clone()));
+        let s = state.clone();
+        let render: process::Render = Arc::new(move || {
+            s.metrics.refresh(&s.unit.stats());
+            handle.render()
+        });
+        tasks.spawn(process::serve_metrics(listener, "dmar-server", render, shutdown.clone()));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
