@@ -17,9 +17,11 @@ pub struct Args {
     /// The dmar server's gRPC URL (or host:port).
     #[arg(long, env = "DMAR_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
-    /// Requester ids of the functions to host, bus:dev.fn in hex, comma separated.
-    #[arg(long, env = "DMAR_FUNCTIONS", default_value = "00:01.0", value_delimiter = ',', value_parser = parse_sid)]
-    pub functions: Vec<SourceId>,
+    /// Requester ids of the functions to host, bus:dev.fn in hex, comma separated; or
+    /// `auto:N` for N functions (devices 0..N, function 0) on a bus taken from the last
+    /// octet of this host's IPv4 address, so replicas of one container get distinct ids.
+    #[arg(long, env = "DMAR_FUNCTIONS", default_value = "00:01.0", value_delimiter = ',', value_parser = parse_functions)]
+    pub functions: Vec<Functions>,
     /// The agent's name (in the server's logs and the control service).
     #[arg(long, env = "DMAR_NAME", default_value = "dmar-agent")]
     pub name: String,
@@ -76,8 +78,63 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_sid(s: &str) -> Result<SourceId, String> {
-    s.trim().parse::<SourceId>().map_err(|e| e.to_string())
+/// One element of `--functions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Functions {
+    /// One requester id.
+    One(SourceId),
+    /// `auto:N`.
+    Auto(u8),
+}
+
+fn parse_functions(s: &str) -> Result<Functions, String> {
+    let s = s.trim();
+    if let Some(n) = s.strip_prefix("auto:") {
+        return match n.parse::<u8>() {
+            Ok(n @ 1..=32) => Ok(Functions::Auto(n)),
+            _ => Err(format!("{s:?}: auto needs a function count between 1 and 32")),
+        };
+    }
+    s.parse::<SourceId>().map(Functions::One).map_err(|e| e.to_string())
+}
+
+/// The last octet of the IPv4 address this host routes through (no packet is sent: a
+/// connected UDP socket only picks its source address).
+fn host_bus() -> Result<u8, String> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("auto functions: {e}"))?;
+    sock.connect("10.255.255.255:9").map_err(|e| format!("auto functions: no IPv4 route: {e}"))?;
+    match sock.local_addr().map_err(|e| format!("auto functions: {e}"))?.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Ok(ip.octets()[3]),
+        other => Err(format!("auto functions: no usable IPv4 address (got {other})")),
+    }
+}
+
+/// Expands `--functions` into requester ids; `auto:N` uses `bus`.
+pub fn expand_functions(
+    specs: &[Functions],
+    bus: impl FnOnce() -> Result<u8, String>,
+) -> Result<Vec<SourceId>, String> {
+    let mut bus = Some(bus);
+    let mut auto_bus = None;
+    let mut out = Vec::new();
+    for spec in specs {
+        match *spec {
+            Functions::One(sid) => out.push(sid),
+            Functions::Auto(n) => {
+                let b = match auto_bus {
+                    Some(b) => b,
+                    None => {
+                        let f = bus.take().ok_or("auto functions given twice")?;
+                        let b = f()?;
+                        auto_bus = Some(b);
+                        b
+                    }
+                };
+                out.extend((0..n).map(|d| SourceId::new(b, d, 0)));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn parse_policy(s: &str) -> Result<EvictionPolicy, String> {
@@ -94,9 +151,9 @@ pub fn listen_address(s: &str) -> Result<Option<SocketAddr>, String> {
 
 impl Args {
     /// The agent configuration the flags describe.
-    pub fn agent_config(&self) -> AgentConfig {
-        let functions = self
-            .functions
+    pub fn agent_config(&self) -> Result<AgentConfig, String> {
+        let sids = expand_functions(&self.functions, host_bus)?;
+        let functions = sids
             .iter()
             .map(|sid| FunctionConfig {
                 ats: !self.no_ats,
@@ -108,7 +165,7 @@ impl Args {
                 ..FunctionConfig::new(*sid)
             })
             .collect();
-        AgentConfig {
+        Ok(AgentConfig {
             name: self.name.clone(),
             reconnect_initial: Duration::from_millis(self.reconnect_initial_ms),
             reconnect_max: Duration::from_millis(self.reconnect_max_ms.max(self.reconnect_initial_ms)),
@@ -116,7 +173,7 @@ impl Args {
             max_batch: self.max_batch as usize,
             page_request_timeout: Duration::from_millis(self.page_request_timeout_ms),
             ..AgentConfig::new(self.server.clone(), functions)
-        }
+        })
     }
 }
 
@@ -127,7 +184,7 @@ mod tests {
     #[test]
     fn no_flags_work_locally() {
         let a = Args::try_parse_from(["dmar-agent"]).expect("defaults");
-        let c = a.agent_config();
+        let c = a.agent_config().expect("config");
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(c.functions.len(), 1);
         assert_eq!(c.functions[0].sid, SourceId::new(0, 1, 0));
@@ -152,7 +209,7 @@ mod tests {
             "off",
         ])
         .expect("flags");
-        let c = a.agent_config();
+        let c = a.agent_config().expect("config");
         assert_eq!(
             c.functions.iter().map(|f| f.sid.to_string()).collect::<Vec<_>>(),
             ["00:01.0", "00:01.1", "02:1f.7"]
@@ -164,5 +221,18 @@ mod tests {
         assert!(Args::try_parse_from(["dmar-agent", "--eviction", "clock"]).is_err());
         assert!(Args::try_parse_from(["dmar-agent", "--invalidate-queue-depth", "33"]).is_err());
         assert!(listen_address("nonsense").is_err());
+    }
+
+    #[test]
+    fn auto_functions_take_their_bus_from_the_host() {
+        let a = Args::try_parse_from(["dmar-agent", "--functions", "auto:3,07:00.1"]).expect("flags");
+        let sids = expand_functions(&a.functions, || Ok(0x2a)).expect("expand");
+        assert_eq!(
+            sids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["2a:00.0", "2a:01.0", "2a:02.0", "07:00.1"]
+        );
+        assert!(expand_functions(&a.functions, || Err("no route".into())).is_err());
+        assert!(Args::try_parse_from(["dmar-agent", "--functions", "auto:0"]).is_err());
+        assert!(Args::try_parse_from(["dmar-agent", "--functions", "auto:33"]).is_err());
     }
 }

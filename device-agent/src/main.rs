@@ -41,7 +41,7 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<Option<tokio::net::TcpLi
 }
 
 async fn main_async(args: Args) -> anyhow::Result<()> {
-    let config = args.agent_config();
+    let config = args.agent_config().map_err(anyhow::Error::msg)?;
     config.validate()?;
     let listeners = Listeners {
         control: bind("control", &args.control_listen).await?,
