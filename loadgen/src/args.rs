@@ -81,65 +81,65 @@ pub enum PageMix {
 #[derive(ClapArgs, Debug, Clone)]
 pub struct Common {
     /// Server gRPC URL; with no server and no agents everything runs embedded on loopback.
-    #[arg(long, env = "DMAR_SERVER")]
+    #[arg(long, global = true, env = "DMAR_SERVER")]
     pub server: Option<String>,
     /// Agent control endpoints (host:port, comma separated; a name resolving to several
     /// addresses means several agents).
-    #[arg(long, env = "DMAR_AGENTS", value_delimiter = ',')]
+    #[arg(long, global = true, env = "DMAR_AGENTS", value_delimiter = ',')]
     pub agents: Vec<String>,
     /// Device counts to step over.
-    #[arg(long, env = "DMAR_STEPS", default_value = "1,2,4,8", value_parser = parse_steps)]
+    #[arg(long, global = true, env = "DMAR_STEPS", default_value = "1,2,4,8", value_parser = parse_steps)]
     pub steps: Steps,
     /// Measured time per run (e.g. 500ms, 2s).
-    #[arg(long, env = "DMAR_DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "DMAR_DURATION", default_value = "1s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Warm-up before measuring.
-    #[arg(long, env = "DMAR_WARMUP", default_value = "300ms", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "DMAR_WARMUP", default_value = "300ms", value_parser = parse_duration)]
     pub warmup: Duration,
     /// Accesses in flight per device (closed loop).
-    #[arg(long, env = "DMAR_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, global = true, env = "DMAR_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: u32,
     /// Fixed rate per device in accesses/s (open loop; latency from the intended send
     /// time). 0 = closed loop.
-    #[arg(long, env = "DMAR_RATE", default_value_t = 0.0)]
+    #[arg(long, global = true, env = "DMAR_RATE", default_value_t = 0.0)]
     pub rate: f64,
     /// Bytes mapped per device.
-    #[arg(long, env = "DMAR_FOOTPRINT", default_value = "16M", value_parser = parse_size)]
+    #[arg(long, global = true, env = "DMAR_FOOTPRINT", default_value = "16M", value_parser = parse_size)]
     pub footprint: u64,
     /// Page sizes of the mapping.
-    #[arg(long, env = "DMAR_PAGE_MIX", value_enum, default_value_t = PageMix::Small)]
+    #[arg(long, global = true, env = "DMAR_PAGE_MIX", value_enum, default_value_t = PageMix::Small)]
     pub page_mix: PageMix,
     /// Address pattern.
-    #[arg(long, env = "DMAR_PATTERN", value_enum, default_value_t = PatternArg::Zipf)]
+    #[arg(long, global = true, env = "DMAR_PATTERN", value_enum, default_value_t = PatternArg::Zipf)]
     pub pattern: PatternArg,
     /// Fraction of accesses that write (0..=1).
-    #[arg(long, env = "DMAR_WRITE_FRACTION", default_value_t = 0.3)]
+    #[arg(long, global = true, env = "DMAR_WRITE_FRACTION", default_value_t = 0.3)]
     pub write_fraction: f64,
     /// Also perform each access's DMA over the link (translated DMA after a device-TLB
     /// hit). Off by default: the sweep measures translation, and a DMA round trip would
     /// dominate every access.
-    #[arg(long, env = "DMAR_DMA")]
+    #[arg(long, global = true, env = "DMAR_DMA")]
     pub dma: bool,
     /// Device TLB entries per function (embedded agents).
-    #[arg(long, env = "DMAR_ATC_CAPACITY", default_value_t = 2048)]
+    #[arg(long, global = true, env = "DMAR_ATC_CAPACITY", default_value_t = 2048)]
     pub atc_capacity: usize,
     /// Embedded mode: agents to start.
-    #[arg(long, env = "DMAR_EMBEDDED_AGENTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    #[arg(long, global = true, env = "DMAR_EMBEDDED_AGENTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub embedded_agents: u32,
     /// Skip the baseline runs of a sweep.
-    #[arg(long, env = "DMAR_NO_BASELINE")]
+    #[arg(long, global = true, env = "DMAR_NO_BASELINE")]
     pub no_baseline: bool,
     /// Output format.
-    #[arg(long, env = "DMAR_FORMAT", value_enum, default_value_t = Format::Text)]
+    #[arg(long, global = true, env = "DMAR_FORMAT", value_enum, default_value_t = Format::Text)]
     pub format: Format,
     /// Write the report to this file instead of standard output.
-    #[arg(long, env = "DMAR_OUTPUT")]
+    #[arg(long, global = true, env = "DMAR_OUTPUT")]
     pub output: Option<PathBuf>,
     /// Write an SVG chart of throughput and p99 miss latency against device count.
-    #[arg(long, env = "DMAR_PLOT")]
+    #[arg(long, global = true, env = "DMAR_PLOT")]
     pub plot: Option<PathBuf>,
     /// Seed for the address streams.
-    #[arg(long, env = "DMAR_SEED", default_value_t = 1)]
+    #[arg(long, global = true, env = "DMAR_SEED", default_value_t = 1)]
     pub seed: u64,
 }
 

@@ -30,7 +30,14 @@ pub fn embedded_sid(agent: u32, function: u32) -> SourceId {
 
 impl Embedded {
     /// Starts a server and `agents` agents with `functions_per_agent` ATS functions each.
-    pub async fn start(agents: u32, functions_per_agent: u32, atc_capacity: usize) -> anyhow::Result<Embedded> {
+    /// `pri` gives every function a page request capacity (demand paging needs it; other
+    /// scenarios leave it off so that a not-present translation faults at once).
+    pub async fn start(
+        agents: u32,
+        functions_per_agent: u32,
+        atc_capacity: usize,
+        pri: bool,
+    ) -> anyhow::Result<Embedded> {
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let grpc = TcpListener::bind("127.0.0.1:0").await.context("bind the embedded server")?;
@@ -48,7 +55,7 @@ impl Embedded {
                 .map(|f| {
                     let mut fc = FunctionConfig::new(embedded_sid(a, f));
                     fc.atc_capacity = atc_capacity;
-                    fc.page_request_capacity = 16;
+                    fc.page_request_capacity = if pri { 16 } else { 0 };
                     fc
                 })
                 .collect();

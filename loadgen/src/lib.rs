@@ -76,22 +76,31 @@ impl Outcome {
 }
 
 fn invalidate_text(r: &scenarios::InvalidateReport) -> String {
-    let mut out = String::from(
-        "policy     unmaps/s   p50        p90        p99        p99.9      max        device tr/s  use-after-invalidation\n",
+    use output::ns;
+    let mut out = format!(
+        "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>8} {:>10} {:>7}\n",
+        "policy", "unmaps/s", "p50", "p90", "p99", "p99.9", "max", "device tr/s", "checked", "stale use", "re-asks"
     );
     for p in &r.phases {
         let l = &p.unmap_latency;
+        let (checked, stale) = if p.policy == "strict" {
+            (p.checked.to_string(), p.use_after_invalidation.to_string())
+        } else {
+            ("-".to_owned(), "-".to_owned())
+        };
         out += &format!(
-            "{:<10} {:>9.0}  {:>8}ns {:>8}ns {:>8}ns {:>8}ns {:>8}ns {:>12.0}  {}\n",
+            "{:<9} {:>9.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12.0} {:>8} {:>10} {:>7}\n",
             p.policy,
             p.unmaps_per_s,
-            l.p50_ns,
-            l.p90_ns,
-            l.p99_ns,
-            l.p999_ns,
-            l.max_ns,
+            ns(l.p50_ns),
+            ns(l.p90_ns),
+            ns(l.p99_ns),
+            ns(l.p999_ns),
+            ns(l.max_ns),
             p.devices.device_translations_per_s,
-            p.use_after_invalidation
+            checked,
+            stale,
+            p.stale_completions
         );
     }
     out
@@ -155,7 +164,8 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<Outcome> {
             _ => c.steps.0.last().copied().unwrap_or(1),
         };
         let per_agent = largest.div_ceil(c.embedded_agents as usize).max(1) as u32;
-        let e = Embedded::start(c.embedded_agents, per_agent, c.atc_capacity).await?;
+        let pri = matches!(cli.command, Some(Command::DemandPaging));
+        let e = Embedded::start(c.embedded_agents, per_agent, c.atc_capacity, pri).await?;
         let (s, a) = (e.server.clone(), e.agents.clone());
         (Some(e), s, a)
     } else {

@@ -14,7 +14,8 @@ fn rate(v: f64) -> String {
     }
 }
 
-fn ns(v: u64) -> String {
+/// A duration in nanoseconds, in the unit that reads best.
+pub fn ns(v: u64) -> String {
     if v >= 1_000_000 {
         format!("{:.2}ms", v as f64 / 1e6)
     } else if v >= 1_000 {

@@ -36,10 +36,37 @@ pub struct InvalidatePhase {
     pub unmap_latency: Latency,
     /// The devices' workload while it ran.
     pub devices: RunSummary,
-    /// Accesses the devices saw use a translation after acknowledging its invalidation
-    /// (must be 0).
+    /// Strict unmaps after which the owning device was asked to translate the unmapped
+    /// page before it was mapped again (one in [`CHECK_EVERY`]).
+    pub checked: u64,
+    /// Of those, translations the device still completed: a translation used after its
+    /// invalidation completed (must be 0). Deferred unmaps are not checked: serving the
+    /// old translation until the flush is what deferred flushing means.
     pub use_after_invalidation: u64,
+    /// Translation completions the devices discarded because an invalidation overtook
+    /// them (they asked again).
+    pub stale_completions: u64,
 }
+
+/// Unmapped pages are mapped again this many unmaps later.
+pub const REMAP_LAG: usize = 512;
+
+async fn remap(
+    control: &mut dmar_proto::v1::control_client::ControlClient<tonic::transport::Channel>,
+    domain: u32,
+    iova: u64,
+) -> anyhow::Result<()> {
+    let perms = Some(Permissions { read: true, write: true });
+    let hpa = HPA_BASE + 0x1000 + (iova - IOVA_BASE);
+    control
+        .map(MapRequest { domain_id: domain, ranges: vec![MapRange { iova, hpa, length: 4096, permissions: perms }] })
+        .await
+        .context("Map")?;
+    Ok(())
+}
+
+/// One strict unmap in this many is followed by a check through the owning device.
+pub const CHECK_EVERY: u64 = 8;
 
 /// The invalidate scenario's report.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -71,15 +98,23 @@ pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> a
             let end = Instant::now() + common.duration;
             let mut lat = Histogram::<u64>::new(3).context("histogram")?;
             let mut n = 0u64;
+            let (mut checked, mut violations) = (0u64, 0u64);
             let mut x = common.seed | 1;
             let start = Instant::now();
+            // Pages come back REMAP_LAG unmaps later: long enough that a deferred unmap's
+            // range has been flushed (so a remap does not force an early flush), short
+            // enough that the devices keep running into holes.
+            let mut holes: std::collections::VecDeque<(u32, u64)> = std::collections::VecDeque::new();
             while Instant::now() < end {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let p = &prepared[(x as usize) % prepared.len()];
+                let p = prepared[(x as usize) % prepared.len()];
                 let page = (x >> 8) % pages;
                 let iova = IOVA_BASE + page * 4096;
+                if holes.iter().any(|h| *h == (p.domain, iova)) {
+                    continue;
+                }
                 let t = Instant::now();
                 control
                     .unmap(UnmapRequest {
@@ -90,32 +125,44 @@ pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> a
                     .await
                     .context("Unmap")?;
                 let _ = lat.record(t.elapsed().as_nanos() as u64);
-                let perms = Some(Permissions { read: true, write: true });
-                control
-                    .map(MapRequest {
-                        domain_id: p.domain,
-                        ranges: vec![MapRange {
-                            iova,
-                            hpa: HPA_BASE + 0x1000 + page * 4096,
-                            length: 4096,
-                            permissions: perms,
-                        }],
-                    })
-                    .await
-                    .context("Map")?;
+                if policy == FlushPolicy::Strict && n % CHECK_EVERY == 0 {
+                    let device = chosen.iter().find(|d| d.sid == p.sid).map_or(0, |d| d.agent);
+                    let r = cluster.agents[device]
+                        .client
+                        .clone()
+                        .access(AccessRequest { source_id: p.sid, iova, write: false, translate_only: true, length: 4 })
+                        .await
+                        .context("Access")?
+                        .into_inner();
+                    checked += 1;
+                    if r.result == AccessResult::Ok as i32 {
+                        violations += 1;
+                    }
+                }
+                holes.push_back((p.domain, iova));
+                if holes.len() > REMAP_LAG {
+                    if let Some((domain, back)) = holes.pop_front() {
+                        remap(&mut control, domain, back).await?;
+                    }
+                }
                 n += 1;
+            }
+            for (domain, back) in holes.drain(..) {
+                remap(&mut control, domain, back).await?;
             }
             let elapsed = start.elapsed().as_secs_f64();
             control.flush(FlushRequest {}).await.context("Flush")?;
             let (devices, reports) = work.await.context("workload task")??;
-            let violations = reports.iter().filter_map(|r| r.totals).map(|t| t.stale_completions).sum();
+            let stale_completions = reports.iter().filter_map(|r| r.totals).map(|t| t.stale_completions).sum();
             report.phases.push(InvalidatePhase {
                 policy: name.to_owned(),
                 unmaps: n,
                 unmaps_per_s: n as f64 / elapsed.max(1e-9),
                 unmap_latency: Latency::of(&lat),
                 devices,
+                checked,
                 use_after_invalidation: violations,
+                stale_completions,
             });
         }
         Ok(())
@@ -205,7 +252,10 @@ pub async fn demand_paging(cluster: &Cluster, common: &Common) -> anyhow::Result
             (mapped, lat)
         })
     };
-    let summary = run(cluster, &chosen, &workload(common, WorkloadMode::Ats)).await;
+    // No warm-up: the interesting part is the first touch of every page.
+    let mut request = workload(common, WorkloadMode::Ats);
+    request.warmup_ms = 0;
+    let summary = run(cluster, &chosen, &request).await;
     stop.cancel();
     let (mapped, lat) = match tokio::time::timeout(Duration::from_secs(5), handler).await {
         Ok(Ok(v)) => v,
