@@ -125,7 +125,7 @@ pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> a
                     .await
                     .context("Unmap")?;
                 let _ = lat.record(t.elapsed().as_nanos() as u64);
-                if policy == FlushPolicy::Strict && n % CHECK_EVERY == 0 {
+                if policy == FlushPolicy::Strict && n.is_multiple_of(CHECK_EVERY) {
                     let device = chosen.iter().find(|d| d.sid == p.sid).map_or(0, |d| d.agent);
                     let r = cluster.agents[device]
                         .client
@@ -140,10 +140,10 @@ pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> a
                     }
                 }
                 holes.push_back((p.domain, iova));
-                if holes.len() > REMAP_LAG {
-                    if let Some((domain, back)) = holes.pop_front() {
-                        remap(&mut control, domain, back).await?;
-                    }
+                if holes.len() > REMAP_LAG
+                    && let Some((domain, back)) = holes.pop_front()
+                {
+                    remap(&mut control, domain, back).await?;
                 }
                 n += 1;
             }
