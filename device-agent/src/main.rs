@@ -6,14 +6,13 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
 use dmar_agent::cli::{Args, LogFormat, listen_address};
 use dmar_agent::{Listeners, run};
 use dmar_server::service::process;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = process::parse_args("dmar-agent");
     process::init_tracing(matches!(args.log_format, LogFormat::Json));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,

@@ -98,7 +98,7 @@ fn parse_geometry(s: &str) -> Result<CacheGeometry, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = process::parse_args("dmar-server");
     process::init_tracing(matches!(args.log_format, LogFormat::Json));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,

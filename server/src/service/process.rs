@@ -13,6 +13,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// Parses the command line; a bad argument exits with status 2 and one line on stderr
+/// (`NAME: <what is wrong>`), while `--help` and `--version` print as usual.
+pub fn parse_args<T: clap::Parser>(name: &str) -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            eprintln!("{name}: {}", line.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    }
+}
+
 /// Installs the tracing subscriber: `RUST_LOG` filter (default `info`), stderr, ANSI
 /// colours only on a terminal, plain or JSON lines.
 pub fn init_tracing(json: bool) {
