@@ -73,7 +73,7 @@ trap cleanup EXIT
 trap 'exit 143' INT TERM
 
 step "tools: Python grpcio and grpc health client, stubs from proto/dmar/v1/dmar.proto"
-venv=target/interop-venv
+venv=$target/interop-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 timeout 300 "$venv/bin/pip" install --quiet --disable-pip-version-check \
     'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcio-health-checking>=1.60'

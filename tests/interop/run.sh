@@ -4,22 +4,24 @@
 # into a virtualenv under target/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+target=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target"
 
-venv=target/interop-venv
+venv=$target/interop-venv
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check 'grpcio>=1.60' 'grpcio-tools>=1.60'
 
-gen=target/interop-gen
+gen=$target/interop-gen
 rm -rf "$gen" && mkdir -p "$gen"
 "$venv/bin/python" -m grpc_tools.protoc -Iproto --python_out="$gen" --grpc_python_out="$gen" proto/dmar/v1/dmar.proto
 touch "$gen/dmar/__init__.py" "$gen/dmar/v1/__init__.py"
 
 cargo build --quiet --release -p dmar-server
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-log=target/interop-server.log
-DMAR_LISTEN="127.0.0.1:$port" DMAR_METRICS_LISTEN=off DMAR_MEMORY=1G target/release/dmar-server >"$log" 2>&1 &
+log=$target/interop-server.log
+DMAR_LISTEN="127.0.0.1:$port" DMAR_METRICS_LISTEN=off DMAR_MEMORY=1G "$target/release/dmar-server" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
 

@@ -184,8 +184,10 @@ impl Backoff {
         } else if self.round < Self::SPINS + Self::YIELDS {
             std::thread::yield_now();
         } else {
-            let k = (self.round - Self::SPINS - Self::YIELDS).min(6);
-            std::thread::sleep(Duration::from_micros(15 << k)); // 15 us .. ~1 ms
+            // 15 us .. 120 us: a device's answer over the network takes tens to hundreds of
+            // microseconds, so a longer sleep would dominate a strict unmap's latency.
+            let k = (self.round - Self::SPINS - Self::YIELDS).min(3);
+            std::thread::sleep(Duration::from_micros(15 << k));
         }
         self.round = self.round.saturating_add(1);
     }
