@@ -108,12 +108,12 @@ fn invalidate_text(r: &scenarios::InvalidateReport) -> String {
 
 fn invalidate_csv(r: &scenarios::InvalidateReport) -> String {
     let mut out = String::from(
-        "policy,unmaps,unmaps_per_s,p50_ns,p90_ns,p99_ns,p999_ns,max_ns,device_translations_per_s,use_after_invalidation\n",
+        "policy,unmaps,unmaps_per_s,p50_ns,p90_ns,p99_ns,p999_ns,max_ns,device_translations_per_s,checked,use_after_invalidation,stale_completions\n",
     );
     for p in &r.phases {
         let l = &p.unmap_latency;
         out += &format!(
-            "{},{},{:.1},{},{},{},{},{},{:.1},{}\n",
+            "{},{},{:.1},{},{},{},{},{},{:.1},{},{},{}\n",
             p.policy,
             p.unmaps,
             p.unmaps_per_s,
@@ -123,7 +123,9 @@ fn invalidate_csv(r: &scenarios::InvalidateReport) -> String {
             l.p999_ns,
             l.max_ns,
             p.devices.device_translations_per_s,
-            p.use_after_invalidation
+            p.checked,
+            p.use_after_invalidation,
+            p.stale_completions
         );
     }
     out
