@@ -22,9 +22,10 @@ pub struct Args {
     /// octet of this host's IPv4 address, so replicas of one container get distinct ids.
     #[arg(long, env = "DMAR_FUNCTIONS", default_value = "00:01.0", value_delimiter = ',', value_parser = parse_functions)]
     pub functions: Vec<Functions>,
-    /// The agent's name (in the server's logs and the control service).
-    #[arg(long, env = "DMAR_NAME", default_value = "dmar-agent")]
-    pub name: String,
+    /// The agent's name (in the server's logs and the control service); by default the
+    /// host's name, so that replicas can be told apart.
+    #[arg(long, env = "DMAR_NAME")]
+    pub name: Option<String>,
     /// AgentControl gRPC listen address; "off" disables it.
     #[arg(long, env = "DMAR_CONTROL_LISTEN", default_value = "127.0.0.1:50061")]
     pub control_listen: String,
@@ -109,6 +110,16 @@ fn host_bus() -> Result<u8, String> {
     }
 }
 
+/// The host's name (`/etc/hostname`, then `$HOSTNAME`), or `dmar-agent`.
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "dmar-agent".to_owned())
+}
+
 /// Expands `--functions` into requester ids; `auto:N` uses `bus`.
 pub fn expand_functions(
     specs: &[Functions],
@@ -166,7 +177,7 @@ impl Args {
             })
             .collect();
         Ok(AgentConfig {
-            name: self.name.clone(),
+            name: self.name.clone().unwrap_or_else(default_name),
             reconnect_initial: Duration::from_millis(self.reconnect_initial_ms),
             reconnect_max: Duration::from_millis(self.reconnect_max_ms.max(self.reconnect_initial_ms)),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
