@@ -333,3 +333,26 @@ mod page_requests {
         assert_eq!(rig.unit.page_request(request(1, 1, true)), Ok(PageRequestOutcome::Queued));
     }
 }
+
+#[test]
+fn queue_progress_wakes_a_waiter_when_a_wait_completes() {
+    let mut rig = Rig::new();
+    rig.enable_queue();
+    let port = Arc::new(Recorder::default());
+    rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
+    rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 0), wait(1)]);
+    let seen = rig.unit.queue_progress();
+    let unit = rig.unit.clone();
+    let itag = port.invalidations.lock()[0].itag;
+    let answer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        unit.device_tlb_completed(SID, itag).expect("complete");
+    });
+    // Far longer than the answer takes: returning means the completion woke us.
+    let now = rig.unit.wait_for_queue_progress(seen, Duration::from_secs(30));
+    assert_eq!(now, seen + 1);
+    assert_eq!(status(&rig), 1);
+    answer.join().expect("answer");
+    // No progress: the call returns after its timeout with the same count.
+    assert_eq!(rig.unit.wait_for_queue_progress(now, Duration::from_millis(1)), now);
+}

@@ -46,6 +46,7 @@ use super::frames::FrameAllocator;
 use super::invalidate::Invalidation;
 use super::registers::Registers;
 use crate::ids::{Hpa, SourceId};
+use crate::unit::Unit;
 use crate::unit::memory::HostMemory;
 use crate::unit::queue::descriptor::{WaitDesc, encode};
 use crate::unit::regs::{self, fsts};
@@ -178,16 +179,17 @@ impl Backoff {
         self.round >= Self::SPINS + Self::YIELDS || self.round % 16 == 15
     }
 
-    fn snooze(&mut self) {
+    fn snooze(&mut self, unit: &Unit, seen: u64) {
         if self.round < Self::SPINS {
             std::hint::spin_loop();
         } else if self.round < Self::SPINS + Self::YIELDS {
             std::thread::yield_now();
         } else {
-            // 15 us .. 120 us: a device's answer over the network takes tens to hundreds of
-            // microseconds, so a longer sleep would dominate a strict unmap's latency.
-            let k = (self.round - Self::SPINS - Self::YIELDS).min(3);
-            std::thread::sleep(Duration::from_micros(15 << k));
+            // Sleep until the unit completes a wait or stops on an error (the invalidation
+            // completion event), waking at least every 1 ms to read FSTS so that time-outs
+            // are noticed even when nothing else polls the unit.
+            let k = (self.round - Self::SPINS - Self::YIELDS).min(6);
+            unit.wait_for_queue_progress(seen, Duration::from_micros(15 << k));
         }
         self.round = self.round.saturating_add(1);
     }
@@ -325,7 +327,7 @@ impl InvalidationQueue {
             if backoff.check_errors() {
                 self.check_errors(regs)?;
             }
-            backoff.snooze();
+            backoff.snooze(regs.unit(), regs.unit().queue_progress());
         }
     }
 
@@ -390,6 +392,7 @@ impl InvalidationQueue {
         let mut backoff = Backoff::default();
         let mut seen_errors = errors_handled;
         loop {
+            let progress = regs.unit().queue_progress();
             if reached(self.read_status()?, seq) {
                 return match self.ring.lock().finish(seq) {
                     None => Ok(()),
@@ -411,7 +414,7 @@ impl InvalidationQueue {
                     }
                 }
             }
-            backoff.snooze();
+            backoff.snooze(regs.unit(), progress);
         }
     }
 

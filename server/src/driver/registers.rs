@@ -99,6 +99,11 @@ impl Registers {
     }
 
     /// Takes the register lock for a multi-step command.
+    /// The unit behind the registers (for its queue-progress notification).
+    pub(crate) fn unit(&self) -> &Unit {
+        &self.unit
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
         self.lock.lock()
     }

@@ -168,6 +168,7 @@ pub struct Unit {
     iotlb: Iotlb,
     faults: FaultRecorder,
     queue: Mutex<queue::QueueState>,
+    queue_progress: queue::Progress,
     prq: prq::PageRequestQueue,
     interrupts: interrupt::InterruptRemapper,
     counters: Counters,
@@ -206,6 +207,7 @@ impl Unit {
             iotlb: Iotlb::new(config.iotlb),
             faults: FaultRecorder::new(),
             queue: Mutex::new(queue::QueueState::default()),
+            queue_progress: queue::Progress::default(),
             prq: prq::PageRequestQueue::new(),
             interrupts: interrupt::InterruptRemapper::new(config.interrupt_cache)
                 .unwrap_or_default()

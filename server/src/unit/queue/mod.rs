@@ -64,6 +64,22 @@ pub struct UnexpectedCompletion {
     pub itag: ITag,
 }
 
+/// A counter bumped whenever the queue completes a wait descriptor or stops on an error,
+/// with a condition variable, so that software waiting for its wait descriptor can sleep
+/// until something happened instead of polling memory on a timer.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    count: parking_lot::Mutex<u64>,
+    changed: parking_lot::Condvar,
+}
+
+impl Progress {
+    fn bump(&self) {
+        *self.count.lock() += 1;
+        self.changed.notify_all();
+    }
+}
+
 /// State of the invalidation queue.
 #[derive(Debug)]
 pub(crate) struct QueueState {
@@ -202,6 +218,7 @@ impl Unit {
                     let was = q.errors();
                     q.ice = true;
                     q.iqercd = (q.iqercd & !(0xffff << 48)) | (u64::from(sid.0) << 48);
+                    self.queue_progress.bump();
                     if !was {
                         effects.push(Effect::FaultEvent);
                     }
@@ -237,6 +254,7 @@ impl Unit {
             let was = q.errors();
             q.ite = true;
             q.iqercd = (q.iqercd & !(0xffff << 32)) | (u64::from(sid.0) << 32);
+            self.queue_progress.bump();
             let mut abandoned = 0;
             for p in q.ports.values_mut() {
                 abandoned += p.in_use.count_ones();
@@ -275,6 +293,7 @@ impl Unit {
         let fail = |q: &mut QueueState, code: QueueErrorCode, effects: &mut Vec<Effect>| {
             q.iqe = true;
             q.iqercd = (q.iqercd & !0xf) | code as u64;
+            self.queue_progress.bump();
             effects.push(Effect::FaultEvent);
             self.counters.qi_errors.inc();
             tracing::debug!(?code, head = q.head, "invalidation queue error (IQE)");
@@ -342,6 +361,7 @@ impl Unit {
                         }
                     }
                     self.counters.qi_wait.inc();
+                    self.queue_progress.bump();
                 }
                 Descriptor::PageGroupResponse(qw0, qw1) => match self.decode_page_response(qw0, qw1) {
                     Ok(resp) => {
@@ -483,6 +503,24 @@ impl Unit {
             Ok(r) => Ok(r.map(|r| PageResponse { sid: r.sid, prgi: r.prgi, code: r.code.code() })),
             Err(_) => Err(QueueErrorCode::ReservedFields),
         }
+    }
+
+    /// How many times the invalidation queue has completed a wait descriptor or stopped on
+    /// an error. Read it before checking a status word, then pass it to
+    /// [`Unit::wait_for_queue_progress`].
+    pub fn queue_progress(&self) -> u64 {
+        *self.queue_progress.count.lock()
+    }
+
+    /// Sleeps until the queue progress differs from `seen` or `timeout` passes (what an
+    /// invalidation-completion interrupt gives a real driver, without the interrupt).
+    /// Returns the current progress.
+    pub fn wait_for_queue_progress(&self, seen: u64, timeout: Duration) -> u64 {
+        let mut count = self.queue_progress.count.lock();
+        if *count == seen {
+            let _ = self.queue_progress.changed.wait_for(&mut count, timeout);
+        }
+        *count
     }
 
     /// Time-out after which an unanswered device-TLB invalidation sets ITE.
