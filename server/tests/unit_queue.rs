@@ -356,3 +356,51 @@ fn queue_progress_wakes_a_waiter_when_a_wait_completes() {
     // No progress: the call returns after its timeout with the same count.
     assert_eq!(rig.unit.wait_for_queue_progress(now, Duration::from_millis(1)), now);
 }
+
+mod arbitrary_descriptors {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever software writes into the queue, the unit does not panic, and the queue
+        /// either runs past a descriptor or stops on it with IQE; after software replaces a
+        /// bad descriptor and clears IQE, the queue always drains to the tail.
+        #[test]
+        fn any_descriptor_stream_is_processed_or_stops_with_iqe(
+            descs in proptest::collection::vec((any::<u64>(), any::<u64>(), 0u64..10), 1..24)
+        ) {
+            let mut rig = Rig::new();
+            rig.enable_queue();
+            // Bias the type field so that every descriptor type is exercised, not only
+            // unknown ones.
+            let descs: Vec<(u64, u64)> = descs
+                .into_iter()
+                .map(|(qw0, qw1, ty)| {
+                    let qw0 = (qw0 & !0xe0f) | ty;
+                    // Keep wait status writes inside memory most of the time.
+                    let qw1 = if ty == 5 { qw1 & 0xfff_fffc } else { qw1 };
+                    (qw0, qw1)
+                })
+                .collect();
+            let total = descs.len() as u64;
+            rig.submit(&descs);
+            let base = rig.unit.read64(regs::IQA).expect("iqa") & !0xfff;
+            for _ in 0..=total {
+                let stopped = fsts(&rig) & fsts::IQE != 0;
+                let h = head(&rig);
+                if !stopped {
+                    prop_assert_eq!(h, total, "without IQE the queue runs to the tail");
+                    break;
+                }
+                prop_assert!(h < total);
+                // Software recovery, as Linux does: overwrite the bad one with a wait.
+                let (w0, w1) = wait(0x77);
+                rig.mem.write_u64(Hpa(base + h * 16), w0).expect("fix");
+                rig.mem.write_u64(Hpa(base + h * 16 + 8), w1).expect("fix");
+                rig.unit.write32(regs::FSTS, fsts::IQE).expect("clear");
+            }
+            prop_assert_eq!(head(&rig), total);
+        }
+    }
+}
