@@ -44,6 +44,18 @@ pub fn ranges(footprint: u64, mix: PageMix) -> Vec<MapRange> {
     }
 }
 
+/// Creates a 48-bit paging domain for `sid` and attaches it with ATS; nothing is mapped.
+pub async fn attach(control: &mut ControlClient<Channel>, sid: u32) -> anyhow::Result<Prepared> {
+    let domain = control
+        .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
+        .await
+        .context("CreateDomain")?
+        .into_inner()
+        .domain_id;
+    control.attach(AttachRequest { source_id: sid, domain_id: domain, ats: true }).await.context("Attach")?;
+    Ok(Prepared { sid, domain })
+}
+
 /// Creates a domain per device, attaches it with ATS and maps its footprint.
 pub async fn prepare(
     control: &mut ControlClient<Channel>,
@@ -53,13 +65,7 @@ pub async fn prepare(
 ) -> anyhow::Result<Vec<Prepared>> {
     let mut out = Vec::with_capacity(sids.len());
     for &sid in sids {
-        let domain = control
-            .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
-            .await
-            .context("CreateDomain")?
-            .into_inner()
-            .domain_id;
-        control.attach(AttachRequest { source_id: sid, domain_id: domain, ats: true }).await.context("Attach")?;
+        let Prepared { domain, .. } = attach(control, sid).await?;
         control
             .map(MapRequest { domain_id: domain, ranges: ranges(footprint, mix) })
             .await

@@ -193,14 +193,7 @@ pub async fn demand_paging(cluster: &Cluster, common: &Common) -> anyhow::Result
     let mut control = cluster.control.clone();
     let mut prepared = Vec::new();
     for d in &chosen {
-        let domain = control
-            .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
-            .await
-            .context("CreateDomain")?
-            .into_inner()
-            .domain_id;
-        control.attach(AttachRequest { source_id: d.sid, domain_id: domain, ats: true }).await.context("Attach")?;
-        prepared.push(scenario::Prepared { sid: d.sid, domain });
+        prepared.push(scenario::attach(&mut control, d.sid).await?);
     }
     let mut watch = control.watch_page_requests(WatchRequest {}).await.context("WatchPageRequests")?.into_inner();
     let stop = tokio_util::sync::CancellationToken::new();

@@ -31,9 +31,9 @@ impl Driver {
         }
         let table = self.frames.alloc()?;
         self.regs.write64(regs::IRTA, Irta::new(table, 7, ApicMode::XApic).to_bits())?;
-        self.regs.command(gcmd::SIRTP, "set interrupt remapping table pointer")?;
+        self.regs.global_command(gcmd::SIRTP, "set interrupt remapping table pointer")?;
         self.invalidator.run(&self.regs, &[Invalidation::Raw(encode::iec(IecInvalidationDesc::Global).0, 0)])?;
-        self.regs.command(gcmd::IRE, "interrupt remapping enable")?;
+        self.regs.global_command(gcmd::IRE, "interrupt remapping enable")?;
         *irt = Some(table);
         Ok(())
     }

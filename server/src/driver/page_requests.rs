@@ -10,11 +10,11 @@ use super::Driver;
 use super::error::DriverError;
 use super::invalidate::Invalidation;
 use crate::ids::SourceId;
-use crate::unit::interrupt::INTERRUPT_ADDRESS_BASE;
 use crate::unit::invalidate::IotlbInvalidation;
 use crate::unit::prq::{self, PageGroupResponse, PageRequest, QueueAddress, ResponseCode};
 use crate::unit::queue::descriptor::{Descriptor, QueueErrorCode, decode};
 use crate::unit::regs::MAMV;
+use crate::unit::request::INTERRUPT_RANGE_BASE;
 
 fn describe(code: QueueErrorCode) -> &'static str {
     match code {
@@ -43,7 +43,7 @@ impl Driver {
         self.regs.write64(prq::regs::PQH, 0)?;
         self.regs.write64(prq::regs::PQA, pqa.to_bits())?;
         self.regs.write32(prq::regs::PEDATA, vector)?;
-        self.regs.write32(prq::regs::PEADDR, INTERRUPT_ADDRESS_BASE as u32)?;
+        self.regs.write32(prq::regs::PEADDR, INTERRUPT_RANGE_BASE as u32)?;
         self.regs.write32(prq::regs::PECTL, 0)?;
         *prq_on = true;
         Ok(())

@@ -144,12 +144,9 @@ impl Registers {
     /// Issues one global command and waits for its status bit (VT-d 10.4.4/10.4.5): the
     /// value written is the current persistent state plus the new command, since GCMD
     /// sets the whole command state at once.
-    /// Issues a one-shot or enabling GCMD command and waits for its status bit.
-    pub(crate) fn command(&self, command: u32, what: &str) -> Result<(), DriverError> {
-        self.global_command(command, what)
-    }
-
-    fn global_command(&self, command: u32, what: &str) -> Result<(), DriverError> {
+    /// Issues a one-shot or enabling GCMD command (keeping the persistent command state)
+    /// and waits for its status bit.
+    pub(crate) fn global_command(&self, command: u32, what: &str) -> Result<(), DriverError> {
         let _g = self.lock();
         let status = self.read32(regs::GSTS)? & GSTS_PERSISTENT;
         self.write32(regs::GCMD, status | command)?;

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 
 use dmar_proto::v1::control_server::Control;
 use dmar_proto::v1::*;
+use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -19,7 +20,7 @@ use tonic::{Request, Response, Status};
 use super::State;
 use super::status;
 use crate::driver::{DomainKind as DrvKind, FlushPolicy as DrvFlush, Perm};
-use crate::ids::{DomainId, Hpa, Iova, SourceId};
+use crate::ids::{DomainId, Hpa, Iova};
 use crate::unit::Access;
 use crate::unit::tables::AddressWidth;
 
@@ -46,10 +47,16 @@ fn domain_id(raw: u32) -> Result<DomainId, Status> {
         .ok_or_else(|| Status::invalid_argument(format!("domain id {raw} is outside 1..=65535")))
 }
 
-fn source_id(raw: u32) -> Result<SourceId, Status> {
-    u16::try_from(raw)
-        .map(SourceId)
-        .map_err(|_| Status::invalid_argument(format!("requester id {raw:#x} does not fit 16 bits")))
+/// A watcher's stream of the events `sender` broadcasts; a watcher that falls behind loses
+/// the oldest events (logged), it never slows the unit down.
+fn watch<T: Clone + Send + 'static>(sender: &broadcast::Sender<T>, what: &'static str) -> EventStream<T> {
+    Box::pin(BroadcastStream::new(sender.subscribe()).filter_map(move |e| match e {
+        Ok(event) => Some(Ok(event)),
+        Err(lagged) => {
+            tracing::warn!(%lagged, "{what} watcher fell behind");
+            None
+        }
+    }))
 }
 
 /// Runs a driver call that may wait for devices on the blocking pool.
@@ -100,7 +107,7 @@ impl Control for ControlService {
 
     async fn attach(&self, r: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
         let r = r.into_inner();
-        let (sid, did) = (source_id(r.source_id)?, domain_id(r.domain_id)?);
+        let (sid, did) = (status::source_id(r.source_id)?, domain_id(r.domain_id)?);
         let driver = self.state.driver.clone();
         blocking(move || driver.attach(sid, did, r.ats).map_err(status::driver)).await?;
         tracing::info!(%sid, domain = did.0, ats = r.ats, "device attached");
@@ -108,7 +115,7 @@ impl Control for ControlService {
     }
 
     async fn detach(&self, r: Request<DetachRequest>) -> Result<Response<DetachResponse>, Status> {
-        let sid = source_id(r.into_inner().source_id)?;
+        let sid = status::source_id(r.into_inner().source_id)?;
         let driver = self.state.driver.clone();
         let prev = blocking(move || driver.detach(sid).map_err(status::driver)).await?;
         Ok(Response::new(DetachResponse { previous_domain_id: prev.map_or(0, |d| u32::from(d.0)) }))
@@ -177,7 +184,7 @@ impl Control for ControlService {
 
     async fn translate(&self, r: Request<TranslateRequest>) -> Result<Response<TranslateResponse>, Status> {
         let r = r.into_inner();
-        let sid = source_id(r.source_id)?;
+        let sid = status::source_id(r.source_id)?;
         let access = match AccessKind::try_from(r.access) {
             Ok(AccessKind::Read) => Access::Read,
             Ok(AccessKind::Write) => Access::Write,
@@ -274,22 +281,7 @@ impl Control for ControlService {
     type WatchFaultsStream = EventStream<FaultEvent>;
 
     async fn watch_faults(&self, _r: Request<WatchRequest>) -> Result<Response<Self::WatchFaultsStream>, Status> {
-        let rx = self.state.hub.faults.subscribe();
-        let stream = BroadcastStream::new(rx).filter_map(|e| match e {
-            Ok(f) => Some(Ok(FaultEvent {
-                reason: u32::from(f.reason.code()),
-                reason_name: f.reason.name().to_owned(),
-                source_id: u32::from(f.sid.0),
-                address: f.addr,
-                write: f.access == Access::Write,
-                address_type: f.kind as u32,
-            })),
-            Err(lagged) => {
-                tracing::warn!(%lagged, "fault watcher fell behind");
-                None
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(watch(&self.state.hub.faults, "fault")))
     }
 
     type WatchInterruptsStream = EventStream<InterruptEvent>;
@@ -298,23 +290,7 @@ impl Control for ControlService {
         &self,
         _r: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchInterruptsStream>, Status> {
-        let rx = self.state.hub.interrupts.subscribe();
-        let stream = BroadcastStream::new(rx).filter_map(|e| match e {
-            Ok(i) => Some(Ok(InterruptEvent {
-                source_id: u32::from(i.source_id),
-                vector: u32::from(i.vector),
-                destination: i.destination,
-                delivery_mode: u32::from(i.delivery_mode),
-                level: i.level,
-                logical: i.logical,
-                index: i.index.map(u32::from),
-            })),
-            Err(lagged) => {
-                tracing::warn!(%lagged, "interrupt watcher fell behind");
-                None
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(watch(&self.state.hub.interrupts, "interrupt")))
     }
 
     type WatchPageRequestsStream = EventStream<PageRequestEvent>;
@@ -323,22 +299,7 @@ impl Control for ControlService {
         &self,
         _r: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchPageRequestsStream>, Status> {
-        let rx = self.state.hub.page_requests.subscribe();
-        let stream = BroadcastStream::new(rx).filter_map(|e| match e {
-            Ok(p) => Some(Ok(PageRequestEvent {
-                source_id: u32::from(p.source_id),
-                address: p.address,
-                read: p.read,
-                write: p.write,
-                group_index: u32::from(p.group_index),
-                last: p.last,
-            })),
-            Err(lagged) => {
-                tracing::warn!(%lagged, "page request watcher fell behind");
-                None
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(watch(&self.state.hub.page_requests, "page request")))
     }
 
     async fn respond_page_request(
@@ -346,11 +307,8 @@ impl Control for ControlService {
         r: Request<RespondPageRequestRequest>,
     ) -> Result<Response<RespondPageRequestResponse>, Status> {
         let r = r.into_inner();
-        let sid = source_id(r.source_id)?;
-        let prgi = u16::try_from(r.group_index)
-            .ok()
-            .filter(|g| *g < 512)
-            .ok_or_else(|| Status::invalid_argument(format!("group index {} exceeds 9 bits", r.group_index)))?;
+        let sid = status::source_id(r.source_id)?;
+        let prgi = status::group_index(r.group_index)?;
         let code = match PageResponseCode::try_from(r.code) {
             Ok(PageResponseCode::Success) => crate::unit::prq::ResponseCode::Success,
             Ok(PageResponseCode::Invalid) => crate::unit::prq::ResponseCode::Invalid,

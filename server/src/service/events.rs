@@ -8,12 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dmar_proto::v1::{FaultEvent, InterruptEvent, PageRequestEvent};
 use tokio::sync::{Notify, broadcast};
 
 use super::metrics::Metrics;
 use crate::ids::SourceId;
 use crate::unit::interrupt::{DestinationMode, Remapped, Trigger};
-use crate::unit::{FaultReason, FaultRecord, UnitEvents};
+use crate::unit::{Access, FaultReason, FaultRecord, UnitEvents};
 
 /// The page request event's message data: the driver programs PEDATA with it, and the hub
 /// recognises the event by it.
@@ -22,48 +23,12 @@ pub const PAGE_REQUEST_VECTOR: u32 = 0x5052;
 /// Events buffered per stream before slow watchers start losing them.
 pub const EVENT_BUFFER: usize = 4096;
 
-/// A remapped interrupt as streamed to watchers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InterruptNote {
-    /// Requester id of the MSI write.
-    pub source_id: u16,
-    /// Vector.
-    pub vector: u8,
-    /// Destination.
-    pub destination: u32,
-    /// Delivery mode code.
-    pub delivery_mode: u8,
-    /// Level-triggered.
-    pub level: bool,
-    /// Logical destination mode.
-    pub logical: bool,
-    /// IRT index, when remapped.
-    pub index: Option<u16>,
-}
-
-/// A page request as streamed to watchers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageRequestNote {
-    /// Requester id.
-    pub source_id: u16,
-    /// Page address.
-    pub address: u64,
-    /// Read requested.
-    pub read: bool,
-    /// Write requested.
-    pub write: bool,
-    /// Group index.
-    pub group_index: u16,
-    /// Last in group.
-    pub last: bool,
-}
-
 /// The unit's event sink in the server.
 #[derive(Debug)]
 pub struct EventHub {
-    pub(crate) faults: broadcast::Sender<FaultRecord>,
-    pub(crate) interrupts: broadcast::Sender<InterruptNote>,
-    pub(crate) page_requests: broadcast::Sender<PageRequestNote>,
+    pub(crate) faults: broadcast::Sender<FaultEvent>,
+    pub(crate) interrupts: broadcast::Sender<InterruptEvent>,
+    pub(crate) page_requests: broadcast::Sender<PageRequestEvent>,
     metrics: Metrics,
     page_request_event: Arc<Notify>,
 }
@@ -84,7 +49,14 @@ impl UnitEvents for EventHub {
     fn fault_recorded(&self, record: &FaultRecord) {
         self.metrics.faults[usize::from(record.reason.code())].increment(1);
         // No watcher is not an error.
-        let _ = self.faults.send(*record);
+        let _ = self.faults.send(FaultEvent {
+            reason: u32::from(record.reason.code()),
+            reason_name: record.reason.name().to_owned(),
+            source_id: u32::from(record.sid.0),
+            address: record.addr,
+            write: record.access == Access::Write,
+            address_type: record.kind as u32,
+        });
     }
 
     fn fault_dropped(&self, _reason: FaultReason, _overflow: bool) {}
@@ -96,14 +68,14 @@ impl UnitEvents for EventHub {
     }
 
     fn interrupt_remapped(&self, sid: SourceId, i: &Remapped) {
-        let _ = self.interrupts.send(InterruptNote {
-            source_id: sid.0,
-            vector: i.vector,
+        let _ = self.interrupts.send(InterruptEvent {
+            source_id: u32::from(sid.0),
+            vector: u32::from(i.vector),
             destination: i.destination,
-            delivery_mode: i.delivery_mode as u8,
+            delivery_mode: i.delivery_mode as u32,
             level: i.trigger == Trigger::Level,
             logical: i.destination_mode == DestinationMode::Logical,
-            index: i.index,
+            index: i.index.map(u32::from),
         });
     }
 

@@ -79,12 +79,6 @@ pub(crate) struct LinkService {
     pub(crate) state: Arc<State>,
 }
 
-fn sid_of(raw: u32) -> Result<SourceId, Status> {
-    u16::try_from(raw)
-        .map(SourceId)
-        .map_err(|_| Status::invalid_argument(format!("requester id {raw:#x} does not fit 16 bits")))
-}
-
 #[tonic::async_trait]
 impl AtsLink for LinkService {
     type OpenStream = ReceiverStream<Result<LinkDown, Status>>;
@@ -105,7 +99,7 @@ impl AtsLink for LinkService {
         let mut itag_budget = 0usize;
         let mut pri_budget = 0usize;
         for f in &bind.functions {
-            let sid = sid_of(f.source_id)?;
+            let sid = status::source_id(f.source_id)?;
             if !seen.insert(sid) {
                 return Err(Status::invalid_argument(format!("requester id {sid} appears twice in the bind")));
             }
@@ -241,7 +235,7 @@ async fn reader(
 }
 
 fn bound_sid(bound: &HashSet<SourceId>, raw: u32) -> Result<SourceId, Status> {
-    let sid = sid_of(raw)?;
+    let sid = status::source_id(raw)?;
     if bound.contains(&sid) {
         Ok(sid)
     } else {
@@ -361,9 +355,7 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
     m.link_msi.increment(msg.msi.len() as u64);
     for p in &msg.page_requests {
         let sid = bound_sid(bound, p.source_id)?;
-        let prgi = u16::try_from(p.group_index).ok().filter(|g| *g < 512).ok_or_else(|| {
-            Status::invalid_argument(format!("page request group index {} exceeds 9 bits", p.group_index))
-        })?;
+        let prgi = status::group_index(p.group_index)?;
         let req = PageRequest {
             sid,
             addr: Iova(p.address & !0xfff),

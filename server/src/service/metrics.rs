@@ -3,8 +3,8 @@
 //!
 //! Naming follows `dmar_<subsystem>_<name>_<unit>` with base units and `_total` counters;
 //! labels are bounded enums, never device ids. Counters the unit already keeps (lock-free,
-//! striped) are copied into the exporter by [`Metrics::refresh`] on every scrape interval
-//! tick rather than counted twice on the translation path.
+//! striped) are copied into the exporter by [`Metrics::refresh`] when `/metrics` is
+//! scraped, rather than counted twice on the translation path.
 
 use std::sync::Arc;
 use std::time::Duration;

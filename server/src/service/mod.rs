@@ -4,7 +4,7 @@
 //! No VT-d logic lives here: each call decodes, calls the driver or the unit, encodes.
 //! This module owns the process-level wiring: building the unit and its driver from a
 //! [`ServerConfig`], the background ticks that let time pass for the unit (device-TLB
-//! time-outs, the deferred flush queue, metric refresh), the page request pump that
+//! time-outs, the deferred flush queue), the page request pump that
 //! drains the unit's page request queue to watchers, and graceful shutdown.
 
 pub mod control;
@@ -185,11 +185,10 @@ pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: Cancell
     result.map_err(ServeError::from)
 }
 
-/// Lets time pass for the unit and the driver, and refreshes the metrics.
+/// Lets time pass for the unit and the driver.
 async fn ticker(state: Arc<State>) {
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut n = 0u32;
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return,
@@ -206,10 +205,6 @@ async fn ticker(state: Arc<State>) {
             })
             .await;
         }
-        n = n.wrapping_add(1);
-        if n.is_multiple_of(200) {
-            state.metrics.refresh(&state.unit.stats());
-        }
     }
 }
 
@@ -224,12 +219,12 @@ async fn page_request_pump(state: Arc<State>, notify: Arc<Notify>) {
         match state.driver.drain_page_requests() {
             Ok(requests) => {
                 for r in requests {
-                    let _ = state.hub.page_requests.send(events::PageRequestNote {
-                        source_id: r.sid.0,
+                    let _ = state.hub.page_requests.send(dmar_proto::v1::PageRequestEvent {
+                        source_id: u32::from(r.sid.0),
                         address: r.addr.0,
                         read: r.read,
                         write: r.write,
-                        group_index: r.prgi,
+                        group_index: u32::from(r.prgi),
                         last: r.last,
                     });
                 }

@@ -1,9 +1,11 @@
-//! The one place where domain errors become gRPC statuses. Messages are the errors' own
+//! The one place where domain errors become gRPC statuses, and where wire values are
+//! checked into the unit's types. Messages are the errors' own
 //! (lowercase, no trailing period); the code tells the client what kind of problem it is.
 
 use tonic::Status;
 
 use crate::driver::DriverError;
+use crate::ids::SourceId;
 use crate::unit::queue::PortError;
 use crate::unit::{DmaError, MemoryError, MmioError};
 
@@ -50,4 +52,19 @@ pub(crate) fn dma_fault_code(e: &DmaError) -> u32 {
         DmaError::Fault { reason, .. } => u32::from(reason.code()),
         _ => 0,
     }
+}
+
+/// A requester id from the wire: it must fit 16 bits.
+pub(crate) fn source_id(raw: u32) -> Result<SourceId, Status> {
+    u16::try_from(raw)
+        .map(SourceId)
+        .map_err(|_| Status::invalid_argument(format!("requester id {raw:#x} does not fit 16 bits")))
+}
+
+/// A page request group index from the wire: 9 bits (PCIe PRI).
+pub(crate) fn group_index(raw: u32) -> Result<u16, Status> {
+    u16::try_from(raw)
+        .ok()
+        .filter(|g| *g < 512)
+        .ok_or_else(|| Status::invalid_argument(format!("page request group index {raw} exceeds 9 bits")))
 }

@@ -67,7 +67,7 @@ pub use irte::{
     ApicMode, DeliveryMode, DestinationMode, IRTE_BYTES, Irta, Irte, SourceQualifier, SourceValidation, Trigger,
 };
 use msi::RemappableMsi;
-pub use msi::{INTERRUPT_ADDRESS_BASE, is_interrupt_address, msi_compatibility, msi_remappable};
+pub use msi::{is_interrupt_address, msi_compatibility, msi_remappable};
 
 /// Interrupt entry cache geometry of [`InterruptRemapper::default`]: 64 sets × 4 ways.
 pub const DEFAULT_IEC_GEOMETRY: CacheGeometry = CacheGeometry::new(64, 4);

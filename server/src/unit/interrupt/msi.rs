@@ -16,9 +16,7 @@
 
 use super::Remapped;
 use super::irte::{DeliveryMode, DestinationMode, Trigger};
-
-/// Base of the 1 MiB interrupt address range.
-pub const INTERRUPT_ADDRESS_BASE: u64 = 0xfee0_0000;
+use crate::unit::request::{INTERRUPT_RANGE_BASE, overlaps_interrupt_range};
 
 const FORMAT_REMAPPABLE: u64 = 1 << 4;
 const SHV: u64 = 1 << 3;
@@ -34,7 +32,7 @@ const DATA_TRIGGER_LEVEL: u32 = 1 << 15;
 /// Whether a write to `addr` is an interrupt request: bits 31:20 are 0xFEE. Bits 63:32 are
 /// not looked at; a remapping unit faults a nonzero upper half with 0x20.
 pub const fn is_interrupt_address(addr: u64) -> bool {
-    (addr >> 20) & 0xfff == 0xfee
+    overlaps_interrupt_range(addr & 0xffff_ffff, 1)
 }
 
 /// Address bit 4: the request is in remappable format.
@@ -102,7 +100,7 @@ pub(crate) const fn decode_compatibility(addr: u64, data: u32) -> Option<Remappe
 /// returned data is 0 (subhandle 0), so OR the subhandle in.
 pub const fn msi_remappable(handle: u16, shv: bool) -> (u64, u32) {
     let h = handle as u64;
-    let addr = INTERRUPT_ADDRESS_BASE
+    let addr = INTERRUPT_RANGE_BASE
         | ((h & 0x7fff) << HANDLE_LO_SHIFT)
         | FORMAT_REMAPPABLE
         | if shv { SHV } else { 0 }
@@ -129,7 +127,7 @@ pub const fn msi_compatibility(
         Trigger::Edge => 0,
         Trigger::Level => DATA_TRIGGER_LEVEL,
     };
-    let addr = INTERRUPT_ADDRESS_BASE | ((destination as u64) << DEST_SHIFT) | dm;
+    let addr = INTERRUPT_RANGE_BASE | ((destination as u64) << DEST_SHIFT) | dm;
     let data = vector as u32 | ((delivery_mode.bits() as u32) << DATA_DLM_SHIFT) | DATA_LEVEL_ASSERT | tm;
     (addr, data)
 }
