@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use dashmap::DashMap;
 use dmar_proto::v1::agent_control_server::AgentControlServer;
 use dmar_proto::v1::control_client::ControlClient;
-use dmar_server::SourceId;
+use dmar_vtd::SourceId;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::StreamExt as _;

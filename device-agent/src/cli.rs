@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use dmar_server::SourceId;
+use dmar_vtd::SourceId;
 
 use crate::atc::EvictionPolicy;
 use crate::config::{AgentConfig, FunctionConfig};

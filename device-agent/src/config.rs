@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use dmar_server::SourceId;
+use dmar_vtd::SourceId;
 
 use crate::atc::{DEFAULT_CAPACITY, EvictionPolicy, MAX_CAPACITY};
 

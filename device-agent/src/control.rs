@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use dmar_proto::v1 as pb;
 use dmar_proto::v1::agent_control_server::AgentControl;
-use dmar_server::SourceId;
+use dmar_vtd::SourceId;
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -35,7 +35,7 @@ pub mod workload;
 pub use agent::{Agent, AgentError, Listeners, run, serve};
 pub use config::{AgentConfig, ConfigError, FunctionConfig};
 pub use counters::Counters;
-pub use dmar_server::SourceId;
+pub use dmar_vtd::SourceId;
 pub use function::{
     Access, AccessError, AccessOutcome, AccessResult, Fault, FunctionHandle, FunctionSnapshot, HeldDma, Mode,
     PageRequestFailure, Stopped,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use dmar_agent::cli::{Args, LogFormat, listen_address};
 use dmar_agent::{Listeners, run};
-use dmar_server::service::process;
+use dmar_process as process;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmar_server::service::process;
+use dmar_process as process;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

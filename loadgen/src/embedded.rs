@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use dmar_agent::{AgentConfig, FunctionConfig, Listeners as AgentListeners};
-use dmar_server::SourceId;
 use dmar_server::service::{Listeners, ServerConfig};
+use dmar_vtd::SourceId;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -7,7 +7,7 @@ use dmar_loadgen::args::Cli;
 use dmar_loadgen::{Outcome, execute, plot};
 
 fn main() -> ExitCode {
-    let cli: Cli = dmar_server::service::process::parse_args("dmar-loadgen");
+    let cli: Cli = dmar_process::parse_args("dmar-loadgen");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -1,17 +1,7 @@
-//! dmar-server: an emulated Intel VT-d remapping unit and the software that programs it.
+//! dmar-server: the network faces of an emulated Intel VT-d remapping unit.
 //!
-//! Layers, bottom up (see `docs/ARCHITECTURE.md`):
-//! - [`unit`]: the hardware model. Registers, tables in emulated host memory, the page
-//!   walk, caches, invalidation and fault recording. Plain synchronous Rust, no I/O.
-//! - [`driver`]: the software model, after the Linux intel-iommu driver. Domains,
-//!   attach/detach, map/unmap writing real page tables, and the invalidations each change
-//!   needs.
-//!
-//! The network faces (gRPC control service and ATS link) build on these two.
+//! The unit and the driver that programs it live in `dmar-vtd`; this crate decodes gRPC
+//! requests, authorises them, calls the unit or the driver and encodes the answers
+//! ([`service`]). No VT-d rule lives here.
 
-pub mod driver;
-pub mod ids;
 pub mod service;
-pub mod unit;
-
-pub use ids::{DomainId, Hpa, ITag, Iova, PAGE_SHIFT, PAGE_SIZE, Pasid, SourceId};

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use dmar_server::driver::FlushPolicy;
-use dmar_server::service::{Listeners, ServerConfig, process, serve};
-use dmar_server::unit::{CacheGeometry, UnitConfig};
+use dmar_process as process;
+use dmar_server::service::{Listeners, ServerConfig, serve};
+use dmar_vtd::driver::FlushPolicy;
+use dmar_vtd::unit::{CacheGeometry, UnitConfig};
 use tokio_util::sync::CancellationToken;
 
 /// The dmar remapping server: an emulated Intel VT-d unit with ATS device-TLB support.

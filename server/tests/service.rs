@@ -9,7 +9,7 @@ use dmar_proto::v1::ats_link_client::AtsLinkClient;
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
 use dmar_server::service::{Listeners, ServerConfig, serve};
-use dmar_server::unit::UnitConfig;
+use dmar_vtd::unit::UnitConfig;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;

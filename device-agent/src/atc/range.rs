@@ -3,10 +3,10 @@
 //!
 //! Owns the decoding on the device side (PCIe ATS 2.3.2, VTD-REFERENCE b.5: S=0 is one
 //! 4 KiB page; S=1 makes the size 2^(p+1) bytes, p the lowest 0 bit of ADDR at or above
-//! bit 12). The bit-level codec is the server's (`dmar_server::unit::queue::srange`), so
+//! bit 12). The bit-level codec is the server's (`dmar_vtd::ats::range`), so
 //! both ends of the link read the encoding the same way.
 
-use dmar_server::unit::queue::srange;
+use dmar_vtd::ats::range as srange;
 
 /// An inclusive range of untranslated addresses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -50,7 +50,7 @@ impl InvalidationRange {
 
 #[cfg(test)]
 mod tests {
-    use dmar_server::Iova;
+    use dmar_vtd::Iova;
     use proptest::prelude::*;
 
     use super::*;

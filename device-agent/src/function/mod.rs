@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dmar_proto::v1::{DmaCompletion, InvalidationRequest, PageGroupResponse, TranslateResponse, TranslationCompletion};
-use dmar_server::SourceId;
+use dmar_vtd::SourceId;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::atc::AtcEntry;

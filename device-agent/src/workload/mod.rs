@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmar_server::SourceId;
+use dmar_vtd::SourceId;
 
 pub use self::report::{
     FunctionReport, HistogramError, LatencySummary, Report, decode_histogram, encode_histogram, new_histogram,

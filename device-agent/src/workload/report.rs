@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use dmar_server::SourceId;
+use dmar_vtd::SourceId;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 

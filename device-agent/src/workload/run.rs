@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dmar_server::SourceId;
+use dmar_vtd::SourceId;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 

@@ -19,10 +19,10 @@ use tonic::{Request, Response, Status};
 
 use super::State;
 use super::status;
-use crate::driver::{DomainKind as DrvKind, FlushPolicy as DrvFlush, Perm};
-use crate::ids::{DomainId, Hpa, Iova};
-use crate::unit::Access;
-use crate::unit::tables::AddressWidth;
+use dmar_vtd::driver::{DomainKind as DrvKind, FlushPolicy as DrvFlush, Perm};
+use dmar_vtd::ids::{DomainId, Hpa, Iova};
+use dmar_vtd::unit::Access;
+use dmar_vtd::unit::tables::AddressWidth;
 
 /// Most ranges per map or unmap request.
 pub const MAX_RANGES: usize = 4096;
@@ -310,9 +310,9 @@ impl Control for ControlService {
         let sid = status::source_id(r.source_id)?;
         let prgi = status::group_index(r.group_index)?;
         let code = match PageResponseCode::try_from(r.code) {
-            Ok(PageResponseCode::Success) => crate::unit::prq::ResponseCode::Success,
-            Ok(PageResponseCode::Invalid) => crate::unit::prq::ResponseCode::Invalid,
-            Ok(PageResponseCode::Failure) => crate::unit::prq::ResponseCode::Failure,
+            Ok(PageResponseCode::Success) => dmar_vtd::unit::prq::ResponseCode::Success,
+            Ok(PageResponseCode::Invalid) => dmar_vtd::unit::prq::ResponseCode::Invalid,
+            Ok(PageResponseCode::Failure) => dmar_vtd::unit::prq::ResponseCode::Failure,
             Err(_) => return Err(Status::invalid_argument(format!("unknown page response code {}", r.code))),
         };
         let driver = self.state.driver.clone();

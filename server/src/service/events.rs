@@ -12,9 +12,9 @@ use dmar_proto::v1::{FaultEvent, InterruptEvent, PageRequestEvent};
 use tokio::sync::{Notify, broadcast};
 
 use super::metrics::Metrics;
-use crate::ids::SourceId;
-use crate::unit::interrupt::{DestinationMode, Remapped, Trigger};
-use crate::unit::{Access, FaultReason, FaultRecord, UnitEvents};
+use dmar_vtd::ids::SourceId;
+use dmar_vtd::unit::interrupt::{DestinationMode, Remapped, Trigger};
+use dmar_vtd::unit::{Access, FaultReason, FaultRecord, UnitEvents};
 
 /// The page request event's message data: the driver programs PEDATA with it, and the hub
 /// recognises the event by it.

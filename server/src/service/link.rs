@@ -35,9 +35,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::State;
 use super::status;
-use crate::ids::{Hpa, ITag, Iova, SourceId};
-use crate::unit::prq::PageRequest;
-use crate::unit::{AtsCompletion, DeviceInvalidation, DevicePort, PageResponse};
+use dmar_vtd::ids::{Hpa, ITag, Iova, SourceId};
+use dmar_vtd::unit::prq::PageRequest;
+use dmar_vtd::unit::{AtsCompletion, DeviceInvalidation, DevicePort, PageResponse};
 
 /// Most functions one link may bind.
 pub const MAX_FUNCTIONS_PER_LINK: usize = 256;
@@ -366,8 +366,8 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
             private_data: None,
         };
         match unit.page_request(req) {
-            Ok(crate::unit::PageRequestOutcome::Queued) => m.prq_queued.increment(1),
-            Ok(crate::unit::PageRequestOutcome::Dropped) => m.prq_overflow.increment(1),
+            Ok(dmar_vtd::unit::PageRequestOutcome::Queued) => m.prq_queued.increment(1),
+            Ok(dmar_vtd::unit::PageRequestOutcome::Dropped) => m.prq_overflow.increment(1),
             Err(e) => {
                 // The function may not use PRI: answer the group with a response failure so
                 // it stops, rather than leaving it waiting.

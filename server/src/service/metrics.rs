@@ -14,7 +14,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::unit::{FaultReason, UnitStats};
+use dmar_vtd::unit::{FaultReason, UnitStats};
 
 /// Histogram buckets for page walks (seconds): 25 ns to 100 µs.
 const WALK_BUCKETS: &[f64] = &[25e-9, 50e-9, 100e-9, 200e-9, 400e-9, 800e-9, 1.6e-6, 3.2e-6, 10e-6, 100e-6];

@@ -11,7 +11,7 @@ pub mod control;
 pub mod events;
 pub mod link;
 pub mod metrics;
-pub mod process;
+
 mod status;
 
 use std::collections::HashMap;
@@ -29,9 +29,9 @@ use tokio_util::task::TaskTracker;
 
 use self::events::EventHub;
 use self::metrics::Metrics;
-use crate::driver::{Driver, DriverConfig, DriverError, FlushPolicy};
-use crate::unit::memory::{DEFAULT_MEMORY_SIZE, InvalidMemorySize};
-use crate::unit::{HostMemory, Unit, UnitConfig, UnitStats};
+use dmar_vtd::driver::{Driver, DriverConfig, DriverError, FlushPolicy};
+use dmar_vtd::unit::memory::{DEFAULT_MEMORY_SIZE, InvalidMemorySize};
+use dmar_vtd::unit::{HostMemory, Unit, UnitConfig, UnitStats};
 
 /// How the server is built.
 #[derive(Clone, Debug)]
@@ -147,11 +147,11 @@ pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: Cancell
     tasks.spawn(page_request_pump(state.clone(), page_requests));
     if let (Some(listener), Some(handle)) = (listeners.metrics, handle) {
         let s = state.clone();
-        let render: process::Render = Arc::new(move || {
+        let render: dmar_process::Render = Arc::new(move || {
             s.metrics.refresh(&s.unit.stats());
             handle.render()
         });
-        tasks.spawn(process::serve_metrics(listener, "dmar-server", render, shutdown.clone()));
+        tasks.spawn(dmar_process::serve_metrics(listener, "dmar-server", render, shutdown.clone()));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -4,10 +4,10 @@
 
 use tonic::Status;
 
-use crate::driver::DriverError;
-use crate::ids::SourceId;
-use crate::unit::queue::PortError;
-use crate::unit::{DmaError, MemoryError, MmioError};
+use dmar_vtd::driver::DriverError;
+use dmar_vtd::ids::SourceId;
+use dmar_vtd::unit::queue::PortError;
+use dmar_vtd::unit::{DmaError, MemoryError, MmioError};
 
 /// Maps a driver error to a status.
 pub(crate) fn driver(e: DriverError) -> Status {

@@ -33,7 +33,7 @@ fn rig(config: FunctionConfig) -> Rig {
 }
 
 fn config() -> FunctionConfig {
-    FunctionConfig::new(dmar_server::SourceId::new(0, 1, 0))
+    FunctionConfig::new(dmar_vtd::SourceId::new(0, 1, 0))
 }
 
 impl Rig {

@@ -2,7 +2,7 @@
 //! workload through the device TLBs (ATS) and through the unary baseline, and prints both
 //! reports. The shape the load generator follows.
 //!
-//! `cargo run --release -p dmar-agent --example embedded -- [FUNCTIONS] [SECONDS] [CONCURRENCY] [FOOTPRINT_MIB]`
+//! `cargo run --release -p dmar-loadgen --example one_agent -- [FUNCTIONS] [SECONDS] [CONCURRENCY] [FOOTPRINT_MIB]`
 
 use std::time::Duration;
 

@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use dmar_server::unit::regs::{self, ccmd, gcmd, iotlb};
-use dmar_server::unit::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType, level_index};
-use dmar_server::unit::{HostMemory, Unit, UnitConfig};
-use dmar_server::{DomainId, Hpa, Iova, SourceId};
+use dmar_vtd::unit::regs::{self, ccmd, gcmd, iotlb};
+use dmar_vtd::unit::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType, level_index};
+use dmar_vtd::unit::{HostMemory, Unit, UnitConfig};
+use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 
 pub const MEMORY: u64 = 4 << 30;
 
@@ -29,10 +29,10 @@ impl Rig {
     }
 
     pub fn with_config(config: UnitConfig) -> Self {
-        Self::with_events(config, Arc::new(dmar_server::unit::NoEvents))
+        Self::with_events(config, Arc::new(dmar_vtd::unit::NoEvents))
     }
 
-    pub fn with_events(config: UnitConfig, events: Arc<dyn dmar_server::unit::UnitEvents>) -> Self {
+    pub fn with_events(config: UnitConfig, events: Arc<dyn dmar_vtd::unit::UnitEvents>) -> Self {
         let mem = Arc::new(HostMemory::new(MEMORY).expect("memory"));
         let unit = Arc::new(Unit::with_events(config, mem.clone(), events));
         let mut rig = Self { unit, mem, root: Hpa(0), next_frame: 0x100_0000, context_tables: HashMap::new() };

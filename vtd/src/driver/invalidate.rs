@@ -305,8 +305,8 @@ mod tests {
 
     #[test]
     fn device_tlb_ranges_follow_the_iotlb_scope() {
+        use crate::ats::range as srange;
         use crate::unit::queue::descriptor::{Descriptor, decode};
-        use crate::unit::queue::srange;
 
         let scope = pages(3 * PAGE, 5 * PAGE, true);
         let range = DeviceTlbRange::for_scope(scope);

@@ -5,10 +5,10 @@
 mod common;
 
 use common::Rig;
-use dmar_server::unit::regs::{self, ccmd, gcmd, iotlb};
-use dmar_server::unit::tables::{AddressWidth, ContextEntry, SlPte, TranslationType};
-use dmar_server::unit::{Access, CacheGeometry, MmioError, UnitConfig};
-use dmar_server::{Hpa, Iova, SourceId};
+use dmar_vtd::unit::regs::{self, ccmd, gcmd, iotlb};
+use dmar_vtd::unit::tables::{AddressWidth, ContextEntry, SlPte, TranslationType};
+use dmar_vtd::unit::{Access, CacheGeometry, MmioError, UnitConfig};
+use dmar_vtd::{Hpa, Iova, SourceId};
 
 const SID: SourceId = SourceId::new(0, 4, 0);
 const AW: AddressWidth = AddressWidth::Aw48;

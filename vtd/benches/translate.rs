@@ -8,10 +8,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use dmar_server::unit::regs::{self, gcmd};
-use dmar_server::unit::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType, level_index};
-use dmar_server::unit::{Access, CacheGeometry, HostMemory, Unit, UnitConfig};
-use dmar_server::{DomainId, Hpa, Iova, SourceId};
+use dmar_vtd::unit::regs::{self, gcmd};
+use dmar_vtd::unit::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType, level_index};
+use dmar_vtd::unit::{Access, CacheGeometry, HostMemory, Unit, UnitConfig};
+use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 
 struct Bench {
     unit: Unit,

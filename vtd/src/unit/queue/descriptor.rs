@@ -193,7 +193,7 @@ pub mod encode {
     /// encoding (VTD-REFERENCE b.5: Linux `qi_desc_dev_iotlb`).
     pub fn device_tlb(sid: SourceId, queue_depth: u8, addr: Iova, pages_log2: u32) -> (u64, u64) {
         let qw0 = 3 | (u64::from(queue_depth & 0x1f) << 16) | (u64::from(sid.0) << 32);
-        (qw0, super::super::srange::encode(addr, pages_log2))
+        (qw0, crate::ats::range::encode(addr, pages_log2))
     }
 
     /// Type 4.

@@ -29,7 +29,6 @@
 
 pub mod descriptor;
 pub mod port;
-pub mod srange;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -9,10 +9,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use dmar_server::driver::{DomainKind, Driver, DriverConfig, DriverError, Perm};
-use dmar_server::unit::tables::AddressWidth;
-use dmar_server::unit::{Access, Blocked, FaultReason, HostMemory, Unit, UnitConfig};
-use dmar_server::{DomainId, Hpa, Iova, SourceId};
+use dmar_vtd::driver::{DomainKind, Driver, DriverConfig, DriverError, Perm};
+use dmar_vtd::unit::tables::AddressWidth;
+use dmar_vtd::unit::{Access, Blocked, FaultReason, HostMemory, Unit, UnitConfig};
+use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 use proptest::prelude::*;
 
 const PAGE: u64 = 4096;

@@ -10,7 +10,7 @@ use dmar_agent::{Agent, AgentConfig, FunctionConfig, LinkState, SourceId};
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
 use dmar_server::service::{Listeners, ServerConfig, serve};
-use dmar_server::unit::UnitConfig;
+use dmar_vtd::unit::UnitConfig;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 

@@ -14,13 +14,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use dmar_server::driver::{DomainKind, Driver, DriverConfig, DriverError, FlushPolicy, Perm};
-use dmar_server::unit::regs::{self, fsts};
-use dmar_server::unit::tables::AddressWidth;
-use dmar_server::unit::{
+use dmar_vtd::driver::{DomainKind, Driver, DriverConfig, DriverError, FlushPolicy, Perm};
+use dmar_vtd::unit::regs::{self, fsts};
+use dmar_vtd::unit::tables::AddressWidth;
+use dmar_vtd::unit::{
     Access, AtsCompletion, AtsEntry, Blocked, DeviceInvalidation, DevicePort, FaultReason, HostMemory, Unit, UnitConfig,
 };
-use dmar_server::{DomainId, Hpa, Iova, SourceId};
+use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 

@@ -9,13 +9,13 @@ mod common;
 use std::sync::Arc;
 
 use common::Rig;
-use dmar_server::unit::interrupt::{
+use dmar_vtd::unit::interrupt::{
     ApicMode, Irta, Irte, Remapped, SourceQualifier, SourceValidation, msi_compatibility, msi_remappable,
 };
-use dmar_server::unit::queue::descriptor::{IecInvalidationDesc, encode};
-use dmar_server::unit::regs::{self, gcmd};
-use dmar_server::unit::{DmaError, FaultReason, UnitConfig, UnitEvents};
-use dmar_server::{Hpa, Iova, SourceId};
+use dmar_vtd::unit::queue::descriptor::{IecInvalidationDesc, encode};
+use dmar_vtd::unit::regs::{self, gcmd};
+use dmar_vtd::unit::{DmaError, FaultReason, UnitConfig, UnitEvents};
+use dmar_vtd::{Hpa, Iova, SourceId};
 use parking_lot::Mutex;
 
 const SID: SourceId = SourceId::new(3, 0, 1);
@@ -83,9 +83,9 @@ fn ir_faults_are_recorded_with_the_interrupt_index() {
     let (addr, data) = msi_compatibility(
         1,
         0x20,
-        dmar_server::unit::interrupt::DeliveryMode::Fixed,
-        dmar_server::unit::interrupt::Trigger::Edge,
-        dmar_server::unit::interrupt::DestinationMode::Physical,
+        dmar_vtd::unit::interrupt::DeliveryMode::Fixed,
+        dmar_vtd::unit::interrupt::Trigger::Edge,
+        dmar_vtd::unit::interrupt::DestinationMode::Physical,
     );
     assert_eq!(rig.unit.msi_write(SID, addr, data).map_err(|f| f.reason), Err(FaultReason::IrCompatBlocked));
 

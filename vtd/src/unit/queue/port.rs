@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use super::srange;
+use crate::ats::range as srange;
 use crate::ids::{ITag, Iova, SourceId};
 
 /// The most invalidations a function can have outstanding (ATS: 5-bit ITag).

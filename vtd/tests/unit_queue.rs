@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Rig;
-use dmar_server::unit::invalidate::{ContextInvalidation, IotlbInvalidation};
-use dmar_server::unit::queue::descriptor::{IecInvalidationDesc, WaitDesc, encode};
-use dmar_server::unit::regs::{self, fsts};
-use dmar_server::unit::tables::{AddressWidth, SlPte, TranslationType};
-use dmar_server::unit::{
+use dmar_vtd::unit::invalidate::{ContextInvalidation, IotlbInvalidation};
+use dmar_vtd::unit::queue::descriptor::{IecInvalidationDesc, WaitDesc, encode};
+use dmar_vtd::unit::regs::{self, fsts};
+use dmar_vtd::unit::tables::{AddressWidth, SlPte, TranslationType};
+use dmar_vtd::unit::{
     Access, DeviceInvalidation, DevicePort, PageResponse, UnexpectedCompletion, UnitConfig, UnitEvents,
 };
-use dmar_server::{DomainId, Hpa, ITag, Iova, SourceId};
+use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
 use parking_lot::Mutex;
 
 const SID: SourceId = SourceId::new(0, 8, 0);
@@ -279,8 +279,8 @@ fn page_group_responses_are_routed_to_the_function() {
 
 mod page_requests {
     use super::*;
-    use dmar_server::unit::PageRequestOutcome;
-    use dmar_server::unit::prq::{self, PageGroupResponse, PageRequest, ResponseCode};
+    use dmar_vtd::unit::PageRequestOutcome;
+    use dmar_vtd::unit::prq::{self, PageGroupResponse, PageRequest, ResponseCode};
 
     fn request(prgi: u16, page: u64, last: bool) -> PageRequest {
         PageRequest { sid: SID, addr: Iova(page << 12), read: true, write: true, prgi, last, private_data: None }

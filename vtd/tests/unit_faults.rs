@@ -6,10 +6,10 @@
 mod common;
 
 use common::Rig;
-use dmar_server::unit::regs::{self, fsts};
-use dmar_server::unit::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType};
-use dmar_server::unit::{Access, AtsCompletion, Blocked, FaultReason, FaultRecord, RequestKind};
-use dmar_server::{DomainId, Hpa, Iova, SourceId};
+use dmar_vtd::unit::regs::{self, fsts};
+use dmar_vtd::unit::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType};
+use dmar_vtd::unit::{Access, AtsCompletion, Blocked, FaultReason, FaultRecord, RequestKind};
+use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 
 const SID: SourceId = SourceId::new(0x12, 3, 1);
 
@@ -34,11 +34,11 @@ fn expect_one(rig: &Rig, reason: FaultReason, addr: u64, access: Access, kind: R
     assert_eq!(hi >> 63, 1, "F");
 }
 
-fn read(rig: &Rig, iova: u64) -> Result<dmar_server::unit::Translation, Blocked> {
+fn read(rig: &Rig, iova: u64) -> Result<dmar_vtd::unit::Translation, Blocked> {
     rig.unit.translate(SID, Iova(iova), Access::Read)
 }
 
-fn blocked(reason: FaultReason) -> Result<dmar_server::unit::Translation, Blocked> {
+fn blocked(reason: FaultReason) -> Result<dmar_vtd::unit::Translation, Blocked> {
     Err(Blocked { reason: Some(reason) })
 }
 
@@ -126,9 +126,7 @@ fn paging_entry_access_error_0x07() {
 fn root_table_invalid_0x08() {
     let rig = Rig::new();
     rig.unit.write64(regs::RTADDR, common::MEMORY + 0x10_0000).expect("rtaddr");
-    rig.unit
-        .write32(regs::GCMD, dmar_server::unit::regs::gcmd::SRTP | dmar_server::unit::regs::gcmd::TE)
-        .expect("srtp");
+    rig.unit.write32(regs::GCMD, dmar_vtd::unit::regs::gcmd::SRTP | dmar_vtd::unit::regs::gcmd::TE).expect("srtp");
     assert_eq!(read(&rig, 0x1000), blocked(FaultReason::RootTableInvalid));
     expect_one(&rig, FaultReason::RootTableInvalid, 0x1000, Access::Read, RequestKind::Untranslated);
 }

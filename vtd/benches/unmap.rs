@@ -20,10 +20,10 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use dmar_server::driver::{DomainKind, Driver, DriverConfig, FlushPolicy, Perm};
-use dmar_server::unit::tables::AddressWidth;
-use dmar_server::unit::{DeviceInvalidation, DevicePort, HostMemory, Unit, UnitConfig};
-use dmar_server::{DomainId, Hpa, ITag, Iova, SourceId};
+use dmar_vtd::driver::{DomainKind, Driver, DriverConfig, FlushPolicy, Perm};
+use dmar_vtd::unit::tables::AddressWidth;
+use dmar_vtd::unit::{DeviceInvalidation, DevicePort, HostMemory, Unit, UnitConfig};
+use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
 
 const MEMORY: u64 = 4 << 30;
 const PAGE: u64 = 4096;
