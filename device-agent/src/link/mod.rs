@@ -23,10 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dmar_proto::v1::ats_link_client::AtsLinkClient;
-use dmar_proto::v1::{
-    Bind, DmaRequest, Function as WireFunction, InvalidationCompletion, LinkDown, LinkUp, PageRequest,
-    TranslationRequest,
-};
+use dmar_proto::v1::{LinkDown, LinkUp};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -35,8 +32,10 @@ use tonic::transport::Endpoint;
 
 use self::backoff::Backoff;
 use crate::config::AgentConfig;
-use crate::function::{FunctionDown, Inbound};
+use crate::function::Inbound;
+use crate::function::messages::{FunctionDown, Up};
 use crate::metrics::AgentMetrics;
+use crate::wire;
 
 /// Outbound messages buffered towards gRPC before the writer waits.
 const OUTBOUND_DEPTH: usize = 32;
@@ -52,27 +51,21 @@ pub struct LinkState {
     pub generation: u64,
 }
 
-/// A request a function queues for the server.
-#[derive(Debug)]
-pub(crate) enum UpKind {
-    Translation(TranslationRequest),
-    Dma(DmaRequest),
-    Page(PageRequest),
-}
-
 /// Requests a function queued in one turn of its loop, stamped with the connection they
 /// were meant for (one channel operation per turn, not per request).
 #[derive(Debug)]
 pub(crate) struct UpItem {
     pub(crate) generation: u64,
-    pub(crate) items: Vec<UpKind>,
+    pub(crate) source_id: u32,
+    pub(crate) items: Vec<Up>,
 }
 
 /// An invalidation completion stamped with its connection.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PrioItem {
     pub(crate) generation: u64,
-    pub(crate) completion: InvalidationCompletion,
+    pub(crate) source_id: u32,
+    pub(crate) itag: u32,
 }
 
 /// The functions' side of the link's queues.
@@ -84,8 +77,8 @@ pub(crate) struct LinkTx {
 
 impl LinkTx {
     /// Queues a function's requests; false if the link task is gone (the agent is stopping).
-    pub(crate) fn send(&self, generation: u64, items: Vec<UpKind>) -> bool {
-        self.up.send(UpItem { generation, items }).is_ok()
+    pub(crate) fn send(&self, generation: u64, source_id: u32, items: Vec<Up>) -> bool {
+        self.up.send(UpItem { generation, source_id, items }).is_ok()
     }
 
     /// A link end whose queues a test reads directly.
@@ -96,9 +89,10 @@ impl LinkTx {
         (LinkTx { up, prio }, up_rx, prio_rx)
     }
 
-    /// Queues an invalidation completion on the priority path.
-    pub(crate) fn complete(&self, generation: u64, completion: InvalidationCompletion) -> bool {
-        self.prio.send(PrioItem { generation, completion }).is_ok()
+    /// Queues an invalidation completion on the priority path; false if the link task is
+    /// gone.
+    pub(crate) fn complete(&self, generation: u64, source_id: u32, itag: u32) -> bool {
+        self.prio.send(PrioItem { generation, source_id, itag }).is_ok()
     }
 }
 
@@ -166,24 +160,24 @@ impl Router {
     }
 
     fn route(&mut self, m: LinkDown) {
-        for x in m.invalidations {
+        for x in &m.invalidations {
             if let Some(d) = self.slot(x.source_id) {
-                d.invalidations.push(x);
+                d.invalidations.push(wire::invalidation_request(x));
             }
         }
-        for x in m.completions {
+        for x in &m.completions {
             if let Some(d) = self.slot(x.source_id) {
-                d.completions.push(x);
+                d.completions.push(wire::translation_completion(x));
             }
         }
-        for x in m.dma {
+        for x in &m.dma {
             if let Some(d) = self.slot(x.source_id) {
-                d.dma.push(x);
+                d.dma.push(wire::dma_completion(x));
             }
         }
-        for x in m.page_responses {
+        for x in &m.page_responses {
             if let Some(d) = self.slot(x.source_id) {
-                d.page_responses.push(x);
+                d.page_responses.push(wire::page_group_response(x));
             }
         }
         for i in self.touched.drain(..) {
@@ -204,7 +198,8 @@ impl Router {
 #[derive(Debug)]
 pub(crate) struct Link {
     config: Arc<AgentConfig>,
-    bind: Vec<WireFunction>,
+    /// The functions' requester ids, in the configuration's order.
+    sids: Vec<u32>,
     router: Router,
     up: mpsc::UnboundedReceiver<UpItem>,
     prio: mpsc::UnboundedReceiver<PrioItem>,
@@ -222,25 +217,17 @@ impl Link {
         let (up_tx, up) = mpsc::unbounded_channel();
         let (prio_tx, prio) = mpsc::unbounded_channel();
         let (state, state_rx) = watch::channel(LinkState::default());
-        let bind = config
-            .functions
-            .iter()
-            .map(|f| WireFunction {
-                source_id: u32::from(f.sid.0),
-                invalidate_queue_depth: u32::from(f.invalidate_queue_depth),
-                page_request_capacity: u32::from(f.page_request_capacity),
-            })
-            .collect::<Vec<_>>();
-        let index = bind.iter().enumerate().map(|(i, f)| (f.source_id, i)).collect();
+        let sids: Vec<u32> = config.functions.iter().map(|f| u32::from(f.sid.0)).collect();
+        let index = sids.iter().enumerate().map(|(i, sid)| (*sid, i)).collect();
         let scratch = (0..inboxes.len()).map(|_| FunctionDown::default()).collect();
         let router = Router { inboxes, index, scratch, touched: Vec::new() };
-        let link = Link { config, bind, router, up, prio, state, metrics };
+        let link = Link { config, sids, router, up, prio, state, metrics };
         (link, LinkTx { up: up_tx, prio: prio_tx }, state_rx)
     }
 
     /// Runs until `shutdown`.
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
-        let seed = std::process::id() as u64 ^ self.bind.first().map_or(0, |f| u64::from(f.source_id) << 32);
+        let seed = std::process::id() as u64 ^ self.sids.first().map_or(0, |sid| u64::from(*sid) << 32);
         let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max, seed);
         let mut generation = 0u64;
         let url = self.config.server_url();
@@ -253,13 +240,13 @@ impl Link {
                 Ok((out, inbound)) => {
                     generation += 1;
                     backoff.reset();
-                    self.router.broadcast(|| Inbound::LinkUp { generation });
+                    self.router.broadcast(|| Inbound::Connected { generation });
                     self.state.send_replace(LinkState { connected: true, generation });
                     self.metrics.link_up.increment(1.0);
                     self.metrics.link_connections.increment(1);
-                    tracing::info!(server = %url, generation, functions = self.bind.len(), "ATS link bound");
+                    tracing::info!(server = %url, generation, functions = self.sids.len(), "ATS link bound");
                     let end = self.serve(out, inbound, generation, &shutdown).await;
-                    self.router.broadcast(|| Inbound::LinkDown { generation });
+                    self.router.broadcast(|| Inbound::Disconnected { generation });
                     self.state.send_replace(LinkState { connected: false, generation });
                     self.metrics.link_up.decrement(1.0);
                     match end {
@@ -296,24 +283,17 @@ impl Link {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (out, rx) = mpsc::channel(OUTBOUND_DEPTH);
-        let bind = LinkUp {
-            bind: Some(Bind { functions: self.bind.clone(), agent: self.config.name.clone() }),
-            ..Default::default()
-        };
         // The server reads the bind before it answers the call, so it must be queued first.
-        out.send(bind).await.map_err(|_| LinkError::Closed)?;
+        out.send(wire::bind(&self.config)).await.map_err(|_| LinkError::Closed)?;
         let response = tokio::time::timeout(t, client.open(ReceiverStream::new(rx)))
             .await
             .map_err(|_| LinkError::Timeout(t))??;
         let mut inbound = response.into_inner();
         let first = tokio::time::timeout(t, inbound.message()).await.map_err(|_| LinkError::Timeout(t))??;
-        let bound = first
-            .ok_or(LinkError::Closed)?
-            .bound
+        let mut got = wire::bound(first.ok_or(LinkError::Closed)?)
             .ok_or_else(|| LinkError::Protocol("the first message is not the bind's answer".into()))?;
-        let mut got = bound.source_ids;
         got.sort_unstable();
-        let mut want: Vec<u32> = self.bind.iter().map(|f| f.source_id).collect();
+        let mut want = self.sids.clone();
         want.sort_unstable();
         if got != want {
             return Err(LinkError::Protocol(format!("bound {got:?}, asked for {want:?}")));

@@ -24,7 +24,7 @@ pub use self::report::{
 pub use self::run::{Run, RunPhase};
 pub use self::trace::{MAX_TRACE_ACCESSES, Trace, TraceAccess, TraceError};
 use crate::config::FunctionConfig;
-pub use crate::function::Mode;
+use crate::function::Mode;
 
 pub(crate) use self::run::coordinate;
 
