@@ -15,9 +15,6 @@ macro_rules! counters {
         }
 
         impl Counters {
-            /// The counters' names, in declaration order.
-            pub const NAMES: &'static [&'static str] = &[$(stringify!($name)),*];
-
             /// `self - earlier`, field by field (saturating, so a reset never underflows).
             pub fn since(&self, earlier: &Counters) -> Counters {
                 Counters { $($name: self.$name.saturating_sub(earlier.$name),)* }
@@ -26,11 +23,6 @@ macro_rules! counters {
             /// Adds `other` field by field.
             pub fn add(&mut self, other: &Counters) {
                 $(self.$name = self.$name.saturating_add(other.$name);)*
-            }
-
-            /// (name, value) pairs, in declaration order.
-            pub fn fields(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($name), self.$name)),*]
             }
         }
     };
@@ -97,7 +89,6 @@ mod tests {
         assert_eq!((d.accesses, d.atc_hits, d.atc_misses), (6, 0, 3));
         a.add(&b);
         assert_eq!((a.accesses, a.atc_hits), (14, 16));
-        assert_eq!(a.fields().len(), Counters::NAMES.len());
         assert!((Counters { atc_hits: 3, atc_misses: 1, ..Default::default() }.hit_ratio() - 0.75).abs() < 1e-9);
     }
 }

@@ -40,8 +40,8 @@ pub use config::{AgentConfig, ConfigError, FunctionConfig};
 pub use counters::Counters;
 pub use dmar_vtd::SourceId;
 pub use function::{
-    AccessError, Dma, DmaError, DmaOutcome, DmaResult, FunctionHandle, FunctionSnapshot, HeldDma, InvalidDma,
-    MAX_DMA_BYTES, Mode, PageRequestFailure, Stopped,
+    AccessError, Dma, DmaError, DmaOutcome, DmaResult, FunctionHandle, FunctionSnapshot, HeldDma, InvalidDma, Mode,
+    PageRequestFailure, Stopped,
 };
 pub use link::LinkState;
 pub use workload::{Pattern, Report, Run, RunPhase, StreamSpec, WorkloadError, WorkloadSpec};

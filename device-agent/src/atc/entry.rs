@@ -6,9 +6,9 @@
 //! the wire decoding (`function`).
 
 /// Smallest range a completion can describe (one 4 KiB page).
-pub const MIN_SIZE_SHIFT: u8 = 12;
+pub(crate) const MIN_SIZE_SHIFT: u8 = 12;
 /// Largest range the cache keeps (the cache key needs the shift to be below 64).
-pub const MAX_SIZE_SHIFT: u8 = 63;
+pub(crate) const MAX_SIZE_SHIFT: u8 = 63;
 
 /// The permission bits of an entry: R, W and U (untranslated only) of a translation
 /// completion. Exe and Priv are never granted by VT-d in legacy mode and are not kept.

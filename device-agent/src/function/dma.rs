@@ -19,7 +19,7 @@ pub enum Mode {
 }
 
 /// Largest DMA of one access: one page, so that one translation always covers it.
-pub const MAX_DMA_BYTES: u32 = 4096;
+pub(crate) const MAX_DMA_BYTES: u32 = 4096;
 
 /// One DMA a function makes (an access, in the counters' and reports' words).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,11 +50,6 @@ impl Dma {
     /// The same access, stopping at the translation.
     pub const fn translate_only(self) -> Self {
         Self { translate_only: true, ..self }
-    }
-
-    /// The same access moving `len` bytes.
-    pub const fn with_len(self, len: u32) -> Self {
-        Self { len, ..self }
     }
 
     /// The same access in the baseline mode.

@@ -87,11 +87,6 @@ impl FunctionHandle {
         Self { config, commands }
     }
 
-    /// Requester id.
-    pub fn sid(&self) -> SourceId {
-        self.config.sid
-    }
-
     /// The function's configuration.
     pub fn config(&self) -> &FunctionConfig {
         &self.config

@@ -28,7 +28,7 @@ mod ops;
 mod pri;
 mod task;
 
-pub use self::dma::{Dma, DmaError, DmaOutcome, DmaResult, InvalidDma, MAX_DMA_BYTES, Mode, PageRequestFailure};
+pub use self::dma::{Dma, DmaError, DmaOutcome, DmaResult, InvalidDma, Mode, PageRequestFailure};
 pub(crate) use self::handle::Command;
 pub use self::handle::{AccessError, FunctionHandle, FunctionSnapshot, HeldDma, Stopped};
 pub(crate) use self::task::{FunctionTask, Inbound, TaskParts};
