@@ -1,5 +1,7 @@
 //! The command line: every flag, each also read from `DMAR_<FLAG>`, and its translation
-//! into an [`AgentConfig`]. Zero flags work locally (a server on 127.0.0.1:50051).
+//! into an [`AgentConfig`]. Zero flags work locally (a server on 127.0.0.1:50051). Not
+//! here: the rules a configuration must follow (`config`), tracing and signals
+//! (`dmar_process`).
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -2,8 +2,9 @@
 //!
 //! Owns the set of counters (one list, so the report, the progress stream, the Prometheus
 //! metrics and the proto all name the same things) and their arithmetic. A function keeps
-//! plain `u64`s that only its task writes; readers get copies (snapshots, progress every
-//! 100 ms), so the hot path touches no atomic.
+//! plain `u64`s that only its state machine writes; readers get copies (snapshots,
+//! progress every 100 ms), so the hot path touches no atomic. Not here: their Prometheus
+//! names (`metrics`) and wire form (`wire`).
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident,)*) => {

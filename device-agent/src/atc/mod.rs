@@ -3,8 +3,9 @@
 //! Owns the entries and their lookup, insertion, eviction and range invalidation. An entry
 //! is a range exactly as a translation completion gave it (a naturally aligned 2^n-byte
 //! range with R, W, U), so one 2 MiB completion is one entry. The cache is a plain value
-//! with `&mut self` methods: it belongs to its function's task and is never shared, so
-//! the hit path takes no lock and touches no atomic (PERFORMANCE.md: ≤ 20 ns per hit).
+//! with `&mut self` methods: it belongs to its function's state machine and is never
+//! shared, so the hit path takes no lock and touches no atomic (target ≤ 20 ns per hit:
+//! `docs/BENCHMARKS.md`, `benches/atc.rs`).
 //!
 //! Indexing: one hash map keyed by (range index, size shift), plus a bit mask of the
 //! range sizes present; a lookup probes once per size present (usually one or two).

@@ -10,10 +10,12 @@
 //! its invalidate queue depth). So the reader keeps servicing the link whatever a
 //! function is waiting for, the rule that keeps vhost-user-style deadlocks out.
 //!
-//! Every connection has a generation number. A function learns it from the link-up event
-//! and stamps what it queues with it; the writer drops anything stamped with an older one,
-//! because the function has already failed the accesses behind it on the link-down event.
-//! Not here: what a function does with its traffic (`function`).
+//! Every connection has a generation number. A function learns it from the `Connected`
+//! event and stamps what it queues with it; the writer drops anything stamped with an
+//! older one, because the function has already failed the accesses behind it on the
+//! `Disconnected` event. Functions queue the agent's own message types
+//! (`function::messages`); the protobuf forms are made and read here through `wire`. Not
+//! here: what a function does with its traffic (`function`).
 
 mod backoff;
 mod writer;

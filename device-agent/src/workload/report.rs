@@ -11,8 +11,8 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use super::{Mode, RunPhase};
 use crate::counters::Counters;
 
-/// A latency histogram in nanoseconds with 3 significant digits (PERFORMANCE.md), growing
-/// to fit whatever is recorded.
+/// A latency histogram in nanoseconds with 3 significant digits (0.1 % resolution at
+/// every percentile), growing to fit whatever is recorded.
 pub(crate) fn new_histogram() -> Histogram<u64> {
     // 3 significant digits is always a valid precision.
     Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits are valid"))
