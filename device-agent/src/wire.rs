@@ -1,7 +1,8 @@
 //! Every conversion between `dmar_proto` messages and the agent's own types, in one place.
 //!
 //! Owns the wire forms of: the ATS link (the bind and its answer, what a function sends up
-//! and what the server sends down: `function::messages`), the baseline's unary
+//! and what the server sends down: `function::messages`; a function's task converts its
+//! own traffic, so the link's shared tasks only move messages), the baseline's unary
 //! `Control.Translate`, and the AgentControl service (workload descriptions, accesses,
 //! reports, progress, agent information). Not here: moving messages (`link`, `task`),
 //! serving the gRPC calls and mapping errors to statuses (`control`), deciding anything
@@ -22,6 +23,7 @@ use crate::function::messages::{
     TranslationCompletion, Up,
 };
 use crate::function::{Dma, DmaOutcome, DmaResult, FunctionSnapshot, Mode};
+use crate::link::UpKind;
 use crate::workload::{
     LatencySummary, Pattern, Report, Run, RunPhase, StreamSpec, Trace, TraceError, WorkloadError, WorkloadSpec,
     encode_histogram,
@@ -51,44 +53,32 @@ pub(crate) fn bound(m: pb::LinkDown) -> Option<Vec<u32>> {
     m.bound.map(|b| b.source_ids)
 }
 
-/// Adds a function's request to an outbound message; returns the DMA payload bytes it
-/// adds.
-pub(crate) fn add_up(msg: &mut pb::LinkUp, source_id: u32, up: Up) -> usize {
+/// A function's request in its wire form (a write carries its payload).
+pub(crate) fn up(source_id: u32, up: Up) -> UpKind {
     match up {
-        Up::Translation(t) => {
-            msg.translations.push(pb::TranslationRequest {
-                tag: t.tag,
-                source_id,
-                address: t.address,
-                no_write: t.no_write,
-            });
-            0
-        }
-        Up::Dma(d) => {
-            let data = if d.write { vec![WRITE_PATTERN; d.len as usize] } else { Vec::new() };
-            let bytes = data.len();
-            msg.dma.push(pb::DmaRequest {
-                tag: d.tag,
-                source_id,
-                translated: d.translated,
-                address: d.address,
-                write: d.write,
-                length: if d.write { 0 } else { d.len },
-                data,
-            });
-            bytes
-        }
-        Up::Page(p) => {
-            msg.page_requests.push(pb::PageRequest {
-                source_id,
-                address: p.address,
-                read: p.read,
-                write: p.write,
-                group_index: u32::from(p.group_index),
-                last: p.last,
-            });
-            0
-        }
+        Up::Translation(t) => UpKind::Translation(pb::TranslationRequest {
+            tag: t.tag,
+            source_id,
+            address: t.address,
+            no_write: t.no_write,
+        }),
+        Up::Dma(d) => UpKind::Dma(pb::DmaRequest {
+            tag: d.tag,
+            source_id,
+            translated: d.translated,
+            address: d.address,
+            write: d.write,
+            length: if d.write { 0 } else { d.len },
+            data: if d.write { vec![WRITE_PATTERN; d.len as usize] } else { Vec::new() },
+        }),
+        Up::Page(p) => UpKind::Page(pb::PageRequest {
+            source_id,
+            address: p.address,
+            read: p.read,
+            write: p.write,
+            group_index: u32::from(p.group_index),
+            last: p.last,
+        }),
     }
 }
 
@@ -443,22 +433,20 @@ mod tests {
 
     #[test]
     fn link_items_carry_their_requester_id_and_payload() {
-        let mut m = pb::LinkUp::default();
         let t = TranslationRequest { tag: 7, address: 0x5000, no_write: true };
-        assert_eq!(add_up(&mut m, 0x108, Up::Translation(t)), 0);
+        let UpKind::Translation(t) = up(0x108, Up::Translation(t)) else { panic!("translation") };
+        assert_eq!((t.source_id, t.tag, t.address, t.no_write), (0x108, 7, 0x5000, true));
         let w = DmaRequest { tag: 8, translated: true, address: 0x9040, write: true, len: 64 };
-        assert_eq!(add_up(&mut m, 0x108, Up::Dma(w)), 64);
-        let r = DmaRequest { write: false, len: 32, ..w };
-        assert_eq!(add_up(&mut m, 0x108, Up::Dma(r)), 0);
+        let UpKind::Dma(d) = up(0x108, Up::Dma(w)) else { panic!("dma") };
+        assert_eq!((d.source_id, d.translated, d.address, d.length, d.data.len()), (0x108, true, 0x9040, 0, 64));
+        assert!(d.data.iter().all(|b| *b == WRITE_PATTERN));
+        let UpKind::Dma(d) = up(0x108, Up::Dma(DmaRequest { write: false, len: 32, ..w })) else { panic!("dma") };
+        assert_eq!((d.length, d.data.len()), (32, 0), "a read asks for its length, carries nothing");
         let p = PageRequest { address: 0x2000, read: true, write: false, group_index: 511, last: true };
-        add_up(&mut m, 0x108, Up::Page(p));
-        assert_eq!(
-            (m.translations[0].source_id, m.translations[0].address, m.translations[0].no_write),
-            (0x108, 0x5000, true)
-        );
-        assert_eq!((m.dma[0].length, m.dma[0].data.len(), m.dma[0].data[0]), (0, 64, WRITE_PATTERN));
-        assert_eq!((m.dma[1].length, m.dma[1].data.len()), (32, 0), "a read asks for its length, carries nothing");
-        assert_eq!((m.page_requests[0].group_index, m.page_requests[0].last), (511, true));
+        let UpKind::Page(p) = up(0x108, Up::Page(p)) else { panic!("page") };
+        assert_eq!((p.source_id, p.group_index, p.read, p.write, p.last), (0x108, 511, true, false, true));
+        let c = invalidation_completion(0x108, 4);
+        assert_eq!((c.source_id, c.itag), (0x108, 4));
     }
 
     #[test]

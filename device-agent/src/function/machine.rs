@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use super::handle::HeldInfo;
 use super::invalidation::Invalidations;
-use super::messages::{BaselineAnswer, FunctionDown, Up};
+use super::messages::{
+    BaselineAnswer, DmaCompletion, InvalidationRequest, PageGroupResponse, TranslationCompletion, Up,
+};
 use super::ops::{AccessKey, Op, OpId, Ops, Owner, Stage, Target};
 use super::pri::Pri;
 use super::{Dma, DmaOutcome, DmaResult, FunctionSnapshot};
@@ -203,20 +205,27 @@ impl<T> Machine<T> {
         }
     }
 
-    /// What the server sent in one link message.
-    pub(crate) fn receive(&mut self, d: FunctionDown, now: Instant) {
+    /// What the server sent for this function in one link message.
+    pub(crate) fn receive(
+        &mut self,
+        invalidations: impl IntoIterator<Item = InvalidationRequest>,
+        completions: impl IntoIterator<Item = TranslationCompletion>,
+        dma: impl IntoIterator<Item = DmaCompletion>,
+        page_responses: impl IntoIterator<Item = PageGroupResponse>,
+        now: Instant,
+    ) {
         self.now = now;
-        // Invalidations first: a completion in the same batch may predate them.
-        for i in d.invalidations {
+        // Invalidations first: a completion in the same message may predate them.
+        for i in invalidations {
             self.on_invalidation(i);
         }
-        for c in d.completions {
+        for c in completions {
             self.on_completion(c);
         }
-        for c in d.dma {
+        for c in dma {
             self.on_dma(c);
         }
-        for r in d.page_responses {
+        for r in page_responses {
             self.on_page_response(r);
         }
     }

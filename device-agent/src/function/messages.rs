@@ -5,7 +5,7 @@
 //! requests and completions; 10.3: invalidation requests and completions; PRI 10.4: page
 //! requests and page group responses), with nothing of the wire: the requester id, which
 //! every wire message repeats, is added or checked by the link. The protobuf forms and the
-//! conversions are `wire`'s; the batching is `link`'s.
+//! conversions are `wire`'s (done in the function's task); the batching is `link`'s.
 
 /// A translation request: the function asks for the translation of one 4 KiB page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,25 +136,6 @@ pub(crate) struct PageGroupResponse {
     pub(crate) group_index: u32,
     /// The response.
     pub(crate) code: PageResponseCode,
-}
-
-/// What the server sent for one function in one link message.
-#[derive(Debug, Default)]
-pub(crate) struct FunctionDown {
-    pub(crate) invalidations: Vec<InvalidationRequest>,
-    pub(crate) completions: Vec<TranslationCompletion>,
-    pub(crate) dma: Vec<DmaCompletion>,
-    pub(crate) page_responses: Vec<PageGroupResponse>,
-}
-
-impl FunctionDown {
-    /// Whether it carries nothing.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.invalidations.is_empty()
-            && self.completions.is_empty()
-            && self.dma.is_empty()
-            && self.page_responses.is_empty()
-    }
 }
 
 /// The answer to a baseline access's unary translation (the vhost-IOTLB style path, which

@@ -1,7 +1,7 @@
 //! One emulated PCIe function: its device TLB, its accesses, and everything its link
 //! traffic means for them.
 //!
-//! A function is a sans-IO state machine ([`Machine`](machine)) driven by a thin task.
+//! A function is a sans-IO state machine (`machine`) driven by a thin task (`task`).
 //! The machine owns all of the function's state (the ATC, the accesses in progress, the
 //! outstanding translation requests and their coalescing table, pending invalidations,
 //! page request groups, counters) and turns inputs (an access, what the server sent, the

@@ -19,12 +19,12 @@ use tonic::transport::Channel;
 
 use super::handle::{Command, HeldInfo};
 use super::machine::{By, Effect, Machine};
-use super::messages::{BaselineAnswer, FunctionDown, Up};
+use super::messages::BaselineAnswer;
 use super::ops::{AccessKey, Owner};
 use super::{Dma, DmaOutcome, Mode};
 use crate::config::FunctionConfig;
 use crate::counters::Counters;
-use crate::link::LinkTx;
+use crate::link::{FunctionDown, LinkTx, UpKind};
 use crate::metrics::AgentMetrics;
 use crate::wire;
 use crate::workload::engine::{Engine, Next};
@@ -99,7 +99,7 @@ pub(crate) struct FunctionTask {
     tasks: TaskTracker,
     metrics: AgentMetrics,
     /// Requests the machine queued this turn, sent as one batch before the loop waits.
-    outbox: Vec<Up>,
+    outbox: Vec<UpKind>,
     miss_samples: u32,
     flushed: Counters,
     flushed_entries: usize,
@@ -166,7 +166,13 @@ impl FunctionTask {
 
     fn on_inbound(&mut self, ev: Inbound) {
         match ev {
-            Inbound::Down(d) => self.machine.receive(d, Instant::now()),
+            Inbound::Down(d) => self.machine.receive(
+                d.invalidations.iter().map(wire::invalidation_request),
+                d.completions.iter().map(wire::translation_completion),
+                d.dma.iter().map(wire::dma_completion),
+                d.page_responses.iter().map(wire::page_group_response),
+                Instant::now(),
+            ),
             // Requests queued so far belong to the old connection: they leave stamped
             // with it, and the link drops them.
             Inbound::Connected { generation } => {
@@ -291,10 +297,10 @@ impl FunctionTask {
     fn apply_effects(&mut self) {
         while let Some(effect) = self.machine.poll_effect() {
             match effect {
-                Effect::Send(up) => self.outbox.push(up),
+                Effect::Send(up) => self.outbox.push(wire::up(self.sid, up)),
                 Effect::Complete { itag } => {
                     if let Some(generation) = self.machine.generation() {
-                        self.link.complete(generation, self.sid, itag);
+                        self.link.complete(generation, wire::invalidation_completion(self.sid, itag));
                     }
                 }
                 Effect::Baseline { key, iova, write } => self.baseline_call(key, iova, write),
@@ -374,7 +380,7 @@ impl FunctionTask {
         match self.machine.generation() {
             Some(generation) => {
                 let items = std::mem::take(&mut self.outbox);
-                if !self.link.send(generation, self.sid, items) {
+                if !self.link.send(generation, items) {
                     tracing::debug!("link task gone; requests dropped");
                 }
             }

@@ -13,9 +13,10 @@
 //! Every connection has a generation number. A function learns it from the `Connected`
 //! event and stamps what it queues with it; the writer drops anything stamped with an
 //! older one, because the function has already failed the accesses behind it on the
-//! `Disconnected` event. Functions queue the agent's own message types
-//! (`function::messages`); the protobuf forms are made and read here through `wire`. Not
-//! here: what a function does with its traffic (`function`).
+//! `Disconnected` event. The link moves wire messages and converts nothing: each
+//! function's task converts its own traffic (`wire`), so the work that grows with the
+//! traffic stays spread over the functions. Not here: what a function does with its
+//! traffic (`function`).
 
 mod backoff;
 mod writer;
@@ -25,7 +26,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dmar_proto::v1::ats_link_client::AtsLinkClient;
-use dmar_proto::v1::{LinkDown, LinkUp};
+use dmar_proto::v1::{
+    DmaCompletion, DmaRequest, InvalidationCompletion, InvalidationRequest, LinkDown, LinkUp, PageGroupResponse,
+    PageRequest, TranslationCompletion, TranslationRequest,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +39,6 @@ use tonic::transport::Endpoint;
 use self::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::function::Inbound;
-use crate::function::messages::{FunctionDown, Up};
 use crate::metrics::AgentMetrics;
 use crate::wire;
 
@@ -53,21 +56,45 @@ pub struct LinkState {
     pub generation: u64,
 }
 
+/// A request a function queues for the server, in its wire form.
+#[derive(Debug)]
+pub(crate) enum UpKind {
+    Translation(TranslationRequest),
+    Dma(DmaRequest),
+    Page(PageRequest),
+}
+
 /// Requests a function queued in one turn of its loop, stamped with the connection they
 /// were meant for (one channel operation per turn, not per request).
 #[derive(Debug)]
 pub(crate) struct UpItem {
     pub(crate) generation: u64,
-    pub(crate) source_id: u32,
-    pub(crate) items: Vec<Up>,
+    pub(crate) items: Vec<UpKind>,
 }
 
 /// An invalidation completion stamped with its connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct PrioItem {
     pub(crate) generation: u64,
-    pub(crate) source_id: u32,
-    pub(crate) itag: u32,
+    pub(crate) completion: InvalidationCompletion,
+}
+
+/// What the server sent for one function in one link message, as it came.
+#[derive(Debug, Default)]
+pub(crate) struct FunctionDown {
+    pub(crate) invalidations: Vec<InvalidationRequest>,
+    pub(crate) completions: Vec<TranslationCompletion>,
+    pub(crate) dma: Vec<DmaCompletion>,
+    pub(crate) page_responses: Vec<PageGroupResponse>,
+}
+
+impl FunctionDown {
+    fn is_empty(&self) -> bool {
+        self.invalidations.is_empty()
+            && self.completions.is_empty()
+            && self.dma.is_empty()
+            && self.page_responses.is_empty()
+    }
 }
 
 /// The functions' side of the link's queues.
@@ -79,8 +106,8 @@ pub(crate) struct LinkTx {
 
 impl LinkTx {
     /// Queues a function's requests; false if the link task is gone (the agent is stopping).
-    pub(crate) fn send(&self, generation: u64, source_id: u32, items: Vec<Up>) -> bool {
-        self.up.send(UpItem { generation, source_id, items }).is_ok()
+    pub(crate) fn send(&self, generation: u64, items: Vec<UpKind>) -> bool {
+        self.up.send(UpItem { generation, items }).is_ok()
     }
 
     /// A link end whose queues a test reads directly.
@@ -93,8 +120,8 @@ impl LinkTx {
 
     /// Queues an invalidation completion on the priority path; false if the link task is
     /// gone.
-    pub(crate) fn complete(&self, generation: u64, source_id: u32, itag: u32) -> bool {
-        self.prio.send(PrioItem { generation, source_id, itag }).is_ok()
+    pub(crate) fn complete(&self, generation: u64, completion: InvalidationCompletion) -> bool {
+        self.prio.send(PrioItem { generation, completion }).is_ok()
     }
 }
 
@@ -162,24 +189,24 @@ impl Router {
     }
 
     fn route(&mut self, m: LinkDown) {
-        for x in &m.invalidations {
+        for x in m.invalidations {
             if let Some(d) = self.slot(x.source_id) {
-                d.invalidations.push(wire::invalidation_request(x));
+                d.invalidations.push(x);
             }
         }
-        for x in &m.completions {
+        for x in m.completions {
             if let Some(d) = self.slot(x.source_id) {
-                d.completions.push(wire::translation_completion(x));
+                d.completions.push(x);
             }
         }
-        for x in &m.dma {
+        for x in m.dma {
             if let Some(d) = self.slot(x.source_id) {
-                d.dma.push(wire::dma_completion(x));
+                d.dma.push(x);
             }
         }
-        for x in &m.page_responses {
+        for x in m.page_responses {
             if let Some(d) = self.slot(x.source_id) {
-                d.page_responses.push(wire::page_group_response(x));
+                d.page_responses.push(x);
             }
         }
         for i in self.touched.drain(..) {

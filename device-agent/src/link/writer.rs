@@ -4,16 +4,15 @@
 //! wait behind translation traffic: the link semantics in `docs/ARCHITECTURE.md`); then
 //! translation requests, DMA and page requests, in the order the functions queued them, up
 //! to the batch limit. Whatever piles up while a message is being sent goes in the next
-//! one, so batches grow exactly when the link is busy. Items become wire messages here
-//! (`wire`), in the writer's task, not the functions'.
+//! one, so batches grow exactly when the link is busy. The functions queue wire items
+//! (converted by `wire` in their own tasks), so this one task, which every function
+//! shares, only moves them.
 
 use dmar_proto::v1::LinkUp;
 use tokio::sync::mpsc;
 
-use super::{End, PrioItem, UpItem};
-use crate::function::messages::Up;
+use super::{End, PrioItem, UpItem, UpKind};
 use crate::metrics::AgentMetrics;
-use crate::wire;
 
 /// Most DMA payload bytes per message: keeps messages well under gRPC's 4 MiB default.
 const MAX_PAYLOAD_BYTES: usize = 1 << 20;
@@ -26,9 +25,8 @@ struct Batch {
     max: usize,
 }
 
-/// The rest of a function's requests (with its requester id) that did not fit the
-/// previous message.
-type Carry = Option<(u32, std::vec::IntoIter<Up>)>;
+/// The rest of a function's requests that did not fit the previous message.
+type Carry = Option<std::vec::IntoIter<UpKind>>;
 
 impl Batch {
     fn new(generation: u64, max: usize) -> Self {
@@ -42,24 +40,33 @@ impl Batch {
     /// Adds an invalidation completion, unless it belongs to an earlier connection.
     fn completion(&mut self, p: PrioItem) {
         if p.generation == self.generation {
-            self.msg.invalidation_completions.push(wire::invalidation_completion(p.source_id, p.itag));
+            self.msg.invalidation_completions.push(p.completion);
             self.items += 1;
         }
     }
 
+    fn push(&mut self, kind: UpKind) {
+        match kind {
+            UpKind::Translation(t) => self.msg.translations.push(t),
+            UpKind::Dma(d) => {
+                self.bytes += d.data.len();
+                self.msg.dma.push(d);
+            }
+            UpKind::Page(p) => self.msg.page_requests.push(p),
+        }
+        self.items += 1;
+    }
+
     /// Adds requests from `it` until full; what is left goes to `carry`.
-    fn extend(&mut self, source_id: u32, mut it: std::vec::IntoIter<Up>, carry: &mut Carry) {
+    fn extend(&mut self, mut it: std::vec::IntoIter<UpKind>, carry: &mut Carry) {
         while !self.full() {
             match it.next() {
-                Some(up) => {
-                    self.bytes += wire::add_up(&mut self.msg, source_id, up);
-                    self.items += 1;
-                }
+                Some(k) => self.push(k),
                 None => return,
             }
         }
         if it.len() > 0 {
-            *carry = Some((source_id, it));
+            *carry = Some(it);
         }
     }
 
@@ -67,7 +74,7 @@ impl Batch {
     /// function has already failed the accesses they served).
     fn take(&mut self, u: UpItem, carry: &mut Carry) {
         if u.generation == self.generation {
-            self.extend(u.source_id, u.items.into_iter(), carry);
+            self.extend(u.items.into_iter(), carry);
         }
     }
 
@@ -84,8 +91,8 @@ impl Batch {
                 Err(_) => break,
             }
         }
-        if let Some((source_id, rest)) = carry.take() {
-            self.extend(source_id, rest, carry);
+        if let Some(rest) = carry.take() {
+            self.extend(rest, carry);
         }
         while !self.full() && carry.is_none() {
             match up.try_recv() {
@@ -131,12 +138,15 @@ pub(super) async fn write_loop(
 
 #[cfg(test)]
 mod tests {
+    use dmar_proto::v1::{InvalidationCompletion, TranslationRequest};
+
     use super::*;
-    use crate::function::messages::TranslationRequest;
 
     fn t(generation: u64, tags: std::ops::Range<u64>) -> UpItem {
-        let items = tags.map(|tag| Up::Translation(TranslationRequest { tag, address: 0, no_write: true })).collect();
-        UpItem { generation, source_id: 8, items }
+        let items = tags
+            .map(|tag| UpKind::Translation(TranslationRequest { tag, source_id: 8, address: 0, no_write: true }))
+            .collect();
+        UpItem { generation, items }
     }
 
     #[tokio::test]
@@ -147,14 +157,17 @@ mod tests {
         up_tx.send(t(2, 0..4)).expect("queue");
         up_tx.send(t(1, 99..100)).expect("queue");
         up_tx.send(t(2, 4..5)).expect("queue");
-        prio_tx.send(PrioItem { generation: 2, source_id: 8, itag: 3 }).expect("queue");
-        prio_tx.send(PrioItem { generation: 1, source_id: 8, itag: 4 }).expect("queue");
+        prio_tx
+            .send(PrioItem { generation: 2, completion: InvalidationCompletion { source_id: 8, itag: 3 } })
+            .expect("queue");
+        prio_tx
+            .send(PrioItem { generation: 1, completion: InvalidationCompletion { source_id: 8, itag: 4 } })
+            .expect("queue");
         let metrics = crate::metrics::handles();
         let writer = tokio::spawn(async move { write_loop(&mut up, &mut prio, &out, 2, 3, &metrics).await });
         let first = rx.recv().await.expect("a batch");
         assert_eq!(first.invalidation_completions.len(), 1);
-        assert_eq!((first.invalidation_completions[0].itag, first.invalidation_completions[0].source_id), (3, 8));
-        assert!(first.translations.iter().all(|t| t.source_id == 8), "the requester id is added on the wire");
+        assert_eq!(first.invalidation_completions[0].itag, 3);
         assert_eq!(first.translations.len(), 2, "the batch limit counts every item");
         let second = rx.recv().await.expect("a batch");
         assert_eq!(second.translations.iter().map(|t| t.tag).collect::<Vec<_>>(), [2, 3, 4]);

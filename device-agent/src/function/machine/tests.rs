@@ -11,13 +11,22 @@ use super::{By, Effect, Machine};
 use crate::config::FunctionConfig;
 use crate::function::handle::HeldInfo;
 use crate::function::messages::{
-    BaselineAnswer, Completion, DmaCompletion, DmaRequest, FunctionDown, Grant, InvalidationRequest, PageGroupResponse,
-    PageRequest, PageResponseCode, TranslationCompletion, TranslationRequest, Up,
+    BaselineAnswer, Completion, DmaCompletion, DmaRequest, Grant, InvalidationRequest, PageGroupResponse, PageRequest,
+    PageResponseCode, TranslationCompletion, TranslationRequest, Up,
 };
 use crate::function::ops::{AccessKey, Owner};
 use crate::function::{Dma, DmaError, DmaOutcome, DmaResult, PageRequestFailure};
 
 const PRI_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the server sends a function in one message.
+#[derive(Default)]
+struct FunctionDown {
+    invalidations: Vec<InvalidationRequest>,
+    completions: Vec<TranslationCompletion>,
+    dma: Vec<DmaCompletion>,
+    page_responses: Vec<PageGroupResponse>,
+}
 
 /// A machine and everything it asked for so far, sorted by kind.
 struct Rig {
@@ -144,7 +153,7 @@ impl Rig {
     }
 
     fn receive(&mut self, d: FunctionDown) {
-        self.m.receive(d, self.now);
+        self.m.receive(d.invalidations, d.completions, d.dma, d.page_responses, self.now);
         self.collect();
     }
 

@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
+use dmar_proto::v1::{CompletionStatus, InvalidationRequest, TranslationCompletion, TranslationEntry};
+
 use super::*;
-use crate::function::messages::{Completion, Grant, InvalidationRequest, TranslationCompletion};
 use crate::function::{DmaResult, FunctionHandle};
 use crate::link::{PrioItem, UpItem};
 use crate::metrics;
@@ -52,8 +53,16 @@ impl Rig {
         tokio::time::timeout(PATIENCE, self.up.recv()).await.expect("a batch in time").expect("link queue open")
     }
 
-    fn complete(&self, tag: u64, completion: Completion) {
-        let c = TranslationCompletion { tag, completion };
+    /// A successful read-only completion translating to `translated`.
+    fn complete(&self, tag: u64, translated: u64) {
+        let entry =
+            TranslationEntry { translated_address: translated, size_shift: 12, read: true, ..Default::default() };
+        let c = TranslationCompletion {
+            tag,
+            source_id: self.sid,
+            status: CompletionStatus::Success as i32,
+            entry: Some(entry),
+        };
         self.inbox.send(Inbound::Down(FunctionDown { completions: vec![c], ..Default::default() })).expect("inbox");
     }
 
@@ -63,11 +72,11 @@ impl Rig {
     }
 }
 
-fn translations(b: &UpItem) -> Vec<u64> {
+fn translations(b: &UpItem, sid: u32) -> Vec<u64> {
     b.items
         .iter()
         .map(|u| match u {
-            Up::Translation(t) => t.tag,
+            UpKind::Translation(t) if t.source_id == sid => t.tag,
             other => panic!("{other:?}"),
         })
         .collect()
@@ -81,29 +90,21 @@ async fn a_turn_is_one_batch_and_completions_take_the_priority_path() {
         h.access_many((0..3).map(|i| Dma::read(0x1000 * (i + 1)).translate_only()).collect()).await
     });
     let b = r.batch().await;
-    assert_eq!((b.generation, b.source_id), (1, r.sid));
-    let tags = translations(&b);
+    assert_eq!(b.generation, 1);
+    let tags = translations(&b, r.sid);
     assert_eq!(tags.len(), 3, "three misses in one turn, one message");
     for (i, tag) in tags.iter().enumerate() {
-        r.complete(
-            *tag,
-            Completion::Success(Grant {
-                translated: 0x10_0000 * (i as u64 + 1),
-                size_shift: 12,
-                read: true,
-                ..Default::default()
-            }),
-        );
+        r.complete(*tag, 0x10_0000 * (i as u64 + 1));
     }
     let outcomes = tokio::time::timeout(PATIENCE, accesses).await.expect("answered").expect("join").expect("ok");
     assert_eq!(
         outcomes.iter().map(|o| o.translated).collect::<Vec<_>>(),
         [Some(0x10_0000), Some(0x20_0000), Some(0x30_0000)]
     );
-    let i = InvalidationRequest { itag: 7, address: 0x1000 };
+    let i = InvalidationRequest { source_id: r.sid, itag: 7, address: 0x1000 };
     r.inbox.send(Inbound::Down(FunctionDown { invalidations: vec![i], ..Default::default() })).expect("inbox");
     let p = tokio::time::timeout(PATIENCE, r.prio.recv()).await.expect("in time").expect("open");
-    assert_eq!(p, PrioItem { generation: 1, source_id: r.sid, itag: 7 });
+    assert_eq!((p.generation, p.completion.source_id, p.completion.itag), (1, r.sid, 7));
     assert_eq!(r.handle.snapshot().await.expect("snapshot").atc_entries, 2);
     r.stop().await;
 }
@@ -113,18 +114,15 @@ async fn requests_queued_before_a_reconnection_keep_the_old_connection_stamp() {
     let mut r = start();
     let h = r.handle.clone();
     let access = tokio::spawn(async move { h.access(Dma::read(0x1000)).await });
-    let tag = translations(&r.batch().await)[0];
+    let tag = translations(&r.batch().await, r.sid)[0];
     // One burst: the completion queues a DMA, then the connection is replaced. The DMA
     // leaves stamped with connection 1, which the link's next writer drops.
-    r.complete(
-        tag,
-        Completion::Success(Grant { translated: 0x9000, size_shift: 12, read: true, ..Default::default() }),
-    );
+    r.complete(tag, 0x9000);
     r.inbox.send(Inbound::Disconnected { generation: 1 }).expect("inbox");
     r.inbox.send(Inbound::Connected { generation: 2 }).expect("inbox");
     let b = r.batch().await;
     assert_eq!(b.generation, 1);
-    assert!(matches!(b.items.as_slice(), [Up::Dma(d)] if d.translated && d.address == 0x9000));
+    assert!(matches!(b.items.as_slice(), [UpKind::Dma(d)] if d.translated && d.address == 0x9000));
     let o = tokio::time::timeout(PATIENCE, access).await.expect("answered").expect("join").expect("ok");
     assert_eq!(o.result, DmaResult::LinkDown);
     assert_eq!(r.handle.snapshot().await.expect("snapshot").link_generation, Some(2));
