@@ -1,4 +1,4 @@
-//! The device TLB's hit path (PERFORMANCE.md target: ≤ 20 ns per hit), per eviction
+//! The device TLB's hit path (target ≤ 20 ns per hit, `docs/BENCHMARKS.md`), per eviction
 //! policy, at the default capacity of 2048 entries, plus a miss and an insertion with
 //! eviction for scale.
 //!

@@ -3,7 +3,7 @@
 //! Owns wiring and lifecycle: building one task per function and the link task from an
 //! [`AgentConfig`], the registry the control service and embedders use to reach the
 //! functions, starting runs (one at a time) and keeping their reports, and serving the
-//! control and metrics ports until shutdown ([`run`], [`serve`]). What a function does is
+//! control and metrics ports until shutdown ([`run`]). What a function does is
 //! `function`'s; how the link works is `link`'s.
 
 use std::collections::HashMap;
@@ -251,8 +251,8 @@ impl Agent {
         }
     }
 
-    /// A run by id; 0 means the latest.
-    pub fn run(&self, id: u64) -> Result<Arc<Run>, WorkloadError> {
+    /// A workload run by id; 0 means the latest.
+    pub fn workload_run(&self, id: u64) -> Result<Arc<Run>, WorkloadError> {
         let id = if id == 0 { self.inner.next_run.load(Ordering::Relaxed) } else { id };
         self.inner.runs.get(&id).map(|r| r.clone()).ok_or(WorkloadError::NoSuchRun(id))
     }
@@ -265,7 +265,7 @@ impl Agent {
 
     /// Stops a run (0: the one in progress); returns its id.
     pub fn stop_workload(&self, id: u64) -> Result<u64, WorkloadError> {
-        let run = if id == 0 { self.running().ok_or(WorkloadError::NoSuchRun(0))? } else { self.run(id)? };
+        let run = if id == 0 { self.running().ok_or(WorkloadError::NoSuchRun(0))? } else { self.workload_run(id)? };
         run.stop();
         Ok(run.id)
     }
@@ -293,7 +293,7 @@ pub async fn run(config: AgentConfig, listeners: Listeners, shutdown: Cancellati
 
 /// Serves an already started agent's control and metrics ports until `shutdown`, then
 /// waits for its tasks to stop.
-pub async fn serve(agent: Agent, listeners: Listeners, shutdown: CancellationToken) -> Result<(), AgentError> {
+async fn serve(agent: Agent, listeners: Listeners, shutdown: CancellationToken) -> Result<(), AgentError> {
     if let Some(l) = listeners.metrics {
         tracing::info!(addr = ?l.local_addr().ok(), "metrics serving");
         agent.inner.tasks.spawn(metrics_http::serve(l, shutdown.clone()));
@@ -313,9 +313,9 @@ pub async fn serve(agent: Agent, listeners: Listeners, shutdown: CancellationTok
                 let mut state = link.inner.link.clone();
                 loop {
                     if state.borrow_and_update().connected {
-                        health.set_serving::<AgentControlServer<control::ControlService>>().await;
+                        health.set_serving::<AgentControlServer<control::AgentControlService>>().await;
                     } else {
-                        health.set_not_serving::<AgentControlServer<control::ControlService>>().await;
+                        health.set_not_serving::<AgentControlServer<control::AgentControlService>>().await;
                     }
                     tokio::select! {
                         () = stop.cancelled() => return,
@@ -335,7 +335,7 @@ pub async fn serve(agent: Agent, listeners: Listeners, shutdown: CancellationTok
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(reflection)
-                .add_service(AgentControlServer::new(control::ControlService::new(agent.clone())))
+                .add_service(AgentControlServer::new(control::AgentControlService::new(agent.clone())))
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
                 .await
                 .map_err(AgentError::from)

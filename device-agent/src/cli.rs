@@ -1,14 +1,20 @@
 //! The command line: every flag, each also read from `DMAR_<FLAG>`, and its translation
-//! into an [`AgentConfig`]. Zero flags work locally (a server on 127.0.0.1:50051).
+//! into an [`AgentConfig`]. Zero flags work locally (a server on 127.0.0.1:50051). Not
+//! here: the rules a configuration must follow (`config`), tracing and signals
+//! (`dmar_process`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use dmar_vtd::SourceId;
+use dmar_vtd::ats::{MAX_ITEMS_PER_MESSAGE, MAX_QUEUE_DEPTH};
 
-use crate::atc::EvictionPolicy;
-use crate::config::{AgentConfig, FunctionConfig};
+use crate::atc::{EvictionPolicy, MAX_CAPACITY};
+use crate::config::{AgentConfig, FunctionConfig, MAX_PAGE_REQUESTS, MAX_STU};
+
+/// Devices on one bus (PCI: a 5-bit device number): the most `auto:N` functions.
+const DEVICES_PER_BUS: u8 = 32;
 
 /// Emulated PCIe functions with ATS device TLBs, on one ATS link to a dmar server.
 #[derive(Parser, Debug, Clone)]
@@ -33,19 +39,19 @@ pub struct Args {
     #[arg(long, env = "DMAR_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     pub metrics_listen: String,
     /// Device TLB entries per function.
-    #[arg(long, env = "DMAR_ATC_CAPACITY", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
+    #[arg(long, env = "DMAR_ATC_CAPACITY", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=MAX_CAPACITY as i64))]
     pub atc_capacity: u32,
     /// Device TLB eviction policy: lru, random or fifo.
     #[arg(long, env = "DMAR_EVICTION", default_value = "lru", value_parser = parse_policy)]
     pub eviction: EvictionPolicy,
     /// ATS invalidate queue depth per function.
-    #[arg(long, env = "DMAR_INVALIDATE_QUEUE_DEPTH", default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=32))]
+    #[arg(long, env = "DMAR_INVALIDATE_QUEUE_DEPTH", default_value_t = MAX_QUEUE_DEPTH, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_QUEUE_DEPTH)))]
     pub invalidate_queue_depth: u8,
     /// ATS smallest translation unit: log2 of 4 KiB blocks.
-    #[arg(long, env = "DMAR_SMALLEST_TRANSLATION_UNIT", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=31))]
+    #[arg(long, env = "DMAR_SMALLEST_TRANSLATION_UNIT", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=i64::from(MAX_STU)))]
     pub smallest_translation_unit: u8,
     /// Outstanding page requests per function (PRI); 0 disables PRI.
-    #[arg(long, env = "DMAR_PAGE_REQUEST_CAPACITY", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=512))]
+    #[arg(long, env = "DMAR_PAGE_REQUEST_CAPACITY", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=i64::from(MAX_PAGE_REQUESTS)))]
     pub page_request_capacity: u16,
     /// Disable ATS: no device TLB, every DMA untranslated.
     #[arg(long, env = "DMAR_NO_ATS")]
@@ -63,7 +69,7 @@ pub struct Args {
     #[arg(long, env = "DMAR_CONNECT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout_ms: u64,
     /// Most items per ATS link message.
-    #[arg(long, env = "DMAR_MAX_BATCH", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    #[arg(long, env = "DMAR_MAX_BATCH", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=MAX_ITEMS_PER_MESSAGE as u64))]
     pub max_batch: u64,
     /// Log format.
     #[arg(long, env = "DMAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
@@ -92,8 +98,8 @@ fn parse_functions(s: &str) -> Result<Functions, String> {
     let s = s.trim();
     if let Some(n) = s.strip_prefix("auto:") {
         return match n.parse::<u8>() {
-            Ok(n @ 1..=32) => Ok(Functions::Auto(n)),
-            _ => Err(format!("{s:?}: auto needs a function count between 1 and 32")),
+            Ok(n) if (1..=DEVICES_PER_BUS).contains(&n) => Ok(Functions::Auto(n)),
+            _ => Err(format!("{s:?}: auto needs a function count between 1 and {DEVICES_PER_BUS}")),
         };
     }
     s.parse::<SourceId>().map(Functions::One).map_err(|e| e.to_string())
@@ -121,10 +127,7 @@ fn default_name() -> String {
 }
 
 /// Expands `--functions` into requester ids; `auto:N` uses `bus`.
-pub fn expand_functions(
-    specs: &[Functions],
-    bus: impl FnOnce() -> Result<u8, String>,
-) -> Result<Vec<SourceId>, String> {
+fn expand_functions(specs: &[Functions], bus: impl FnOnce() -> Result<u8, String>) -> Result<Vec<SourceId>, String> {
     let mut bus = Some(bus);
     let mut auto_bus = None;
     let mut out = Vec::new();

@@ -7,15 +7,14 @@
 use std::time::Duration;
 
 use dmar_vtd::SourceId;
+use dmar_vtd::ats::{MAX_FUNCTIONS_PER_LINK, MAX_ITEMS_PER_MESSAGE, MAX_PRG_INDEX, MAX_QUEUE_DEPTH};
 
 use crate::atc::{DEFAULT_CAPACITY, EvictionPolicy, MAX_CAPACITY};
 
-/// Most functions one agent (one link) may host; the server's limit per link.
-pub const MAX_FUNCTIONS: usize = 256;
-/// Most items the writer packs into one link message (the server accepts 4096).
-pub const MAX_BATCH: usize = 4096;
-/// Most page request groups a function may have outstanding (the PRG index has 9 bits).
-pub const MAX_PAGE_REQUESTS: u16 = 512;
+/// Most page request groups a function may have outstanding: one per PRG index.
+pub(crate) const MAX_PAGE_REQUESTS: u16 = MAX_PRG_INDEX + 1;
+/// Largest smallest translation unit (PCIe 10.5.1.3: STU is a 5-bit field).
+pub(crate) const MAX_STU: u8 = 31;
 
 /// One emulated PCIe function.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,10 +23,12 @@ pub struct FunctionConfig {
     pub sid: SourceId,
     /// ATS enabled: a device TLB and translated DMA. Without it every DMA is untranslated.
     pub ats: bool,
-    /// ATS invalidate queue depth, 1..=32 (ATS capability register, Invalidate Queue Depth).
+    /// ATS invalidate queue depth, 1..=32 (PCIe 10.5.1.2: ATS Capability register,
+    /// Invalidate Queue Depth).
     pub invalidate_queue_depth: u8,
     /// ATS smallest translation unit: ranges below 2^stu 4 KiB blocks are not cached and
-    /// invalidations are widened to whole units (ATS control register, STU), 0..=31.
+    /// invalidations are widened to whole units (PCIe 10.5.1.3: ATS Control register,
+    /// STU), 0..=31.
     pub smallest_translation_unit: u8,
     /// Outstanding page requests allowed (PRI capacity); 0 disables PRI.
     pub page_request_capacity: u16,
@@ -44,7 +45,7 @@ impl FunctionConfig {
         Self {
             sid,
             ats: true,
-            invalidate_queue_depth: 32,
+            invalidate_queue_depth: MAX_QUEUE_DEPTH,
             smallest_translation_unit: 0,
             page_request_capacity: 0,
             atc_capacity: DEFAULT_CAPACITY,
@@ -104,7 +105,7 @@ impl AgentConfig {
 
     /// Checks every rule the link, the server's bind and the caches enforce.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.functions.is_empty() || self.functions.len() > MAX_FUNCTIONS {
+        if self.functions.is_empty() || self.functions.len() > MAX_FUNCTIONS_PER_LINK {
             return Err(ConfigError::FunctionCount(self.functions.len()));
         }
         let url = self.server_url();
@@ -117,10 +118,10 @@ impl AgentConfig {
             if !seen.insert(f.sid) {
                 return Err(ConfigError::Duplicate(f.sid));
             }
-            if !(1..=32).contains(&f.invalidate_queue_depth) {
+            if !(1..=MAX_QUEUE_DEPTH).contains(&f.invalidate_queue_depth) {
                 return Err(ConfigError::QueueDepth(f.sid, f.invalidate_queue_depth));
             }
-            if f.smallest_translation_unit > 31 {
+            if f.smallest_translation_unit > MAX_STU {
                 return Err(ConfigError::Stu(f.sid, f.smallest_translation_unit));
             }
             if f.page_request_capacity > MAX_PAGE_REQUESTS {
@@ -130,7 +131,7 @@ impl AgentConfig {
                 return Err(ConfigError::Capacity(f.sid, f.atc_capacity));
             }
         }
-        if !(1..=MAX_BATCH).contains(&self.max_batch) {
+        if !(1..=MAX_ITEMS_PER_MESSAGE).contains(&self.max_batch) {
             return Err(ConfigError::Batch(self.max_batch));
         }
         if self.reconnect_initial.is_zero() || self.reconnect_max < self.reconnect_initial {
@@ -147,7 +148,7 @@ impl AgentConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// No functions, or more than a link may bind.
-    #[error("an agent hosts 1 to {MAX_FUNCTIONS} functions, got {0}")]
+    #[error("an agent hosts 1 to {MAX_FUNCTIONS_PER_LINK} functions, got {0}")]
     FunctionCount(usize),
     /// The server address is not a URL.
     #[error("server address {0:?} is not an http(s) URL or host:port")]
@@ -156,10 +157,10 @@ pub enum ConfigError {
     #[error("function {0} is listed twice")]
     Duplicate(SourceId),
     /// Invalidate queue depth out of range.
-    #[error("invalidate queue depth {1} of {0} is outside 1..=32")]
+    #[error("invalidate queue depth {1} of {0} is outside 1..={MAX_QUEUE_DEPTH}")]
     QueueDepth(SourceId, u8),
     /// STU out of range.
-    #[error("smallest translation unit {1} of {0} is outside 0..=31")]
+    #[error("smallest translation unit {1} of {0} is outside 0..={MAX_STU}")]
     Stu(SourceId, u8),
     /// PRI capacity out of range.
     #[error("page request capacity {1} of {0} is above {MAX_PAGE_REQUESTS}")]
@@ -168,7 +169,7 @@ pub enum ConfigError {
     #[error("device TLB capacity {1} of {0} is outside 1..={MAX_CAPACITY}")]
     Capacity(SourceId, usize),
     /// Batch size out of range.
-    #[error("link batch size {0} is outside 1..={MAX_BATCH}")]
+    #[error("link batch size {0} is outside 1..={MAX_ITEMS_PER_MESSAGE}")]
     Batch(usize),
     /// Reconnection delays that make no sense.
     #[error("reconnection delays must be positive, the maximum at least the initial")]

@@ -2,8 +2,9 @@
 //!
 //! Owns the set of counters (one list, so the report, the progress stream, the Prometheus
 //! metrics and the proto all name the same things) and their arithmetic. A function keeps
-//! plain `u64`s that only its task writes; readers get copies (snapshots, progress every
-//! 100 ms), so the hot path touches no atomic.
+//! plain `u64`s that only its state machine writes; readers get copies (snapshots,
+//! progress every 100 ms), so the hot path touches no atomic. Not here: their Prometheus
+//! names (`metrics`) and wire form (`wire`).
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident,)*) => {
@@ -15,9 +16,6 @@ macro_rules! counters {
         }
 
         impl Counters {
-            /// The counters' names, in declaration order.
-            pub const NAMES: &'static [&'static str] = &[$(stringify!($name)),*];
-
             /// `self - earlier`, field by field (saturating, so a reset never underflows).
             pub fn since(&self, earlier: &Counters) -> Counters {
                 Counters { $($name: self.$name.saturating_sub(earlier.$name),)* }
@@ -26,11 +24,6 @@ macro_rules! counters {
             /// Adds `other` field by field.
             pub fn add(&mut self, other: &Counters) {
                 $(self.$name = self.$name.saturating_add(other.$name);)*
-            }
-
-            /// (name, value) pairs, in declaration order.
-            pub fn fields(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($name), self.$name)),*]
             }
         }
     };
@@ -97,7 +90,6 @@ mod tests {
         assert_eq!((d.accesses, d.atc_hits, d.atc_misses), (6, 0, 3));
         a.add(&b);
         assert_eq!((a.accesses, a.atc_hits), (14, 16));
-        assert_eq!(a.fields().len(), Counters::NAMES.len());
         assert!((Counters { atc_hits: 3, atc_misses: 1, ..Default::default() }.hit_ratio() - 0.75).abs() < 1e-9);
     }
 }

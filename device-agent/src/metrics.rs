@@ -107,7 +107,7 @@ pub(crate) fn handles() -> AgentMetrics {
 }
 
 /// The renderer of the process-wide agent registry (what `/metrics` serves).
-pub fn prometheus() -> PrometheusHandle {
+pub(crate) fn prometheus() -> PrometheusHandle {
     registry().handle.clone()
 }
 

@@ -1,14 +1,14 @@
 //! One device-TLB entry: a translation range exactly as a completion gave it, with its
 //! permissions, and the answer a lookup gives.
 //!
-//! Owns the rules that read an entry (PCIe ATS translation completion: R, W, U bits; a
-//! naturally aligned range of `2^size_shift` bytes). Not the cache itself (`atc`) nor
-//! the wire decoding (`function`).
+//! Owns the rules that read an entry (PCIe 10.2.3, Translation Completion: R, W, U bits;
+//! a naturally aligned range of `2^size_shift` bytes). Not the cache itself (`atc`) nor
+//! the wire decoding (`wire`).
 
 /// Smallest range a completion can describe (one 4 KiB page).
-pub const MIN_SIZE_SHIFT: u8 = 12;
+pub(crate) const MIN_SIZE_SHIFT: u8 = 12;
 /// Largest range the cache keeps (the cache key needs the shift to be below 64).
-pub const MAX_SIZE_SHIFT: u8 = 63;
+pub(crate) const MAX_SIZE_SHIFT: u8 = 63;
 
 /// The permission bits of an entry: R, W and U (untranslated only) of a translation
 /// completion. Exe and Priv are never granted by VT-d in legacy mode and are not kept.

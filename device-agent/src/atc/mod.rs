@@ -3,8 +3,9 @@
 //! Owns the entries and their lookup, insertion, eviction and range invalidation. An entry
 //! is a range exactly as a translation completion gave it (a naturally aligned 2^n-byte
 //! range with R, W, U), so one 2 MiB completion is one entry. The cache is a plain value
-//! with `&mut self` methods: it belongs to its function's task and is never shared, so
-//! the hit path takes no lock and touches no atomic (PERFORMANCE.md: ≤ 20 ns per hit).
+//! with `&mut self` methods: it belongs to its function's state machine and is never
+//! shared, so the hit path takes no lock and touches no atomic (target ≤ 20 ns per hit:
+//! `docs/BENCHMARKS.md`, `benches/atc.rs`).
 //!
 //! Indexing: one hash map keyed by (range index, size shift), plus a bit mask of the
 //! range sizes present; a lookup probes once per size present (usually one or two).
@@ -16,18 +17,19 @@ mod range;
 
 use std::hash::BuildHasherDefault;
 
-pub use entry::{AtcEntry, EntryError, Lookup, MAX_SIZE_SHIFT, MIN_SIZE_SHIFT, Perms};
+pub use entry::{AtcEntry, EntryError, Lookup, Perms};
 pub use policy::{EvictionPolicy, ParsePolicyError};
 pub use range::InvalidationRange;
 
+use entry::{MAX_SIZE_SHIFT, MIN_SIZE_SHIFT};
 use policy::{Linked, Links, Order, VictimRng};
 
 use crate::fasthash::FastMap;
 
 /// Default capacity in entries (Linux vhost and DPDK vhost both default to 2048).
-pub const DEFAULT_CAPACITY: usize = 2048;
+pub(crate) const DEFAULT_CAPACITY: usize = 2048;
 /// Largest capacity a function may ask for.
-pub const MAX_CAPACITY: usize = 1 << 24;
+pub(crate) const MAX_CAPACITY: usize = 1 << 24;
 
 type KeyMap = FastMap<u64, u32>;
 
@@ -112,16 +114,6 @@ impl Atc {
         self.map.is_empty()
     }
 
-    /// Most entries held at once.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// The eviction policy.
-    pub fn policy(&self) -> EvictionPolicy {
-        self.policy
-    }
-
     /// Looks up an access to `iova`, counting as a use for LRU. The hit path: one hash
     /// probe per range size present and, under LRU, a move to the front.
     #[inline]
@@ -148,7 +140,8 @@ impl Atc {
     }
 
     /// The entry covering `iova`, without counting a use.
-    pub fn peek(&self, iova: u64) -> Option<AtcEntry> {
+    #[cfg(test)]
+    fn peek(&self, iova: u64) -> Option<AtcEntry> {
         let mut sizes = self.shifts;
         while sizes != 0 {
             let shift = sizes.trailing_zeros();

@@ -1,10 +1,11 @@
 //! The range an ATS invalidation request covers: its address with the S-bit encoding,
 //! widened to the function's smallest translation unit.
 //!
-//! Owns the decoding on the device side (PCIe ATS 2.3.2, VTD-REFERENCE b.5: S=0 is one
-//! 4 KiB page; S=1 makes the size 2^(p+1) bytes, p the lowest 0 bit of ADDR at or above
-//! bit 12). The bit-level codec is the server's (`dmar_vtd::ats::range`), so
-//! both ends of the link read the encoding the same way.
+//! Owns the decoding on the device side (PCIe 10.2.3.2, Translation Range Size, which
+//! 10.3.1's Invalidate Request reuses: S=0 is one 4 KiB page; S=1 makes the size 2^(p+1)
+//! bytes, p the lowest 0 bit of ADDR at or above bit 12). The bit-level codec is shared
+//! with the remapping unit (`dmar_vtd::ats::range`), so both ends of the link read the
+//! encoding the same way. Not here: which entries a range drops (`atc`).
 
 use dmar_vtd::ats::range as srange;
 
@@ -19,8 +20,9 @@ pub struct InvalidationRange {
 
 impl InvalidationRange {
     /// Decodes ADDR|S, then widens the range to whole smallest translation units of
-    /// `2^stu` 4 KiB blocks (PCIe ATS 5.1.3: a function never holds a translation smaller
-    /// than its STU, so an invalidation always covers at least one unit). Widening can only
+    /// `2^stu` 4 KiB blocks (PCIe 10.5.1.3, ATS Control register: no translation or
+    /// invalidation describes less than the STU, so an invalidation always covers at
+    /// least one unit). Widening can only
     /// drop more, which is always safe.
     pub fn decode(addr_s: u64, stu: u8) -> Self {
         let (base, size) = srange::decode(addr_s);

@@ -8,24 +8,31 @@
 
 use std::time::Instant;
 
-use tokio::sync::oneshot;
-
-use super::{AccessOutcome, HeldInfo, Mode};
+use super::{Dma, Mode};
 
 /// Index of an access in the slab.
 pub(crate) type OpId = u32;
 
-/// Who started an access and wants its outcome.
+/// Names one access for as long as it lives: a slot and the serial of its occupant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AccessKey {
+    pub(crate) op: OpId,
+    pub(crate) serial: u64,
+}
+
+/// Who started an access and wants its outcome; `T` is the caller's token (the task's
+/// reply channel; a plain number in tests).
 #[derive(Debug)]
-pub(super) enum Origin {
-    /// A workload access of run `run`.
+pub(crate) enum Owner<T> {
+    /// An access of workload run `run`.
     Workload { run: u64 },
-    /// A single access; the outcome goes back here.
-    Api(oneshot::Sender<AccessOutcome>),
-    /// A hold: answered once the translation is known.
-    Hold(oneshot::Sender<Result<HeldInfo, AccessOutcome>>),
-    /// A held access (already answered); the release waits here for the DMA's outcome.
-    Held { release: Option<oneshot::Sender<AccessOutcome>> },
+    /// A single access; the outcome goes to the caller.
+    Caller(T),
+    /// A hold: the caller is answered once the translation is known, and the DMA waits
+    /// for a release.
+    Hold(T),
+    /// A held access (its hold already answered); the release's caller, once released.
+    Held(Option<T>),
 }
 
 /// What an access is waiting for.
@@ -56,7 +63,7 @@ pub(super) enum Target {
 
 /// One access in progress.
 #[derive(Debug)]
-pub(super) struct Op {
+pub(super) struct Op<T> {
     pub(super) serial: u64,
     pub(super) iova: u64,
     pub(super) write: bool,
@@ -65,7 +72,7 @@ pub(super) struct Op {
     pub(super) translate_only: bool,
     /// When it started (its intended start in open loop).
     pub(super) start: Instant,
-    pub(super) origin: Origin,
+    pub(super) owner: Owner<T>,
     pub(super) stage: Stage,
     pub(super) target: Option<Target>,
     pub(super) size_shift: u8,
@@ -78,27 +85,17 @@ pub(super) struct Op {
     pub(super) blocks: u32,
 }
 
-impl Op {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        serial: u64,
-        iova: u64,
-        write: bool,
-        len: u32,
-        mode: Mode,
-        translate_only: bool,
-        start: Instant,
-        origin: Origin,
-    ) -> Self {
+impl<T> Op<T> {
+    pub(super) fn new(serial: u64, dma: Dma, start: Instant, owner: Owner<T>) -> Self {
         Self {
             serial,
-            iova,
-            write,
-            len,
-            mode,
-            translate_only,
+            iova: dma.iova,
+            write: dma.write,
+            len: dma.len,
+            mode: dma.mode,
+            translate_only: dma.translate_only,
             start,
-            origin,
+            owner,
             stage: Stage::New,
             target: None,
             size_shift: 0,
@@ -118,15 +115,21 @@ impl Op {
 }
 
 /// The slab.
-#[derive(Debug, Default)]
-pub(super) struct Ops {
-    slots: Vec<Option<Op>>,
+#[derive(Debug)]
+pub(super) struct Ops<T> {
+    slots: Vec<Option<Op<T>>>,
     free: Vec<OpId>,
     live: usize,
 }
 
-impl Ops {
-    pub(super) fn insert(&mut self, op: Op) -> OpId {
+impl<T> Default for Ops<T> {
+    fn default() -> Self {
+        Self { slots: Vec::new(), free: Vec::new(), live: 0 }
+    }
+}
+
+impl<T> Ops<T> {
+    pub(super) fn insert(&mut self, op: Op<T>) -> OpId {
         self.live += 1;
         match self.free.pop() {
             Some(i) => {
@@ -140,15 +143,15 @@ impl Ops {
         }
     }
 
-    pub(super) fn get(&self, id: OpId) -> Option<&Op> {
+    pub(super) fn get(&self, id: OpId) -> Option<&Op<T>> {
         self.slots.get(id as usize).and_then(Option::as_ref)
     }
 
-    pub(super) fn get_mut(&mut self, id: OpId) -> Option<&mut Op> {
+    pub(super) fn get_mut(&mut self, id: OpId) -> Option<&mut Op<T>> {
         self.slots.get_mut(id as usize).and_then(Option::as_mut)
     }
 
-    pub(super) fn remove(&mut self, id: OpId) -> Option<Op> {
+    pub(super) fn remove(&mut self, id: OpId) -> Option<Op<T>> {
         let op = self.slots.get_mut(id as usize)?.take()?;
         self.free.push(id);
         self.live -= 1;
@@ -159,11 +162,11 @@ impl Ops {
         self.live
     }
 
-    pub(super) fn iter(&self) -> impl Iterator<Item = (OpId, &Op)> {
+    pub(super) fn iter(&self) -> impl Iterator<Item = (OpId, &Op<T>)> {
         self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|op| (i as OpId, op)))
     }
 
-    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (OpId, &mut Op)> {
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (OpId, &mut Op<T>)> {
         self.slots.iter_mut().enumerate().filter_map(|(i, s)| s.as_mut().map(|op| (i as OpId, op)))
     }
 }
@@ -172,13 +175,13 @@ impl Ops {
 mod tests {
     use super::*;
 
-    fn op(serial: u64) -> Op {
-        Op::new(serial, 0, false, 64, Mode::Ats, false, Instant::now(), Origin::Workload { run: 1 })
+    fn op(serial: u64) -> Op<()> {
+        Op::new(serial, Dma::read(0), Instant::now(), Owner::Workload { run: 1 })
     }
 
     #[test]
     fn slots_are_reused_and_counted() {
-        let mut ops = Ops::default();
+        let mut ops = Ops::<()>::default();
         let a = ops.insert(op(1));
         let b = ops.insert(op(2));
         assert_eq!(ops.len(), 2);

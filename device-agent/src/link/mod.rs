@@ -10,10 +10,13 @@
 //! its invalidate queue depth). So the reader keeps servicing the link whatever a
 //! function is waiting for, the rule that keeps vhost-user-style deadlocks out.
 //!
-//! Every connection has a generation number. A function learns it from the link-up event
-//! and stamps what it queues with it; the writer drops anything stamped with an older one,
-//! because the function has already failed the accesses behind it on the link-down event.
-//! Not here: what a function does with its traffic (`function`).
+//! Every connection has a generation number. A function learns it from the `Connected`
+//! event and stamps what it queues with it; the writer drops anything stamped with an
+//! older one, because the function has already failed the accesses behind it on the
+//! `Disconnected` event. The link moves wire messages and converts nothing: each
+//! function's task converts its own traffic (`wire`), so the work that grows with the
+//! traffic stays spread over the functions. Not here: what a function does with its
+//! traffic (`function`).
 
 mod backoff;
 mod writer;
@@ -24,8 +27,8 @@ use std::time::Duration;
 
 use dmar_proto::v1::ats_link_client::AtsLinkClient;
 use dmar_proto::v1::{
-    Bind, DmaRequest, Function as WireFunction, InvalidationCompletion, LinkDown, LinkUp, PageRequest,
-    TranslationRequest,
+    DmaCompletion, DmaRequest, InvalidationCompletion, InvalidationRequest, LinkDown, LinkUp, PageGroupResponse,
+    PageRequest, TranslationCompletion, TranslationRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,8 +38,9 @@ use tonic::transport::Endpoint;
 
 use self::backoff::Backoff;
 use crate::config::AgentConfig;
-use crate::function::{FunctionDown, Inbound};
+use crate::function::Inbound;
 use crate::metrics::AgentMetrics;
+use crate::wire;
 
 /// Outbound messages buffered towards gRPC before the writer waits.
 const OUTBOUND_DEPTH: usize = 32;
@@ -52,7 +56,7 @@ pub struct LinkState {
     pub generation: u64,
 }
 
-/// A request a function queues for the server.
+/// A request a function queues for the server, in its wire form.
 #[derive(Debug)]
 pub(crate) enum UpKind {
     Translation(TranslationRequest),
@@ -73,6 +77,24 @@ pub(crate) struct UpItem {
 pub(crate) struct PrioItem {
     pub(crate) generation: u64,
     pub(crate) completion: InvalidationCompletion,
+}
+
+/// What the server sent for one function in one link message, as it came.
+#[derive(Debug, Default)]
+pub(crate) struct FunctionDown {
+    pub(crate) invalidations: Vec<InvalidationRequest>,
+    pub(crate) completions: Vec<TranslationCompletion>,
+    pub(crate) dma: Vec<DmaCompletion>,
+    pub(crate) page_responses: Vec<PageGroupResponse>,
+}
+
+impl FunctionDown {
+    fn is_empty(&self) -> bool {
+        self.invalidations.is_empty()
+            && self.completions.is_empty()
+            && self.dma.is_empty()
+            && self.page_responses.is_empty()
+    }
 }
 
 /// The functions' side of the link's queues.
@@ -96,7 +118,8 @@ impl LinkTx {
         (LinkTx { up, prio }, up_rx, prio_rx)
     }
 
-    /// Queues an invalidation completion on the priority path.
+    /// Queues an invalidation completion on the priority path; false if the link task is
+    /// gone.
     pub(crate) fn complete(&self, generation: u64, completion: InvalidationCompletion) -> bool {
         self.prio.send(PrioItem { generation, completion }).is_ok()
     }
@@ -204,7 +227,8 @@ impl Router {
 #[derive(Debug)]
 pub(crate) struct Link {
     config: Arc<AgentConfig>,
-    bind: Vec<WireFunction>,
+    /// The functions' requester ids, in the configuration's order.
+    sids: Vec<u32>,
     router: Router,
     up: mpsc::UnboundedReceiver<UpItem>,
     prio: mpsc::UnboundedReceiver<PrioItem>,
@@ -222,25 +246,17 @@ impl Link {
         let (up_tx, up) = mpsc::unbounded_channel();
         let (prio_tx, prio) = mpsc::unbounded_channel();
         let (state, state_rx) = watch::channel(LinkState::default());
-        let bind = config
-            .functions
-            .iter()
-            .map(|f| WireFunction {
-                source_id: u32::from(f.sid.0),
-                invalidate_queue_depth: u32::from(f.invalidate_queue_depth),
-                page_request_capacity: u32::from(f.page_request_capacity),
-            })
-            .collect::<Vec<_>>();
-        let index = bind.iter().enumerate().map(|(i, f)| (f.source_id, i)).collect();
+        let sids: Vec<u32> = config.functions.iter().map(|f| u32::from(f.sid.0)).collect();
+        let index = sids.iter().enumerate().map(|(i, sid)| (*sid, i)).collect();
         let scratch = (0..inboxes.len()).map(|_| FunctionDown::default()).collect();
         let router = Router { inboxes, index, scratch, touched: Vec::new() };
-        let link = Link { config, bind, router, up, prio, state, metrics };
+        let link = Link { config, sids, router, up, prio, state, metrics };
         (link, LinkTx { up: up_tx, prio: prio_tx }, state_rx)
     }
 
     /// Runs until `shutdown`.
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
-        let seed = std::process::id() as u64 ^ self.bind.first().map_or(0, |f| u64::from(f.source_id) << 32);
+        let seed = std::process::id() as u64 ^ self.sids.first().map_or(0, |sid| u64::from(*sid) << 32);
         let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max, seed);
         let mut generation = 0u64;
         let url = self.config.server_url();
@@ -253,13 +269,13 @@ impl Link {
                 Ok((out, inbound)) => {
                     generation += 1;
                     backoff.reset();
-                    self.router.broadcast(|| Inbound::LinkUp { generation });
+                    self.router.broadcast(|| Inbound::Connected { generation });
                     self.state.send_replace(LinkState { connected: true, generation });
                     self.metrics.link_up.increment(1.0);
                     self.metrics.link_connections.increment(1);
-                    tracing::info!(server = %url, generation, functions = self.bind.len(), "ATS link bound");
+                    tracing::info!(server = %url, generation, functions = self.sids.len(), "ATS link bound");
                     let end = self.serve(out, inbound, generation, &shutdown).await;
-                    self.router.broadcast(|| Inbound::LinkDown { generation });
+                    self.router.broadcast(|| Inbound::Disconnected { generation });
                     self.state.send_replace(LinkState { connected: false, generation });
                     self.metrics.link_up.decrement(1.0);
                     match end {
@@ -296,24 +312,17 @@ impl Link {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (out, rx) = mpsc::channel(OUTBOUND_DEPTH);
-        let bind = LinkUp {
-            bind: Some(Bind { functions: self.bind.clone(), agent: self.config.name.clone() }),
-            ..Default::default()
-        };
         // The server reads the bind before it answers the call, so it must be queued first.
-        out.send(bind).await.map_err(|_| LinkError::Closed)?;
+        out.send(wire::bind(&self.config)).await.map_err(|_| LinkError::Closed)?;
         let response = tokio::time::timeout(t, client.open(ReceiverStream::new(rx)))
             .await
             .map_err(|_| LinkError::Timeout(t))??;
         let mut inbound = response.into_inner();
         let first = tokio::time::timeout(t, inbound.message()).await.map_err(|_| LinkError::Timeout(t))??;
-        let bound = first
-            .ok_or(LinkError::Closed)?
-            .bound
+        let mut got = wire::bound(first.ok_or(LinkError::Closed)?)
             .ok_or_else(|| LinkError::Protocol("the first message is not the bind's answer".into()))?;
-        let mut got = bound.source_ids;
         got.sort_unstable();
-        let mut want: Vec<u32> = self.bind.iter().map(|f| f.source_id).collect();
+        let mut want = self.sids.clone();
         want.sort_unstable();
         if got != want {
             return Err(LinkError::Protocol(format!("bound {got:?}, asked for {want:?}")));

@@ -1,10 +1,12 @@
 //! The link's writer: drains the functions' outbound queues into one `LinkUp` per batch.
 //!
-//! Invalidation completions have their own queue and always go first (ARCHITECTURE.md:
-//! invalidations never wait behind translation traffic); then translation requests, DMA
-//! and page requests, in the order the functions queued them, up to the batch limit.
-//! Whatever piles up while a message is being sent goes in the next one, so batches grow
-//! exactly when the link is busy.
+//! Invalidation completions have their own queue and always go first (invalidations never
+//! wait behind translation traffic: the link semantics in `docs/ARCHITECTURE.md`); then
+//! translation requests, DMA and page requests, in the order the functions queued them, up
+//! to the batch limit. Whatever piles up while a message is being sent goes in the next
+//! one, so batches grow exactly when the link is busy. The functions queue wire items
+//! (converted by `wire` in their own tasks), so this one task, which every function
+//! shares, only moves them.
 
 use dmar_proto::v1::LinkUp;
 use tokio::sync::mpsc;

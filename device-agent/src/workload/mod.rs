@@ -18,20 +18,19 @@ use std::time::Duration;
 
 use dmar_vtd::SourceId;
 
-pub use self::report::{
-    FunctionReport, HistogramError, LatencySummary, Report, decode_histogram, encode_histogram, new_histogram,
-};
+pub(crate) use self::report::encode_histogram;
+pub use self::report::{FunctionReport, HistogramError, LatencySummary, Report, decode_histogram};
 pub use self::run::{Run, RunPhase};
-pub use self::trace::{MAX_TRACE_ACCESSES, Trace, TraceAccess, TraceError};
+pub use self::trace::{Trace, TraceAccess, TraceError};
 use crate::config::FunctionConfig;
-pub use crate::function::Mode;
+use crate::function::Mode;
 
 pub(crate) use self::run::coordinate;
 
 /// Longest measured duration of a run (one day).
-pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(86_400);
 /// Most accesses in flight per function.
-pub const MAX_CONCURRENCY: u32 = 4096;
+pub(crate) const MAX_CONCURRENCY: u32 = 4096;
 
 /// Where a function's accesses go.
 #[derive(Clone, Debug, PartialEq)]

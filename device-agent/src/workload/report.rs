@@ -11,16 +11,16 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use super::{Mode, RunPhase};
 use crate::counters::Counters;
 
-/// A latency histogram in nanoseconds with 3 significant digits (PERFORMANCE.md), growing
-/// to fit whatever is recorded.
-pub fn new_histogram() -> Histogram<u64> {
+/// A latency histogram in nanoseconds with 3 significant digits (0.1 % resolution at
+/// every percentile), growing to fit whatever is recorded.
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // 3 significant digits is always a valid precision.
     Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits are valid"))
 }
 
 /// Encodes a histogram in the HdrHistogram V2 format (uncompressed), the encoding of the
 /// proto's `LatencySummary.histogram`; empty histograms encode as no bytes.
-pub fn encode_histogram(h: &Histogram<u64>) -> Vec<u8> {
+pub(crate) fn encode_histogram(h: &Histogram<u64>) -> Vec<u8> {
     if h.is_empty() {
         return Vec::new();
     }

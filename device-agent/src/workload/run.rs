@@ -66,11 +66,6 @@ impl Run {
         })
     }
 
-    /// The functions taking part, in the order of the workload.
-    pub fn functions(&self) -> impl Iterator<Item = SourceId> + '_ {
-        self.progress.iter().map(|(sid, _)| *sid)
-    }
-
     /// Its phase now.
     pub fn phase(&self) -> RunPhase {
         if let Some(r) = self.report.borrow().as_ref() {

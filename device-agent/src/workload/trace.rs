@@ -10,11 +10,10 @@
 //! 100800   r
 //! ```
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 /// Most accesses a trace may hold.
-pub const MAX_TRACE_ACCESSES: usize = 1 << 24;
+pub(crate) const MAX_TRACE_ACCESSES: usize = 1 << 24;
 
 /// One recorded access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,7 +121,9 @@ impl Trace {
     }
 
     /// Writes the text format (what [`Trace::parse`] reads back).
-    pub fn to_text(&self) -> String {
+    #[cfg(test)]
+    fn to_text(&self) -> String {
+        use std::fmt::Write as _;
         let mut s = String::with_capacity(self.accesses.len() * 16);
         for a in &self.accesses {
             let _ = writeln!(s, "{:#x} {}", a.iova, if a.write { 'w' } else { 'r' });

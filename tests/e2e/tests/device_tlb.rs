@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dmar_agent::{Access, AccessResult, Fault, FunctionConfig, PageRequestFailure};
+use dmar_agent::{Dma, DmaError, DmaResult, FunctionConfig, PageRequestFailure};
 use dmar_proto::v1::{GetStatsRequest, PageResponseCode, RespondPageRequestRequest, WatchRequest};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -23,34 +23,34 @@ async fn hits_misses_coalescing_and_permissions_are_accounted() {
     let (agent, shutdown) = start_agent(agent_config(&server, vec![FunctionConfig::new(f)])).await;
     let dev = agent.function(f).expect("function");
 
-    let first = dev.access(Access::read(0x10_0040)).await.expect("access");
-    assert_eq!(first.result, AccessResult::Ok);
+    let first = dev.access(Dma::read(0x10_0040)).await.expect("access");
+    assert_eq!(first.result, DmaResult::Ok);
     assert!(!first.atc_hit);
     assert_eq!((first.translated, first.size_shift), (Some(0x20_0040), 12));
-    let again = dev.access(Access::read(0x10_0080)).await.expect("access");
+    let again = dev.access(Dma::read(0x10_0080)).await.expect("access");
     assert!(again.atc_hit && again.is_ok());
     assert_eq!(again.translated, Some(0x20_0080));
 
     // The read asked for no-write, so the entry grants reads only: a write misses, asks
     // for write access, and replaces the entry; the next write hits.
-    let w = dev.access(Access::write(0x10_0000)).await.expect("access");
+    let w = dev.access(Dma::write(0x10_0000)).await.expect("access");
     assert!(!w.atc_hit && w.is_ok());
-    assert!(dev.access(Access::write(0x10_0100)).await.expect("access").atc_hit);
+    assert!(dev.access(Dma::write(0x10_0100)).await.expect("access").atc_hit);
 
     // Eight concurrent misses on one page: one translation request.
-    let burst = dev.access_many(vec![Access::read(0x10_5000); 8]).await.expect("burst");
+    let burst = dev.access_many(vec![Dma::read(0x10_5000); 8]).await.expect("burst");
     assert!(burst.iter().all(|o| o.is_ok() && !o.atc_hit));
     assert_eq!(burst.iter().filter(|o| o.coalesced).count(), 7);
 
     // No write through a read-only entry; reads are fine; nothing mapped is a fault
     // without PRI; translate-only sends no DMA.
-    let r = dev.access(Access::read(0x30_0000)).await.expect("access");
+    let r = dev.access(Dma::read(0x30_0000)).await.expect("access");
     assert!(r.is_ok());
-    let ro = dev.access(Access::write(0x30_0000)).await.expect("access");
-    assert_eq!(ro.result, AccessResult::Fault(Fault::NoAccess));
-    let hole = dev.access(Access::read(0x50_0000)).await.expect("access");
-    assert_eq!(hole.result, AccessResult::Fault(Fault::NoAccess));
-    let t = dev.access(Access::read(0x10_0000).translate_only()).await.expect("access");
+    let ro = dev.access(Dma::write(0x30_0000)).await.expect("access");
+    assert_eq!(ro.result, DmaResult::Fault(DmaError::NoAccess));
+    let hole = dev.access(Dma::read(0x50_0000)).await.expect("access");
+    assert_eq!(hole.result, DmaResult::Fault(DmaError::NoAccess));
+    let t = dev.access(Dma::read(0x10_0000).translate_only()).await.expect("access");
     assert!(t.is_ok() && t.atc_hit && t.translated == Some(0x20_0000));
 
     let s = dev.snapshot().await.expect("snapshot");
@@ -81,8 +81,8 @@ async fn after_an_unmap_the_next_access_misses_and_sees_the_new_mapping() {
     map(&mut c, did, 0x8000_0000, 0x10_0000, 0x1000, true).await;
     let (agent, shutdown) = start_agent(agent_config(&server, vec![FunctionConfig::new(f)])).await;
     let dev = agent.function(f).expect("function");
-    assert_eq!(dev.access(Access::read(0x8000_0010)).await.expect("access").translated, Some(0x10_0010));
-    assert!(dev.access(Access::read(0x8000_0020)).await.expect("access").atc_hit);
+    assert_eq!(dev.access(Dma::read(0x8000_0010)).await.expect("access").translated, Some(0x10_0010));
+    assert!(dev.access(Dma::read(0x8000_0020)).await.expect("access").atc_hit);
 
     // A strict unmap returns only once the agent has completed the invalidation.
     assert_eq!(strict_unmap(&mut c, did, 0x8000_0000, 0x1000).await.unmapped_bytes, 0x1000);
@@ -92,7 +92,7 @@ async fn after_an_unmap_the_next_access_misses_and_sees_the_new_mapping() {
     assert_eq!(s.atc_entries, 0);
 
     map(&mut c, did, 0x8000_0000, 0x70_0000, 0x1000, true).await;
-    let after = dev.access(Access::read(0x8000_0010)).await.expect("access");
+    let after = dev.access(Dma::read(0x8000_0010)).await.expect("access");
     assert!(!after.atc_hit, "the entry is gone");
     assert_eq!(after.translated, Some(0x70_0010), "the new mapping");
     stop_agent(agent, shutdown).await;
@@ -112,10 +112,10 @@ async fn a_dma_in_flight_delays_the_invalidation_that_covers_it() {
     let dev = agent.function(f).expect("function");
 
     // A DMA in flight on another page does not hold an invalidation back.
-    let unrelated = dev.hold(Access::read(0x3000)).await.expect("hold").expect("translated");
+    let unrelated = dev.hold(Dma::read(0x3000)).await.expect("hold").expect("translated");
     assert_eq!(strict_unmap(&mut c, did, 0x2000, 0x1000).await.unmapped_bytes, 0x1000);
 
-    let held = dev.hold(Access::write(0x1000)).await.expect("hold").expect("translated");
+    let held = dev.hold(Dma::write(0x1000)).await.expect("hold").expect("translated");
     assert_eq!(held.translated(), Some(0x10_0000));
     let mut c2 = c.clone();
     let unmap = tokio::spawn(async move { strict_unmap(&mut c2, did, 0x1000, 0x1000).await });
@@ -128,10 +128,10 @@ async fn a_dma_in_flight_delays_the_invalidation_that_covers_it() {
     // The agent has not completed the invalidation, so the strict unmap cannot be done.
     assert!(!unmap.is_finished());
     // The link keeps being serviced meanwhile.
-    assert!(dev.access(Access::read(0x3040)).await.expect("access").is_ok());
+    assert!(dev.access(Dma::read(0x3040)).await.expect("access").is_ok());
 
     let done = held.release().await.expect("release");
-    assert_eq!(done.result, AccessResult::Ok, "the DMA used the translation it had");
+    assert_eq!(done.result, DmaResult::Ok, "the DMA used the translation it had");
     let r = tokio::time::timeout(PATIENCE, unmap).await.expect("unmap completes").expect("join");
     assert_eq!(r.unmapped_bytes, 0x1000);
     let s = dev.snapshot().await.expect("snapshot");
@@ -151,8 +151,8 @@ async fn a_server_restart_reconnects_with_an_empty_cache() {
     map(&mut c, did, 0x4000, 0x10_0000, 0x1000, true).await;
     let (agent, shutdown) = start_agent(agent_config(&server, vec![FunctionConfig::new(f)])).await;
     let dev = agent.function(f).expect("function");
-    assert!(dev.access(Access::read(0x4000)).await.expect("access").is_ok());
-    assert!(dev.access(Access::read(0x4000)).await.expect("access").atc_hit);
+    assert!(dev.access(Dma::read(0x4000)).await.expect("access").is_ok());
+    assert!(dev.access(Dma::read(0x4000)).await.expect("access").atc_hit);
     let before = agent.link_state();
     assert_eq!(dev.entries().await.expect("entries").len(), 1);
 
@@ -160,8 +160,8 @@ async fn a_server_restart_reconnects_with_an_empty_cache() {
     server.stop().await;
     tokio::time::timeout(PATIENCE, agent.wait_for_link(|s| !s.connected)).await.expect("link down").expect("agent");
     assert!(dev.entries().await.expect("entries").is_empty(), "the cache is dropped with the link");
-    let down = dev.access(Access::read(0x4000)).await.expect("access");
-    assert_eq!(down.result, AccessResult::LinkDown);
+    let down = dev.access(Dma::read(0x4000)).await.expect("access");
+    assert_eq!(down.result, DmaResult::LinkDown);
 
     let server = boot_on(addr, LONG).await;
     let mut c = server.control().await;
@@ -170,7 +170,7 @@ async fn a_server_restart_reconnects_with_an_empty_cache() {
     let after = connected_after(&agent, before.generation).await;
     assert_eq!(after.generation, before.generation + 1);
     assert!(dev.entries().await.expect("entries").is_empty());
-    let fresh = dev.access(Access::read(0x4000)).await.expect("access");
+    let fresh = dev.access(Dma::read(0x4000)).await.expect("access");
     assert!(!fresh.atc_hit && fresh.is_ok());
     assert_eq!(fresh.translated, Some(0x50_0000), "the new server's mapping");
     stop_agent(agent, shutdown).await;
@@ -213,14 +213,14 @@ async fn a_page_request_is_answered_by_a_control_plane_subscriber() {
     let (agent, shutdown) = start_agent(agent_config(&server, vec![config])).await;
     let dev = agent.function(f).expect("function");
 
-    let paged = dev.access(Access::write(0x7000)).await.expect("access");
-    assert_eq!(paged.result, AccessResult::Ok);
+    let paged = dev.access(Dma::write(0x7000)).await.expect("access");
+    assert_eq!(paged.result, DmaResult::Ok);
     assert!(paged.page_requested);
     assert_eq!(paged.translated, Some(0x60_7000));
-    assert!(dev.access(Access::write(0x7040)).await.expect("access").atc_hit, "the page is cached now");
+    assert!(dev.access(Dma::write(0x7040)).await.expect("access").atc_hit, "the page is cached now");
 
-    let refused = dev.access(Access::read(0x20_0000)).await.expect("access");
-    assert_eq!(refused.result, AccessResult::Fault(Fault::PageRequest(PageRequestFailure::Invalid)));
+    let refused = dev.access(Dma::read(0x20_0000)).await.expect("access");
+    assert_eq!(refused.result, DmaResult::Fault(DmaError::PageRequest(PageRequestFailure::Invalid)));
 
     let served = tokio::time::timeout(PATIENCE, subscriber).await.expect("subscriber").expect("join");
     assert_eq!(served, [(0x7000, true, true), (0x20_0000, false, true)]);
