@@ -8,6 +8,9 @@
 //! - [`role`]: the closed set of [`Role`]s (operator, observer, device) and what each means.
 //! - [`requester`]: the requester-id ranges a device identity may bind.
 //! - [`policy`]: the operator's TOML [`Policy`] mapping identities to roles, ranges and quotas.
+//! - [`tls`]: PEM files into tonic and rustls configurations (mutual TLS, ALPN `h2`, ring).
+//! - [`accept`]: a TLS accept loop for tonic that identifies each connection once and limits
+//!   connections per identity.
 //!
 //! It does not know the gRPC services: mapping each RPC to the role it requires, and
 //! enforcing domain, frame and link quotas, belong to the services that define them. It
@@ -17,12 +20,20 @@
 
 mod de;
 
+pub mod accept;
 pub mod identity;
 pub mod policy;
 pub mod requester;
 pub mod role;
+pub mod tls;
 
+pub use accept::{AcceptConfig, ConnectionLimiter, Incoming, PeerInfo, PeerStream, incoming};
 pub use identity::{Identity, IdentityError};
 pub use policy::{Grant, Policy, PolicyError, Quotas};
 pub use requester::{RequesterIdRange, RequesterIdSet};
 pub use role::{Role, Roles};
+pub use tls::{ClientAuth, TlsError, TlsFiles, TlsMaterial};
+
+/// The rustls and tokio-rustls this crate builds on, so users name the same versions
+/// (a `TlsStream` of another tokio-rustls would not be tonic's `Connected`).
+pub use {rustls, tokio_rustls};
