@@ -11,6 +11,7 @@
 //! - [`tls`]: PEM files into tonic and rustls configurations (mutual TLS, ALPN `h2`, ring).
 //! - [`accept`]: a TLS accept loop for tonic that identifies each connection once and limits
 //!   connections per identity.
+//! - [`pki`]: a development CA and certificates (`dmar-certs`), for local runs and tests.
 //!
 //! It does not know the gRPC services: mapping each RPC to the role it requires, and
 //! enforcing domain, frame and link quotas, belong to the services that define them. It
@@ -22,6 +23,7 @@ mod de;
 
 pub mod accept;
 pub mod identity;
+pub mod pki;
 pub mod policy;
 pub mod requester;
 pub mod role;
@@ -29,6 +31,7 @@ pub mod tls;
 
 pub use accept::{AcceptConfig, ConnectionLimiter, Incoming, PeerInfo, PeerStream, incoming};
 pub use identity::{Identity, IdentityError};
+pub use pki::{AgentSpec, CertKind, DevPki, DevPkiSpec, IssuedCert, PkiError};
 pub use policy::{Grant, Policy, PolicyError, Quotas};
 pub use requester::{RequesterIdRange, RequesterIdSet};
 pub use role::{Role, Roles};
