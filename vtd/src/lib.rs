@@ -16,6 +16,7 @@
 //! `dmar-server` and the device side in `dmar-agent`.
 
 pub mod ats;
+pub mod clock;
 pub mod driver;
 pub mod ids;
 pub mod unit;

@@ -5,16 +5,17 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Rig;
-use dmar_vtd::unit::invalidate::{ContextInvalidation, IotlbInvalidation};
-use dmar_vtd::unit::queue::descriptor::{IecInvalidationDesc, WaitDesc, encode};
+use dmar_vtd::clock::{Clock, ManualClock};
+use dmar_vtd::unit::invalidation::descriptor::{IecInvalidationDesc, WaitDesc, encode};
 use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::{AddressWidth, SlPte, TranslationType};
 use dmar_vtd::unit::{
     Access, DeviceInvalidation, DevicePort, PageResponse, UnexpectedCompletion, UnitConfig, UnitEvents,
 };
+use dmar_vtd::unit::{ContextInvalidation, IotlbInvalidation};
 use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
 use parking_lot::Mutex;
 
@@ -217,7 +218,9 @@ fn itags_are_bounded_by_the_queue_depth() {
 
 #[test]
 fn a_device_that_never_answers_yields_ite_and_the_queue_recovers() {
-    let mut rig = Rig::with_config(UnitConfig::default().with_device_tlb_timeout(Duration::from_millis(50)));
+    let clock = Arc::new(ManualClock::new());
+    let mut rig =
+        Rig::with_clock(UnitConfig::default().with_device_tlb_timeout(Duration::from_millis(50)), clock.clone());
     rig.enable_queue();
     let silent = Arc::new(Recorder::default());
     let healthy = Arc::new(Recorder::default());
@@ -227,7 +230,11 @@ fn a_device_that_never_answers_yields_ite_and_the_queue_recovers() {
     rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 0), encode::device_tlb(other, 0, Iova(0), 0), wait(5)]);
     rig.unit.device_tlb_completed(other, healthy.invalidations.lock()[0].itag).expect("complete");
     assert_eq!(status(&rig), 0);
-    rig.unit.poll_at(Instant::now() + Duration::from_millis(60));
+    clock.advance(Duration::from_millis(49));
+    rig.unit.poll(clock.now());
+    assert_eq!(fsts(&rig) & fsts::ITE, 0, "not yet");
+    clock.advance(Duration::from_millis(1));
+    rig.unit.poll(clock.now());
     assert_ne!(fsts(&rig) & fsts::ITE, 0, "ITE");
     let iqercd = rig.unit.read64(regs::IQERCD).expect("iqercd");
     assert_eq!((iqercd >> 32) & 0xffff, u64::from(SID.0), "ITESID");
@@ -280,7 +287,7 @@ fn page_group_responses_are_routed_to_the_function() {
 mod page_requests {
     use super::*;
     use dmar_vtd::unit::PageRequestOutcome;
-    use dmar_vtd::unit::prq::{self, PageGroupResponse, PageRequest, ResponseCode};
+    use dmar_vtd::unit::prq::{PageGroupResponse, PageRequest, ResponseCode};
 
     fn request(prgi: u16, page: u64, last: bool) -> PageRequest {
         PageRequest { sid: SID, addr: Iova(page << 12), read: true, write: true, prgi, last, private_data: None }
@@ -291,10 +298,10 @@ mod page_requests {
         rig.enable_queue();
         rig.attach(SID, 3, TranslationType::DeviceTlb, AW);
         let q = rig.alloc();
-        rig.unit.write64(prq::regs::PQA, q.0).expect("pqa: 128 entries");
-        rig.unit.write32(prq::regs::PEDATA, 0x51).expect("pedata");
-        rig.unit.write32(prq::regs::PEADDR, 0xfee0_0000).expect("peaddr");
-        rig.unit.write32(prq::regs::PECTL, 0).expect("unmask");
+        rig.unit.write64(regs::PQA, q.0).expect("pqa: 128 entries");
+        rig.unit.write32(regs::PEDATA, 0x51).expect("pedata");
+        rig.unit.write32(regs::PEADDR, 0xfee0_0000).expect("peaddr");
+        rig.unit.write32(regs::PECTL, 0).expect("unmask");
         let port = Arc::new(Recorder::default());
         rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
         (rig, port)
@@ -325,7 +332,7 @@ mod page_requests {
             assert_eq!(rig.unit.page_request(request(i % 512, u64::from(i), false)), Ok(PageRequestOutcome::Queued));
         }
         assert_eq!(rig.unit.page_request(request(200, 999, true)), Ok(PageRequestOutcome::Dropped));
-        assert_ne!(rig.unit.read32(prq::regs::PRS).expect("prs") & 2, 0, "PRO");
+        assert_ne!(rig.unit.read32(regs::PRS).expect("prs") & 2, 0, "PRO");
         assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 200, code: 0 }], "auto success");
         let drained = rig.unit.page_request_queue().drain(&rig.mem).expect("drain");
         assert_eq!(drained.requests.len(), 127);

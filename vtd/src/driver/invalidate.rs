@@ -16,8 +16,8 @@ use super::error::DriverError;
 use super::queue::InvalidationQueue;
 use super::registers::{Capabilities, Registers};
 use crate::ids::{DomainId, Iova, PAGE_SHIFT, SourceId};
-use crate::unit::invalidate::{ContextInvalidation, IotlbInvalidation};
-use crate::unit::queue::descriptor::encode;
+use crate::unit::invalidation::descriptor::encode;
+use crate::unit::invalidation::{ContextInvalidation, IotlbInvalidation};
 use crate::unit::regs::{self, ccmd, iotlb};
 
 /// What a context-cache invalidation covers (CCMD.CIRG, VT-d 10.4.7).
@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn device_tlb_ranges_follow_the_iotlb_scope() {
         use crate::ats::range as srange;
-        use crate::unit::queue::descriptor::{Descriptor, decode};
+        use crate::unit::invalidation::descriptor::{Descriptor, decode};
 
         let scope = pages(3 * PAGE, 5 * PAGE, true);
         let range = DeviceTlbRange::for_scope(scope);
@@ -324,7 +324,7 @@ mod tests {
 
     #[test]
     fn descriptors_decode_to_the_requested_scope() {
-        use crate::unit::queue::descriptor::{Descriptor, decode};
+        use crate::unit::invalidation::descriptor::{Descriptor, decode};
 
         let scope = pages(0x20_0000, 0x40_0000, false);
         let (qw0, qw1) = Invalidation::Iotlb(scope).descriptor(true, false);

@@ -10,10 +10,10 @@ use super::Driver;
 use super::error::DriverError;
 use super::invalidate::Invalidation;
 use crate::ids::SourceId;
-use crate::unit::invalidate::IotlbInvalidation;
-use crate::unit::prq::{self, PageGroupResponse, PageRequest, QueueAddress, ResponseCode};
-use crate::unit::queue::descriptor::{Descriptor, QueueErrorCode, decode};
-use crate::unit::regs::MAMV;
+use crate::unit::invalidation::IotlbInvalidation;
+use crate::unit::invalidation::descriptor::{Descriptor, QueueErrorCode, decode};
+use crate::unit::prq::{PageGroupResponse, PageRequest, QueueAddress, ResponseCode};
+use crate::unit::regs::{self, MAMV};
 use crate::unit::request::INTERRUPT_RANGE_BASE;
 
 fn describe(code: QueueErrorCode) -> &'static str {
@@ -40,11 +40,11 @@ impl Driver {
         }
         let queue = self.frames.alloc()?;
         let pqa = QueueAddress::new(queue, 0).map_err(|e| DriverError::PageRequestQueue(e.to_string()))?;
-        self.regs.write64(prq::regs::PQH, 0)?;
-        self.regs.write64(prq::regs::PQA, pqa.to_bits())?;
-        self.regs.write32(prq::regs::PEDATA, vector)?;
-        self.regs.write32(prq::regs::PEADDR, INTERRUPT_RANGE_BASE as u32)?;
-        self.regs.write32(prq::regs::PECTL, 0)?;
+        self.regs.write64(regs::PQH, 0)?;
+        self.regs.write64(regs::PQA, pqa.to_bits())?;
+        self.regs.write32(regs::PEDATA, vector)?;
+        self.regs.write32(regs::PEADDR, INTERRUPT_RANGE_BASE as u32)?;
+        self.regs.write32(regs::PECTL, 0)?;
         *prq_on = true;
         Ok(())
     }

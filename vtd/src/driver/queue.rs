@@ -47,8 +47,8 @@ use super::invalidate::Invalidation;
 use super::registers::Registers;
 use crate::ids::{Hpa, SourceId};
 use crate::unit::Unit;
+use crate::unit::invalidation::descriptor::{WaitDesc, encode};
 use crate::unit::memory::HostMemory;
-use crate::unit::queue::descriptor::{WaitDesc, encode};
 use crate::unit::regs::{self, fsts};
 
 /// Descriptors in the queue: IQA.QS=0 gives 2^(0+8) 128-bit entries, one 4 KiB page
@@ -489,7 +489,7 @@ impl InvalidationQueue {
 mod tests {
     use super::*;
     use crate::ids::{DomainId, Iova};
-    use crate::unit::invalidate::IotlbInvalidation;
+    use crate::unit::invalidation::IotlbInvalidation;
     use crate::unit::{Unit, UnitConfig};
 
     fn queue() -> (Arc<Unit>, Registers, InvalidationQueue) {

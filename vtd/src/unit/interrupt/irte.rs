@@ -1,13 +1,14 @@
 //! The binary formats interrupt remapping reads: the interrupt remapping table entry
-//! (IRTE, VT-d 9.10; VTD-REFERENCE b.8) and the IRTA register value that locates the table
-//! (VTD-REFERENCE b.1, offset 0xB8).
+//! (IRTE, VT-d 9.10) and the IRTA register value that locates the table (VT-d 10.4.30).
 //!
-//! Each format is a small `Copy` wrapper over its raw bits with named accessors; the bit
-//! positions live here and nowhere else. This module decodes, checks reserved bits and
+//! Each format is a small `Copy` wrapper over its raw bits with named accessors; the IRTE's
+//! bit positions live here and nowhere else, IRTA's with the other registers in
+//! `unit::regs`. This module decodes, checks reserved bits and
 //! encodes; it does not read memory, cache entries or decide what an interrupt may do
 //! (that is the remapper in the parent module).
 
 use crate::ids::{Hpa, SourceId};
+use crate::unit::regs::irta;
 
 /// Size of one IRTE in bytes.
 pub const IRTE_BYTES: u64 = 16;
@@ -368,15 +369,15 @@ impl Irte {
     }
 }
 
-/// The interrupt remapping table address register value (IRTA, offset 0xB8; VTD-REFERENCE
-/// b.1): `IRTA[63:12]` the table base, EIME bit 11, `S[3:0]` with 2^(S+1) entries. Bits 10:4
+/// The interrupt remapping table address register value (IRTA_REG, VT-d 10.4.30):
+/// `IRTA[63:12]` the table base, EIME bit 11, `S[3:0]` with 2^(S+1) entries. Bits 10:4
 /// are reserved and dropped when latched.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Irta(u64);
 
-const IRTA_BASE: u64 = !0xfff;
-const IRTA_EIME: u64 = 1 << 11;
-const IRTA_S: u64 = 0xf;
+const IRTA_BASE: u64 = irta::BASE_MASK;
+const IRTA_EIME: u64 = irta::EIME;
+const IRTA_S: u64 = irta::S_MASK;
 
 impl Irta {
     /// The register value, with its reserved bits 10:4 cleared.

@@ -1,13 +1,15 @@
-//! Cache invalidation operations (VT-d 6.5): what the context command register, the IOTLB
-//! registers and (later) the invalidation queue ask of the caches.
+//! What an invalidation does to the caches (VT-d 6.5.1): the requests both interfaces
+//! carry, register-based (`registers`) and queued (`queue`), and their effect on the context
+//! cache, the IOTLB and the paging-structure caches.
 //!
 //! Every operation first bumps the unit's invalidation epoch, then drops entries, so a walk
 //! that read the tables before the invalidation cannot refill a cache after it.
 //! Invalidating more than asked is always allowed by the spec; invalidating less never.
+//! Decoding the requests from registers or descriptors is not done here.
 
-use super::Unit;
-use super::regs::MAMV;
 use crate::ids::{DomainId, Iova, SourceId};
+use crate::unit::Unit;
+use crate::unit::regs::MAMV;
 
 /// A context-cache invalidation request (VT-d 6.5.1.1, CCMD.CIRG / descriptor G).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
