@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use common::Rig;
@@ -13,7 +14,8 @@ use dmar_vtd::unit::invalidation::descriptor::{IecInvalidationDesc, WaitDesc, en
 use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::{AddressWidth, SlPte, TranslationType};
 use dmar_vtd::unit::{
-    Access, DeviceInvalidation, DevicePort, PageResponse, UnexpectedCompletion, UnitConfig, UnitEvents,
+    Access, DeviceInvalidation, DevicePort, InvalidationDoorbell, PageResponse, UnexpectedCompletion, UnitConfig,
+    UnitEvents,
 };
 use dmar_vtd::unit::{ContextInvalidation, IotlbInvalidation};
 use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
@@ -288,9 +290,36 @@ mod page_requests {
     use super::*;
     use dmar_vtd::unit::PageRequestOutcome;
     use dmar_vtd::unit::prq::{PageGroupResponse, PageRequest, ResponseCode};
+    use dmar_vtd::unit::regs::prs;
 
     fn request(prgi: u16, page: u64, last: bool) -> PageRequest {
         PageRequest { sid: SID, addr: Iova(page << 12), read: true, write: true, prgi, last, private_data: None }
+    }
+
+    /// What software's page request handler does, through the registers and host memory
+    /// (Linux `prq_event_thread`): clear PPR, read PQT and PQH, read the descriptors, write
+    /// PQH, clear PRO once the queue is empty. Returns the requests and whether PRO was
+    /// cleared.
+    fn drain(rig: &Rig) -> (Vec<PageRequest>, bool) {
+        let pqa = rig.unit.read64(regs::PQA).expect("pqa");
+        let base = pqa & !0xfff;
+        let mask = (4096u64 << (pqa & 7)) - 1;
+        rig.unit.write32(regs::PRS, prs::PPR).expect("clear PPR");
+        let tail = rig.unit.read64(regs::PQT).expect("pqt") & mask;
+        let mut head = rig.unit.read64(regs::PQH).expect("pqh") & mask;
+        let mut requests = Vec::new();
+        while head != tail {
+            let desc: [u64; 4] =
+                std::array::from_fn(|i| rig.mem.read_u64(Hpa(base + head + 8 * i as u64)).expect("entry"));
+            requests.push(PageRequest::from_descriptor(desc).expect("well-formed"));
+            head = (head + 32) & mask;
+        }
+        rig.unit.write64(regs::PQH, tail).expect("pqh");
+        let overflow = rig.unit.read32(regs::PRS).expect("prs") & prs::PRO != 0;
+        if overflow {
+            rig.unit.write32(regs::PRS, prs::PRO).expect("clear PRO");
+        }
+        (requests, overflow)
     }
 
     fn rig_with_prq(events: Arc<Interrupts>) -> (Rig, Arc<Recorder>) {
@@ -315,8 +344,8 @@ mod page_requests {
         assert_eq!(rig.unit.page_request(request(7, 0x41, true)), Ok(PageRequestOutcome::Queued));
         assert_eq!(*events.0.lock(), vec![(0xfee0_0000, 0x51)], "one event for PPR 0 -> 1");
         // Software drains the queue and answers the group through the invalidation queue.
-        let drained = rig.unit.page_request_queue().drain(&rig.mem).expect("drain");
-        assert_eq!(drained.requests, vec![request(7, 0x40, false), request(7, 0x41, true)]);
+        let (drained, _) = drain(&rig);
+        assert_eq!(drained, vec![request(7, 0x40, false), request(7, 0x41, true)]);
         let [qw0, qw1] = PageGroupResponse { sid: SID, prgi: 7, code: ResponseCode::Success }.to_descriptor();
         rig.submit(&[(qw0, qw1), wait(1)]);
         assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 7, code: 0 }]);
@@ -332,36 +361,49 @@ mod page_requests {
             assert_eq!(rig.unit.page_request(request(i % 512, u64::from(i), false)), Ok(PageRequestOutcome::Queued));
         }
         assert_eq!(rig.unit.page_request(request(200, 999, true)), Ok(PageRequestOutcome::Dropped));
-        assert_ne!(rig.unit.read32(regs::PRS).expect("prs") & 2, 0, "PRO");
+        assert_ne!(rig.unit.read32(regs::PRS).expect("prs") & prs::PRO, 0, "PRO");
         assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 200, code: 0 }], "auto success");
-        let drained = rig.unit.page_request_queue().drain(&rig.mem).expect("drain");
-        assert_eq!(drained.requests.len(), 127);
-        assert!(drained.overflow_cleared);
+        let (drained, overflow_cleared) = drain(&rig);
+        assert_eq!(drained.len(), 127);
+        assert!(overflow_cleared);
+        assert_eq!(rig.unit.read32(regs::PRS).expect("prs"), 0);
         assert_eq!(rig.unit.page_request(request(1, 1, true)), Ok(PageRequestOutcome::Queued));
     }
 }
 
+/// Counts rings of the invalidation doorbell.
+#[derive(Debug, Default)]
+struct Bell(AtomicUsize);
+impl InvalidationDoorbell for Bell {
+    fn ring(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[test]
-fn queue_progress_wakes_a_waiter_when_a_wait_completes() {
+fn the_doorbell_rings_when_a_wait_completes_or_the_queue_stops() {
     let mut rig = Rig::new();
     rig.enable_queue();
+    let bell = Arc::new(Bell::default());
+    let weak: Weak<dyn InvalidationDoorbell> = Arc::downgrade(&bell) as Weak<Bell>;
+    rig.unit.subscribe_invalidation_doorbell(weak);
+    let rings = || bell.0.load(Ordering::SeqCst);
     let port = Arc::new(Recorder::default());
     rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
     rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 0), wait(1)]);
-    let seen = rig.unit.queue_progress();
-    let unit = rig.unit.clone();
+    assert_eq!(rings(), 0, "the wait is held back by the device");
     let itag = port.invalidations.lock()[0].itag;
-    let answer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(20));
-        unit.device_tlb_completed(SID, itag).expect("complete");
-    });
-    // Far longer than the answer takes: returning means the completion woke us.
-    let now = rig.unit.wait_for_queue_progress(seen, Duration::from_secs(30));
-    assert_eq!(now, seen + 1);
-    assert_eq!(status(&rig), 1);
-    answer.join().expect("answer");
-    // No progress: the call returns after its timeout with the same count.
-    assert_eq!(rig.unit.wait_for_queue_progress(now, Duration::from_millis(1)), now);
+    rig.unit.device_tlb_completed(SID, itag).expect("complete");
+    assert_eq!((rings(), status(&rig)), (1, 1), "rung after the status write");
+    // Descriptors other than waits do not ring it; a queue error does.
+    rig.submit(&[encode::iotlb(IotlbInvalidation::Global)]);
+    assert_eq!(rings(), 1);
+    rig.submit(&[(0, 0)]);
+    assert_ne!(fsts(&rig) & fsts::IQE, 0);
+    assert_eq!(rings(), 2);
+    // Dropping the subscriber unsubscribes it.
+    drop(bell);
+    rig.unit.write32(regs::FSTS, fsts::IQE).expect("clear");
 }
 
 mod arbitrary_descriptors {

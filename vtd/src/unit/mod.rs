@@ -54,8 +54,8 @@ pub use cache::{CacheGeometry, InvalidGeometry};
 pub use fault::{Access, FaultRecord, NoEvents, RequestKind, UnitEvents};
 pub use fault_reason::FaultReason;
 pub use invalidation::{
-    ContextInvalidation, DeviceInvalidation, DevicePort, IotlbInvalidation, PageResponse, PortError,
-    UnexpectedCompletion,
+    ContextInvalidation, DeviceInvalidation, DevicePort, InvalidationDoorbell, IotlbInvalidation, PageResponse,
+    PortError, UnexpectedCompletion,
 };
 pub use memory::{HostMemory, MemoryError};
 pub use mmio::MmioError;
@@ -186,7 +186,8 @@ pub struct Unit {
     iotlb: Iotlb,
     faults: FaultRecorder,
     queue: Mutex<invalidation::QueueState>,
-    queue_progress: invalidation::Progress,
+    /// Subscribers to invalidation progress (`invalidation::doorbell`).
+    doorbells: Mutex<Vec<std::sync::Weak<dyn invalidation::InvalidationDoorbell>>>,
     prq: prq::PageRequestQueue,
     interrupts: interrupt::InterruptRemapper,
     counters: Counters,
@@ -267,7 +268,7 @@ impl Unit {
             iotlb: Iotlb::new(config.iotlb),
             faults: FaultRecorder::new(),
             queue: Mutex::new(invalidation::QueueState::default()),
-            queue_progress: invalidation::Progress::default(),
+            doorbells: Mutex::new(Vec::new()),
             prq: prq::PageRequestQueue::new(),
             interrupts: interrupt::InterruptRemapper::new(config.interrupt_cache)
                 .unwrap_or_default()
@@ -305,12 +306,6 @@ impl Unit {
     /// A snapshot of the unit's counters.
     pub fn stats(&self) -> UnitStats {
         self.counters.snapshot()
-    }
-
-    /// The page request queue (software drains it; devices fill it through
-    /// [`Unit::page_request`]).
-    pub fn page_request_queue(&self) -> &prq::PageRequestQueue {
-        &self.prq
     }
 
     /// The interrupt remapping hardware (its table is latched through IRTA and GCMD.SIRTP).

@@ -9,6 +9,8 @@
 //!   event, IQERCD, FSTS.IQE/ICE/ITE) and in-order descriptor processing (VT-d 6.5.2).
 //! - [`descriptor`]: the 128-bit descriptor layouts, decoding and encoders.
 //! - `ports`: device ports, ITag accounting and device-TLB invalidation time-outs.
+//! - `doorbell`: the invalidation doorbell, dmar's documented stand-in for the invalidation
+//!   completion event, which the driver model sleeps on between polls of its status word.
 //!
 //! Not here: the page request queue and the admission of page requests (`unit::prq`;
 //! page group response descriptors are fetched by the queue, decoded there), the fault
@@ -21,6 +23,7 @@
 
 pub mod caches;
 pub mod descriptor;
+mod doorbell;
 mod ports;
 mod queue;
 mod registers;
@@ -29,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use caches::{ContextInvalidation, InvalidationError, IotlbInvalidation, Performed};
+pub use doorbell::InvalidationDoorbell;
 pub use ports::{DeviceInvalidation, DevicePort, PageResponse, PortError, UnexpectedCompletion};
 pub(crate) use queue::QueueState;
 
@@ -49,27 +53,15 @@ pub(crate) enum Effect {
     Completed(Duration),
     /// A queue error was newly set while no other error was pending: raise the fault event.
     FaultEvent,
-}
-
-/// A counter bumped whenever the queue completes a wait descriptor or stops on an error,
-/// with a condition variable, so that software waiting for its wait descriptor can sleep
-/// until something happened instead of polling memory on a timer.
-#[derive(Debug, Default)]
-pub(crate) struct Progress {
-    count: parking_lot::Mutex<u64>,
-    changed: parking_lot::Condvar,
-}
-
-impl Progress {
-    fn bump(&self) {
-        *self.count.lock() += 1;
-        self.changed.notify_all();
-    }
+    /// A wait descriptor completed or the queue stopped on an error: ring the doorbells
+    /// (once per batch of effects).
+    Doorbell,
 }
 
 impl Unit {
-    /// Carries out `effects`, in order, with no lock held.
+    /// Carries out `effects`, in order, with no lock held; the doorbells ring last.
     pub(crate) fn apply(&self, effects: Vec<Effect>) {
+        let mut ring = false;
         for e in effects {
             match e {
                 Effect::Invalidate(port, request) => port.invalidate(request),
@@ -77,25 +69,11 @@ impl Unit {
                 Effect::Interrupt((addr, data)) => self.events.interrupt_message(addr, data),
                 Effect::FaultEvent => self.faults.queue_error_event(&*self.events),
                 Effect::Completed(latency) => self.events.device_tlb_completed(latency),
+                Effect::Doorbell => ring = true,
             }
         }
-    }
-
-    /// How many times the invalidation queue has completed a wait descriptor or stopped on
-    /// an error. Read it before checking a status word, then pass it to
-    /// [`Unit::wait_for_queue_progress`].
-    pub fn queue_progress(&self) -> u64 {
-        *self.queue_progress.count.lock()
-    }
-
-    /// Sleeps until the queue progress differs from `seen` or `timeout` passes (what an
-    /// invalidation-completion interrupt gives a real driver, without the interrupt).
-    /// Returns the current progress.
-    pub fn wait_for_queue_progress(&self, seen: u64, timeout: Duration) -> u64 {
-        let mut count = self.queue_progress.count.lock();
-        if *count == seen {
-            let _ = self.queue_progress.changed.wait_for(&mut count, timeout);
+        if ring {
+            self.ring_doorbells();
         }
-        *count
     }
 }

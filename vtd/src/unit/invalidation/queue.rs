@@ -117,7 +117,7 @@ impl Unit {
                 q.iqercd = q.iqercd.with_itesid(sid);
             }
         }
-        self.queue_progress.bump();
+        effects.push(Effect::Doorbell);
         if !was {
             effects.push(Effect::FaultEvent);
         }
@@ -202,7 +202,7 @@ impl Unit {
                         }
                     }
                     self.counters.qi_wait.inc();
-                    self.queue_progress.bump();
+                    effects.push(Effect::Doorbell);
                 }
                 Descriptor::PageGroupResponse(qw0, qw1) => match PageGroupResponse::from_descriptor([qw0, qw1]) {
                     Ok(resp) => {

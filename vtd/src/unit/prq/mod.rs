@@ -37,7 +37,7 @@ pub use descriptor::{
     DescriptorError, PAGE_GROUP_RESPONSE_TYPE, PAGE_REQUEST_TYPE, PageGroupResponse, PageRequest, ResponseCode,
     ResponseError,
 };
-pub use queue::{DrainError, Drained, PageRequestQueue, Submitted};
+pub(crate) use queue::PageRequestQueue;
 
 /// Size of one page request descriptor in bytes (VT-d 7.5.1: 256-bit descriptors).
 pub const DESCRIPTOR_SIZE: u64 = 32;

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use super::DESCRIPTOR_SIZE;
 use super::address::QueueAddress;
-use super::descriptor::{DescriptorError, PageGroupResponse, PageRequest, ResponseCode};
+use super::descriptor::{PageGroupResponse, PageRequest, ResponseCode};
 use crate::ids::Hpa;
 use crate::unit::event::{EventControl, Message};
 use crate::unit::memory::{HostMemory, MemoryError};
@@ -22,7 +22,7 @@ use crate::unit::regs::{self, event, pq, prs};
 /// through `UnitEvents::interrupt_message` and routes `response` to the device.
 #[must_use]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Submitted {
+pub(crate) enum Submitted {
     /// The descriptor was written at byte `offset` of the queue and PQT advanced past it.
     Queued {
         /// Where the descriptor is (the PQT before the request).
@@ -59,7 +59,7 @@ pub enum Submitted {
 
 impl Submitted {
     /// The interrupt message to deliver, if any.
-    pub fn event(&self) -> Option<(u64, u32)> {
+    pub(crate) fn event(&self) -> Option<(u64, u32)> {
         match *self {
             Self::Queued { event, .. } | Self::Overflow { event } | Self::OverflowAutoRespond { event, .. } => event,
             Self::WriteFailed { .. } => None,
@@ -67,7 +67,7 @@ impl Submitted {
     }
 
     /// The response the hardware sends to the device, if any.
-    pub fn response(&self) -> Option<PageGroupResponse> {
+    pub(crate) fn response(&self) -> Option<PageGroupResponse> {
         match *self {
             Self::OverflowAutoRespond { response, .. } => Some(response),
             Self::WriteFailed { response, .. } => response,
@@ -76,43 +76,9 @@ impl Submitted {
     }
 
     /// Whether the request reached the queue.
-    pub fn is_queued(&self) -> bool {
+    pub(crate) fn is_queued(&self) -> bool {
         matches!(self, Self::Queued { .. })
     }
-}
-
-/// What one [`PageRequestQueue::drain`] consumed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Drained {
-    /// The requests from PQH to PQT, oldest first.
-    pub requests: Vec<PageRequest>,
-    /// PRO was set and has been cleared, now that the queue is empty: requests were lost
-    /// since the last drain, and groups seen only in part will never complete (Linux
-    /// discards them, `iopf_queue_discard_partial`).
-    pub overflow_cleared: bool,
-}
-
-/// Why a drain consumed nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum DrainError {
-    /// A queue entry cannot be read (PQA now points outside host memory).
-    #[error("page request queue entry at offset {offset:#x} cannot be read")]
-    Memory {
-        /// Byte offset of the entry in the queue.
-        offset: u64,
-        /// The failed access.
-        #[source]
-        source: MemoryError,
-    },
-    /// A queue entry does not decode: software overwrote it. Skip it by writing PQH.
-    #[error("page request queue entry at offset {offset:#x} is malformed")]
-    Malformed {
-        /// Byte offset of the entry in the queue.
-        offset: u64,
-        /// What is wrong with it.
-        #[source]
-        source: DescriptorError,
-    },
 }
 
 #[derive(Debug, Default)]
@@ -209,10 +175,10 @@ impl State {
 /// The page request queue of one remapping unit: its registers, and the ring in host
 /// memory they describe.
 ///
-/// Hardware side: [`submit`](Self::submit). Software side: the registers, and
-/// [`drain`](Self::drain), which does what a driver's page request handler does.
+/// Hardware side: [`submit`](Self::submit). Software side: the registers, which software
+/// reads and writes through the unit's MMIO window, and the descriptors in host memory.
 #[derive(Debug)]
-pub struct PageRequestQueue {
+pub(crate) struct PageRequestQueue {
     state: Mutex<State>,
 }
 
@@ -224,20 +190,21 @@ impl Default for PageRequestQueue {
 
 impl PageRequestQueue {
     /// The queue at reset: every register zero except PECTL.IM (VT-d 10.4.35).
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { state: Mutex::new(State::default()) }
     }
 
     /// Reads the 32-bit register at `offset` (in [`regs::PRQ_REGS`], 4-aligned; the MMIO
     /// dispatcher has checked both). Reserved offsets read 0.
-    pub fn read32(&self, offset: u64) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn read32(&self, offset: u64) -> u32 {
         self.state.lock().dword(offset & !3)
     }
 
     /// Reads the 64-bit slot at `offset` (8-aligned): PQH, PQT and PQA whole, or two
     /// adjacent 32-bit registers (PRS in the high half of 0xd8; PECTL|PEDATA at 0xe0;
     /// PEADDR|PEUADDR at 0xe8).
-    pub fn read64(&self, offset: u64) -> u64 {
+    pub(crate) fn read64(&self, offset: u64) -> u64 {
         let offset = offset & !7;
         let s = self.state.lock();
         u64::from(s.dword(offset)) | (u64::from(s.dword(offset + 4)) << 32)
@@ -246,12 +213,13 @@ impl PageRequestQueue {
     /// Writes the 32-bit register at `offset`; a half of a 64-bit register merges with
     /// the other half. Returns the interrupt message to deliver, when the write unmasks a
     /// pending page request event.
-    pub fn write32(&self, offset: u64, value: u32) -> Option<(u64, u32)> {
+    pub(crate) fn write32(&self, offset: u64, value: u32) -> Option<(u64, u32)> {
         self.state.lock().write_dword(offset & !3, value)
     }
 
     /// Writes 64 bits at `offset` (8-aligned), as two 32-bit writes, low half first.
-    pub fn write64(&self, offset: u64, value: u64) -> Option<(u64, u32)> {
+    #[cfg(test)]
+    pub(crate) fn write64(&self, offset: u64, value: u64) -> Option<(u64, u32)> {
         let offset = offset & !7;
         let mut s = self.state.lock();
         let lo = s.write_dword(offset, value as u32);
@@ -260,22 +228,26 @@ impl PageRequestQueue {
     }
 
     /// PQA as last written.
-    pub fn queue_address(&self) -> QueueAddress {
+    #[cfg(test)]
+    pub(crate) fn queue_address(&self) -> QueueAddress {
         self.state.lock().pqa
     }
 
     /// PQH: the byte offset of the next descriptor software will read.
-    pub fn head(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn head(&self) -> u64 {
         self.state.lock().pqh
     }
 
     /// PQT: the byte offset of the next descriptor hardware will write.
-    pub fn tail(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn tail(&self) -> u64 {
         self.state.lock().pqt
     }
 
     /// PRS: PPR and PRO.
-    pub fn status(&self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn status(&self) -> u32 {
         self.state.lock().prs()
     }
 
@@ -292,7 +264,7 @@ impl PageRequestQueue {
     /// - Otherwise the descriptor is written at PQT, PQT advances and PPR is set.
     ///
     /// Setting PPR or PRO raises the page request event when neither was set before.
-    pub fn submit(&self, mem: &HostMemory, req: PageRequest) -> Submitted {
+    pub(crate) fn submit(&self, mem: &HostMemory, req: PageRequest) -> Submitted {
         let owed = req.expects_response().then(|| req.response(ResponseCode::Success));
         let dropped = |event| match owed {
             Some(response) => Submitted::OverflowAutoRespond { response, event },
@@ -317,33 +289,6 @@ impl PageRequestQueue {
         let event = s.set_status(prs::PPR);
         Submitted::Queued { offset: tail, event }
     }
-
-    /// Consumes every request between PQH and PQT, as a driver's page request handler does
-    /// (Linux `prq_event_thread`): clear PPR, read the descriptors, write PQH = PQT, and,
-    /// with the queue now empty, clear PRO if it was set.
-    ///
-    /// All or nothing: on an error no register changes. One lock is held throughout, so
-    /// concurrent drains never hand out a request twice.
-    pub fn drain(&self, mem: &HostMemory) -> Result<Drained, DrainError> {
-        let mut s = self.state.lock();
-        let mask = s.ring_mask();
-        let base = s.pqa.base();
-        let tail = s.pqt & mask;
-        let mut head = s.pqh & mask;
-        let mut requests = Vec::with_capacity((((tail + mask + 1 - head) & mask) / DESCRIPTOR_SIZE) as usize);
-        while head != tail {
-            let desc =
-                read_descriptor(mem, base, head).map_err(|source| DrainError::Memory { offset: head, source })?;
-            let req =
-                PageRequest::from_descriptor(desc).map_err(|source| DrainError::Malformed { offset: head, source })?;
-            requests.push(req);
-            head = (head + DESCRIPTOR_SIZE) & mask;
-        }
-        s.pqh = tail;
-        let overflow_cleared = s.pro;
-        s.clear_status(prs::PPR | prs::PRO);
-        Ok(Drained { requests, overflow_cleared })
-    }
 }
 
 /// The address of the entry at `offset`, refusing one whose 32 bytes would wrap the
@@ -363,13 +308,4 @@ fn write_descriptor(mem: &HostMemory, base: Hpa, offset: u64, desc: [u64; 4]) ->
         mem.write_u64(Hpa(addr.0 + 8 * i), desc[i as usize])?;
     }
     Ok(())
-}
-
-fn read_descriptor(mem: &HostMemory, base: Hpa, offset: u64) -> Result<[u64; 4], MemoryError> {
-    let addr = entry_address(mem, base, offset)?;
-    let mut desc = [0u64; 4];
-    for (i, word) in desc.iter_mut().enumerate() {
-        *word = mem.read_u64(Hpa(addr.0 + 8 * i as u64))?;
-    }
-    Ok(desc)
 }

@@ -2,7 +2,9 @@
 //! reference-model property test.
 
 use super::queue::*;
-use super::{DescriptorError, PageGroupResponse, PageRequest, QueueAddress, QueueAddressError, ResponseCode};
+use super::{
+    DESCRIPTOR_SIZE, DescriptorError, PageGroupResponse, PageRequest, QueueAddress, QueueAddressError, ResponseCode,
+};
 use crate::ids::Hpa;
 use crate::ids::{Iova, SourceId};
 use crate::unit::memory::MIN_MEMORY_SIZE;
@@ -17,6 +19,55 @@ const PEDATA: u32 = 0x4041;
 
 fn memory() -> HostMemory {
     HostMemory::new(MIN_MEMORY_SIZE).unwrap()
+}
+
+/// What one [`drain`] consumed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Drained {
+    /// The requests from PQH to PQT, oldest first.
+    requests: Vec<PageRequest>,
+    /// PRO was set and was cleared, the queue being empty.
+    overflow_cleared: bool,
+}
+
+/// Why a drain consumed nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DrainError {
+    /// The entry at this offset cannot be read.
+    Memory { offset: u64 },
+    /// The entry at this offset does not decode.
+    Malformed { offset: u64, source: DescriptorError },
+}
+
+/// Consumes every request between PQH and PQT through the registers and host memory, as a
+/// driver's page request handler does (Linux `prq_event_thread`): clear PPR, read PQT and
+/// PQH, read the descriptors, write PQH, and clear PRO once the queue is empty. On an error
+/// PQH is left where it was.
+fn drain(q: &PageRequestQueue, mem: &HostMemory) -> Result<Drained, DrainError> {
+    let pqa = QueueAddress::from_bits(q.read64(regs::PQA));
+    let mask = pqa.bytes() - 1;
+    q.write32(regs::PRS, prs::PPR);
+    let tail = q.read64(regs::PQT) & mask;
+    let mut head = q.read64(regs::PQH) & mask;
+    let mut requests = Vec::new();
+    while head != tail {
+        let mut desc = [0u64; 4];
+        for (i, word) in desc.iter_mut().enumerate() {
+            let at = pqa.base().checked_add(head + 8 * i as u64).ok_or(DrainError::Memory { offset: head })?;
+            *word = mem.read_u64(at).map_err(|_| DrainError::Memory { offset: head })?;
+        }
+        let req =
+            PageRequest::from_descriptor(desc).map_err(|source| DrainError::Malformed { offset: head, source })?;
+        requests.push(req);
+        head = (head + DESCRIPTOR_SIZE) & mask;
+    }
+    q.write64(regs::PQH, tail);
+    let mut overflow_cleared = false;
+    if q.read32(regs::PRS) & prs::PRO != 0 && q.read64(regs::PQH) & mask == q.read64(regs::PQT) & mask {
+        q.write32(regs::PRS, prs::PRO);
+        overflow_cleared = true;
+    }
+    Ok(Drained { requests, overflow_cleared })
 }
 
 /// A queue of 2^(pqs+7) entries at BASE, with the event unmasked unless `masked`.
@@ -117,11 +168,11 @@ fn submit_then_drain_round_trips() {
     // The descriptors really are in host memory, at PQA + offset.
     let qw1 = mem.read_u64(Hpa(BASE.0 + 3 * 32 + 8)).unwrap();
     assert_eq!(qw1 & !0xfff, 0x4000_3000);
-    let drained = q.drain(&mem).unwrap();
+    let drained = drain(&q, &mem).unwrap();
     assert_eq!(drained, Drained { requests: sent, overflow_cleared: false });
     assert_eq!(q.head(), q.tail());
     assert_eq!(q.status(), 0, "drain clears PPR");
-    assert_eq!(q.drain(&mem).unwrap(), Drained::default());
+    assert_eq!(drain(&q, &mem).unwrap(), Drained::default());
 }
 
 #[test]
@@ -132,7 +183,7 @@ fn stop_markers_are_queued_like_requests() {
     stop.read = false;
     stop.write = false;
     assert!(q.submit(&mem, stop).is_queued());
-    let got = q.drain(&mem).unwrap().requests;
+    let got = drain(&q, &mem).unwrap().requests;
     assert_eq!(got, vec![stop]);
     assert!(got[0].is_stop_marker());
 }
@@ -161,7 +212,7 @@ fn full_queue_sets_pro_and_answers_only_last_requests() {
     assert_eq!(q.submit(&mem, req(203, true)).response(), Some(PageGroupResponse { prgi: 203, ..want }));
     assert_eq!(q.tail(), 127 * 32, "nothing written while PRO is set");
     // Draining empties the queue and clears PRO; requests flow again.
-    let drained = q.drain(&mem).unwrap();
+    let drained = drain(&q, &mem).unwrap();
     assert_eq!(drained.requests.len(), 127 - 64);
     assert!(drained.overflow_cleared);
     assert_eq!(q.status(), 0);
@@ -194,7 +245,7 @@ fn event_is_raised_only_when_ppr_goes_from_0_to_1() {
     assert_eq!(first.event(), MSG);
     assert_eq!(q.read32(regs::PECTL) & pectl::IP, 0, "IP clears once the message is sent");
     assert_eq!(q.submit(&mem, req(1, false)).event(), None);
-    q.drain(&mem).unwrap();
+    drain(&q, &mem).unwrap();
     assert_eq!(q.submit(&mem, req(2, false)).event(), MSG, "PPR was cleared by the drain");
 }
 
@@ -210,7 +261,7 @@ fn masked_event_is_held_in_ip_and_sent_on_unmask() {
     assert_eq!(q.write32(regs::PECTL, 0), None, "sent once");
     // A masked event that software services before unmasking is withdrawn.
     q.write32(regs::PECTL, pectl::IM);
-    q.drain(&mem).unwrap();
+    drain(&q, &mem).unwrap();
     assert_eq!(q.submit(&mem, req(1, false)).event(), None);
     assert_ne!(q.read32(regs::PECTL) & pectl::IP, 0);
     q.write32(regs::PRS, prs::PPR);
@@ -236,7 +287,7 @@ fn ring_wraps_around() {
             sent.push(req(n, n % 3 == 0));
             n += 1;
         }
-        assert_eq!(q.drain(&mem).unwrap().requests, sent);
+        assert_eq!(drain(&q, &mem).unwrap().requests, sent);
     }
     assert_eq!(n, 344);
     assert_eq!(q.tail(), (344 % 128) * 32);
@@ -253,7 +304,7 @@ fn offsets_beyond_a_smaller_queue_wrap_into_it() {
     q.write64(regs::PQA, QueueAddress::new(BASE, 0).unwrap().to_bits());
     let s = q.submit(&mem, req(0, false));
     assert_eq!(s, Submitted::Queued { offset: 8000 - 4096, event: None });
-    assert_eq!(q.drain(&mem).unwrap().requests, vec![req(0, false)]);
+    assert_eq!(drain(&q, &mem).unwrap().requests, vec![req(0, false)]);
 }
 
 #[test]
@@ -280,12 +331,13 @@ fn drain_errors_consume_nothing() {
     assert!(q.submit(&mem, req(1, false)).is_queued());
     // Software scribbles over the second entry.
     mem.write_u64(Hpa(BASE.0 + 32), 0x7).unwrap();
-    let err = q.drain(&mem).unwrap_err();
+    let err = drain(&q, &mem).unwrap_err();
     assert_eq!(err, DrainError::Malformed { offset: 32, source: DescriptorError::WrongType(7) });
-    assert_eq!((q.head(), q.status()), (0, prs::PPR));
+    // PPR was cleared before the queue was read (as Linux does); PQH did not move.
+    assert_eq!((q.head(), q.status()), (0, 0));
     // Moving PQA out of memory makes the entries unreadable.
     q.write64(regs::PQA, MIN_MEMORY_SIZE);
-    assert!(matches!(q.drain(&mem), Err(DrainError::Memory { offset: 0, .. })));
+    assert!(matches!(drain(&q, &mem), Err(DrainError::Memory { offset: 0, .. })));
     assert_eq!(q.head(), 0);
 }
 
@@ -303,7 +355,7 @@ fn concurrent_submitters_lose_nothing() {
             });
         }
     });
-    let mut got: Vec<u64> = q.drain(&mem).unwrap().requests.iter().map(|r| (r.addr.0 - 0x4000_0000) >> 12).collect();
+    let mut got: Vec<u64> = drain(&q, &mem).unwrap().requests.iter().map(|r| (r.addr.0 - 0x4000_0000) >> 12).collect();
     got.sort_unstable();
     let mut want: Vec<u64> = (0..4).flat_map(|t| (0..100).map(move |i| t * 1000 + i)).collect();
     want.sort_unstable();
@@ -342,7 +394,7 @@ proptest! {
                     }
                 }
                 7 | 8 => {
-                    let d = q.drain(&mem).unwrap();
+                    let d = drain(&q, &mem).unwrap();
                     prop_assert_eq!(d.requests, fifo.drain(..).collect::<Vec<_>>());
                     prop_assert_eq!(d.overflow_cleared, pro);
                     ppr = false;
