@@ -19,7 +19,8 @@ use dmar_vtd::driver::{DomainKind, Driver, DriverConfig, DriverError, FlushPolic
 use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::AddressWidth;
 use dmar_vtd::unit::{
-    Access, AtsCompletion, AtsEntry, Blocked, DeviceInvalidation, DevicePort, FaultReason, HostMemory, Unit, UnitConfig,
+    AtsCompletion, AtsEntry, Blocked, DeviceInvalidation, DevicePort, Direction, FaultReason, HostMemory, Unit,
+    UnitConfig,
 };
 use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 use parking_lot::Mutex;
@@ -234,7 +235,7 @@ fn sid(bus: u8, dev: u8) -> SourceId {
 
 /// The unit refuses an untranslated request to an unmapped page (R=W=0: reason 0x06).
 fn unmapped(unit: &Unit, sid: SourceId, iova: u64) -> bool {
-    unit.translate(sid, Iova(iova), Access::Read) == Err(Blocked { reason: Some(FaultReason::NoRead) })
+    unit.translate(sid, Iova(iova), Direction::Read) == Err(Blocked { reason: Some(FaultReason::NoRead) })
 }
 
 fn ats_no_access(unit: &Unit, sid: SourceId, iova: u64) -> bool {
@@ -242,7 +243,7 @@ fn ats_no_access(unit: &Unit, sid: SourceId, iova: u64) -> bool {
 }
 
 fn hpa_of(unit: &Unit, sid: SourceId, iova: u64) -> Option<Hpa> {
-    unit.translate(sid, Iova(iova), Access::Read).ok().map(|t| t.hpa)
+    unit.translate(sid, Iova(iova), Direction::Read).ok().map(|t| t.hpa)
 }
 
 /// Warms every cache: the IOTLB through an untranslated request, each device's TLB
@@ -483,7 +484,7 @@ fn a_silent_device_times_out_and_everything_else_keeps_working() {
     // requests are blocked, so its stale entries are harmless.
     assert_eq!(d.detach(silent.sid), Err(DriverError::DeviceTlbTimeout { sid: silent.sid }));
     assert_eq!(d.domain_of(silent.sid), None);
-    assert!(unit.check_translated(silent.sid, Hpa(0x10_0000), 8, Access::Read).is_err());
+    assert!(unit.check_translated(silent.sid, Hpa(0x10_0000), 8, Direction::Read).is_err());
     // Without it the domain's unmaps complete again.
     warm(&unit, std::slice::from_ref(&healthy), 0x9000);
     assert_eq!(d.unmap(a, Iova(0x9000), PAGE), Ok(PAGE));

@@ -13,11 +13,11 @@ use dmar_vtd::clock::{Clock, ManualClock};
 use dmar_vtd::unit::invalidation::descriptor::{IecInvalidationDesc, WaitDesc, encode};
 use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::{AddressWidth, SlPte, TranslationType};
+use dmar_vtd::unit::{ContextInvalidation, IotlbInvalidation};
 use dmar_vtd::unit::{
-    Access, DeviceInvalidation, DevicePort, InvalidationDoorbell, PageResponse, UnexpectedCompletion, UnitConfig,
+    DeviceInvalidation, DevicePort, Direction, InvalidationDoorbell, PageResponse, UnexpectedCompletion, UnitConfig,
     UnitEvents,
 };
-use dmar_vtd::unit::{ContextInvalidation, IotlbInvalidation};
 use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
 use parking_lot::Mutex;
 
@@ -77,10 +77,10 @@ fn cache_invalidation_descriptors_and_wait() {
     rig.enable_queue();
     let top = rig.attach(SID, 5, TranslationType::Untranslated, AW);
     let pte = rig.map(top, AW, Iova(0x1000), Hpa(0x1000_0000), 1, true, true);
-    assert!(rig.unit.translate(SID, Iova(0x1000), Access::Read).is_ok());
+    assert!(rig.unit.translate(SID, Iova(0x1000), Direction::Read).is_ok());
     rig.mem.write_u64(pte, SlPte::leaf(Hpa(0x2000_0000), true, true, false).to_bits()).expect("pte");
     // Stale until the page-selective IOTLB descriptor is processed.
-    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Access::Read).map(|t| t.hpa), Ok(Hpa(0x1000_0000)));
+    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Direction::Read).map(|t| t.hpa), Ok(Hpa(0x1000_0000)));
     rig.submit(&[
         encode::context(ContextInvalidation::Device { did: DomainId(5), sid: SID, function_mask: 0 }),
         encode::iotlb(IotlbInvalidation::Page { did: DomainId(5), addr: Iova(0x1000), am: 0, ih: false }),
@@ -89,7 +89,7 @@ fn cache_invalidation_descriptors_and_wait() {
     ]);
     assert_eq!(status(&rig), 0xabcd, "wait status written");
     assert_eq!(head(&rig), 4);
-    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Access::Read).map(|t| t.hpa), Ok(Hpa(0x2000_0000)));
+    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Direction::Read).map(|t| t.hpa), Ok(Hpa(0x2000_0000)));
     let s = rig.unit.stats();
     assert_eq!((s.qi_context, s.qi_iotlb, s.qi_iec, s.qi_wait), (1, 1, 1, 1));
 }

@@ -54,7 +54,7 @@ pub enum FlushPolicy {
     /// Clear the entries, queue the range and return; invalidate later, in bulk. Until
     /// then devices may keep using cached translations of the range (the freed page-table
     /// pages are kept until the flush, so nothing else is ever reached through them), and
-    /// a map over a queued range flushes first. Far cheaper per unmap (VTD-REFERENCE (d)).
+    /// a map over a queued range flushes first. Far cheaper per unmap (`docs/BENCHMARKS.md`, `unmap/deferred_4k`).
     Deferred {
         /// Flush once a domain has this many queued unmaps (Linux: 256; 0 acts as 1).
         max_entries: usize,

@@ -19,11 +19,11 @@ use super::error::DriverError;
 use super::invalidate::Invalidation;
 use crate::ats::MAX_PRG_INDEX;
 use crate::ids::{Hpa, SourceId};
+use crate::unit::INTERRUPT_RANGE_BASE;
 use crate::unit::IotlbInvalidation;
 use crate::unit::invalidation::descriptor::{Descriptor, QueueErrorCode, decode};
 use crate::unit::prq::{DESCRIPTOR_SIZE, PageGroupResponse, PageRequest, QueueAddress, ResponseCode};
 use crate::unit::regs::{self, MAMV, prs};
-use crate::unit::request::INTERRUPT_RANGE_BASE;
 
 /// PQA.PQS of the driver's queue: one 4 KiB page.
 const PQS: u8 = 0;

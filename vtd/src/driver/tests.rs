@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::*;
 use crate::ids::{Iova, PAGE_SIZE, SourceId};
 use crate::unit::tables::AddressWidth;
-use crate::unit::{Access, Blocked, FaultReason, UnitConfig};
+use crate::unit::{Blocked, Direction, FaultReason, UnitConfig};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -25,7 +25,7 @@ fn blocked(reason: FaultReason) -> Result<Hpa, Blocked> {
     Err(Blocked { reason: Some(reason) })
 }
 
-fn translate(d: &Driver, sid: SourceId, iova: u64, access: Access) -> Result<Hpa, Blocked> {
+fn translate(d: &Driver, sid: SourceId, iova: u64, access: Direction) -> Result<Hpa, Blocked> {
     d.unit().translate(sid, Iova(iova), access).map(|t| t.hpa)
 }
 
@@ -66,7 +66,7 @@ fn init_enables_translation_with_an_empty_root_table() {
     let d = driver();
     assert!(d.unit().translation_enabled());
     assert_eq!(d.table_frames_in_use(), 1);
-    assert_eq!(translate(&d, SID, 0, Access::Read), blocked(FaultReason::RootEntryNotPresent));
+    assert_eq!(translate(&d, SID, 0, Direction::Read), blocked(FaultReason::RootEntryNotPresent));
 }
 
 #[test]
@@ -100,21 +100,21 @@ fn attach_writes_the_context_entry_each_kind_needs() {
     d.map(paging, Iova(0x10_0000), Hpa(0x20_0000), 4096, Perm::READ).unwrap();
 
     d.attach(SID, paging, true).unwrap();
-    assert_eq!(translate(&d, SID, 0x10_0123, Access::Read), Ok(Hpa(0x20_0123)));
-    assert_eq!(translate(&d, SID, 0x10_0123, Access::Write), blocked(FaultReason::NoWrite));
+    assert_eq!(translate(&d, SID, 0x10_0123, Direction::Read), Ok(Hpa(0x20_0123)));
+    assert_eq!(translate(&d, SID, 0x10_0123, Direction::Write), blocked(FaultReason::NoWrite));
     // re-attach elsewhere: the old translation must not survive in any cache
     d.attach(SID, identity, false).unwrap();
     assert_eq!(d.attached(paging), vec![]);
-    assert_eq!(translate(&d, SID, 0x10_0123, Access::Read), Ok(Hpa(0x10_0123)));
+    assert_eq!(translate(&d, SID, 0x10_0123, Direction::Read), Ok(Hpa(0x10_0123)));
     d.attach(SID, block, false).unwrap();
-    assert_eq!(translate(&d, SID, 0x10_0123, Access::Read), blocked(FaultReason::ContextEntryNotPresent));
+    assert_eq!(translate(&d, SID, 0x10_0123, Direction::Read), blocked(FaultReason::ContextEntryNotPresent));
     d.attach(SID, paging, false).unwrap();
-    assert_eq!(translate(&d, SID, 0x10_0123, Access::Read), Ok(Hpa(0x20_0123)));
+    assert_eq!(translate(&d, SID, 0x10_0123, Direction::Read), Ok(Hpa(0x20_0123)));
     d.detach(SID).unwrap();
-    assert_eq!(translate(&d, SID, 0x10_0123, Access::Read), blocked(FaultReason::ContextEntryNotPresent));
+    assert_eq!(translate(&d, SID, 0x10_0123, Direction::Read), blocked(FaultReason::ContextEntryNotPresent));
     // another function on the same bus still has no entry
     let other = SourceId::new(2, 3, 2);
-    assert_eq!(translate(&d, other, 0, Access::Read), blocked(FaultReason::ContextEntryNotPresent));
+    assert_eq!(translate(&d, other, 0, Direction::Read), blocked(FaultReason::ContextEntryNotPresent));
     assert_eq!(d.attach(SID, DomainId(77), false), Err(DriverError::UnknownDomain(DomainId(77))));
     assert_eq!(d.lookup(identity, Iova(0x1234)), Some((Hpa(0x1234), Perm::RW, PAGE_SIZE)));
     assert_eq!(d.lookup(block, Iova(0x1234)), None);
@@ -163,14 +163,14 @@ fn running_out_of_table_memory_rolls_the_map_back() {
     assert_eq!(frames, 3);
     // 4 KiB pages straddling a 2 MiB boundary need two L1 tables
     let (iova, len) = (2 * MIB - 8 * 4096, 16 * 4096);
-    assert_eq!(translate(&d, SID, iova, Access::Read), blocked(FaultReason::NoRead));
+    assert_eq!(translate(&d, SID, iova, Direction::Read), blocked(FaultReason::NoRead));
     assert_eq!(d.map(did, Iova(iova), Hpa(4096), len, Perm::RW), Err(DriverError::OutOfTableMemory));
     assert_eq!(d.lookup(did, Iova(iova)), None);
-    assert_eq!(translate(&d, SID, iova, Access::Read), blocked(FaultReason::NoRead));
+    assert_eq!(translate(&d, SID, iova, Direction::Read), blocked(FaultReason::NoRead));
     assert_eq!(d.table_frames_in_use(), frames, "rollback freed the tables it allocated");
     // half of it fits
     d.map(did, Iova(iova), Hpa(4096), len / 2, Perm::RW).unwrap();
-    assert_eq!(translate(&d, SID, iova, Access::Write), Ok(Hpa(4096)));
+    assert_eq!(translate(&d, SID, iova, Direction::Write), Ok(Hpa(4096)));
 }
 
 #[test]
@@ -181,12 +181,12 @@ fn unmap_flushes_so_no_stale_translation_survives() {
     d.map(did, Iova(GIB), Hpa(GIB), GIB, Perm::RW).unwrap();
     d.map(did, Iova(4 * GIB), Hpa(0), 2 * MIB + 4096, Perm::RW).unwrap();
     for iova in [GIB + 5, 4 * GIB + 7, 4 * GIB + 2 * MIB] {
-        assert!(translate(&d, SID, iova, Access::Read).is_ok()); // now cached
+        assert!(translate(&d, SID, iova, Direction::Read).is_ok()); // now cached
     }
     assert_eq!(d.unmap(did, Iova(GIB + 2 * MIB), 4096), Err(DriverError::PartialSuperpage { iova: Iova(GIB) }));
     assert_eq!(d.unmap(did, Iova(0), 8 * GIB), Ok(GIB + 2 * MIB + 4096));
     for iova in [GIB + 5, 4 * GIB + 7, 4 * GIB + 2 * MIB] {
-        assert_eq!(translate(&d, SID, iova, Access::Read), blocked(FaultReason::NoRead));
+        assert_eq!(translate(&d, SID, iova, Direction::Read), blocked(FaultReason::NoRead));
     }
     assert_eq!(d.unit().stats().stale_iotlb_uses, 0);
 }

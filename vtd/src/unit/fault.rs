@@ -14,9 +14,12 @@ use super::fault_reason::FaultReason;
 use super::regs::{NUM_FAULT_RECORDS, frcd, fsts};
 use crate::ids::SourceId;
 
-/// The kind of access that faulted (FRCD.T: 1 = read, 0 = write).
+/// The direction of a request: whether it reads or writes memory. Untranslated requests
+/// are checked against R or W by it, and a fault records it (FRCD.T: 1 = read, 0 = write;
+/// VT-d 10.4.14). Named apart from a device's DMA access, which carries a direction, an
+/// address and a length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Access {
+pub enum Direction {
     /// A read (or a translation request without write intent).
     Read,
     /// A write.
@@ -45,7 +48,7 @@ pub struct FaultRecord {
     /// in bits 63:48).
     pub addr: u64,
     /// T.
-    pub access: Access,
+    pub access: Direction,
     /// AT.
     pub kind: RequestKind,
 }
@@ -54,7 +57,7 @@ impl FaultRecord {
     /// The 128-bit FRCD encoding as (low, high) quadwords, F set (VT-d 10.4.14).
     pub fn to_frcd(&self) -> (u64, u64) {
         let lo = self.addr & frcd::FI_MASK;
-        let t = if self.access == Access::Read { frcd::T } else { 0 };
+        let t = if self.access == Direction::Read { frcd::T } else { 0 };
         let hi = (u64::from(self.sid.0) << frcd::SID_SHIFT)
             | (u64::from(self.reason.code()) << frcd::FR_SHIFT)
             | ((self.kind as u64) << frcd::AT_SHIFT)
@@ -259,7 +262,7 @@ mod tests {
             reason: FaultReason::NoRead,
             sid: SourceId(0x10),
             addr,
-            access: Access::Read,
+            access: Direction::Read,
             kind: RequestKind::Untranslated,
         }
     }
@@ -312,7 +315,7 @@ mod tests {
             reason: FaultReason::NoWrite,
             sid: SourceId::new(3, 4, 5),
             addr: 0x1234_5678,
-            access: Access::Write,
+            access: Direction::Write,
             kind: RequestKind::Translated,
         };
         let (lo, hi) = r.to_frcd();

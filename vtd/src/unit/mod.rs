@@ -27,18 +27,18 @@
 //! With [`UnitConfig::stale_detection`] the unit re-reads the source entry on each cache
 //! hit and counts such stale uses.
 
-pub mod cache;
+mod cache;
 mod event;
-pub mod fault;
-pub mod fault_reason;
+mod fault;
+mod fault_reason;
 pub mod interrupt;
 pub mod invalidation;
 pub mod memory;
-pub mod mmio;
+mod mmio;
 pub mod prq;
 pub mod regs;
-pub mod request;
-pub mod stats;
+mod request;
+mod stats;
 pub mod tables;
 mod walk;
 
@@ -51,7 +51,7 @@ use parking_lot::Mutex;
 use crate::clock::{Clock, SystemClock};
 
 pub use cache::{CacheGeometry, InvalidGeometry};
-pub use fault::{Access, FaultRecord, NoEvents, RequestKind, UnitEvents};
+pub use fault::{Direction, FaultRecord, NoEvents, RequestKind, UnitEvents, WALK_SAMPLE_PERIOD};
 pub use fault_reason::FaultReason;
 pub use invalidation::{
     ContextInvalidation, DeviceInvalidation, DevicePort, InvalidationDoorbell, IotlbInvalidation, PageResponse,
@@ -60,6 +60,7 @@ pub use invalidation::{
 pub use memory::{HostMemory, MemoryError};
 pub use mmio::MmioError;
 pub use prq::{PageRequestError, PageRequestOutcome};
+pub(crate) use request::INTERRUPT_RANGE_BASE;
 pub use request::{AtsCompletion, AtsEntry, Blocked, DmaError, Translation};
 pub use stats::UnitStats;
 
@@ -117,13 +118,6 @@ impl UnitConfig {
         Ok(self)
     }
 
-    /// Sets the interrupt-entry-cache geometry.
-    pub fn with_interrupt_cache(mut self, geometry: CacheGeometry) -> Result<Self, InvalidGeometry> {
-        geometry.validate()?;
-        self.interrupt_cache = geometry;
-        Ok(self)
-    }
-
     /// Turns stale-use detection on or off. On, every cache hit costs one extra memory
     /// load (two for the context cache).
     pub fn with_stale_detection(mut self, on: bool) -> Self {
@@ -135,23 +129,6 @@ impl UnitConfig {
     pub fn with_device_tlb_timeout(mut self, timeout: Duration) -> Self {
         self.device_tlb_timeout = timeout;
         self
-    }
-
-    /// The IOTLB geometry.
-    pub fn iotlb(&self) -> CacheGeometry {
-        self.iotlb
-    }
-    /// The context-cache geometry.
-    pub fn context_cache(&self) -> CacheGeometry {
-        self.context_cache
-    }
-    /// The paging-structure cache geometry.
-    pub fn paging_cache(&self) -> CacheGeometry {
-        self.paging_cache
-    }
-    /// Whether stale uses are detected.
-    pub fn stale_detection(&self) -> bool {
-        self.stale_detection
     }
 }
 
@@ -288,11 +265,6 @@ impl Unit {
         &self.memory
     }
 
-    /// The configuration the unit was built with.
-    pub fn config(&self) -> &UnitConfig {
-        &self.config
-    }
-
     /// Whether GSTS.TES is set.
     pub fn translation_enabled(&self) -> bool {
         self.translation_enabled.load(Ordering::Acquire)
@@ -306,11 +278,6 @@ impl Unit {
     /// A snapshot of the unit's counters.
     pub fn stats(&self) -> UnitStats {
         self.counters.snapshot()
-    }
-
-    /// The interrupt remapping hardware (its table is latched through IRTA and GCMD.SIRTP).
-    pub fn interrupt_remapper(&self) -> &interrupt::InterruptRemapper {
-        &self.interrupts
     }
 
     /// Entries held by each cache.

@@ -1,5 +1,5 @@
 //! The binary formats of the legacy-mode translation structures: root entries, context
-//! entries and second-stage page-table entries (VT-d 9.1, 9.3, 9.8; VTD-REFERENCE b.3, b.4).
+//! entries and second-stage page-table entries (VT-d 9.1, 9.3, 9.8).
 //!
 //! Each entry is a small `Copy` wrapper over its raw bits with named accessors; the bit
 //! positions live here and nowhere else. This module decodes and encodes; it does not read
@@ -102,15 +102,6 @@ impl AddressWidth {
     /// Adjusted guest address width in bits (30 + 9 * AW).
     pub const fn bits(self) -> u32 {
         30 + 9 * self as u32
-    }
-    /// Picks the width with this many levels.
-    pub const fn from_levels(levels: u32) -> Option<Self> {
-        match levels {
-            3 => Some(Self::Aw39),
-            4 => Some(Self::Aw48),
-            5 => Some(Self::Aw57),
-            _ => None,
-        }
     }
     /// True when `iova` (and so every byte up to `iova + len - 1`) fits the width.
     pub const fn covers(self, iova: Iova) -> bool {
@@ -230,7 +221,7 @@ impl SlPte {
 
     /// Reserved bits that are set for an entry found at `level` (1 = 4 KiB leaf level).
     ///
-    /// Follows QEMU's `vtd_slpte_nonzero_rsvd` masks (VTD-REFERENCE b.4): bit 11 (SNP,
+    /// Follows QEMU's `vtd_slpte_nonzero_rsvd` masks (VT-d 9.8): bit 11 (SNP,
     /// since dmar reports no snoop control), address bits above HAW (bits 52..=61 and 63
     /// are ignored, not reserved), TM (62) and X (2) since dmar reports neither; at level 4
     /// and 5 also PS; for superpage leaves the address bits below the superpage size.
@@ -252,7 +243,8 @@ impl SlPte {
     }
 }
 
-/// The index of `iova` into the table at `level` (VTD-REFERENCE b.4).
+/// The index of `iova` into the table at `level` (VT-d 3.7: 9 bits per level above the
+/// 12-bit page offset).
 #[inline]
 pub const fn level_index(iova: Iova, level: u32) -> u64 {
     (iova.0 >> (12 + 9 * (level - 1))) & 0x1ff

@@ -52,7 +52,7 @@ pub enum IotlbInvalidation {
 
 /// The granularity the hardware actually performed (CAIG / IAIG).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Performed {
+pub(crate) enum Performed {
     /// Global.
     Global = 1,
     /// Domain-selective.
@@ -63,7 +63,7 @@ pub enum Performed {
 
 /// An invalidation request the unit refuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidationError {
+pub(crate) enum InvalidationError {
     /// AM above CAP.MAMV.
     #[error("address mask {am} exceeds the supported maximum {MAMV}")]
     AddressMaskTooLarge {
@@ -74,7 +74,7 @@ pub enum InvalidationError {
 
 impl Unit {
     /// Performs a context-cache invalidation.
-    pub fn invalidate_context(&self, inv: ContextInvalidation) -> Performed {
+    pub(crate) fn invalidate_context(&self, inv: ContextInvalidation) -> Performed {
         self.begin_invalidation();
         let (n, performed) = match inv {
             ContextInvalidation::Global => (self.context_cache.invalidate_all(), Performed::Global),
@@ -89,7 +89,7 @@ impl Unit {
     }
 
     /// Performs an IOTLB invalidation (with the paging-structure caches it implies).
-    pub fn invalidate_iotlb(&self, inv: IotlbInvalidation) -> Result<Performed, InvalidationError> {
+    pub(crate) fn invalidate_iotlb(&self, inv: IotlbInvalidation) -> Result<Performed, InvalidationError> {
         if let IotlbInvalidation::Page { am, .. } = inv
             && u64::from(am) > MAMV
         {

@@ -2,7 +2,7 @@
 //! entries, through the registers or the invalidation queue, and how device-TLB
 //! invalidations reach the devices.
 //!
-//! - [`caches`]: what an invalidation does to the context cache, IOTLB and
+//! - `caches`: what an invalidation does to the context cache, IOTLB and
 //!   paging-structure caches (VT-d 6.5.1).
 //! - `registers`: register-based invalidation, CCMD and IVA/IOTLB_REG (VT-d 10.4.7, 10.4.8).
 //! - `queue`: the invalidation queue, its registers (IQA, IQH, IQT, ICS, the invalidation
@@ -21,7 +21,7 @@
 //! and carried out by [`Unit::apply`] after it is released, so a port may answer
 //! synchronously from inside its call.
 
-pub mod caches;
+mod caches;
 pub mod descriptor;
 mod doorbell;
 mod ports;
@@ -31,7 +31,7 @@ mod registers;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use caches::{ContextInvalidation, InvalidationError, IotlbInvalidation, Performed};
+pub use caches::{ContextInvalidation, IotlbInvalidation};
 pub use doorbell::InvalidationDoorbell;
 pub use ports::{DeviceInvalidation, DevicePort, PageResponse, PortError, UnexpectedCompletion};
 pub(crate) use queue::QueueState;

@@ -245,9 +245,4 @@ impl Unit {
         }
         self.apply(effects);
     }
-
-    /// Time-out after which an unanswered device-TLB invalidation sets ITE.
-    pub fn device_tlb_timeout(&self) -> std::time::Duration {
-        self.config.device_tlb_timeout
-    }
 }
