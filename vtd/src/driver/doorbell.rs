@@ -18,10 +18,15 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::unit::InvalidationDoorbell;
 
-/// A counter of rings with a condition variable to sleep on.
+/// A counter of rings with a condition variable to sleep on. A ring with nobody asleep
+/// costs two atomic operations: the lock and the condition variable are touched only when
+/// a sleeper announced itself (`sleepers`), which matters because every completed wait
+/// rings.
 #[derive(Debug, Default)]
 pub(crate) struct Doorbell {
     rings: AtomicU64,
+    /// Threads inside [`Doorbell::sleep`].
+    sleepers: AtomicU64,
     lock: Mutex<()>,
     rung: Condvar,
 }
@@ -36,18 +41,24 @@ impl Doorbell {
     /// Sleeps until the doorbell has rung since `seen` was read, or `timeout` passes.
     pub(crate) fn sleep(&self, seen: u64, timeout: Duration) {
         let mut guard = self.lock.lock();
-        if self.rings.load(Ordering::Acquire) == seen {
+        // Announce first, then look (SeqCst on both sides): either this sleeper sees the
+        // ring's count, or the ringer sees the sleeper and notifies under the lock, which
+        // it can only take once this thread waits.
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        if self.rings.load(Ordering::SeqCst) == seen {
             let _ = self.rung.wait_for(&mut guard, timeout);
         }
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl InvalidationDoorbell for Doorbell {
     fn ring(&self) {
-        self.rings.fetch_add(1, Ordering::AcqRel);
-        // Taking the lock orders this ring after a sleeper's check of the count.
-        let _guard = self.lock.lock();
-        self.rung.notify_all();
+        self.rings.fetch_add(1, Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) != 0 {
+            let _guard = self.lock.lock();
+            self.rung.notify_all();
+        }
     }
 }
 

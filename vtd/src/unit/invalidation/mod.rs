@@ -17,8 +17,8 @@
 //! recording registers (`unit::fault`), and the register dispatch (`unit::mmio`).
 //!
 //! Everything that leaves the unit while the queue runs (requests to device ports,
-//! interrupt messages, the fault event) is collected as an [`Effect`] under the queue lock
-//! and carried out by [`Unit::apply`] after it is released, so a port may answer
+//! interrupt messages, the fault event, the doorbell) is collected as [`Effects`] under the
+//! queue lock and carried out by [`Unit::apply`] after it is released, so a port may answer
 //! synchronously from inside its call.
 
 mod caches;
@@ -53,26 +53,42 @@ pub(crate) enum Effect {
     Completed(Duration),
     /// A queue error was newly set while no other error was pending: raise the fault event.
     FaultEvent,
-    /// A wait descriptor completed or the queue stopped on an error: ring the doorbells
-    /// (once per batch of effects).
-    Doorbell,
+}
+
+/// The effects collected under the queue lock, and whether the doorbells must ring (a wait
+/// descriptor completed or the queue stopped on an error). Ringing is a flag, not an
+/// [`Effect`], so that a queue run that only completes a wait allocates nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Effects {
+    items: Vec<Effect>,
+    ring: bool,
+}
+
+impl Effects {
+    /// Queues `effect`, to be carried out in order.
+    pub(crate) fn push(&mut self, effect: Effect) {
+        self.items.push(effect);
+    }
+
+    /// Rings the doorbells once everything else is done.
+    pub(crate) fn ring(&mut self) {
+        self.ring = true;
+    }
 }
 
 impl Unit {
     /// Carries out `effects`, in order, with no lock held; the doorbells ring last.
-    pub(crate) fn apply(&self, effects: Vec<Effect>) {
-        let mut ring = false;
-        for e in effects {
+    pub(crate) fn apply(&self, effects: Effects) {
+        for e in effects.items {
             match e {
                 Effect::Invalidate(port, request) => port.invalidate(request),
                 Effect::PageResponse(port, response) => port.page_response(response),
                 Effect::Interrupt((addr, data)) => self.events.interrupt_message(addr, data),
                 Effect::FaultEvent => self.faults.queue_error_event(&*self.events),
                 Effect::Completed(latency) => self.events.device_tlb_completed(latency),
-                Effect::Doorbell => ring = true,
             }
         }
-        if ring {
+        if effects.ring {
             self.ring_doorbells();
         }
     }

@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Effect;
+use super::{Effect, Effects};
 use super::queue::QueueError;
 use crate::ats::MAX_QUEUE_DEPTH;
 use crate::ats::range as srange;
@@ -72,8 +72,8 @@ pub enum PortError {
     /// Another port already serves this function.
     #[error("requester id {0} is already bound to a device port")]
     AlreadyBound(SourceId),
-    /// The invalidate queue depth is outside 1..=32.
-    #[error("invalidate queue depth {0} is outside 1..=32")]
+    /// The invalidate queue depth is outside 1..=[`MAX_QUEUE_DEPTH`].
+    #[error("invalidate queue depth {0} is outside 1..={max}", max = MAX_QUEUE_DEPTH)]
     InvalidDepth(u8),
 }
 
@@ -91,7 +91,7 @@ pub struct UnexpectedCompletion {
 #[derive(Debug)]
 pub(crate) struct PortState {
     pub(crate) port: Arc<dyn DevicePort>,
-    /// Invalidate queue depth the function advertised (1..=32).
+    /// Invalidate queue depth the function advertised (1..=[`MAX_QUEUE_DEPTH`]).
     depth: u8,
     /// Bit i: ITag i is outstanding.
     in_use: u32,
@@ -151,7 +151,7 @@ impl PortState {
 
 impl Unit {
     /// Binds the device port for `sid`, a function with an ATS invalidate queue of `depth`
-    /// (1..=32) entries.
+    /// (1..=[`MAX_QUEUE_DEPTH`]) entries.
     pub fn bind_device_port(&self, sid: SourceId, port: Arc<dyn DevicePort>, depth: u8) -> Result<(), PortError> {
         if !(1..=MAX_QUEUE_DEPTH).contains(&depth) {
             return Err(PortError::InvalidDepth(depth));
@@ -167,7 +167,7 @@ impl Unit {
     /// Unbinds the port for `sid`; its outstanding invalidations count as completed (the
     /// function's device TLB is gone). Returns whether a port was bound.
     pub fn unbind_device_port(&self, sid: SourceId) -> bool {
-        let mut effects = Vec::new();
+        let mut effects = Effects::default();
         let found = {
             let mut q = self.queue.lock();
             let found = q.ports.remove(&sid).is_some();
@@ -186,7 +186,7 @@ impl Unit {
 
     /// A device answered the invalidation tagged `itag`.
     pub fn device_tlb_completed(&self, sid: SourceId, itag: ITag) -> Result<(), UnexpectedCompletion> {
-        let mut effects = Vec::new();
+        let mut effects = Effects::default();
         let now = self.clock.now();
         let result = {
             let mut q = self.queue.lock();
@@ -223,7 +223,7 @@ impl Unit {
     /// of FSTS, IQH and ICS call it too, so software that polls sees time-outs.
     pub fn poll(&self, now: Instant) {
         let timeout = self.config.device_tlb_timeout;
-        let mut effects = Vec::new();
+        let mut effects = Effects::default();
         {
             let mut q = self.queue.lock();
             // The function whose oldest ITag expired first is the one reported.

@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use super::Effect;
+use super::{Effect, Effects};
 use super::descriptor::{self, Descriptor, QueueErrorCode, decode};
 use super::ports::{DeviceInvalidation, PageResponse, PortState};
 use crate::ids::{Hpa, SourceId};
@@ -99,7 +99,7 @@ impl QueueState {
 impl Unit {
     /// Stops the queue on `error`: sets its FSTS bit and IQERCD field and, when no queue
     /// error was pending, raises the fault event (VT-d 7.3).
-    pub(crate) fn stop_queue(&self, q: &mut QueueState, error: QueueError, effects: &mut Vec<Effect>) {
+    pub(crate) fn stop_queue(&self, q: &mut QueueState, error: QueueError, effects: &mut Effects) {
         let was = q.errors();
         match error {
             QueueError::Invalid(code) => {
@@ -117,7 +117,7 @@ impl Unit {
                 q.iqercd = q.iqercd.with_itesid(sid);
             }
         }
-        effects.push(Effect::Doorbell);
+        effects.ring();
         if !was {
             effects.push(Effect::FaultEvent);
         }
@@ -133,13 +133,13 @@ impl Unit {
     }
 
     /// Runs the queue as far as it can go.
-    pub(crate) fn process(&self, q: &mut QueueState, now: Instant, effects: &mut Vec<Effect>) {
+    pub(crate) fn process(&self, q: &mut QueueState, now: Instant, effects: &mut Effects) {
         if !q.enabled || q.errors() {
             return;
         }
         let entries = q.entries();
         let tail = q.tail();
-        let fail = |q: &mut QueueState, code: QueueErrorCode, effects: &mut Vec<Effect>| {
+        let fail = |q: &mut QueueState, code: QueueErrorCode, effects: &mut Effects| {
             self.stop_queue(q, QueueError::Invalid(code), effects);
         };
         if q.iqa & iq::IQA_DW != 0 {
@@ -202,7 +202,7 @@ impl Unit {
                         }
                     }
                     self.counters.qi_wait.inc();
-                    effects.push(Effect::Doorbell);
+                    effects.ring();
                 }
                 Descriptor::PageGroupResponse(qw0, qw1) => match PageGroupResponse::from_descriptor([qw0, qw1]) {
                     Ok(resp) => {
@@ -236,7 +236,7 @@ impl Unit {
     /// FSTS write: IQE, ICE and ITE are write-1-to-clear; clearing them lets the queue
     /// resume.
     pub(crate) fn clear_queue_errors(&self, value: u32) {
-        let mut effects = Vec::new();
+        let mut effects = Effects::default();
         {
             let mut q = self.queue.lock();
             if value & fsts::IQE != 0 {
@@ -284,7 +284,7 @@ impl Unit {
 
     /// Writes a 32-bit queue register: ICS or the invalidation event block.
     pub(crate) fn write_queue_reg32(&self, offset: u64, value: u32) {
-        let mut effects = Vec::new();
+        let mut effects = Effects::default();
         {
             let mut q = self.queue.lock();
             match offset {
@@ -302,7 +302,7 @@ impl Unit {
 
     /// Writes a 64-bit queue register (IQA or IQT; IQH and IQERCD are read-only).
     pub(crate) fn write_queue_reg64(&self, offset: u64, value: u64) {
-        let mut effects = Vec::new();
+        let mut effects = Effects::default();
         {
             let mut q = self.queue.lock();
             match offset {
