@@ -43,7 +43,7 @@ pub enum DomainKind {
 
 /// When the driver invalidates after an unmap (Linux `iommu.strict`: strict vs the
 /// `DMA_FQ` flush queue). Set per driver in [`DriverConfig`] and per call with
-/// [`Driver::unmap_with`].
+/// [`Driver::unmap_with`](crate::driver::Driver::unmap_with).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 #[non_exhaustive]
 pub enum FlushPolicy {

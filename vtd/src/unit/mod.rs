@@ -24,7 +24,7 @@
 //!
 //! What software must do, it must do: table changes are invisible to the caches until
 //! invalidated (VT-d 6.5), so a stale translation keeps being served exactly as on hardware.
-//! With [`UnitConfig::stale_detection`] the unit re-reads the source entry on each cache
+//! With [`UnitConfig::with_stale_detection`] the unit re-reads the source entry on each cache
 //! hit and counts such stale uses.
 
 mod cache;

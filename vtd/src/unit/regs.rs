@@ -34,11 +34,11 @@ pub const FEDATA: u64 = FECTL + event::DATA;
 pub const FEADDR: u64 = FECTL + event::ADDR;
 /// FEUADDR_REG (32; VT-d 10.4.13).
 pub const FEUADDR: u64 = FECTL + event::UADDR;
-/// Invalidation queue head (64; VT-d 10.4.21): QH[18:4], hardware-owned.
+/// Invalidation queue head (64; VT-d 10.4.21): `QH[18:4]`, hardware-owned.
 pub const IQH: u64 = 0x80;
-/// Invalidation queue tail (64; VT-d 10.4.22): QT[18:4], software-owned.
+/// Invalidation queue tail (64; VT-d 10.4.22): `QT[18:4]`, software-owned.
 pub const IQT: u64 = 0x88;
-/// Invalidation queue address (64; VT-d 10.4.23): IQA[63:12], DW 11, QS[2:0].
+/// Invalidation queue address (64; VT-d 10.4.23): `IQA[63:12]`, DW 11, `QS[2:0]`.
 pub const IQA: u64 = 0x90;
 /// Invalidation completion status (32; VT-d 10.4.24): IWC bit 0, write 1 to clear.
 pub const ICS: u64 = 0x9c;
@@ -59,7 +59,7 @@ pub const IRTA: u64 = 0xb8;
 pub const PQH: u64 = 0xc0;
 /// PQT_REG (64; VT-d 10.4.32): page request queue tail, a byte offset hardware advances.
 pub const PQT: u64 = 0xc8;
-/// PQA_REG (64; VT-d 10.4.33): page request queue address and size; see [`pqa`].
+/// PQA_REG (64; VT-d 10.4.33): page request queue address and size; see [`pq`].
 pub const PQA: u64 = 0xd0;
 /// PRS_REG (32; VT-d 10.4.34): page request status; see [`prs`].
 pub const PRS: u64 = 0xdc;
@@ -258,8 +258,8 @@ pub mod iq {
     pub const ICS_IWC: u32 = 1 << 0;
 }
 
-/// IQERCD_REG (VT-d 10.4.29): why the invalidation queue stopped. IQEI[3:0] is valid while
-/// FSTS.IQE is set, ITESID[47:32] while ITE is, ICESID[63:48] while ICE is. Hardware writes
+/// IQERCD_REG (VT-d 10.4.29): why the invalidation queue stopped. `IQEI[3:0]` is valid while
+/// FSTS.IQE is set, `ITESID[47:32]` while ITE is, `ICESID[63:48]` while ICE is. Hardware writes
 /// each field when it sets the matching FSTS bit; software reads it before clearing that bit
 /// (Linux `qi_check_fault`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -378,7 +378,7 @@ impl Unit {
     /// An MSI write from `sid` (a DWORD write to the interrupt address range): remapped
     /// through the interrupt remapping table, or passed through when remapping is off
     /// (VT-d 5.1). The interrupt goes to [`super::UnitEvents::interrupt_remapped`]; a
-    /// blocked one is recorded as a fault with the interrupt index in FI[63:48].
+    /// blocked one is recorded as a fault with the interrupt index in `FI[63:48]`.
     pub fn msi_write(&self, sid: SourceId, addr: u64, data: u32) -> Result<Remapped, IrFault> {
         match self.interrupts.remap(&self.memory, sid, addr, data) {
             Ok(remapped) => {

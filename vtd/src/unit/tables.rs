@@ -16,7 +16,7 @@ pub const ADDR_MASK: u64 = ((1u64 << HOST_ADDRESS_WIDTH) - 1) & !0xfff;
 /// Size in bytes of a root table and of a context table (256 entries of 16 bytes).
 pub const TABLE_BYTES: u64 = 4096;
 
-/// Legacy root entry (VT-d 9.1): lo = P[0], CTP[63:12]; hi reserved.
+/// Legacy root entry (VT-d 9.1): lo = `P[0]`, `CTP[63:12]`; hi reserved.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct RootEntry {
     /// Low 64 bits.
@@ -42,7 +42,7 @@ impl RootEntry {
     pub const fn context_table(self) -> Hpa {
         Hpa(self.lo & ADDR_MASK)
     }
-    /// Reserved bits that are set: lo[11:1], lo above HAW, all of hi.
+    /// Reserved bits that are set: `lo[11:1]`, lo above HAW, all of hi.
     pub const fn reserved_bits(self) -> bool {
         (self.lo & !(ADDR_MASK | 1)) != 0 || self.hi != 0
     }
@@ -111,8 +111,8 @@ impl AddressWidth {
 
 /// Legacy context entry (VT-d 9.3).
 ///
-/// lo: P[0] FPD[1] TT[3:2] reserved[11:4] SLPTPTR[63:12];
-/// hi: AW[2:0] AVAIL[6:3] reserved[7] DID[23:8] reserved[63:24].
+/// lo: `P[0] FPD[1] TT[3:2] reserved[11:4] SLPTPTR[63:12]`;
+/// hi: `AW[2:0] AVAIL[6:3] reserved[7] DID[23:8] reserved[63:24]`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct ContextEntry {
     /// Low 64 bits.
@@ -158,7 +158,7 @@ impl ContextEntry {
     pub const fn domain(self) -> DomainId {
         DomainId(((self.hi >> 8) & 0xffff) as u16)
     }
-    /// Reserved bits that are set: lo[11:4], lo above HAW, hi bit 7 and [63:24].
+    /// Reserved bits that are set: `lo[11:4]`, lo above HAW, hi bit 7 and `[63:24]`.
     pub const fn reserved_bits(self) -> bool {
         (self.lo & 0xff0) != 0 || (self.lo >> HOST_ADDRESS_WIDTH) != 0 || (self.hi & Self::HI_RESERVED) != 0
     }
@@ -166,7 +166,7 @@ impl ContextEntry {
 
 /// Second-stage page-table entry (VT-d 9.8).
 ///
-/// R[0] W[1] X[2] EMT[5:3] IPAT[6] PS[7] A[8] D[9] SNP[11] ADDR[HAW-1:12] TM[62];
+/// `R[0] W[1] X[2] EMT[5:3] IPAT[6] PS[7] A[8] D[9] SNP[11] ADDR[HAW-1:12] TM[62]`;
 /// bits 52..=61 and 63 are ignored.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Hash)]
 pub struct SlPte(pub u64);

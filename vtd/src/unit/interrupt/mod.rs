@@ -1,6 +1,6 @@
 //! Interrupt remapping (VT-d 5.1): what the unit does with an MSI write to 0xFEEx_xxxx.
 //!
-//! An [`InterruptRemapper`] owns the interrupt-remapping state of one remapping unit: the
+//! An `InterruptRemapper` owns the interrupt-remapping state of one remapping unit: the
 //! latched interrupt remapping table address (IRTA, with EIME and the table size), the IRE
 //! and CFI enables, the interrupt entry cache (`entry_cache`) and its counters. Given a
 //! request's source id, MSI address and data it answers with the interrupt to deliver
@@ -9,8 +9,8 @@
 //! MSI formats, VT-d 5.1.2).
 //!
 //! It does not own the registers, the fault recording registers or interrupt delivery: the
-//! unit decodes GCMD/IRTA writes and calls [`InterruptRemapper::set_table`],
-//! [`InterruptRemapper::enable`] and [`InterruptRemapper::set_compat_allowed`]; it decides
+//! unit decodes GCMD/IRTA writes and calls `InterruptRemapper::set_table`,
+//! `InterruptRemapper::enable` and `InterruptRemapper::set_compat_allowed`; it decides
 //! whether a fault is recorded ([`IrFault::should_record`]) and records it with the index in
 //! `FI[63:48]` ([`IrFault::fault_info`]); it hands a [`Remapped`] interrupt to whatever models
 //! the APICs. Posted interrupts (IRTE IM = 1, VT-d 9.11) are not implemented (ECAP.PI = 0).
@@ -40,7 +40,7 @@
 //! changed IRTE stays invisible until software invalidates its index. A new table latched
 //! by SIRTP does not flush the cache either (this unit reports CAP.ESIRTPS = 0): software
 //! must follow SIRTP with a global IEC invalidation, as Linux does. With
-//! [`InterruptRemapper::with_stale_detection`] every hit re-reads the IRTE and counts
+//! `InterruptRemapper::with_stale_detection` every hit re-reads the IRTE and counts
 //! uses of entries that no longer match memory.
 //!
 //! An IRTE is two 64-bit words and host memory is atomic per word, so software that

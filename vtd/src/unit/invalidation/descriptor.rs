@@ -107,7 +107,7 @@ const DEVTLB_RSVD: (u64, u64) = (0x000f_0000_ffe0_01f0, 0xffe);
 const IEC_RSVD: (u64, u64) = (0xffff_0000_07ff_f1e0, u64::MAX);
 const WAIT_RSVD: (u64, u64) = (0xffff_f180, 0x3);
 
-/// The descriptor type: qw0[3:0] | qw0[11:9] << 4.
+/// The descriptor type: `qw0[3:0] | qw0[11:9] << 4`.
 pub const fn descriptor_type(qw0: u64) -> u64 {
     (qw0 & 0xf) | (((qw0 >> 9) & 0x7) << 4)
 }

@@ -17,8 +17,8 @@
 //! recording registers (`unit::fault`), and the register dispatch (`unit::mmio`).
 //!
 //! Everything that leaves the unit while the queue runs (requests to device ports,
-//! interrupt messages, the fault event, the doorbell) is collected as [`Effects`] under the
-//! queue lock and carried out by [`Unit::apply`] after it is released, so a port may answer
+//! interrupt messages, the fault event, the doorbell) is collected as `Effects` under the
+//! queue lock and carried out by `Unit::apply` after it is released, so a port may answer
 //! synchronously from inside its call.
 
 mod caches;

@@ -22,8 +22,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Effect, Effects};
 use super::queue::QueueError;
+use super::{Effect, Effects};
 use crate::ats::MAX_QUEUE_DEPTH;
 use crate::ats::range as srange;
 use crate::ids::{ITag, Iova, SourceId};

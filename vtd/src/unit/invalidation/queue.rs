@@ -25,9 +25,9 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use super::{Effect, Effects};
 use super::descriptor::{self, Descriptor, QueueErrorCode, decode};
 use super::ports::{DeviceInvalidation, PageResponse, PortState};
+use super::{Effect, Effects};
 use crate::ids::{Hpa, SourceId};
 use crate::unit::Unit;
 use crate::unit::event::EventControl;
