@@ -2,7 +2,7 @@
 //! 4-level walk with hot tables <= 80 ns). Tables are built with raw entries so that the
 //! benchmark depends on the unit alone.
 //!
-//! Run: `cargo bench -p dmar-server --bench translate`
+//! Run: `cargo bench -p dmar-vtd --bench translate`
 
 use std::hint::black_box;
 use std::sync::Arc;
