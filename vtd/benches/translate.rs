@@ -2,7 +2,7 @@
 //! 4-level walk with hot tables <= 80 ns). Tables are built with raw entries so that the
 //! benchmark depends on the unit alone.
 //!
-//! Run: `cargo bench -p dmar-server --bench translate`
+//! Run: `cargo bench -p dmar-vtd --bench translate`
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 use dmar_vtd::unit::regs::{self, gcmd};
 use dmar_vtd::unit::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType, level_index};
-use dmar_vtd::unit::{Access, CacheGeometry, HostMemory, Unit, UnitConfig};
+use dmar_vtd::unit::{CacheGeometry, Direction, HostMemory, Unit, UnitConfig};
 use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 
 struct Bench {
@@ -83,7 +83,7 @@ fn iotlb_hit(c: &mut Criterion) {
         c.bench_function(name, |bench| {
             bench.iter(|| {
                 i = (i + 1) % pages;
-                black_box(b.unit.translate(SID, Iova(i << 12), Access::Read)).ok()
+                black_box(b.unit.translate(SID, Iova(i << 12), Direction::Read)).ok()
             })
         });
         assert!(b.unit.stats().iotlb_misses <= pages);
@@ -110,7 +110,7 @@ fn walk_bench(c: &mut Criterion, name: &str, aw: AddressWidth, full_walk: bool) 
     c.bench_function(name, |bench| {
         bench.iter(|| {
             i ^= 1;
-            black_box(b.unit.translate(SID, Iova(pages[i]), Access::Read)).ok()
+            black_box(b.unit.translate(SID, Iova(pages[i]), Direction::Read)).ok()
         })
     });
     let s = b.unit.stats();
@@ -140,7 +140,7 @@ fn context_miss(c: &mut Criterion) {
     c.bench_function("context_cache_miss", |bench| {
         bench.iter(|| {
             i ^= 1;
-            black_box(b.unit.translate(sids[i], Iova(0x1000), Access::Read)).ok()
+            black_box(b.unit.translate(sids[i], Iova(0x1000), Direction::Read)).ok()
         })
     });
 }

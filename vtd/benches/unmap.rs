@@ -12,7 +12,7 @@
 //! Pages are mapped 512 at a time outside the timed region and unmapped one by one inside
 //! it; a page kept mapped in the next 2 MiB keeps the upper tables alive.
 //!
-//! Run: `cargo bench -p dmar-server --bench unmap`
+//! Run: `cargo bench -p dmar-vtd --bench unmap`
 
 use std::hint::black_box;
 use std::sync::mpsc;

@@ -3,10 +3,12 @@
 //!
 //! Layers, bottom up (`docs/ARCHITECTURE.md` has the picture):
 //! - [`ids`]: newtypes for the addresses and identifiers the specification keeps apart.
-//! - [`unit`]: the hardware model. Registers, tables in emulated host memory, the page
-//!   walk, caches, invalidation, fault recording, interrupt remapping and the page request
-//!   queue. Plain synchronous Rust: it takes the time as an argument and returns effects
-//!   instead of calling out.
+//! - [`clock`]: the time the unit and the driver read (the system clock, or a manual one
+//!   for tests).
+//! - [`unit`](mod@unit): the hardware model. Registers, tables in emulated host memory, the
+//!   page walk, caches, invalidation, fault recording, interrupt remapping and the page
+//!   request queue. Plain synchronous Rust: it takes the time as an argument (or reads the
+//!   clock it was built with) and returns effects instead of calling out.
 //! - [`driver`]: the software model, after the Linux intel-iommu driver. Domains,
 //!   attach/detach, map/unmap writing real page tables, and the invalidations each change
 //!   needs, through registers and host memory only.
@@ -16,6 +18,7 @@
 //! `dmar-server` and the device side in `dmar-agent`.
 
 pub mod ats;
+pub mod clock;
 pub mod driver;
 pub mod ids;
 pub mod unit;

@@ -9,16 +9,18 @@
 //! requests (`Unit::ats_translate`), and every device's own TLB.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use dmar_vtd::clock::{Clock, ManualClock};
 use dmar_vtd::driver::{DomainKind, Driver, DriverConfig, DriverError, FlushPolicy, Perm};
 use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::AddressWidth;
 use dmar_vtd::unit::{
-    Access, AtsCompletion, AtsEntry, Blocked, DeviceInvalidation, DevicePort, FaultReason, HostMemory, Unit, UnitConfig,
+    AtsCompletion, AtsEntry, Blocked, DeviceInvalidation, DevicePort, Direction, FaultReason, HostMemory, Unit,
+    UnitConfig,
 };
 use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 use parking_lot::Mutex;
@@ -51,6 +53,8 @@ struct Device {
     tlb: Mutex<HashMap<u64, AtsEntry>>,
     requests: Mutex<Vec<DeviceInvalidation>>,
     completed: AtomicUsize,
+    /// Requests handled, whatever the unit made of the answer.
+    answered: AtomicUsize,
 }
 
 impl Device {
@@ -63,6 +67,7 @@ impl Device {
             tlb: Mutex::new(HashMap::new()),
             requests: Mutex::new(Vec::new()),
             completed: AtomicUsize::new(0),
+            answered: AtomicUsize::new(0),
         });
         unit.bind_device_port(sid, dev.clone(), 8).expect("bind port");
         dev
@@ -93,15 +98,23 @@ impl Device {
     fn complete(&self, request: DeviceInvalidation) {
         let (base, size) = request.range();
         self.tlb.lock().retain(|&page, _| page.wrapping_sub(base.0) >= size);
-        if let Some(unit) = self.unit.upgrade() {
+        let accepted = match self.unit.upgrade() {
             // After a time-out (ITE) the unit abandons every outstanding ITag and may hand
             // the same tag out again before a late answer arrives: that answer then reads
             // as unexpected (ICE), as it would on a real link. The driver clears ICE.
-            if unit.device_tlb_completed(self.sid, request.itag).is_err() {
-                return;
-            }
+            Some(unit) => unit.device_tlb_completed(self.sid, request.itag).is_ok(),
+            None => true,
+        };
+        if accepted {
+            self.completed.fetch_add(1, Ordering::Relaxed);
         }
-        self.completed.fetch_add(1, Ordering::Relaxed);
+        self.answered.fetch_add(1, Ordering::Release);
+    }
+
+    /// Every request sent to the device has been answered.
+    fn quiet(&self) -> bool {
+        let answered = self.answered.load(Ordering::Acquire);
+        self.requests.lock().len() == answered
     }
 
     fn last_range(&self) -> Option<(Iova, u64)> {
@@ -140,7 +153,10 @@ fn completer_threads() -> mpsc::Sender<(Arc<Device>, DeviceInvalidation)> {
                         Ok(item) => batch.push(item),
                         Err(_) => return,
                     }
-                    std::thread::sleep(Duration::from_micros(50));
+                    // Let more requests arrive, so that answers are batched and reordered.
+                    for _ in 0..32 {
+                        std::thread::yield_now();
+                    }
                     batch.extend(rx.try_iter().take(64));
                 }
                 // Fisher-Yates with xorshift: answers arrive in any order.
@@ -163,6 +179,52 @@ fn unit_with(config: UnitConfig) -> Arc<Unit> {
     Arc::new(Unit::new(config, Arc::new(HostMemory::new(MEMORY).expect("memory"))))
 }
 
+/// A unit that reads time from `clock`.
+fn unit_on(config: UnitConfig, clock: &Arc<ManualClock>) -> Arc<Unit> {
+    let memory = Arc::new(HostMemory::new(MEMORY).expect("memory"));
+    Arc::new(Unit::builder(config, memory).clock(clock.clone()).build())
+}
+
+/// Lets time pass for a device that never answers, on a manual clock, without sleeping:
+/// whenever `silent` has been sent an invalidation and every one of `others` has answered
+/// all it was sent, the clock moves on by `timeout`, and the next FSTS read makes it ITE.
+/// (Should another device's invalidation still be outstanding unseen, it expires at the
+/// same instant; the unit then names the lowest requester id, which the tests give the
+/// silent device.)
+struct Timekeeper {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl Timekeeper {
+    fn start(clock: Arc<ManualClock>, timeout: Duration, silent: Arc<Device>, others: Vec<Arc<Device>>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut handled = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let sent = silent.requests.lock().len();
+                    if sent > handled && others.iter().all(|d| d.quiet()) {
+                        clock.advance(timeout);
+                        handled = sent;
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                handled
+            })
+        };
+        Self { stop, thread }
+    }
+
+    /// Stops; returns how many of the silent device's requests it let time out.
+    fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().expect("timekeeper")
+    }
+}
+
 fn driver(unit: &Arc<Unit>, flush: FlushPolicy) -> Driver {
     Driver::new(unit.clone(), DriverConfig::for_memory(MEMORY).with_flush(flush)).expect("driver")
 }
@@ -173,7 +235,7 @@ fn sid(bus: u8, dev: u8) -> SourceId {
 
 /// The unit refuses an untranslated request to an unmapped page (R=W=0: reason 0x06).
 fn unmapped(unit: &Unit, sid: SourceId, iova: u64) -> bool {
-    unit.translate(sid, Iova(iova), Access::Read) == Err(Blocked { reason: Some(FaultReason::NoRead) })
+    unit.translate(sid, Iova(iova), Direction::Read) == Err(Blocked { reason: Some(FaultReason::NoRead) })
 }
 
 fn ats_no_access(unit: &Unit, sid: SourceId, iova: u64) -> bool {
@@ -181,7 +243,7 @@ fn ats_no_access(unit: &Unit, sid: SourceId, iova: u64) -> bool {
 }
 
 fn hpa_of(unit: &Unit, sid: SourceId, iova: u64) -> Option<Hpa> {
-    unit.translate(sid, Iova(iova), Access::Read).ok().map(|t| t.hpa)
+    unit.translate(sid, Iova(iova), Direction::Read).ok().map(|t| t.hpa)
 }
 
 /// Warms every cache: the IOTLB through an untranslated request, each device's TLB
@@ -380,7 +442,8 @@ fn answers_from_other_threads_in_any_order_with_concurrent_submitters() {
 #[test]
 fn a_silent_device_times_out_and_everything_else_keeps_working() {
     let timeout = Duration::from_millis(50);
-    let unit = unit_with(UnitConfig::default().with_device_tlb_timeout(timeout));
+    let clock = Arc::new(ManualClock::new());
+    let unit = unit_on(UnitConfig::default().with_device_tlb_timeout(timeout), &clock);
     let d = driver(&unit, FlushPolicy::Strict);
     let a = d.create_domain(DomainKind::Paging, AW).expect("domain");
     let b = d.create_domain(DomainKind::Paging, AW).expect("domain");
@@ -395,13 +458,14 @@ fn a_silent_device_times_out_and_everything_else_keeps_working() {
         unit.unbind_device_port(silent.sid);
         Device::new(&unit, silent.sid, Answer::Never)
     };
+    let time = Timekeeper::start(clock.clone(), timeout, silent.clone(), vec![healthy.clone(), other.clone()]);
 
     d.map(a, Iova(0x8000), Hpa(0x10_0000), 4 * PAGE, Perm::RW).expect("map");
     let both = [silent.clone(), healthy.clone()];
     warm(&unit, &both, 0x8000);
-    let start = Instant::now();
+    let start = clock.now();
     assert_eq!(d.unmap(a, Iova(0x8000), PAGE), Err(DriverError::DeviceTlbTimeout { sid: silent.sid }));
-    eprintln!("strict unmap with a silent device returned after {:?} (time-out {timeout:?})", start.elapsed());
+    assert!(clock.now() - start >= timeout, "only a time-out ends the wait");
     // The IOTLB and the healthy device were invalidated all the same; ITE is cleared.
     assert!(unmapped(&unit, healthy.sid, 0x8000));
     assert!(ats_no_access(&unit, healthy.sid, 0x8000));
@@ -420,7 +484,7 @@ fn a_silent_device_times_out_and_everything_else_keeps_working() {
     // requests are blocked, so its stale entries are harmless.
     assert_eq!(d.detach(silent.sid), Err(DriverError::DeviceTlbTimeout { sid: silent.sid }));
     assert_eq!(d.domain_of(silent.sid), None);
-    assert!(unit.check_translated(silent.sid, Hpa(0x10_0000), 8, Access::Read).is_err());
+    assert!(unit.check_translated(silent.sid, Hpa(0x10_0000), 8, Direction::Read).is_err());
     // Without it the domain's unmaps complete again.
     warm(&unit, std::slice::from_ref(&healthy), 0x9000);
     assert_eq!(d.unmap(a, Iova(0x9000), PAGE), Ok(PAGE));
@@ -429,11 +493,14 @@ fn a_silent_device_times_out_and_everything_else_keeps_working() {
     assert_eq!(d.attach(silent.sid, a, true), Err(DriverError::DeviceTlbTimeout { sid: silent.sid }));
     assert_eq!(d.domain_of(silent.sid), None);
     assert_eq!(fsts(&unit) & fsts::ITE, 0);
+    assert_eq!(time.stop(), 3, "unmap, detach and attach each timed out once");
 }
 
 #[test]
 fn a_time_out_aborts_other_submitters_who_resubmit() {
-    let unit = unit_with(UnitConfig::default().with_device_tlb_timeout(Duration::from_millis(50)));
+    let timeout = Duration::from_millis(50);
+    let clock = Arc::new(ManualClock::new());
+    let unit = unit_on(UnitConfig::default().with_device_tlb_timeout(timeout), &clock);
     let d = Arc::new(driver(&unit, FlushPolicy::Strict));
     let tx = completer_threads();
     let a = d.create_domain(DomainKind::Paging, AW).expect("domain");
@@ -443,35 +510,42 @@ fn a_time_out_aborts_other_submitters_who_resubmit() {
     unit.unbind_device_port(silent.sid);
     let silent = Device::new(&unit, silent.sid, Answer::Never);
     d.map(a, Iova(0), Hpa(0x10_0000), 8 * PAGE, Perm::RW).expect("map");
+    let devices: Vec<Arc<Device>> =
+        (0..3).map(|i| Device::new(&unit, sid(8, i), Answer::Threads(tx.clone()))).collect();
+    let time = Timekeeper::start(clock.clone(), timeout, silent.clone(), devices.clone());
 
+    let done = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicUsize::new(0));
     let busy = {
-        let (unit, d, tx) = (unit.clone(), d.clone(), tx.clone());
+        let (unit, d, done, rounds) = (unit.clone(), d.clone(), done.clone(), rounds.clone());
         std::thread::spawn(move || {
             let b = d.create_domain(DomainKind::Paging, AW).expect("domain");
-            let devices: Vec<Arc<Device>> =
-                (0..3).map(|i| Device::new(&unit, sid(8, i), Answer::Threads(tx.clone()))).collect();
             for dev in &devices {
                 d.attach(dev.sid, b, true).expect("attach");
             }
-            let until = Instant::now() + Duration::from_millis(300);
-            let mut rounds = 0;
-            while Instant::now() < until || rounds < 10 {
+            // Until the other domain's time-outs are over, and at least 10 times.
+            while !done.load(Ordering::Acquire) || rounds.load(Ordering::Relaxed) < 10 {
                 d.map(b, Iova(0x7000), Hpa(0x40_0000), PAGE, Perm::RW).expect("map");
                 warm(&unit, &devices, 0x7000);
                 // Aborted by the other domain's time-out or not, this completes.
                 assert_eq!(d.unmap(b, Iova(0x7000), PAGE), Ok(PAGE));
                 assert_gone(&unit, &devices, 0x7000);
-                rounds += 1;
+                rounds.fetch_add(1, Ordering::Relaxed);
             }
-            rounds
         })
     };
+    // The time-outs start once the other domain is busy.
+    while rounds.load(Ordering::Relaxed) == 0 {
+        std::thread::yield_now();
+    }
     for p in 0..3 {
         assert_eq!(d.unmap(a, Iova(p * PAGE), PAGE), Err(DriverError::DeviceTlbTimeout { sid: silent.sid }));
         assert!(unmapped(&unit, silent.sid, p * PAGE));
     }
-    let rounds = busy.join().expect("busy thread");
-    eprintln!("{rounds} strict unmaps on the other domain during 3 time-outs");
+    done.store(true, Ordering::Release);
+    busy.join().expect("busy thread");
+    eprintln!("{} strict unmaps on the other domain during 3 time-outs", rounds.load(Ordering::Relaxed));
+    assert_eq!(time.stop(), 3);
     assert_eq!(fsts(&unit) & fsts::ITE, 0);
 }
 
@@ -488,7 +562,14 @@ struct Lazy {
 }
 
 fn lazy(policy: FlushPolicy) -> Lazy {
-    let unit = unit_with(UnitConfig::default());
+    lazy_with(policy, unit_with(UnitConfig::default()))
+}
+
+fn lazy_on(policy: FlushPolicy, clock: &Arc<ManualClock>) -> Lazy {
+    lazy_with(policy, unit_on(UnitConfig::default(), clock))
+}
+
+fn lazy_with(policy: FlushPolicy, unit: Arc<Unit>) -> Lazy {
     let d = driver(&unit, policy);
     let did = d.create_domain(DomainKind::Paging, AW).expect("domain");
     let dev = Device::new(&unit, sid(9, 0), Answer::Sync);
@@ -552,24 +633,35 @@ fn deferred_flush_after_max_entries() {
 #[test]
 fn deferred_flush_after_max_delay() {
     let policy = FlushPolicy::Deferred { max_entries: 1000, max_delay: Duration::from_millis(20) };
-    let t = lazy(policy);
+    let clock = Arc::new(ManualClock::new());
+    let t = lazy_on(policy, &clock);
     t.map_warm(0x1000, 0x10_0000);
     t.map_warm(0x2000, 0x20_0000);
     assert_eq!(t.d.unmap(t.did, Iova(0x1000), PAGE), Ok(PAGE));
     assert!(!t.d.deferred_due());
     assert!(t.stale(0x1000));
-    std::thread::sleep(Duration::from_millis(30));
-    assert!(t.d.deferred_due());
-    // Any driver call runs the overdue flush first (here: a lookup elsewhere).
-    assert!(t.d.lookup(t.did, Iova(0x2000)).is_some());
+    clock.advance(Duration::from_millis(19));
     assert!(!t.d.deferred_due());
+    clock.advance(Duration::from_millis(1));
+    assert!(t.d.deferred_due());
+    // No other driver call runs the overdue flush behind its caller's back (here: a lookup
+    // and a map elsewhere in the same domain).
+    assert!(t.d.lookup(t.did, Iova(0x2000)).is_some());
+    t.d.map(t.did, Iova(0x20_0000), Hpa(0x30_0000), PAGE, Perm::RW).expect("map elsewhere");
+    assert!(t.d.deferred_due());
+    assert_eq!(t.d.pending_deferred(), 1);
+    assert!(t.stale(0x1000));
+    // The owner's timer does.
+    t.d.poll_deferred().expect("poll");
+    assert!(!t.d.deferred_due());
+    assert_eq!(t.d.pending_deferred(), 0);
     t.gone(0x1000);
 
-    // A timer calling poll_deferred does the same.
+    // A poll before the deadline flushes nothing.
     assert_eq!(t.d.unmap(t.did, Iova(0x2000), PAGE), Ok(PAGE));
     t.d.poll_deferred().expect("not due yet");
     assert_eq!(t.d.pending_deferred(), 1);
-    std::thread::sleep(Duration::from_millis(30));
+    clock.advance(Duration::from_millis(30));
     t.d.poll_deferred().expect("poll");
     assert_eq!(t.d.pending_deferred(), 0);
     t.gone(0x2000);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use dmar_vtd::driver::{DomainKind, Driver, DriverConfig, DriverError, Perm};
 use dmar_vtd::unit::tables::AddressWidth;
-use dmar_vtd::unit::{Access, Blocked, FaultReason, HostMemory, Unit, UnitConfig};
+use dmar_vtd::unit::{Blocked, Direction, FaultReason, HostMemory, Unit, UnitConfig};
 use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 use proptest::prelude::*;
 
@@ -150,7 +150,7 @@ impl Harness {
     /// The unit's answer for one address must match the model's.
     fn check(&self, page: u64, offset: u64, write: bool) -> Result<(), TestCaseError> {
         let iova = page * PAGE + offset;
-        let access = if write { Access::Write } else { Access::Read };
+        let access = if write { Direction::Write } else { Direction::Read };
         let got = self.unit.translate(SID, Iova(iova), access);
         let lookup = self.driver.lookup(self.did, Iova(iova));
         if iova >> self.aw.bits() != 0 {
@@ -368,16 +368,16 @@ fn invalid_requests_are_typed_errors() {
 
         // a mapping at the very top of the width translates; one page past it faults
         map(top - PAGE, 0x5000, PAGE).expect("top page");
-        let t = h.unit.translate(SID, Iova(top - 8), Access::Read).expect("translates");
+        let t = h.unit.translate(SID, Iova(top - 8), Direction::Read).expect("translates");
         assert_eq!(t.hpa, Hpa(0x5ff8));
         if aw != AddressWidth::Aw57 {
             assert_eq!(
-                h.unit.translate(SID, Iova(top), Access::Read),
+                h.unit.translate(SID, Iova(top), Direction::Read),
                 Err(Blocked { reason: Some(FaultReason::AddressBeyondWidth) })
             );
         }
         assert_eq!(d.unmap(did, Iova(top - PAGE), PAGE), Ok(PAGE));
-        assert_eq!(h.unit.translate(SID, Iova(top - 8), Access::Read), Err(fault(false)));
+        assert_eq!(h.unit.translate(SID, Iova(top - 8), Direction::Read), Err(fault(false)));
         assert_eq!(d.table_frames_in_use(), h.baseline_frames);
     }
 }

@@ -7,13 +7,13 @@ mod common;
 use common::Rig;
 use dmar_vtd::unit::regs::{self, ccmd, gcmd, iotlb};
 use dmar_vtd::unit::tables::{AddressWidth, ContextEntry, SlPte, TranslationType};
-use dmar_vtd::unit::{Access, CacheGeometry, MmioError, UnitConfig};
+use dmar_vtd::unit::{CacheGeometry, Direction, MmioError, UnitConfig};
 use dmar_vtd::{Hpa, Iova, SourceId};
 
 const SID: SourceId = SourceId::new(0, 4, 0);
 const AW: AddressWidth = AddressWidth::Aw48;
 
-fn hpa(rig: &Rig, iova: u64, access: Access) -> Option<Hpa> {
+fn hpa(rig: &Rig, iova: u64, access: Direction) -> Option<Hpa> {
     rig.unit.translate(SID, Iova(iova), access).ok().map(|t| t.hpa)
 }
 
@@ -22,24 +22,24 @@ fn stale_iotlb_entry_is_served_until_invalidated() {
     let mut rig = Rig::new();
     let top = rig.attach(SID, 7, TranslationType::Untranslated, AW);
     let pte = rig.map(top, AW, Iova(0x40_0000), Hpa(0x1000_0000), 1, true, true);
-    assert_eq!(hpa(&rig, 0x40_0010, Access::Read), Some(Hpa(0x1000_0010)));
+    assert_eq!(hpa(&rig, 0x40_0010, Direction::Read), Some(Hpa(0x1000_0010)));
 
     // Software retargets the page without invalidating: the IOTLB keeps the old frame.
     rig.mem.write_u64(pte, SlPte::leaf(Hpa(0x2000_0000), true, true, false).to_bits()).expect("pte");
-    assert_eq!(hpa(&rig, 0x40_0010, Access::Read), Some(Hpa(0x1000_0010)), "stale entry served");
-    assert_eq!(hpa(&rig, 0x40_0020, Access::Write), Some(Hpa(0x1000_0020)), "stale entry served");
+    assert_eq!(hpa(&rig, 0x40_0010, Direction::Read), Some(Hpa(0x1000_0010)), "stale entry served");
+    assert_eq!(hpa(&rig, 0x40_0020, Direction::Write), Some(Hpa(0x1000_0020)), "stale entry served");
     assert_eq!(rig.unit.stats().stale_iotlb_uses, 2);
 
     // Page-selective invalidation of that page: the new translation appears.
     rig.invalidate_page(7, Iova(0x40_0000));
-    assert_eq!(hpa(&rig, 0x40_0010, Access::Read), Some(Hpa(0x2000_0010)));
+    assert_eq!(hpa(&rig, 0x40_0010, Direction::Read), Some(Hpa(0x2000_0010)));
     assert_eq!(rig.unit.stats().stale_iotlb_uses, 2, "no further stale use");
 
     // Same for an unmap: the cached translation survives until the invalidation.
     rig.mem.write_u64(pte, 0).expect("pte");
-    assert!(hpa(&rig, 0x40_0010, Access::Read).is_some());
+    assert!(hpa(&rig, 0x40_0010, Direction::Read).is_some());
     rig.invalidate_page(7, Iova(0x40_0000));
-    assert!(hpa(&rig, 0x40_0010, Access::Read).is_none());
+    assert!(hpa(&rig, 0x40_0010, Direction::Read).is_none());
 }
 
 #[test]
@@ -47,16 +47,16 @@ fn stale_context_entry_is_served_until_invalidated() {
     let mut rig = Rig::new();
     let top = rig.attach(SID, 7, TranslationType::Untranslated, AW);
     rig.map(top, AW, Iova(0x1000), Hpa(0x30_0000), 1, true, true);
-    assert!(hpa(&rig, 0x1000, Access::Read).is_some());
+    assert!(hpa(&rig, 0x1000, Direction::Read).is_some());
     // Detach without invalidating: the cached context (and IOTLB) still translate.
     rig.set_context(SID, ContextEntry::default());
-    assert!(hpa(&rig, 0x1000, Access::Read).is_some());
+    assert!(hpa(&rig, 0x1000, Direction::Read).is_some());
     assert_eq!(rig.unit.stats().stale_context_uses, 1);
     // Device-selective context invalidation, then domain-selective IOTLB (VT-d 6.5.3.3).
     rig.unit
         .write64(regs::CCMD, ccmd::ICC | (ccmd::DEVICE << ccmd::CIRG_SHIFT) | (u64::from(SID.0) << ccmd::SID_SHIFT) | 7)
         .expect("ccmd");
-    assert!(hpa(&rig, 0x1000, Access::Read).is_none());
+    assert!(hpa(&rig, 0x1000, Direction::Read).is_none());
 }
 
 #[test]
@@ -94,7 +94,7 @@ fn invalidation_hint_keeps_paging_structure_caches() {
     let mut rig = Rig::new();
     let top = rig.attach(SID, 7, TranslationType::Untranslated, AW);
     rig.map(top, AW, Iova(0x1000), Hpa(0x30_0000), 1, true, true);
-    assert!(hpa(&rig, 0x1000, Access::Read).is_some());
+    assert!(hpa(&rig, 0x1000, Direction::Read).is_some());
     let occupied = rig.unit.cache_occupancy();
     assert_eq!((occupied.iotlb, occupied.paging), (1, 3), "leaf + the three tables below the top");
     // PSI with IH=1: only the leaf goes.
@@ -104,7 +104,7 @@ fn invalidation_hint_keeps_paging_structure_caches() {
         .expect("iotlb");
     assert_eq!((rig.unit.cache_occupancy().iotlb, rig.unit.cache_occupancy().paging), (0, 3));
     // PSI with IH=0: the paging-structure entries covering the page go as well.
-    assert!(hpa(&rig, 0x1000, Access::Read).is_some());
+    assert!(hpa(&rig, 0x1000, Direction::Read).is_some());
     rig.invalidate_page(7, Iova(0x1000));
     assert_eq!((rig.unit.cache_occupancy().iotlb, rig.unit.cache_occupancy().paging), (0, 0));
 }
@@ -118,13 +118,13 @@ fn a_full_iotlb_evicts_one_entry_never_everything() {
         rig.map(top, AW, Iova(p << 12), Hpa(0x4000_0000 + (p << 12)), 1, true, true);
     }
     for p in 0..64u64 {
-        assert_eq!(hpa(&rig, p << 12, Access::Read), Some(Hpa(0x4000_0000 + (p << 12))));
+        assert_eq!(hpa(&rig, p << 12, Direction::Read), Some(Hpa(0x4000_0000 + (p << 12))));
         assert!(rig.unit.cache_occupancy().iotlb <= 8);
     }
     assert_eq!(rig.unit.cache_occupancy().iotlb, 8, "full, not flushed");
     // The most recent translations hit.
     let before = rig.unit.stats().iotlb_hits;
-    assert!(hpa(&rig, 63 << 12, Access::Read).is_some());
+    assert!(hpa(&rig, 63 << 12, Direction::Read).is_some());
     assert_eq!(rig.unit.stats().iotlb_hits, before + 1);
 }
 
@@ -135,9 +135,9 @@ fn superpages_translate_every_offset() {
     let top = rig.attach(SID, 1, TranslationType::Untranslated, aw);
     rig.map(top, aw, Iova(1 << 30), Hpa(2 << 30), 3, true, true);
     rig.map(top, aw, Iova(0x20_0000), Hpa(0x60_0000), 2, true, false);
-    let t = rig.unit.translate(SID, Iova((1 << 30) + 0x1234_5678), Access::Write).expect("1G");
+    let t = rig.unit.translate(SID, Iova((1 << 30) + 0x1234_5678), Direction::Write).expect("1G");
     assert_eq!((t.hpa, t.page_shift), (Hpa((2 << 30) + 0x1234_5678), 30));
-    let t = rig.unit.translate(SID, Iova(0x3f_ffff), Access::Read).expect("2M");
+    let t = rig.unit.translate(SID, Iova(0x3f_ffff), Direction::Read).expect("2M");
     assert_eq!((t.hpa, t.page_shift), (Hpa(0x7f_ffff), 21));
 }
 
@@ -145,11 +145,11 @@ fn superpages_translate_every_offset() {
 fn translation_disabled_and_pass_through_use_the_input_address() {
     let mut rig = Rig::new();
     rig.attach(SID, 1, TranslationType::PassThrough, AW);
-    assert_eq!(hpa(&rig, 0x1234_5678, Access::Write), Some(Hpa(0x1234_5678)));
+    assert_eq!(hpa(&rig, 0x1234_5678, Direction::Write), Some(Hpa(0x1234_5678)));
     rig.unit.write32(regs::GCMD, 0).expect("te off");
     assert_eq!(rig.unit.read32(regs::GSTS).expect("gsts") & gcmd::TE, 0);
     assert_eq!(
-        rig.unit.translate(SourceId::new(9, 9, 1), Iova(0x5000), Access::Read).map(|t| t.hpa),
+        rig.unit.translate(SourceId::new(9, 9, 1), Iova(0x5000), Direction::Read).map(|t| t.hpa),
         Ok(Hpa(0x5000)),
         "TE=0: no context needed"
     );
@@ -208,7 +208,7 @@ fn concurrent_translations_never_outlive_an_invalidation() {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = unit.translate(SID, Iova(0x7000), Access::Read);
+                    let _ = unit.translate(SID, Iova(0x7000), Direction::Read);
                 }
             })
         })
@@ -217,7 +217,7 @@ fn concurrent_translations_never_outlive_an_invalidation() {
         let frame = Hpa(0x1000_0000 + (i % 16) * 0x1000);
         rig.mem.write_u64(pte, SlPte::leaf(frame, true, true, false).to_bits()).expect("pte");
         rig.invalidate_page(1, Iova(0x7000));
-        assert_eq!(hpa(&rig, 0x7000, Access::Read), Some(frame), "iteration {i}");
+        assert_eq!(hpa(&rig, 0x7000, Direction::Read), Some(frame), "iteration {i}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in workers {

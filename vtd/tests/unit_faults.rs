@@ -1,4 +1,4 @@
-//! Every DMA-remapping fault reason the unit can raise (VT-d 7.1.3; VTD-REFERENCE (c)),
+//! Every DMA-remapping fault reason the unit can raise (VT-d 7.1.3),
 //! each raised by a request and checked in the fault recording registers: reason, source
 //! id, address, read/write and request kind. Interrupt-remapping reasons (0x20-0x26) come
 //! with interrupt remapping.
@@ -8,12 +8,12 @@ mod common;
 use common::Rig;
 use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType};
-use dmar_vtd::unit::{Access, AtsCompletion, Blocked, FaultReason, FaultRecord, RequestKind};
+use dmar_vtd::unit::{AtsCompletion, Blocked, Direction, FaultReason, FaultRecord, RequestKind};
 use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
 
 const SID: SourceId = SourceId::new(0x12, 3, 1);
 
-fn expect_one(rig: &Rig, reason: FaultReason, addr: u64, access: Access, kind: RequestKind) {
+fn expect_one(rig: &Rig, reason: FaultReason, addr: u64, access: Direction, kind: RequestKind) {
     let records = rig.unit.fault_records();
     assert_eq!(
         records,
@@ -29,13 +29,13 @@ fn expect_one(rig: &Rig, reason: FaultReason, addr: u64, access: Access, kind: R
     assert_eq!(lo, addr & !0xfff, "FI");
     assert_eq!(hi & 0xffff, u64::from(SID.0), "SID");
     assert_eq!((hi >> 32) & 0xff, u64::from(reason.code()), "FR");
-    assert_eq!((hi >> 62) & 1, u64::from(access == Access::Read), "T");
+    assert_eq!((hi >> 62) & 1, u64::from(access == Direction::Read), "T");
     assert_eq!((hi >> 60) & 3, kind as u64, "AT");
     assert_eq!(hi >> 63, 1, "F");
 }
 
 fn read(rig: &Rig, iova: u64) -> Result<dmar_vtd::unit::Translation, Blocked> {
-    rig.unit.translate(SID, Iova(iova), Access::Read)
+    rig.unit.translate(SID, Iova(iova), Direction::Read)
 }
 
 fn blocked(reason: FaultReason) -> Result<dmar_vtd::unit::Translation, Blocked> {
@@ -46,15 +46,15 @@ fn blocked(reason: FaultReason) -> Result<dmar_vtd::unit::Translation, Blocked> 
 fn root_entry_not_present_0x01() {
     let rig = Rig::new();
     assert_eq!(read(&rig, 0x1000), blocked(FaultReason::RootEntryNotPresent));
-    expect_one(&rig, FaultReason::RootEntryNotPresent, 0x1000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::RootEntryNotPresent, 0x1000, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
 fn context_entry_not_present_0x02() {
     let mut rig = Rig::new();
     rig.set_context(SourceId::new(0x12, 3, 0), ContextEntry::default()); // creates the bus's table only
-    assert_eq!(rig.unit.translate(SID, Iova(0x5000), Access::Write), blocked(FaultReason::ContextEntryNotPresent));
-    expect_one(&rig, FaultReason::ContextEntryNotPresent, 0x5000, Access::Write, RequestKind::Untranslated);
+    assert_eq!(rig.unit.translate(SID, Iova(0x5000), Direction::Write), blocked(FaultReason::ContextEntryNotPresent));
+    expect_one(&rig, FaultReason::ContextEntryNotPresent, 0x5000, Direction::Write, RequestKind::Untranslated);
 }
 
 #[test]
@@ -65,14 +65,14 @@ fn invalid_context_programming_0x03() {
     e.lo |= 3 << 2;
     rig.set_context(SID, e);
     assert_eq!(read(&rig, 0x1000), blocked(FaultReason::ContextEntryInvalid));
-    expect_one(&rig, FaultReason::ContextEntryInvalid, 0x1000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::ContextEntryInvalid, 0x1000, Direction::Read, RequestKind::Untranslated);
     // An AW the unit does not support (0 = 30-bit, not in SAGAW).
     let mut rig = Rig::new();
     let mut e = ContextEntry::new(DomainId(1), TranslationType::Untranslated, AddressWidth::Aw48, Hpa(0x2000), false);
     e.hi &= !7;
     rig.set_context(SID, e);
     assert_eq!(read(&rig, 0x1000), blocked(FaultReason::ContextEntryInvalid));
-    expect_one(&rig, FaultReason::ContextEntryInvalid, 0x1000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::ContextEntryInvalid, 0x1000, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
@@ -81,7 +81,7 @@ fn address_beyond_width_0x04() {
     rig.attach(SID, 1, TranslationType::Untranslated, AddressWidth::Aw39);
     let iova = 1u64 << 39;
     assert_eq!(read(&rig, iova), blocked(FaultReason::AddressBeyondWidth));
-    expect_one(&rig, FaultReason::AddressBeyondWidth, iova, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::AddressBeyondWidth, iova, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
@@ -90,8 +90,8 @@ fn no_write_permission_0x05() {
     let top = rig.attach(SID, 1, TranslationType::Untranslated, AddressWidth::Aw48);
     rig.map(top, AddressWidth::Aw48, Iova(0x7000), Hpa(0x20_0000), 1, true, false);
     assert!(read(&rig, 0x7000).is_ok());
-    assert_eq!(rig.unit.translate(SID, Iova(0x7008), Access::Write), blocked(FaultReason::NoWrite));
-    expect_one(&rig, FaultReason::NoWrite, 0x7008, Access::Write, RequestKind::Untranslated);
+    assert_eq!(rig.unit.translate(SID, Iova(0x7008), Direction::Write), blocked(FaultReason::NoWrite));
+    expect_one(&rig, FaultReason::NoWrite, 0x7008, Direction::Write, RequestKind::Untranslated);
 }
 
 #[test]
@@ -100,16 +100,16 @@ fn no_read_permission_0x06() {
     let mut rig = Rig::new();
     let top = rig.attach(SID, 1, TranslationType::Untranslated, AddressWidth::Aw48);
     rig.map(top, AddressWidth::Aw48, Iova(0x9000), Hpa(0x20_0000), 1, false, true);
-    assert!(rig.unit.translate(SID, Iova(0x9000), Access::Write).is_ok());
+    assert!(rig.unit.translate(SID, Iova(0x9000), Direction::Write).is_ok());
     assert_eq!(read(&rig, 0x9000), blocked(FaultReason::NoRead));
-    expect_one(&rig, FaultReason::NoRead, 0x9000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::NoRead, 0x9000, Direction::Read, RequestKind::Untranslated);
     let rig2 = {
         let mut r = Rig::new();
         r.attach(SID, 1, TranslationType::Untranslated, AddressWidth::Aw48);
         r
     };
     assert_eq!(read(&rig2, 0xa000), blocked(FaultReason::NoRead));
-    expect_one(&rig2, FaultReason::NoRead, 0xa000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig2, FaultReason::NoRead, 0xa000, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn paging_entry_access_error_0x07() {
     // The level-4 entry points to a table beyond the 4 GiB memory.
     rig.mem.write_u64(top, SlPte::table(Hpa(common::MEMORY + 0x1000)).to_bits()).expect("pte");
     assert_eq!(read(&rig, 0x3000), blocked(FaultReason::PagingEntryAccess));
-    expect_one(&rig, FaultReason::PagingEntryAccess, 0x3000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::PagingEntryAccess, 0x3000, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
@@ -128,7 +128,7 @@ fn root_table_invalid_0x08() {
     rig.unit.write64(regs::RTADDR, common::MEMORY + 0x10_0000).expect("rtaddr");
     rig.unit.write32(regs::GCMD, dmar_vtd::unit::regs::gcmd::SRTP | dmar_vtd::unit::regs::gcmd::TE).expect("srtp");
     assert_eq!(read(&rig, 0x1000), blocked(FaultReason::RootTableInvalid));
-    expect_one(&rig, FaultReason::RootTableInvalid, 0x1000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::RootTableInvalid, 0x1000, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
@@ -136,7 +136,7 @@ fn context_table_invalid_0x09() {
     let rig = Rig::new();
     rig.set_root(SID.bus(), RootEntry::new(Hpa(common::MEMORY + 0x4000_0000)));
     assert_eq!(read(&rig, 0x1000), blocked(FaultReason::ContextTableInvalid));
-    expect_one(&rig, FaultReason::ContextTableInvalid, 0x1000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::ContextTableInvalid, 0x1000, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
@@ -146,7 +146,7 @@ fn root_entry_reserved_0x0a() {
     let ctx_table = Hpa(rig.mem.read_u64(Hpa(rig.root.0 + u64::from(SID.bus()) * 16)).expect("root") & !0xfff);
     rig.set_root(SID.bus(), RootEntry::from_bits(ctx_table.0 | 1 | (1 << 5), 0));
     assert_eq!(read(&rig, 0x1000), blocked(FaultReason::RootEntryReserved));
-    expect_one(&rig, FaultReason::RootEntryReserved, 0x1000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::RootEntryReserved, 0x1000, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
@@ -156,7 +156,7 @@ fn context_entry_reserved_0x0b() {
     e.hi |= 1 << 40;
     rig.set_context(SID, e);
     assert_eq!(read(&rig, 0x1000), blocked(FaultReason::ContextEntryReserved));
-    expect_one(&rig, FaultReason::ContextEntryReserved, 0x1000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::ContextEntryReserved, 0x1000, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
@@ -167,13 +167,13 @@ fn paging_entry_reserved_0x0c() {
     let a = rig.map(top, AddressWidth::Aw48, Iova(0x4000), Hpa(0x20_0000), 1, true, true);
     rig.mem.write_u64(a, rig.mem.read_u64(a).expect("pte") | SlPte::SNP).expect("pte");
     assert_eq!(read(&rig, 0x4000), blocked(FaultReason::PagingEntryReserved));
-    expect_one(&rig, FaultReason::PagingEntryReserved, 0x4000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::PagingEntryReserved, 0x4000, Direction::Read, RequestKind::Untranslated);
     // PS at level 4 is reserved too.
     let mut rig = Rig::new();
     let top = rig.attach(SID, 1, TranslationType::Untranslated, AddressWidth::Aw48);
     rig.mem.write_u64(top, SlPte::leaf(Hpa(0), true, true, true).to_bits()).expect("pte");
     assert_eq!(read(&rig, 0x4000), blocked(FaultReason::PagingEntryReserved));
-    expect_one(&rig, FaultReason::PagingEntryReserved, 0x4000, Access::Read, RequestKind::Untranslated);
+    expect_one(&rig, FaultReason::PagingEntryReserved, 0x4000, Direction::Read, RequestKind::Untranslated);
 }
 
 #[test]
@@ -182,15 +182,15 @@ fn translation_type_blocks_ats_and_translated_requests_0x0d() {
     let top = rig.attach(SID, 1, TranslationType::Untranslated, AddressWidth::Aw48);
     rig.map(top, AddressWidth::Aw48, Iova(0x4000), Hpa(0x20_0000), 1, true, true);
     assert_eq!(rig.unit.ats_translate(SID, Iova(0x4000), false), AtsCompletion::UnsupportedRequest);
-    expect_one(&rig, FaultReason::TranslationTypeBlocked, 0x4000, Access::Write, RequestKind::TranslationRequest);
+    expect_one(&rig, FaultReason::TranslationTypeBlocked, 0x4000, Direction::Write, RequestKind::TranslationRequest);
 
     let mut rig = Rig::new();
     rig.attach(SID, 1, TranslationType::PassThrough, AddressWidth::Aw48);
     assert_eq!(
-        rig.unit.check_translated(SID, Hpa(0x20_0000), 64, Access::Read),
+        rig.unit.check_translated(SID, Hpa(0x20_0000), 64, Direction::Read),
         Err(Blocked { reason: Some(FaultReason::TranslationTypeBlocked) })
     );
-    expect_one(&rig, FaultReason::TranslationTypeBlocked, 0x20_0000, Access::Read, RequestKind::Translated);
+    expect_one(&rig, FaultReason::TranslationTypeBlocked, 0x20_0000, Direction::Read, RequestKind::Translated);
 }
 
 #[test]
@@ -199,14 +199,14 @@ fn output_in_interrupt_range_0x0e() {
     let mut rig = Rig::new();
     let top = rig.attach(SID, 1, TranslationType::DeviceTlb, AddressWidth::Aw48);
     rig.map(top, AddressWidth::Aw48, Iova(0x4000), Hpa(0xfee0_0000), 1, true, true);
-    assert_eq!(rig.unit.translate(SID, Iova(0x4010), Access::Write), blocked(FaultReason::InterruptAddress));
-    expect_one(&rig, FaultReason::InterruptAddress, 0x4010, Access::Write, RequestKind::Untranslated);
+    assert_eq!(rig.unit.translate(SID, Iova(0x4010), Direction::Write), blocked(FaultReason::InterruptAddress));
+    expect_one(&rig, FaultReason::InterruptAddress, 0x4010, Direction::Write, RequestKind::Untranslated);
     // A translated request into the range.
     let mut rig = Rig::new();
     rig.attach(SID, 1, TranslationType::DeviceTlb, AddressWidth::Aw48);
     let mut buf = [0u8; 4];
     assert!(rig.unit.translated_read(SID, Hpa(0xfee0_1000), &mut buf).is_err());
-    expect_one(&rig, FaultReason::InterruptAddress, 0xfee0_1000, Access::Read, RequestKind::Translated);
+    expect_one(&rig, FaultReason::InterruptAddress, 0xfee0_1000, Direction::Read, RequestKind::Translated);
 }
 
 #[test]
@@ -221,11 +221,11 @@ fn fault_processing_disable_suppresses_qualified_faults_only() {
     // FPD is honoured even in a not-present entry (as QEMU does).
     let e = ContextEntry::from_bits(2, 0);
     rig.set_context(SourceId::new(0x12, 3, 2), e);
-    assert!(rig.unit.translate(SourceId::new(0x12, 3, 2), Iova(0), Access::Read).is_err());
+    assert!(rig.unit.translate(SourceId::new(0x12, 3, 2), Iova(0), Direction::Read).is_err());
     assert!(rig.unit.fault_records().is_empty());
     // An unqualified fault is recorded regardless.
     rig.set_root(0x40, RootEntry::default());
-    assert!(rig.unit.translate(SourceId::new(0x40, 0, 0), Iova(0), Access::Read).is_err());
+    assert!(rig.unit.translate(SourceId::new(0x40, 0, 0), Iova(0), Direction::Read).is_err());
     assert_eq!(rig.unit.fault_records().len(), 1);
 }
 
@@ -270,7 +270,7 @@ fn untranslated_requests_to_the_interrupt_range_are_never_dma() {
     let mut rig = Rig::new();
     let top = rig.attach(SID, 1, TranslationType::Untranslated, AddressWidth::Aw48);
     rig.map(top, AddressWidth::Aw48, Iova(0xfee0_0000), Hpa(0x20_0000), 1, true, true);
-    assert_eq!(rig.unit.translate(SID, Iova(0xfee0_0000), Access::Write), Err(Blocked { reason: None }));
+    assert_eq!(rig.unit.translate(SID, Iova(0xfee0_0000), Direction::Write), Err(Blocked { reason: None }));
     // Anything but an aligned DWORD write there is refused...
     assert!(rig.unit.dma_write(SID, Iova(0xfee0_0ff0), &[1, 2, 3, 4, 5, 6, 7, 8]).is_err());
     let mut buf = [0u8; 4];

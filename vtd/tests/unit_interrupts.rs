@@ -12,7 +12,7 @@ use common::Rig;
 use dmar_vtd::unit::interrupt::{
     ApicMode, Irta, Irte, Remapped, SourceQualifier, SourceValidation, msi_compatibility, msi_remappable,
 };
-use dmar_vtd::unit::queue::descriptor::{IecInvalidationDesc, encode};
+use dmar_vtd::unit::invalidation::descriptor::{IecInvalidationDesc, encode};
 use dmar_vtd::unit::regs::{self, gcmd};
 use dmar_vtd::unit::{DmaError, FaultReason, UnitConfig, UnitEvents};
 use dmar_vtd::{Hpa, Iova, SourceId};

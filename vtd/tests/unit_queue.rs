@@ -4,16 +4,19 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use common::Rig;
-use dmar_vtd::unit::invalidate::{ContextInvalidation, IotlbInvalidation};
-use dmar_vtd::unit::queue::descriptor::{IecInvalidationDesc, WaitDesc, encode};
+use dmar_vtd::clock::{Clock, ManualClock};
+use dmar_vtd::unit::invalidation::descriptor::{IecInvalidationDesc, WaitDesc, encode};
 use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::{AddressWidth, SlPte, TranslationType};
+use dmar_vtd::unit::{ContextInvalidation, IotlbInvalidation};
 use dmar_vtd::unit::{
-    Access, DeviceInvalidation, DevicePort, PageResponse, UnexpectedCompletion, UnitConfig, UnitEvents,
+    DeviceInvalidation, DevicePort, Direction, InvalidationDoorbell, PageResponse, UnexpectedCompletion, UnitConfig,
+    UnitEvents,
 };
 use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
 use parking_lot::Mutex;
@@ -74,10 +77,10 @@ fn cache_invalidation_descriptors_and_wait() {
     rig.enable_queue();
     let top = rig.attach(SID, 5, TranslationType::Untranslated, AW);
     let pte = rig.map(top, AW, Iova(0x1000), Hpa(0x1000_0000), 1, true, true);
-    assert!(rig.unit.translate(SID, Iova(0x1000), Access::Read).is_ok());
+    assert!(rig.unit.translate(SID, Iova(0x1000), Direction::Read).is_ok());
     rig.mem.write_u64(pte, SlPte::leaf(Hpa(0x2000_0000), true, true, false).to_bits()).expect("pte");
     // Stale until the page-selective IOTLB descriptor is processed.
-    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Access::Read).map(|t| t.hpa), Ok(Hpa(0x1000_0000)));
+    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Direction::Read).map(|t| t.hpa), Ok(Hpa(0x1000_0000)));
     rig.submit(&[
         encode::context(ContextInvalidation::Device { did: DomainId(5), sid: SID, function_mask: 0 }),
         encode::iotlb(IotlbInvalidation::Page { did: DomainId(5), addr: Iova(0x1000), am: 0, ih: false }),
@@ -86,7 +89,7 @@ fn cache_invalidation_descriptors_and_wait() {
     ]);
     assert_eq!(status(&rig), 0xabcd, "wait status written");
     assert_eq!(head(&rig), 4);
-    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Access::Read).map(|t| t.hpa), Ok(Hpa(0x2000_0000)));
+    assert_eq!(rig.unit.translate(SID, Iova(0x1000), Direction::Read).map(|t| t.hpa), Ok(Hpa(0x2000_0000)));
     let s = rig.unit.stats();
     assert_eq!((s.qi_context, s.qi_iotlb, s.qi_iec, s.qi_wait), (1, 1, 1, 1));
 }
@@ -217,7 +220,9 @@ fn itags_are_bounded_by_the_queue_depth() {
 
 #[test]
 fn a_device_that_never_answers_yields_ite_and_the_queue_recovers() {
-    let mut rig = Rig::with_config(UnitConfig::default().with_device_tlb_timeout(Duration::from_millis(50)));
+    let clock = Arc::new(ManualClock::new());
+    let mut rig =
+        Rig::with_clock(UnitConfig::default().with_device_tlb_timeout(Duration::from_millis(50)), clock.clone());
     rig.enable_queue();
     let silent = Arc::new(Recorder::default());
     let healthy = Arc::new(Recorder::default());
@@ -227,7 +232,11 @@ fn a_device_that_never_answers_yields_ite_and_the_queue_recovers() {
     rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 0), encode::device_tlb(other, 0, Iova(0), 0), wait(5)]);
     rig.unit.device_tlb_completed(other, healthy.invalidations.lock()[0].itag).expect("complete");
     assert_eq!(status(&rig), 0);
-    rig.unit.poll_at(Instant::now() + Duration::from_millis(60));
+    clock.advance(Duration::from_millis(49));
+    rig.unit.poll(clock.now());
+    assert_eq!(fsts(&rig) & fsts::ITE, 0, "not yet");
+    clock.advance(Duration::from_millis(1));
+    rig.unit.poll(clock.now());
     assert_ne!(fsts(&rig) & fsts::ITE, 0, "ITE");
     let iqercd = rig.unit.read64(regs::IQERCD).expect("iqercd");
     assert_eq!((iqercd >> 32) & 0xffff, u64::from(SID.0), "ITESID");
@@ -280,10 +289,37 @@ fn page_group_responses_are_routed_to_the_function() {
 mod page_requests {
     use super::*;
     use dmar_vtd::unit::PageRequestOutcome;
-    use dmar_vtd::unit::prq::{self, PageGroupResponse, PageRequest, ResponseCode};
+    use dmar_vtd::unit::prq::{PageGroupResponse, PageRequest, ResponseCode};
+    use dmar_vtd::unit::regs::prs;
 
     fn request(prgi: u16, page: u64, last: bool) -> PageRequest {
         PageRequest { sid: SID, addr: Iova(page << 12), read: true, write: true, prgi, last, private_data: None }
+    }
+
+    /// What software's page request handler does, through the registers and host memory
+    /// (Linux `prq_event_thread`): clear PPR, read PQT and PQH, read the descriptors, write
+    /// PQH, clear PRO once the queue is empty. Returns the requests and whether PRO was
+    /// cleared.
+    fn drain(rig: &Rig) -> (Vec<PageRequest>, bool) {
+        let pqa = rig.unit.read64(regs::PQA).expect("pqa");
+        let base = pqa & !0xfff;
+        let mask = (4096u64 << (pqa & 7)) - 1;
+        rig.unit.write32(regs::PRS, prs::PPR).expect("clear PPR");
+        let tail = rig.unit.read64(regs::PQT).expect("pqt") & mask;
+        let mut head = rig.unit.read64(regs::PQH).expect("pqh") & mask;
+        let mut requests = Vec::new();
+        while head != tail {
+            let desc: [u64; 4] =
+                std::array::from_fn(|i| rig.mem.read_u64(Hpa(base + head + 8 * i as u64)).expect("entry"));
+            requests.push(PageRequest::from_descriptor(desc).expect("well-formed"));
+            head = (head + 32) & mask;
+        }
+        rig.unit.write64(regs::PQH, tail).expect("pqh");
+        let overflow = rig.unit.read32(regs::PRS).expect("prs") & prs::PRO != 0;
+        if overflow {
+            rig.unit.write32(regs::PRS, prs::PRO).expect("clear PRO");
+        }
+        (requests, overflow)
     }
 
     fn rig_with_prq(events: Arc<Interrupts>) -> (Rig, Arc<Recorder>) {
@@ -291,10 +327,10 @@ mod page_requests {
         rig.enable_queue();
         rig.attach(SID, 3, TranslationType::DeviceTlb, AW);
         let q = rig.alloc();
-        rig.unit.write64(prq::regs::PQA, q.0).expect("pqa: 128 entries");
-        rig.unit.write32(prq::regs::PEDATA, 0x51).expect("pedata");
-        rig.unit.write32(prq::regs::PEADDR, 0xfee0_0000).expect("peaddr");
-        rig.unit.write32(prq::regs::PECTL, 0).expect("unmask");
+        rig.unit.write64(regs::PQA, q.0).expect("pqa: 128 entries");
+        rig.unit.write32(regs::PEDATA, 0x51).expect("pedata");
+        rig.unit.write32(regs::PEADDR, 0xfee0_0000).expect("peaddr");
+        rig.unit.write32(regs::PECTL, 0).expect("unmask");
         let port = Arc::new(Recorder::default());
         rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
         (rig, port)
@@ -308,8 +344,8 @@ mod page_requests {
         assert_eq!(rig.unit.page_request(request(7, 0x41, true)), Ok(PageRequestOutcome::Queued));
         assert_eq!(*events.0.lock(), vec![(0xfee0_0000, 0x51)], "one event for PPR 0 -> 1");
         // Software drains the queue and answers the group through the invalidation queue.
-        let drained = rig.unit.page_request_queue().drain(&rig.mem).expect("drain");
-        assert_eq!(drained.requests, vec![request(7, 0x40, false), request(7, 0x41, true)]);
+        let (drained, _) = drain(&rig);
+        assert_eq!(drained, vec![request(7, 0x40, false), request(7, 0x41, true)]);
         let [qw0, qw1] = PageGroupResponse { sid: SID, prgi: 7, code: ResponseCode::Success }.to_descriptor();
         rig.submit(&[(qw0, qw1), wait(1)]);
         assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 7, code: 0 }]);
@@ -325,36 +361,49 @@ mod page_requests {
             assert_eq!(rig.unit.page_request(request(i % 512, u64::from(i), false)), Ok(PageRequestOutcome::Queued));
         }
         assert_eq!(rig.unit.page_request(request(200, 999, true)), Ok(PageRequestOutcome::Dropped));
-        assert_ne!(rig.unit.read32(prq::regs::PRS).expect("prs") & 2, 0, "PRO");
+        assert_ne!(rig.unit.read32(regs::PRS).expect("prs") & prs::PRO, 0, "PRO");
         assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 200, code: 0 }], "auto success");
-        let drained = rig.unit.page_request_queue().drain(&rig.mem).expect("drain");
-        assert_eq!(drained.requests.len(), 127);
-        assert!(drained.overflow_cleared);
+        let (drained, overflow_cleared) = drain(&rig);
+        assert_eq!(drained.len(), 127);
+        assert!(overflow_cleared);
+        assert_eq!(rig.unit.read32(regs::PRS).expect("prs"), 0);
         assert_eq!(rig.unit.page_request(request(1, 1, true)), Ok(PageRequestOutcome::Queued));
     }
 }
 
+/// Counts rings of the invalidation doorbell.
+#[derive(Debug, Default)]
+struct Bell(AtomicUsize);
+impl InvalidationDoorbell for Bell {
+    fn ring(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[test]
-fn queue_progress_wakes_a_waiter_when_a_wait_completes() {
+fn the_doorbell_rings_when_a_wait_completes_or_the_queue_stops() {
     let mut rig = Rig::new();
     rig.enable_queue();
+    let bell = Arc::new(Bell::default());
+    let weak: Weak<dyn InvalidationDoorbell> = Arc::downgrade(&bell) as Weak<Bell>;
+    rig.unit.subscribe_invalidation_doorbell(weak);
+    let rings = || bell.0.load(Ordering::SeqCst);
     let port = Arc::new(Recorder::default());
     rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
     rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 0), wait(1)]);
-    let seen = rig.unit.queue_progress();
-    let unit = rig.unit.clone();
+    assert_eq!(rings(), 0, "the wait is held back by the device");
     let itag = port.invalidations.lock()[0].itag;
-    let answer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(20));
-        unit.device_tlb_completed(SID, itag).expect("complete");
-    });
-    // Far longer than the answer takes: returning means the completion woke us.
-    let now = rig.unit.wait_for_queue_progress(seen, Duration::from_secs(30));
-    assert_eq!(now, seen + 1);
-    assert_eq!(status(&rig), 1);
-    answer.join().expect("answer");
-    // No progress: the call returns after its timeout with the same count.
-    assert_eq!(rig.unit.wait_for_queue_progress(now, Duration::from_millis(1)), now);
+    rig.unit.device_tlb_completed(SID, itag).expect("complete");
+    assert_eq!((rings(), status(&rig)), (1, 1), "rung after the status write");
+    // Descriptors other than waits do not ring it; a queue error does.
+    rig.submit(&[encode::iotlb(IotlbInvalidation::Global)]);
+    assert_eq!(rings(), 1);
+    rig.submit(&[(0, 0)]);
+    assert_ne!(fsts(&rig) & fsts::IQE, 0);
+    assert_eq!(rings(), 2);
+    // Dropping the subscriber unsubscribes it.
+    drop(bell);
+    rig.unit.write32(regs::FSTS, fsts::IQE).expect("clear");
 }
 
 mod arbitrary_descriptors {

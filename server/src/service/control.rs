@@ -21,7 +21,7 @@ use super::State;
 use super::status;
 use dmar_vtd::driver::{DomainKind as DrvKind, FlushPolicy as DrvFlush, Perm};
 use dmar_vtd::ids::{DomainId, Hpa, Iova};
-use dmar_vtd::unit::Access;
+use dmar_vtd::unit::Direction;
 use dmar_vtd::unit::tables::AddressWidth;
 
 /// Most ranges per map or unmap request.
@@ -186,8 +186,8 @@ impl Control for ControlService {
         let r = r.into_inner();
         let sid = status::source_id(r.source_id)?;
         let access = match AccessKind::try_from(r.access) {
-            Ok(AccessKind::Read) => Access::Read,
-            Ok(AccessKind::Write) => Access::Write,
+            Ok(AccessKind::Read) => Direction::Read,
+            Ok(AccessKind::Write) => Direction::Write,
             _ => return Err(Status::invalid_argument("access must be read or write")),
         };
         let reply = match self.state.unit.translate(sid, Iova(r.iova), access) {

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, broadcast};
 use super::metrics::Metrics;
 use dmar_vtd::ids::SourceId;
 use dmar_vtd::unit::interrupt::{DestinationMode, Remapped, Trigger};
-use dmar_vtd::unit::{Access, FaultReason, FaultRecord, UnitEvents};
+use dmar_vtd::unit::{Direction, FaultReason, FaultRecord, UnitEvents};
 
 /// The page request event's message data: the driver programs PEDATA with it, and the hub
 /// recognises the event by it.
@@ -54,7 +54,7 @@ impl UnitEvents for EventHub {
             reason_name: record.reason.name().to_owned(),
             source_id: u32::from(record.sid.0),
             address: record.addr,
-            write: record.access == Access::Write,
+            write: record.access == Direction::Write,
             address_type: record.kind as u32,
         });
     }

@@ -194,7 +194,7 @@ async fn ticker(state: Arc<State>) {
             () = state.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        state.unit.poll();
+        state.unit.poll(state.unit.clock().now());
         let driver = state.driver.clone();
         // A due deferred flush waits for devices: off the runtime threads.
         if driver.deferred_due() {

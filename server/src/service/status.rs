@@ -6,7 +6,7 @@ use tonic::Status;
 
 use dmar_vtd::driver::DriverError;
 use dmar_vtd::ids::SourceId;
-use dmar_vtd::unit::queue::PortError;
+use dmar_vtd::unit::PortError;
 use dmar_vtd::unit::{DmaError, MemoryError, MmioError};
 
 /// Maps a driver error to a status.

@@ -1,4 +1,5 @@
-//! The ATS invalidation range encoding (PCIe ATS 2.3.2; VTD-REFERENCE b.5 "S bit").
+//! The ATS invalidation range encoding (PCIe ATS 2.3.2, the Invalidate Request's S bit; VT-d 6.5.2.5, the device-TLB
+//! invalidate descriptor's S field).
 //!
 //! S=0: one 4 KiB page at ADDR. S=1: the size is 2^(p+1) bytes where p is the position of
 //! the lowest 0 bit of ADDR at or above bit 12. Shared by the unit (which forwards

@@ -1,24 +1,33 @@
-//! Deferred invalidation: the bookkeeping of unmaps whose IOTLB and device-TLB
-//! invalidation has not happened yet, after the Linux DMA flush queue (`dma-iommu.c`
-//! `fq_ring_add` / `fq_flush_iotlb` / `fq_flush_timeout`; 256 entries, 10 ms).
+//! Deferred invalidation, after the Linux DMA flush queue (`dma-iommu.c` `fq_ring_add` /
+//! `fq_flush_iotlb` / `fq_flush_timeout`; 256 entries, 10 ms): the bookkeeping of unmaps
+//! whose IOTLB and device-TLB invalidation has not happened yet, and the flushes that
+//! settle them.
 //!
-//! This module owns two things: each domain's list of pending ranges with the table frames
-//! those unmaps retired ([`PendingFlush`], kept in the domain's state under its lock), and
-//! the driver-wide index of which domains have a flush due and when ([`DeferredDomains`]),
-//! so that every driver call can check "is any flush overdue?" with one atomic load.
+//! This module owns each domain's list of pending ranges with the table frames those
+//! unmaps retired ([`PendingFlush`], kept in the domain's state under its lock), the
+//! driver-wide index of which domains have a flush due and when ([`DeferredDomains`]), so
+//! that a timer can ask "is any flush overdue?" with one atomic load, and the flush itself:
+//! one domain-selective IOTLB invalidation, a device-TLB invalidate-all per ATS device and
+//! one wait, after which the retired frames are freed (the paging-structure caches may
+//! point at them until then, VT-d 6.5.1.2).
 //!
-//! It does not invalidate and does not decide policy: the driver flushes a domain (one
-//! domain-selective IOTLB invalidation, a device-TLB invalidate-all per ATS device and one
-//! wait) when its list reaches `max_entries`, when its deadline passes, before a map that
-//! overlaps a pending range, and on request; only then are the retired frames freed, since
-//! the paging-structure caches may still point at them (VT-d 6.5.1.2).
+//! Ages are measured on the unit's clock. A domain is flushed when its list reaches
+//! `max_entries` (by the unmap that fills it), before a map that overlaps a pending range
+//! (`mapping`), when the owner calls [`Driver::poll_deferred`] after its oldest unmap's
+//! deadline, on [`Driver::flush_deferred`], and when it is destroyed. Nothing else runs a
+//! due flush: no driver call does work for other domains behind its caller's back.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use tracing::debug;
 
+use super::Driver;
+use super::domain::DomainState;
+use super::error::DriverError;
+use super::invalidate::{DeviceTlbRange, IotlbScope, with_device_tlbs};
 use crate::ids::{DomainId, Hpa};
 
 /// A domain's unmaps waiting for their invalidation.
@@ -84,21 +93,20 @@ const NONE: u64 = u64::MAX;
 /// The domains with pending unmaps and their flush deadlines.
 #[derive(Debug)]
 pub(crate) struct DeferredDomains {
-    /// Origin of the nanosecond clock in `earliest`.
+    /// Origin of the nanosecond clock in `earliest`: no deadline is earlier.
     base: Instant,
     /// The earliest deadline of any domain, in nanoseconds since `base`; [`NONE`] when no
-    /// domain has anything pending. Read without the lock on every driver call.
+    /// domain has anything pending. Read without the lock.
     earliest: AtomicU64,
     due: Mutex<HashMap<DomainId, Instant>>,
 }
 
-impl Default for DeferredDomains {
-    fn default() -> Self {
-        Self { base: Instant::now(), earliest: AtomicU64::new(NONE), due: Mutex::new(HashMap::new()) }
-    }
-}
-
 impl DeferredDomains {
+    /// An empty index whose deadlines are all at or after `origin` (the clock's now).
+    pub(crate) fn new(origin: Instant) -> Self {
+        Self { base: origin, earliest: AtomicU64::new(NONE), due: Mutex::new(HashMap::new()) }
+    }
+
     fn nanos(&self, t: Instant) -> u64 {
         u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(NONE - 1)
     }
@@ -125,8 +133,7 @@ impl DeferredDomains {
         }
     }
 
-    /// Cheap check: might some domain's flush be due at `now`? No lock, no clock read
-    /// when nothing is pending.
+    /// Cheap check: does any domain have deferred unmaps? No lock, no clock read.
     pub(crate) fn any_pending(&self) -> bool {
         self.earliest.load(Ordering::Acquire) != NONE
     }
@@ -145,6 +152,79 @@ impl DeferredDomains {
     /// Every domain with pending unmaps.
     pub(crate) fn all(&self) -> Vec<DomainId> {
         self.due.lock().keys().copied().collect()
+    }
+}
+
+impl Driver {
+    /// Deferred unmaps not yet invalidated, over all domains.
+    pub fn pending_deferred(&self) -> usize {
+        self.deferred
+            .all()
+            .into_iter()
+            .filter_map(|did| self.domain(did).ok())
+            .map(|d| d.state.lock().pending.len())
+            .sum()
+    }
+
+    /// Flushes every domain whose oldest deferred unmap is older than its `max_delay`
+    /// (Linux `fq_flush_timeout`), by the unit's clock. No other driver call does this: the
+    /// owner calls it from a timer, so that flushes come due even when the driver is idle.
+    /// Returns the first error after trying every due domain.
+    pub fn poll_deferred(&self) -> Result<(), DriverError> {
+        let now = self.clock.now();
+        if !self.deferred.maybe_due(now) {
+            return Ok(());
+        }
+        self.flush_domains(self.deferred.due(now))
+    }
+
+    /// Whether some domain's deferred flush is due: a cheap check (one atomic load when
+    /// nothing is pending) for a timer to run [`Driver::poll_deferred`] only when needed.
+    pub fn deferred_due(&self) -> bool {
+        self.deferred.any_pending() && self.deferred.maybe_due(self.clock.now())
+    }
+
+    /// Flushes every deferred unmap of every domain now.
+    pub fn flush_deferred(&self) -> Result<(), DriverError> {
+        self.flush_domains(self.deferred.all())
+    }
+
+    /// Flushes each of `dids`; returns the first error after trying them all.
+    fn flush_domains(&self, dids: Vec<DomainId>) -> Result<(), DriverError> {
+        let mut first = Ok(());
+        for did in dids {
+            let r = match self.domain(did) {
+                Ok(domain) => self.flush_pending(did, &mut domain.state.lock()),
+                Err(_) => {
+                    self.deferred.forget(did); // destroyed meanwhile (destroy flushed it)
+                    Ok(())
+                }
+            };
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// Flushes a domain's deferred unmaps (Linux `fq_flush_iotlb`): one domain-selective
+    /// IOTLB invalidation, a device-TLB invalidate-all per ATS device, one wait; then frees
+    /// the tables they retired. On a device time-out the IOTLB part was done, so the queue
+    /// is emptied anyway and the time-out reported; on other errors it is kept for a retry.
+    pub(crate) fn flush_pending(&self, did: DomainId, state: &mut DomainState) -> Result<(), DriverError> {
+        if state.pending.is_empty() {
+            self.deferred.forget(did);
+            return Ok(());
+        }
+        let batch = with_device_tlbs(IotlbScope::Domain(did), DeviceTlbRange::ALL, state);
+        let result = self.invalidate(&batch);
+        if matches!(result, Ok(()) | Err(DriverError::DeviceTlbTimeout { .. })) {
+            let n = state.pending.len();
+            self.frames.free_all(state.pending.take());
+            self.deferred.forget(did);
+            debug!(domain = did.0, unmaps = n, "deferred invalidation flushed");
+        }
+        result
     }
 }
 
@@ -173,7 +253,7 @@ mod tests {
 
     #[test]
     fn domains_come_due_in_deadline_order() {
-        let d = DeferredDomains::default();
+        let d = DeferredDomains::new(Instant::now());
         let now = Instant::now();
         assert!(!d.any_pending() && !d.maybe_due(now + Duration::from_secs(3600)));
         d.note(DomainId(1), now + Duration::from_millis(50));

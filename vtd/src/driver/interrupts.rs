@@ -11,7 +11,7 @@ use super::error::DriverError;
 use super::invalidate::Invalidation;
 use crate::ids::Hpa;
 use crate::unit::interrupt::{ApicMode, Irta};
-use crate::unit::queue::descriptor::{IecInvalidationDesc, encode};
+use crate::unit::invalidation::descriptor::{IecInvalidationDesc, encode};
 use crate::unit::regs::{self, gcmd};
 
 /// Entries in the driver's interrupt remapping table.

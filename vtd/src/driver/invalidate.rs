@@ -1,4 +1,4 @@
-//! Invalidation requests and how they reach the unit (VT-d 6.5; VTD-REFERENCE b.1, b.5):
+//! Invalidation requests and how they reach the unit (VT-d 6.5):
 //! the typed requests the driver issues ([`Invalidation`]), how a range becomes a
 //! page-selective request (address mask, invalidation hint, domain-selective fallback) and
 //! the matching device-TLB range, and the two ways to carry them out: register-based
@@ -12,12 +12,13 @@
 
 use tracing::warn;
 
+use super::domain::DomainState;
 use super::error::DriverError;
 use super::queue::InvalidationQueue;
 use super::registers::{Capabilities, Registers};
 use crate::ids::{DomainId, Iova, PAGE_SHIFT, SourceId};
-use crate::unit::invalidate::{ContextInvalidation, IotlbInvalidation};
-use crate::unit::queue::descriptor::encode;
+use crate::unit::invalidation::descriptor::encode;
+use crate::unit::invalidation::{ContextInvalidation, IotlbInvalidation};
 use crate::unit::regs::{self, ccmd, iotlb};
 
 /// What a context-cache invalidation covers (CCMD.CIRG, VT-d 10.4.7).
@@ -74,7 +75,7 @@ pub(crate) fn page_scope(did: DomainId, start: u64, end: u64, ih: bool, mamv: u3
 }
 
 /// A device-TLB invalidation range: `2^pages_log2` pages at `addr` (aligned to that size),
-/// sent with the ATS S-bit encoding (VTD-REFERENCE b.5).
+/// sent with the ATS S-bit encoding (VT-d 6.5.2.5; PCIe ATS 2.3.2).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) struct DeviceTlbRange {
     /// First address, aligned to 2^(12 + pages_log2).
@@ -119,7 +120,7 @@ pub(crate) enum Invalidation {
 }
 
 impl Invalidation {
-    /// The 128-bit descriptor (VTD-REFERENCE b.5). The drain bits of IOTLB descriptors
+    /// The 128-bit descriptor (VT-d 6.5.2). The drain bits of IOTLB descriptors
     /// follow CAP.DRD/DWD as Linux sets them; device-TLB descriptors carry queue depth 0
     /// (32: the unit then bounds the function by the depth its port advertised) and no
     /// PFSID (no virtual functions here).
@@ -138,15 +139,22 @@ impl Invalidation {
                         IotlbInvalidation::Page { did, addr, am: am.min(63) as u8, ih }
                     }
                 };
-                let (qw0, qw1) = encode::iotlb(inv);
-                let dr = if read_drain { 0 } else { 1 << 7 };
-                let dw = if write_drain { 0 } else { 1 << 6 };
-                (qw0 & !(dr | dw), qw1)
+                encode::iotlb_draining(inv, read_drain, write_drain)
             }
             Self::DeviceTlb { sid, range } => encode::device_tlb(sid, 0, range.addr, range.pages_log2),
             Self::Raw(qw0, qw1) => (qw0, qw1),
         }
     }
+}
+
+/// The IOTLB invalidation followed by the matching device-TLB invalidation of every ATS
+/// device of the domain: one batch, one wait (VT-d 6.5.2.5: a device TLB is invalidated
+/// after the IOTLB, so the device cannot refetch the stale translation from it).
+pub(crate) fn with_device_tlbs(iotlb: IotlbScope, range: DeviceTlbRange, state: &DomainState) -> Vec<Invalidation> {
+    let mut batch = Vec::with_capacity(1 + state.ats_devices.len());
+    batch.push(Invalidation::Iotlb(iotlb));
+    batch.extend(state.ats_devices.iter().map(|&sid| Invalidation::DeviceTlb { sid, range }));
+    batch
 }
 
 /// How invalidations reach the unit, fixed at init (Linux `iommu->flush.flush_context` /
@@ -218,7 +226,7 @@ impl Registers {
         let done = self.poll64(regs::CCMD, "context-cache invalidation", |v| v & ccmd::ICC == 0)?;
         // CAIG=0: the unit refused the request (Linux only logs this; here it is an error,
         // since a refused flush leaves stale entries behind).
-        if (done >> ccmd::CAIG_SHIFT) & 3 == 0 {
+        if (done >> ccmd::CAIG_SHIFT) & ccmd::GRANULARITY_MASK == 0 {
             warn!(?scope, "context-cache invalidation refused");
             return Err(DriverError::Hardware(format!("context-cache invalidation {scope:?} refused")));
         }
@@ -256,7 +264,7 @@ impl Registers {
         self.write64(regs::IOTLB, cmd)?;
         let done = self.poll64(regs::IOTLB, "IOTLB invalidation", |v| v & iotlb::IVT == 0)?;
         // IAIG=0: refused (VT-d 10.4.8.1), e.g. a mask above MAMV.
-        if (done >> iotlb::IAIG_SHIFT) & 3 == 0 {
+        if (done >> iotlb::IAIG_SHIFT) & iotlb::GRANULARITY_MASK == 0 {
             warn!(?scope, "IOTLB invalidation refused");
             return Err(DriverError::Hardware(format!("IOTLB invalidation {scope:?} refused")));
         }
@@ -306,7 +314,7 @@ mod tests {
     #[test]
     fn device_tlb_ranges_follow_the_iotlb_scope() {
         use crate::ats::range as srange;
-        use crate::unit::queue::descriptor::{Descriptor, decode};
+        use crate::unit::invalidation::descriptor::{Descriptor, decode};
 
         let scope = pages(3 * PAGE, 5 * PAGE, true);
         let range = DeviceTlbRange::for_scope(scope);
@@ -324,7 +332,7 @@ mod tests {
 
     #[test]
     fn descriptors_decode_to_the_requested_scope() {
-        use crate::unit::queue::descriptor::{Descriptor, decode};
+        use crate::unit::invalidation::descriptor::{Descriptor, decode};
 
         let scope = pages(0x20_0000, 0x40_0000, false);
         let (qw0, qw1) = Invalidation::Iotlb(scope).descriptor(true, false);

@@ -1,20 +1,32 @@
 //! Page requests, the driver's side (VT-d 7.5-7.6; Linux `drivers/iommu/intel/prq.c`):
-//! the page request queue's memory, draining it, and answering page groups.
+//! the page request queue's memory, draining it through PQH, PQT, PRS and host memory, and
+//! answering page groups.
 //!
 //! Owns one 4 KiB queue (PQA.PQS = 0: 128 descriptors of 32 bytes) taken from the table
 //! region for the driver's life, and the page request event programming (PEDATA with a
 //! caller-chosen vector, unmasked), which is how the embedder learns that requests are
 //! waiting.
+//!
+//! Draining follows Linux `prq_event_thread`: clear PRS.PPR first (a request that lands
+//! after PQT is read then raises a new event), read PQT and PQH, read the descriptors
+//! between them from host memory, write PQH = PQT, and if PRS.PRO is set clear it once the
+//! queue reads empty. Unlike Linux, a descriptor that cannot be read or decoded fails the
+//! drain and leaves PQH where it was, so nothing is consumed. Drains are serialized by the
+//! queue's lock, as Linux runs one handler thread per unit.
 
 use super::Driver;
 use super::error::DriverError;
 use super::invalidate::Invalidation;
-use crate::ids::SourceId;
-use crate::unit::invalidate::IotlbInvalidation;
-use crate::unit::prq::{self, PageGroupResponse, PageRequest, QueueAddress, ResponseCode};
-use crate::unit::queue::descriptor::{Descriptor, QueueErrorCode, decode};
-use crate::unit::regs::MAMV;
-use crate::unit::request::INTERRUPT_RANGE_BASE;
+use crate::ats::MAX_PRG_INDEX;
+use crate::ids::{Hpa, SourceId};
+use crate::unit::INTERRUPT_RANGE_BASE;
+use crate::unit::IotlbInvalidation;
+use crate::unit::invalidation::descriptor::{Descriptor, QueueErrorCode, decode};
+use crate::unit::prq::{DESCRIPTOR_SIZE, PageGroupResponse, PageRequest, QueueAddress, ResponseCode};
+use crate::unit::regs::{self, MAMV, prs};
+
+/// PQA.PQS of the driver's queue: one 4 KiB page.
+const PQS: u8 = 0;
 
 fn describe(code: QueueErrorCode) -> &'static str {
     match code {
@@ -28,46 +40,85 @@ fn describe(code: QueueErrorCode) -> &'static str {
 
 impl Driver {
     /// Sets up the page request queue and unmasks the page request event with message
-    /// data `vector` (sent to the unit's event subscribers). Needs queued invalidation,
+    /// data `vector` (sent to the unit's event subscribers), as Linux
+    /// `intel_iommu_enable_prq` does: PQH = PQT = 0, then PQA. Needs queued invalidation,
     /// which carries the responses.
     pub fn enable_page_requests(&self, vector: u32) -> Result<(), DriverError> {
         if !self.invalidator.is_queued() {
             return Err(DriverError::QueueDisabled);
         }
-        let mut prq_on = self.prq.lock();
-        if *prq_on {
+        let mut prq = self.prq.lock();
+        if prq.is_some() {
             return Ok(());
         }
         let queue = self.frames.alloc()?;
-        let pqa = QueueAddress::new(queue, 0).map_err(|e| DriverError::PageRequestQueue(e.to_string()))?;
-        self.regs.write64(prq::regs::PQH, 0)?;
-        self.regs.write64(prq::regs::PQA, pqa.to_bits())?;
-        self.regs.write32(prq::regs::PEDATA, vector)?;
-        self.regs.write32(prq::regs::PEADDR, INTERRUPT_RANGE_BASE as u32)?;
-        self.regs.write32(prq::regs::PECTL, 0)?;
-        *prq_on = true;
+        let pqa = QueueAddress::new(queue, PQS).map_err(|e| DriverError::PageRequestQueue(e.to_string()))?;
+        self.regs.write64(regs::PQH, 0)?;
+        self.regs.write64(regs::PQT, 0)?;
+        self.regs.write64(regs::PQA, pqa.to_bits())?;
+        self.regs.write32(regs::PEDATA, vector)?;
+        self.regs.write32(regs::PEADDR, INTERRUPT_RANGE_BASE as u32)?;
+        self.regs.write32(regs::PECTL, 0)?;
+        *prq = Some(queue);
         Ok(())
     }
 
-    /// Takes every request waiting in the page request queue (Linux `prq_event_thread`).
+    /// Takes every request waiting in the page request queue, oldest first (Linux
+    /// `prq_event_thread`; see the module rules).
     pub fn drain_page_requests(&self) -> Result<Vec<PageRequest>, DriverError> {
-        if !*self.prq.lock() {
-            return Err(DriverError::PageRequestsDisabled);
+        let prq = self.prq.lock();
+        let base = (*prq).ok_or(DriverError::PageRequestsDisabled)?;
+        // Byte offsets of whole descriptors inside the queue (Linux `PRQ_RING_MASK`).
+        let bytes = QueueAddress::new(base, PQS).map_err(|e| DriverError::PageRequestQueue(e.to_string()))?.bytes();
+        let mask = (bytes - 1) & !(DESCRIPTOR_SIZE - 1);
+        // Clear PPR before reading the tail, so that a request added after the read
+        // raises a new event.
+        self.regs.write32(regs::PRS, prs::PPR)?;
+        let tail = self.regs.read64(regs::PQT)? & mask;
+        let mut head = self.regs.read64(regs::PQH)? & mask;
+        let mut requests = Vec::with_capacity((((tail + bytes - head) & mask) / DESCRIPTOR_SIZE) as usize);
+        while head != tail {
+            requests.push(self.read_page_request(base, head)?);
+            head = (head + DESCRIPTOR_SIZE) & mask;
         }
-        self.unit
-            .page_request_queue()
-            .drain(&self.memory)
-            .map(|d| d.requests)
-            .map_err(|e| DriverError::PageRequestQueue(e.to_string()))
+        self.regs.write64(regs::PQH, tail)?;
+        // Overflow: requests were dropped, and groups seen only in part will never
+        // complete. PRO is cleared only once the queue is empty (no request is written
+        // while it is set, so it stays empty until then).
+        if self.regs.read32(regs::PRS)? & prs::PRO != 0 {
+            let head = self.regs.read64(regs::PQH)? & mask;
+            let tail = self.regs.read64(regs::PQT)? & mask;
+            if head == tail {
+                self.regs.write32(regs::PRS, prs::PRO)?;
+                tracing::debug!("page request queue overflow cleared");
+            }
+        }
+        Ok(requests)
+    }
+
+    /// Reads and decodes the page request descriptor at byte `offset` of the queue at
+    /// `base` (VT-d 7.5.1).
+    fn read_page_request(&self, base: Hpa, offset: u64) -> Result<PageRequest, DriverError> {
+        let unreadable =
+            || DriverError::PageRequestQueue(format!("page request queue entry at offset {offset:#x} cannot be read"));
+        let mut desc = [0u64; 4];
+        for (i, word) in desc.iter_mut().enumerate() {
+            let at = base.checked_add(offset + 8 * i as u64).ok_or_else(unreadable)?;
+            *word = self.memory.read_u64(at).map_err(|_| unreadable())?;
+        }
+        PageRequest::from_descriptor(desc).map_err(|e| {
+            tracing::debug!(offset, error = %e, "malformed page request descriptor");
+            DriverError::PageRequestQueue(format!("page request queue entry at offset {offset:#x} is malformed"))
+        })
     }
 
     /// Answers page request group `prgi` of `sid` with a page group response descriptor
     /// through the invalidation queue (VT-d 7.6); returns once the unit has sent it.
     pub fn respond_page_request(&self, sid: SourceId, prgi: u16, code: ResponseCode) -> Result<(), DriverError> {
-        if !*self.prq.lock() {
+        if self.prq.lock().is_none() {
             return Err(DriverError::PageRequestsDisabled);
         }
-        let [qw0, qw1] = PageGroupResponse { sid, prgi: prgi & 0x1ff, code }.to_descriptor();
+        let [qw0, qw1] = PageGroupResponse { sid, prgi: prgi & MAX_PRG_INDEX, code }.to_descriptor();
         self.invalidator.run(&self.regs, &[Invalidation::Raw(qw0, qw1)])
     }
 
@@ -93,5 +144,99 @@ impl Driver {
             batch.push(Invalidation::Raw(qw0, qw1));
         }
         self.invalidator.run(&self.regs, &batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::driver::{DomainKind, DriverConfig};
+    use crate::unit::prq::PageRequest;
+    use crate::unit::tables::AddressWidth;
+    use crate::unit::{HostMemory, PageRequestOutcome, Unit, UnitConfig};
+
+    const MEMORY: u64 = 64 << 20;
+    const SID: SourceId = SourceId::new(0, 3, 0);
+
+    fn driver() -> Driver {
+        let unit = Arc::new(Unit::new(UnitConfig::default(), Arc::new(HostMemory::new(MEMORY).unwrap())));
+        let d = Driver::new(unit, DriverConfig::for_memory(MEMORY)).unwrap();
+        d.enable_page_requests(0x60).unwrap();
+        let did = d.create_domain(DomainKind::Paging, AddressWidth::Aw48).unwrap();
+        d.attach(SID, did, true).unwrap();
+        d
+    }
+
+    fn request(n: u64, last: bool) -> PageRequest {
+        PageRequest {
+            sid: SID,
+            addr: crate::ids::Iova(n << 12),
+            read: true,
+            write: false,
+            prgi: (n % 512) as u16,
+            last,
+            private_data: None,
+        }
+    }
+
+    fn prs(d: &Driver) -> u32 {
+        d.unit().read32(regs::PRS).unwrap()
+    }
+
+    #[test]
+    fn drains_through_the_registers_and_clears_ppr() {
+        let d = driver();
+        assert_eq!(d.drain_page_requests(), Ok(vec![]));
+        let sent: Vec<PageRequest> = (0..5).map(|n| request(n, n == 4)).collect();
+        for r in &sent {
+            assert_eq!(d.unit().page_request(*r), Ok(PageRequestOutcome::Queued));
+        }
+        assert_eq!(prs(&d), prs::PPR);
+        assert_eq!(d.drain_page_requests(), Ok(sent));
+        assert_eq!(prs(&d), 0);
+        let (head, tail) = (d.unit().read64(regs::PQH).unwrap(), d.unit().read64(regs::PQT).unwrap());
+        assert_eq!((head, tail), (5 * DESCRIPTOR_SIZE, 5 * DESCRIPTOR_SIZE));
+    }
+
+    #[test]
+    fn an_overflow_is_cleared_once_the_queue_is_empty() {
+        let d = driver();
+        // 128 entries, one always free.
+        for n in 0..127 {
+            assert_eq!(d.unit().page_request(request(n, false)), Ok(PageRequestOutcome::Queued));
+        }
+        assert_eq!(d.unit().page_request(request(200, true)), Ok(PageRequestOutcome::Dropped));
+        assert_eq!(prs(&d), prs::PPR | prs::PRO);
+        assert_eq!(d.drain_page_requests().map(|r| r.len()), Ok(127));
+        assert_eq!(prs(&d), 0, "PRO cleared with the queue empty");
+        assert_eq!(d.unit().page_request(request(1, true)), Ok(PageRequestOutcome::Queued));
+        assert_eq!(d.drain_page_requests(), Ok(vec![request(1, true)]));
+    }
+
+    #[test]
+    fn a_malformed_entry_fails_the_drain_and_consumes_nothing() {
+        let d = driver();
+        let base = d.prq.lock().unwrap();
+        assert!(d.unit().page_request(request(0, false)).is_ok());
+        assert!(d.unit().page_request(request(1, true)).is_ok());
+        // Software scribbles over the second entry.
+        d.unit().memory().write_u64(Hpa(base.0 + DESCRIPTOR_SIZE), 0x7).unwrap();
+        let Err(DriverError::PageRequestQueue(why)) = d.drain_page_requests() else { panic!("drained") };
+        assert_eq!(why, "page request queue entry at offset 0x20 is malformed");
+        assert_eq!(d.unit().read64(regs::PQH).unwrap(), 0, "PQH did not move");
+        // Once software repairs it, the drain goes through.
+        let good = request(1, true).to_descriptor();
+        d.unit().memory().write_u64(Hpa(base.0 + DESCRIPTOR_SIZE), good[0]).unwrap();
+        assert_eq!(d.drain_page_requests(), Ok(vec![request(0, false), request(1, true)]));
+    }
+
+    #[test]
+    fn page_requests_need_enabling() {
+        let unit = Arc::new(Unit::new(UnitConfig::default(), Arc::new(HostMemory::new(MEMORY).unwrap())));
+        let d = Driver::new(unit, DriverConfig::for_memory(MEMORY)).unwrap();
+        assert_eq!(d.drain_page_requests(), Err(DriverError::PageRequestsDisabled));
+        assert_eq!(d.respond_page_request(SID, 1, ResponseCode::Success), Err(DriverError::PageRequestsDisabled));
     }
 }

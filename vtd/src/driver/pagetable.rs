@@ -1,5 +1,5 @@
 //! Second-stage page tables of one paging domain, kept as real entries in host memory
-//! (VT-d 3.6, 9.8; VTD-REFERENCE b.4), after Linux `__domain_mapping` /
+//! (VT-d 3.6, 9.8), after Linux `__domain_mapping` /
 //! `dma_pte_clear_range` / `dma_pte_free_pagetable`.
 //!
 //! This module owns the table walk on the software side: choosing 4 KiB, 2 MiB or 1 GiB

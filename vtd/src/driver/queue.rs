@@ -1,4 +1,4 @@
-//! Queued invalidation, the driver's side (VT-d 6.5.2; VTD-REFERENCE b.1, b.5): the
+//! Queued invalidation, the driver's side (VT-d 6.5.2; registers VT-d 10.4.21-10.4.29): the
 //! invalidation queue in host memory, its status page, submission with a wait descriptor,
 //! and recovery from queue errors, after Linux `drivers/iommu/intel/dmar.c`
 //! (`dmar_enable_qi`, `qi_submit_sync`, `qi_check_fault`).
@@ -16,9 +16,11 @@
 //!   status slot per descriptor instead). Sequence numbers skip 0, the status page's
 //!   initial value.
 //! - One lock guards the tail and the in-flight list; it is held only to write descriptors
-//!   and move IQT, never while waiting. Waiters poll the status word without it, reading
-//!   FSTS as they go (which lets the unit's time passes: `Unit::poll`), spinning first,
-//!   then yielding, then sleeping. A slot is reused only once IQH has moved past it.
+//!   and move IQT, never while waiting. Waiters poll the status word in memory without it,
+//!   reading FSTS as they go (a register read lets time pass in the unit, so a device-TLB
+//!   time-out becomes ITE), spinning first, then yielding, then sleeping on the doorbell
+//!   (`doorbell`: the stand-in for the invalidation completion event) with a time-out.
+//!   A slot is reused only once IQH has moved past it.
 //! - IQE (a malformed descriptor; VT-d 6.5.2.10): IQH stays on the bad descriptor. The
 //!   driver overwrites it with a no-op wait (SW=0) and clears IQE so the queue runs on
 //!   (Linux copies its wait descriptor there), and the submission that owned it fails with
@@ -34,22 +36,23 @@
 //! - ICE (a completion nobody asked for) stops the queue too; it is cleared and logged,
 //!   as Linux does.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tracing::{debug, warn};
 
+use super::doorbell::Doorbell;
 use super::error::DriverError;
 use super::frames::FrameAllocator;
 use super::invalidate::Invalidation;
 use super::registers::Registers;
 use crate::ids::{Hpa, SourceId};
-use crate::unit::Unit;
+use crate::unit::InvalidationDoorbell;
+use crate::unit::invalidation::descriptor::{QueueErrorCode, WaitDesc, encode};
 use crate::unit::memory::HostMemory;
-use crate::unit::queue::descriptor::{WaitDesc, encode};
-use crate::unit::regs::{self, fsts};
+use crate::unit::regs::{self, Iqercd, fsts, iq};
 
 /// Descriptors in the queue: IQA.QS=0 gives 2^(0+8) 128-bit entries, one 4 KiB page
 /// (VT-d 10.4.23).
@@ -65,7 +68,7 @@ const MAX_BATCH: usize = 127;
 const MAX_ATTEMPTS: usize = 16;
 
 /// FSTS bits that stop the queue.
-const QUEUE_ERRORS: u32 = fsts::IQE | fsts::ITE | fsts::ICE;
+const QUEUE_ERRORS: u32 = fsts::QUEUE_ERRORS;
 
 /// `status` has reached `seq` (wrapping comparison of sequence numbers).
 fn reached(status: u32, seq: u32) -> bool {
@@ -88,7 +91,7 @@ enum Outcome {
     /// One of its descriptors was refused (IQE).
     Malformed {
         /// IQERCD.IQEI.
-        iqei: u64,
+        iqei: u8,
         /// The refused descriptor.
         qw0: u64,
         /// Its second quadword.
@@ -179,17 +182,18 @@ impl Backoff {
         self.round >= Self::SPINS + Self::YIELDS || self.round % 16 == 15
     }
 
-    fn snooze(&mut self, unit: &Unit, seen: u64) {
+    /// Pauses; `seen` is the doorbell's ring count read before the caller last looked.
+    fn snooze(&mut self, doorbell: &Doorbell, seen: u64) {
         if self.round < Self::SPINS {
             std::hint::spin_loop();
         } else if self.round < Self::SPINS + Self::YIELDS {
             std::thread::yield_now();
         } else {
-            // Sleep until the unit completes a wait or stops on an error (the invalidation
-            // completion event), waking at least every 1 ms to read FSTS so that time-outs
-            // are noticed even when nothing else polls the unit.
+            // Sleep until the unit completes a wait or stops on an error (the doorbell, for
+            // the invalidation completion event), waking at least every 1 ms to read FSTS
+            // so that time-outs are noticed even when nothing else polls the unit.
             let k = (self.round - Self::SPINS - Self::YIELDS).min(6);
-            unit.wait_for_queue_progress(seen, Duration::from_micros(15 << k));
+            doorbell.sleep(seen, Duration::from_micros(15 << k));
         }
         self.round = self.round.saturating_add(1);
     }
@@ -206,6 +210,8 @@ pub(crate) struct InvalidationQueue {
     ring: Mutex<Ring>,
     /// Bumped whenever queue errors are handled, so waiters know to look for an outcome.
     errors_handled: AtomicU64,
+    /// Rung by the unit when a wait completes or the queue stops on an error.
+    doorbell: Arc<Doorbell>,
 }
 
 impl InvalidationQueue {
@@ -230,6 +236,9 @@ impl InvalidationQueue {
         regs.write64(regs::IQT, 0)?;
         regs.write64(regs::IQA, base.0)?;
         regs.enable_queued_invalidation()?;
+        let doorbell = Arc::new(Doorbell::default());
+        let weak: Weak<dyn InvalidationDoorbell> = Arc::downgrade(&doorbell) as Weak<Doorbell>;
+        regs.unit().subscribe_invalidation_doorbell(weak);
         debug!(queue = %base, status = %status, entries = ENTRIES, "queued invalidation enabled");
         Ok(Self {
             memory,
@@ -237,6 +246,7 @@ impl InvalidationQueue {
             status,
             ring: Mutex::new(Ring { tail: 0, head: 0, next_seq: 1, inflight: Vec::new() }),
             errors_handled: AtomicU64::new(0),
+            doorbell,
         })
     }
 
@@ -314,10 +324,11 @@ impl InvalidationQueue {
         let needed = descs.len() as u64 + 1;
         let mut backoff = Backoff::default();
         loop {
+            let rung = self.doorbell.rings();
             {
                 let mut ring = self.ring.lock();
                 if ring.free() < needed {
-                    ring.head = (regs.read64(regs::IQH)? >> 4) % ENTRIES;
+                    ring.head = (regs.read64(regs::IQH)? >> iq::INDEX_SHIFT) % ENTRIES;
                 }
                 if ring.free() >= needed {
                     return self.submit_locked(&mut ring, regs, descs).map_err(Failure::from);
@@ -327,7 +338,7 @@ impl InvalidationQueue {
             if backoff.check_errors() {
                 self.check_errors(regs)?;
             }
-            backoff.snooze(regs.unit(), regs.unit().queue_progress());
+            backoff.snooze(&self.doorbell, rung);
         }
     }
 
@@ -357,7 +368,7 @@ impl InvalidationQueue {
         ring.inflight.push(Inflight { seq, first, wait: at, outcome: None });
         ring.tail = (at + 1) % ENTRIES;
         // The unit fetches as soon as IQT moves (and may call device ports from here).
-        if let Err(e) = regs.write64(regs::IQT, ring.tail << 4) {
+        if let Err(e) = regs.write64(regs::IQT, ring.tail << iq::INDEX_SHIFT) {
             ring.finish(seq);
             return Err(e);
         }
@@ -392,7 +403,7 @@ impl InvalidationQueue {
         let mut backoff = Backoff::default();
         let mut seen_errors = errors_handled;
         loop {
-            let progress = regs.unit().queue_progress();
+            let rung = self.doorbell.rings();
             if reached(self.read_status()?, seq) {
                 return match self.ring.lock().finish(seq) {
                     None => Ok(()),
@@ -414,7 +425,7 @@ impl InvalidationQueue {
                     }
                 }
             }
-            backoff.snooze(regs.unit(), progress);
+            backoff.snooze(&self.doorbell, rung);
         }
     }
 
@@ -434,7 +445,7 @@ impl InvalidationQueue {
         if fsts & QUEUE_ERRORS == 0 {
             return Ok(());
         }
-        let iqercd = regs.read64(regs::IQERCD)?;
+        let iqercd = Iqercd::from_bits(regs.read64(regs::IQERCD)?);
         let mut result = Ok(());
         if fsts & fsts::IQE != 0 {
             result = self.recover_iqe(regs, ring, iqercd);
@@ -442,7 +453,7 @@ impl InvalidationQueue {
         if fsts & fsts::ITE != 0 {
             // The status word cannot move while ITE stops the queue: every submission not
             // reached by now lost its wait or may have lost device-TLB invalidations.
-            let sid = SourceId(((iqercd >> 32) & 0xffff) as u16);
+            let sid = iqercd.itesid();
             let status = self.read_status()?;
             let mut aborted = 0;
             for e in ring.inflight.iter_mut().filter(|e| e.outcome.is_none() && !reached(status, e.seq)) {
@@ -453,7 +464,7 @@ impl InvalidationQueue {
             regs.write32(regs::FSTS, fsts::ITE)?;
         }
         if fsts & fsts::ICE != 0 {
-            let sid = SourceId((iqercd >> 48) as u16);
+            let sid = iqercd.icesid();
             warn!(%sid, "unexpected invalidation completion (ICE) cleared");
             regs.write32(regs::FSTS, fsts::ICE)?;
         }
@@ -463,14 +474,14 @@ impl InvalidationQueue {
 
     /// IQE: replace the descriptor IQH stopped on with a no-op wait, mark its submission
     /// failed, clear IQE (VT-d 6.5.2.10).
-    fn recover_iqe(&self, regs: &Registers, ring: &mut Ring, iqercd: u64) -> Result<(), DriverError> {
-        let iqei = iqercd & 0xf;
+    fn recover_iqe(&self, regs: &Registers, ring: &mut Ring, iqercd: Iqercd) -> Result<(), DriverError> {
+        let iqei = iqercd.iqei();
         // IQEI 1 (tail beyond the queue) and 5 (IQA.DW without scalable mode) are not about
         // a descriptor: the driver programmed IQT or IQA wrong, and nothing here fixes that.
-        if matches!(iqei, 1 | 5) {
+        if iqei == QueueErrorCode::InvalidTail as u8 || iqei == QueueErrorCode::InvalidWidth as u8 {
             return Err(DriverError::Hardware(format!("invalidation queue error {iqei} (queue registers)")));
         }
-        let head = (regs.read64(regs::IQH)? >> 4) % ENTRIES;
+        let head = (regs.read64(regs::IQH)? >> iq::INDEX_SHIFT) % ENTRIES;
         let at = Hpa(self.base.0 + head * DESC_SIZE);
         let qw0 = self.memory.read_u64(at)?;
         let qw1 = self.memory.read_u64(Hpa(at.0 + 8))?;
@@ -489,7 +500,7 @@ impl InvalidationQueue {
 mod tests {
     use super::*;
     use crate::ids::{DomainId, Iova};
-    use crate::unit::invalidate::IotlbInvalidation;
+    use crate::unit::invalidation::IotlbInvalidation;
     use crate::unit::{Unit, UnitConfig};
 
     fn queue() -> (Arc<Unit>, Registers, InvalidationQueue) {

@@ -1,6 +1,6 @@
 //! The driver's side of the unit's register interface: capability decoding and the
-//! global-command handshakes (VT-d 10.4.2-10.4.6; VTD-REFERENCE b.1, b.2), after Linux
-//! `iommu_set_root_entry` / `iommu_enable_translation`.
+//! global-command handshakes (VT-d 10.4.2-10.4.6), after Linux `iommu_set_root_entry` /
+//! `iommu_enable_translation`.
 //!
 //! It owns the register lock (Linux `iommu->register_lock`): a command that takes two
 //! writes (IVA then IOTLB) or a write and a poll must not interleave with another thread's.
@@ -14,7 +14,7 @@ use parking_lot::{Mutex, MutexGuard};
 use super::error::DriverError;
 use crate::ids::Hpa;
 use crate::unit::Unit;
-use crate::unit::regs::{self, gcmd};
+use crate::unit::regs::{self, cap, ecap, gcmd};
 use crate::unit::tables::AddressWidth;
 
 /// How many times a handshake bit is read back before the driver gives up. dmar's unit
@@ -22,9 +22,8 @@ use crate::unit::tables::AddressWidth;
 /// a time-out instead (Linux `DMAR_OPERATION_TIMEOUT`).
 const POLL_LIMIT: usize = 1000;
 
-/// GSTS bits that reflect persistent state; the rest report one-shot commands and must
-/// not be written back into GCMD (VT-d 10.4.4: "Status & 0x96FFFFFF").
-const GSTS_PERSISTENT: u32 = 0x96ff_ffff;
+/// GSTS bits that reflect persistent state (VT-d 10.4.4).
+const GSTS_PERSISTENT: u32 = gcmd::PERSISTENT;
 
 /// What the unit advertises in CAP and ECAP that the driver relies on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -51,23 +50,26 @@ pub(crate) struct Capabilities {
 
 impl Capabilities {
     /// Decodes CAP and ECAP (VT-d 10.4.2, 10.4.3).
-    pub(crate) fn decode(cap: u64, ecap: u64) -> Self {
-        let sslps = (cap >> 34) & 0xf;
-        let max_leaf_level = match sslps & 0b11 {
-            0b11 => 3,
-            0b01 => 2,
-            _ => 1,
+    pub(crate) fn decode(cap_reg: u64, ecap_reg: u64) -> Self {
+        let sslps = (cap_reg >> cap::SSLPS_SHIFT) & cap::SSLPS_MASK;
+        // 1 GiB leaves are used only when 2 MiB ones are supported too.
+        let max_leaf_level = if sslps & cap::SSLPS_2M == 0 {
+            1
+        } else if sslps & cap::SSLPS_1G == 0 {
+            2
+        } else {
+            3
         };
         Self {
-            sagaw: (cap >> 8) & 0x1f,
+            sagaw: (cap_reg >> cap::SAGAW_SHIFT) & cap::SAGAW_MASK,
             max_leaf_level,
-            mamv: ((cap >> 48) & 0x3f) as u32,
-            read_drain: cap & (1 << 55) != 0,
-            write_drain: cap & (1 << 54) != 0,
-            page_selective: cap & (1 << 39) != 0,
-            pass_through: ecap & (1 << 6) != 0,
-            queued_invalidation: ecap & (1 << 1) != 0,
-            device_tlb: ecap & (1 << 2) != 0,
+            mamv: ((cap_reg >> cap::MAMV_SHIFT) & cap::MAMV_MASK) as u32,
+            read_drain: cap_reg & cap::DRD != 0,
+            write_drain: cap_reg & cap::DWD != 0,
+            page_selective: cap_reg & cap::PSI != 0,
+            pass_through: ecap_reg & ecap::PT != 0,
+            queued_invalidation: ecap_reg & ecap::QI != 0,
+            device_tlb: ecap_reg & ecap::DT != 0,
         }
     }
 
@@ -98,12 +100,12 @@ impl Registers {
         Self { unit, lock: Mutex::new(()) }
     }
 
-    /// Takes the register lock for a multi-step command.
-    /// The unit behind the registers (for its queue-progress notification).
+    /// The unit behind the registers, for subscribing to its invalidation doorbell.
     pub(crate) fn unit(&self) -> &Unit {
         &self.unit
     }
 
+    /// Takes the register lock for a multi-step command.
     pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
         self.lock.lock()
     }
@@ -144,8 +146,6 @@ impl Registers {
     /// Issues one global command and waits for its status bit (VT-d 10.4.4/10.4.5): the
     /// value written is the current persistent state plus the new command, since GCMD
     /// sets the whole command state at once.
-    /// Issues a one-shot or enabling GCMD command (keeping the persistent command state)
-    /// and waits for its status bit.
     pub(crate) fn global_command(&self, command: u32, what: &str) -> Result<(), DriverError> {
         let _g = self.lock();
         let status = self.read32(regs::GSTS)? & GSTS_PERSISTENT;

@@ -1,19 +1,25 @@
 //! Primary fault logging (VT-d 7.2) and the fault event (VT-d 7.3).
 //!
-//! Owns the fault recording registers (FRCD, `NUM_FAULT_RECORDS` of them, used as a ring),
-//! the fault bits of FSTS (PPF, PFO, FRI) and the fault event control (FECTL IM/IP with
-//! FEDATA/FEADDR). Later layers subscribe to recorded faults and fault-event interrupts
-//! through [`UnitEvents`].
+//! Owns the fault recording registers (FRCD, `NUM_FAULT_RECORDS` of them, used as a ring;
+//! VT-d 10.4.14), the fault bits of FSTS (PPF, PFO, FRI; VT-d 10.4.9) and the fault event's
+//! register block (FECTL, FEDATA, FEADDR, FEUADDR; VT-d 10.4.10-10.4.13, an
+//! [`EventControl`]). The queue error bits of FSTS belong to the invalidation queue; they
+//! only hold fault events back. Later layers subscribe to recorded faults and fault-event
+//! interrupts through [`UnitEvents`].
 
 use parking_lot::Mutex;
 
+use super::event::{EventControl, Message};
 use super::fault_reason::FaultReason;
-use super::regs::{NUM_FAULT_RECORDS, fectl, fsts};
+use super::regs::{NUM_FAULT_RECORDS, frcd, fsts};
 use crate::ids::SourceId;
 
-/// The kind of access that faulted (FRCD.T: 1 = read, 0 = write).
+/// The direction of a request: whether it reads or writes memory. Untranslated requests
+/// are checked against R or W by it, and a fault records it (FRCD.T: 1 = read, 0 = write;
+/// VT-d 10.4.14). Named apart from a device's DMA access, which carries a direction, an
+/// address and a length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Access {
+pub enum Direction {
     /// A read (or a translation request without write intent).
     Read,
     /// A write.
@@ -42,22 +48,21 @@ pub struct FaultRecord {
     /// in bits 63:48).
     pub addr: u64,
     /// T.
-    pub access: Access,
+    pub access: Direction,
     /// AT.
     pub kind: RequestKind,
 }
 
 impl FaultRecord {
-    /// The 128-bit FRCD encoding as (low, high) quadwords, F set (VT-d 10.4.14;
-    /// VTD-REFERENCE b.7).
+    /// The 128-bit FRCD encoding as (low, high) quadwords, F set (VT-d 10.4.14).
     pub fn to_frcd(&self) -> (u64, u64) {
-        let lo = self.addr & !0xfff;
-        let t = u64::from(self.access == Access::Read);
-        let hi = u64::from(self.sid.0)
-            | (u64::from(self.reason.code()) << 32)
-            | ((self.kind as u64) << 60)
-            | (t << 62)
-            | (1 << 63);
+        let lo = self.addr & frcd::FI_MASK;
+        let t = if self.access == Direction::Read { frcd::T } else { 0 };
+        let hi = (u64::from(self.sid.0) << frcd::SID_SHIFT)
+            | (u64::from(self.reason.code()) << frcd::FR_SHIFT)
+            | ((self.kind as u64) << frcd::AT_SHIFT)
+            | t
+            | frcd::F;
         (lo, hi)
     }
 }
@@ -107,11 +112,8 @@ struct State {
     /// FRI: the first register written while PPF was clear.
     fri: usize,
     pfo: bool,
-    fectl_im: bool,
-    fectl_ip: bool,
-    fedata: u32,
-    feaddr: u32,
-    feuaddr: u32,
+    /// FECTL, FEDATA, FEADDR, FEUADDR.
+    event: EventControl,
 }
 
 impl State {
@@ -119,9 +121,6 @@ impl State {
         self.records.iter().any(Option::is_some)
     }
 }
-
-/// A pending interrupt message to deliver once the lock is released.
-type Message = Option<(u64, u32)>;
 
 /// Primary fault logging state.
 #[derive(Debug)]
@@ -131,7 +130,7 @@ pub(crate) struct FaultRecorder {
 
 impl FaultRecorder {
     pub(crate) fn new() -> Self {
-        Self { state: Mutex::new(State { fectl_im: true, ..State::default() }) }
+        Self { state: Mutex::new(State::default()) }
     }
 
     /// Logs a fault (VT-d 7.2.1). `fpd` is the context entry's fault processing disable,
@@ -150,7 +149,7 @@ impl FaultRecorder {
                 // The register we would write still holds a fault software has not
                 // cleared: set PFO and drop this one.
                 s.pfo = true;
-                let msg = if was_pending { None } else { Self::raise(&mut s) };
+                let msg = if was_pending { None } else { s.event.raise() };
                 (Logged::Overflow, msg)
             } else {
                 if !s.ppf() {
@@ -158,7 +157,7 @@ impl FaultRecorder {
                 }
                 s.records[idx] = Some(record);
                 s.next = (idx + 1) % NUM_FAULT_RECORDS;
-                let msg = if was_pending { None } else { Self::raise(&mut s) };
+                let msg = if was_pending { None } else { s.event.raise() };
                 (Logged::Recorded(idx), msg)
             }
         };
@@ -172,22 +171,12 @@ impl FaultRecorder {
         logged
     }
 
-    /// Fault event generation (VT-d 7.3): set IP; if not masked, send and clear IP.
-    fn raise(s: &mut State) -> Message {
-        s.fectl_ip = true;
-        if s.fectl_im {
-            return None;
-        }
-        s.fectl_ip = false;
-        Some(((u64::from(s.feuaddr) << 32) | u64::from(s.feaddr), s.fedata))
-    }
-
     /// A queue error (IQE, ICE, ITE) was newly set while no other queue error was pending:
     /// raise the fault event unless a fault is already pending (VT-d 7.3).
     pub(crate) fn queue_error_event(&self, events: &dyn UnitEvents) {
         let message = {
             let mut s = self.state.lock();
-            if s.ppf() || s.pfo { None } else { Self::raise(&mut s) }
+            if s.ppf() || s.pfo { None } else { s.event.raise() }
         };
         if let Some((addr, data)) = message {
             events.interrupt_message(addr, data);
@@ -236,40 +225,18 @@ impl FaultRecorder {
         }
     }
 
-    pub(crate) fn fectl(&self) -> u32 {
-        let s = self.state.lock();
-        (if s.fectl_im { fectl::IM } else { 0 }) | (if s.fectl_ip { fectl::IP } else { 0 })
+    /// Reads the fault event register at `rel` within its block (FECTL, FEDATA, FEADDR,
+    /// FEUADDR; VT-d 10.4.10-10.4.13).
+    pub(crate) fn read_event(&self, rel: u64) -> u32 {
+        self.state.lock().event.read(rel)
     }
 
-    /// FECTL write: clearing IM while IP is set sends the pending message (VT-d 10.4.10).
-    pub(crate) fn write_fectl(&self, value: u32, events: &dyn UnitEvents) {
-        let message = {
-            let mut s = self.state.lock();
-            s.fectl_im = value & fectl::IM != 0;
-            if !s.fectl_im && s.fectl_ip {
-                s.fectl_ip = false;
-                Some(((u64::from(s.feuaddr) << 32) | u64::from(s.feaddr), s.fedata))
-            } else {
-                None
-            }
-        };
+    /// Writes the fault event register at `rel`; unmasking a pending event sends it
+    /// (VT-d 10.4.10).
+    pub(crate) fn write_event(&self, rel: u64, value: u32, events: &dyn UnitEvents) {
+        let message: Option<Message> = self.state.lock().event.write(rel, value);
         if let Some((addr, data)) = message {
             events.interrupt_message(addr, data);
-        }
-    }
-
-    /// FEDATA, FEADDR, FEUADDR (index 0, 1, 2).
-    pub(crate) fn event_reg(&self, which: usize) -> u32 {
-        let s = self.state.lock();
-        [s.fedata, s.feaddr, s.feuaddr][which.min(2)]
-    }
-
-    pub(crate) fn set_event_reg(&self, which: usize, value: u32) {
-        let mut s = self.state.lock();
-        match which {
-            0 => s.fedata = value,
-            1 => s.feaddr = value & !3,
-            _ => s.feuaddr = value,
         }
     }
 }
@@ -277,6 +244,7 @@ impl FaultRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unit::regs::event;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Debug, Default)]
@@ -294,7 +262,7 @@ mod tests {
             reason: FaultReason::NoRead,
             sid: SourceId(0x10),
             addr,
-            access: Access::Read,
+            access: Direction::Read,
             kind: RequestKind::Untranslated,
         }
     }
@@ -332,10 +300,10 @@ mod tests {
         let ev = Counting::default();
         f.log(rec(0), false, false, &ev);
         assert_eq!(ev.messages.load(Ordering::SeqCst), 0, "IM is set at reset");
-        assert_ne!(f.fectl() & fectl::IP, 0);
-        f.write_fectl(0, &ev);
+        assert_ne!(f.read_event(event::CTL) & event::IP, 0);
+        f.write_event(event::CTL, 0, &ev);
         assert_eq!(ev.messages.load(Ordering::SeqCst), 1);
-        assert_eq!(f.fectl() & fectl::IP, 0);
+        assert_eq!(f.read_event(event::CTL) & event::IP, 0);
         // PPF still set: a further fault raises no event.
         f.log(rec(0x1000), false, false, &ev);
         assert_eq!(ev.messages.load(Ordering::SeqCst), 1);
@@ -347,7 +315,7 @@ mod tests {
             reason: FaultReason::NoWrite,
             sid: SourceId::new(3, 4, 5),
             addr: 0x1234_5678,
-            access: Access::Write,
+            access: Direction::Write,
             kind: RequestKind::Translated,
         };
         let (lo, hi) = r.to_frcd();

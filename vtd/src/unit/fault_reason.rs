@@ -1,5 +1,5 @@
-//! The closed set of fault reasons the unit can record (VT-d 7.1.3 tables 23/24;
-//! VTD-REFERENCE (c)). The discriminant is the spec's FR code.
+//! The closed set of fault reasons the unit can record (VT-d 7.1.3, the fault reason
+//! tables; Linux `dma_remap_fault_reasons`). The discriminant is the spec's FR code.
 
 /// A fault reason with its spec code as the value.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -104,13 +104,6 @@ impl FaultReason {
                 | Self::IrEntryReserved
                 | Self::IrSourceId
         )
-    }
-
-    /// Translation-request outcomes that are reported to the device as a successful
-    /// completion with R=W=0 instead of a fault (VT-d 4.2.3; QEMU `vtd_recoverable_faults`):
-    /// the device may resolve them with a page request.
-    pub const fn recoverable_for_ats(self) -> bool {
-        matches!(self, Self::NoWrite | Self::NoRead)
     }
 
     /// Short, stable, lowercase name (metric label values, logs).

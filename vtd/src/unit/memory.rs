@@ -130,19 +130,6 @@ impl HostMemory {
         Ok(())
     }
 
-    /// Atomically replaces a word if it still holds `current` (for status writes and
-    /// accessed/dirty-style updates). Returns the value found.
-    pub fn compare_exchange_u64(&self, addr: Hpa, current: u64, new: u64) -> Result<u64, MemoryError> {
-        if addr.0 & 7 != 0 {
-            return Err(MemoryError::Misaligned(addr));
-        }
-        self.check(addr, 8)?;
-        let word = &self.page_or_alloc(addr.pfn())[(addr.page_offset() >> 3) as usize];
-        Ok(match word.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(v) | Err(v) => v,
-        })
-    }
-
     /// Reads `buf.len()` bytes starting at `addr` (any alignment).
     pub fn read(&self, addr: Hpa, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.check(addr, buf.len() as u64)?;

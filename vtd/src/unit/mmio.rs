@@ -1,12 +1,16 @@
-//! The register file at the VT-d offsets (VT-d 10.4; VTD-REFERENCE b.1), as software sees
-//! it through 32- and 64-bit MMIO accesses.
+//! The register file at the VT-d offsets (VT-d 10.4), as software sees it through 32- and
+//! 64-bit MMIO accesses: decoding an access and dispatching it to the hardware that owns
+//! the register.
 //!
-//! Owns register semantics: read-only capability registers, the GCMD/GSTS handshake
-//! (set-root-table-pointer latches RTADDR, translation enable), the context command and
-//! IOTLB registers (register-based invalidation, performed synchronously: the command bit
-//! reads back clear with the actual granularity), FSTS write-1-to-clear bits, the fault
-//! event registers and the fault recording registers. Commands the unit does not advertise
-//! in CAP/ECAP (queued invalidation, interrupt remapping) are ignored, as reserved bits.
+//! Owns the registers no other part of the unit owns: the read-only capability registers,
+//! the GCMD/GSTS handshake (VT-d 10.4.4, 10.4.5: set-root-table-pointer latches RTADDR,
+//! translation enable, queued invalidation enable, the interrupt remapping table pointer,
+//! interrupt remapping enable, CFI), and the storage of RTADDR, CCMD, IVA, IOTLB_REG and
+//! IRTA. The context command and IOTLB commands run in `invalidation` (synchronously: the
+//! command bit reads back clear with the actual granularity); FSTS, the fault event and the
+//! fault recording registers belong to `fault`; the queue registers to `invalidation`; the
+//! page request registers to `prq`. GCMD bits for features the unit does not advertise
+//! (WBF, SFL, EAFL) are ignored, as reserved bits.
 //!
 //! Offsets inside the 4 KiB window that hold no register read as 0 and ignore writes, as
 //! reserved registers do. Accesses outside the window, or not naturally aligned, are
@@ -15,14 +19,8 @@
 use std::sync::atomic::Ordering;
 
 use super::Unit;
-use super::invalidate::{ContextInvalidation, IotlbInvalidation, Performed};
-use super::prq;
-use super::regs::{self, ccmd, fsts, gcmd, iotlb};
+use super::regs::{self, FRCD_BASE, FRCD_BYTES, FRCD_END, ccmd, event, frcd, fsts, gcmd, iotlb};
 use super::tables::ADDR_MASK;
-use crate::ids::{DomainId, Iova, SourceId};
-
-/// VER: architecture version 1.0.
-const VERSION: u64 = 0x10;
 
 /// An MMIO access no register decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -66,7 +64,10 @@ fn check(offset: u64, width: u64) -> Result<(), MmioError> {
     Ok(())
 }
 
-const FRCD_END: u64 = regs::FRCD_BASE + 16 * regs::NUM_FAULT_RECORDS as u64;
+/// The 8-byte slot a 32-bit register at `offset` sits in.
+const fn slot(offset: u64) -> u64 {
+    offset & !7
+}
 
 impl Unit {
     /// Reads a 32-bit register.
@@ -97,7 +98,7 @@ impl Unit {
                 self.write_qword(offset, value, true, true)
             }
             regs::IQA | regs::IQT => self.write_queue_reg64(offset, value),
-            o if (regs::FRCD_BASE..FRCD_END).contains(&o) => self.write_qword(offset, value, true, true),
+            o if (FRCD_BASE..FRCD_END).contains(&o) => self.write_qword(offset, value, true, true),
             _ => {
                 self.write_dword(offset, value as u32);
                 self.write_dword(offset + 4, (value >> 32) as u32);
@@ -110,33 +111,43 @@ impl Unit {
     fn read_slot(&self, offset: u64) -> u64 {
         let r = self.regs.lock();
         match offset {
-            regs::VER => VERSION,
+            regs::VER => regs::VERSION,
             regs::CAP => regs::cap_value(),
             regs::ECAP => regs::ecap_value(),
             regs::GCMD => u64::from(r.gsts) << 32, // GCMD reads as 0; GSTS above it
             regs::RTADDR => r.rtaddr,
             regs::CCMD => r.ccmd,
-            0x30 => {
+            o if o == slot(regs::FSTS) => {
                 drop(r);
-                self.poll();
+                // Reading FSTS lets time pass, so software that polls it sees time-outs.
+                self.poll(self.clock.now());
                 u64::from(self.faults.fsts_bits() | self.queue_fsts()) << 32
             }
-            regs::IQH | regs::IQT | regs::IQA | 0x98 | regs::IECTL | regs::IEADDR | regs::IQERCD => {
+            o if o == regs::IQH
+                || o == regs::IQT
+                || o == regs::IQA
+                || o == slot(regs::ICS)
+                || o == regs::IECTL
+                || o == regs::IEADDR
+                || o == regs::IQERCD =>
+            {
                 drop(r);
-                self.queue_reg(offset)
+                self.read_queue_slot(offset)
             }
-            regs::FECTL => u64::from(self.faults.fectl()) | (u64::from(self.faults.event_reg(0)) << 32),
-            regs::FEADDR => u64::from(self.faults.event_reg(1)) | (u64::from(self.faults.event_reg(2)) << 32),
+            regs::FECTL | regs::FEADDR => {
+                let rel = offset - regs::FECTL;
+                u64::from(self.faults.read_event(rel)) | (u64::from(self.faults.read_event(rel + 4)) << 32)
+            }
             regs::IVA => r.iva,
             regs::IRTA => r.irta,
             regs::IOTLB => r.iotlb,
-            o if prq::regs::RANGE.contains(&o) => {
+            o if regs::PRQ_REGS.contains(&o) => {
                 drop(r);
                 self.prq.read64(o)
             }
-            o if (regs::FRCD_BASE..FRCD_END).contains(&o) => {
-                let rel = o - regs::FRCD_BASE;
-                self.faults.frcd((rel / 16) as usize, ((rel / 8) % 2) as usize)
+            o if (FRCD_BASE..FRCD_END).contains(&o) => {
+                let rel = o - FRCD_BASE;
+                self.faults.frcd((rel / FRCD_BYTES) as usize, ((rel / 8) % 2) as usize)
             }
             _ => 0,
         }
@@ -151,33 +162,32 @@ impl Unit {
                 }
                 self.clear_queue_errors(value);
             }
-            regs::FECTL => self.faults.write_fectl(value, &*self.events),
-            regs::FEDATA => self.faults.set_event_reg(0, value),
-            regs::FEADDR => self.faults.set_event_reg(1, value),
-            regs::FEUADDR => self.faults.set_event_reg(2, value),
-            regs::ICS | regs::IECTL | regs::IEDATA | regs::IEADDR | regs::IEUADDR => {
+            o if (regs::FECTL..regs::FECTL + event::BYTES).contains(&o) => {
+                self.faults.write_event(o - regs::FECTL, value, &*self.events)
+            }
+            o if o == regs::ICS || (regs::IECTL..regs::IECTL + event::BYTES).contains(&o) => {
                 self.write_queue_reg32(offset, value)
             }
-            o if prq::regs::RANGE.contains(&o) => {
+            o if regs::PRQ_REGS.contains(&o) => {
                 if let Some((addr, data)) = self.prq.write32(o, value) {
                     self.events.interrupt_message(addr, data);
                 }
             }
-            o if matches!(o & !7, regs::IQA | regs::IQT) => {
-                let old = self.queue_reg(o & !7);
+            o if matches!(slot(o), regs::IQA | regs::IQT) => {
+                let old = self.read_queue_slot(slot(o));
                 let merged = if o & 4 == 0 {
                     (old & !0xffff_ffff) | u64::from(value)
                 } else {
                     (old & 0xffff_ffff) | (u64::from(value) << 32)
                 };
-                self.write_queue_reg64(o & !7, merged);
+                self.write_queue_reg64(slot(o), merged);
             }
-            o if matches!(o & !7, regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB | regs::IRTA)
-                || (regs::FRCD_BASE..FRCD_END).contains(&o) =>
+            o if matches!(slot(o), regs::RTADDR | regs::CCMD | regs::IVA | regs::IOTLB | regs::IRTA)
+                || (FRCD_BASE..FRCD_END).contains(&o) =>
             {
                 let high = o & 4 != 0;
                 let shifted = if high { u64::from(value) << 32 } else { u64::from(value) };
-                self.write_qword(o & !7, shifted, !high, high);
+                self.write_qword(slot(o), shifted, !high, high);
             }
             _ => {}
         }
@@ -225,9 +235,9 @@ impl Unit {
             }
             o => {
                 // FRCD: writing 1 to F (bit 127, i.e. bit 63 of the high quadword) clears it.
-                let rel = o - regs::FRCD_BASE;
-                if rel % 16 == 8 && hi && value & (1 << 63) != 0 {
-                    self.faults.clear_frcd((rel / 16) as usize);
+                let rel = o - FRCD_BASE;
+                if rel % FRCD_BYTES == 8 && hi && value & frcd::F != 0 {
+                    self.faults.clear_frcd((rel / FRCD_BYTES) as usize);
                 }
             }
         }
@@ -274,42 +284,5 @@ impl Unit {
             self.translation_enabled.store(te, Ordering::Release);
             tracing::debug!(enabled = te, "DMA remapping translation enable changed");
         }
-    }
-
-    /// Runs a context command (VT-d 10.4.7); returns the register value after completion:
-    /// ICC clear, CAIG the granularity performed (0 when the request was invalid).
-    fn exec_ccmd(&self, v: u64) -> u64 {
-        let did = DomainId((v & 0xffff) as u16);
-        let sid = SourceId(((v >> ccmd::SID_SHIFT) & 0xffff) as u16);
-        let function_mask = ((v >> ccmd::FM_SHIFT) & 3) as u8;
-        let performed = match (v >> ccmd::CIRG_SHIFT) & 3 {
-            ccmd::GLOBAL => Some(self.invalidate_context(ContextInvalidation::Global)),
-            ccmd::DOMAIN => Some(self.invalidate_context(ContextInvalidation::Domain(did))),
-            ccmd::DEVICE => Some(self.invalidate_context(ContextInvalidation::Device { did, sid, function_mask })),
-            _ => None,
-        };
-        let caig = performed.map_or(0, |p| p as u64);
-        (v & !(ccmd::ICC | (3 << ccmd::CAIG_SHIFT))) | (caig << ccmd::CAIG_SHIFT)
-    }
-
-    /// Runs an IOTLB invalidation (VT-d 10.4.8.1); returns the register value after
-    /// completion: IVT clear, IAIG the granularity performed (0 when refused, e.g. AM
-    /// above MAMV). Drains (DR/DW) complete immediately: the unit has no write buffers.
-    fn exec_iotlb(&self, v: u64, iva: u64) -> u64 {
-        let did = DomainId(((v >> iotlb::DID_SHIFT) & 0xffff) as u16);
-        let inv = match (v >> iotlb::IIRG_SHIFT) & 3 {
-            iotlb::GLOBAL => Some(IotlbInvalidation::Global),
-            iotlb::DOMAIN => Some(IotlbInvalidation::Domain(did)),
-            iotlb::PAGE => Some(IotlbInvalidation::Page {
-                did,
-                addr: Iova(iva & !0xfff),
-                am: (iva & iotlb::IVA_AM_MASK) as u8,
-                ih: iva & iotlb::IVA_IH != 0,
-            }),
-            _ => None,
-        };
-        let performed: Option<Performed> = inv.and_then(|i| self.invalidate_iotlb(i).ok());
-        let iaig = performed.map_or(0, |p| p as u64);
-        (v & !(iotlb::IVT | (3 << iotlb::IAIG_SHIFT))) | (iaig << iotlb::IAIG_SHIFT)
     }
 }

@@ -1,31 +1,44 @@
 //! The hardware model: one Intel VT-d DMA-remapping unit.
 //!
-//! A [`Unit`] owns everything the spec puts in a remapping hardware unit: its register
-//! file ([`mmio`], [`regs`]), its caches ([`cache`]), fault recording ([`fault`]) and the
-//! requests it answers ([`request`]). Tables live in [`HostMemory`], in the binary formats
-//! of [`tables`]; the unit only ever reads them, one 64-bit word at a time ([`walk`]).
+//! A [`Unit`] owns everything the spec puts in a remapping hardware unit, a file or folder
+//! per idea:
+//! - the register file: offsets and fields ([`regs`]), access decoding (`mmio`), and the
+//!   event control block every interrupt-generating event shares (`event`);
+//! - the requests it answers (`request`): untranslated, ATS translation and translated
+//!   requests and MSI writes, through the context lookup and page walk (`walk`) and the
+//!   caches (`cache`);
+//! - invalidation, register-based and queued, with the device ports that carry device-TLB
+//!   invalidations ([`invalidation`]);
+//! - fault recording and the fault event (`fault`, with the reasons in `fault_reason`);
+//! - interrupt remapping ([`interrupt`]) and the page request queue ([`prq`]);
+//! - its counters (`stats`).
+//!
+//! Tables live in [`HostMemory`] ([`memory`]), in the binary formats of [`tables`]; the unit
+//! only ever reads them, one 64-bit word at a time.
 //!
 //! The unit is a value, not a global: it is `Send + Sync`, every method takes `&self`, and
 //! requests from many threads proceed in parallel (the caches lock per set, the fault ring
-//! and the register file have their own locks). Nothing here does I/O or awaits.
+//! and the register file have their own locks). Nothing here does I/O or awaits. Time is an
+//! input: [`Unit::poll`] takes the current instant, and what needs the time inside another
+//! operation reads the [`Clock`] the unit was built with ([`UnitBuilder::clock`]).
 //!
 //! What software must do, it must do: table changes are invisible to the caches until
 //! invalidated (VT-d 6.5), so a stale translation keeps being served exactly as on hardware.
-//! With [`UnitConfig::stale_detection`] the unit re-reads the source entry on each cache
+//! With [`UnitConfig::with_stale_detection`] the unit re-reads the source entry on each cache
 //! hit and counts such stale uses.
 
-pub mod cache;
-pub mod fault;
-pub mod fault_reason;
+mod cache;
+mod event;
+mod fault;
+mod fault_reason;
 pub mod interrupt;
-pub mod invalidate;
+pub mod invalidation;
 pub mod memory;
-pub mod mmio;
+mod mmio;
 pub mod prq;
-pub mod queue;
 pub mod regs;
-pub mod request;
-pub mod stats;
+mod request;
+mod stats;
 pub mod tables;
 mod walk;
 
@@ -35,13 +48,19 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::clock::{Clock, SystemClock};
+
 pub use cache::{CacheGeometry, InvalidGeometry};
-pub use fault::{Access, FaultRecord, NoEvents, RequestKind, UnitEvents};
+pub use fault::{Direction, FaultRecord, NoEvents, RequestKind, UnitEvents, WALK_SAMPLE_PERIOD};
 pub use fault_reason::FaultReason;
+pub use invalidation::{
+    ContextInvalidation, DeviceInvalidation, DevicePort, InvalidationDoorbell, IotlbInvalidation, PageResponse,
+    PortError, UnexpectedCompletion,
+};
 pub use memory::{HostMemory, MemoryError};
 pub use mmio::MmioError;
-pub use queue::port::{DeviceInvalidation, DevicePort, PageResponse};
-pub use queue::{PageRequestError, PageRequestOutcome, PortError, UnexpectedCompletion};
+pub use prq::{PageRequestError, PageRequestOutcome};
+pub(crate) use request::INTERRUPT_RANGE_BASE;
 pub use request::{AtsCompletion, AtsEntry, Blocked, DmaError, Translation};
 pub use stats::UnitStats;
 
@@ -99,13 +118,6 @@ impl UnitConfig {
         Ok(self)
     }
 
-    /// Sets the interrupt-entry-cache geometry.
-    pub fn with_interrupt_cache(mut self, geometry: CacheGeometry) -> Result<Self, InvalidGeometry> {
-        geometry.validate()?;
-        self.interrupt_cache = geometry;
-        Ok(self)
-    }
-
     /// Turns stale-use detection on or off. On, every cache hit costs one extra memory
     /// load (two for the context cache).
     pub fn with_stale_detection(mut self, on: bool) -> Self {
@@ -117,23 +129,6 @@ impl UnitConfig {
     pub fn with_device_tlb_timeout(mut self, timeout: Duration) -> Self {
         self.device_tlb_timeout = timeout;
         self
-    }
-
-    /// The IOTLB geometry.
-    pub fn iotlb(&self) -> CacheGeometry {
-        self.iotlb
-    }
-    /// The context-cache geometry.
-    pub fn context_cache(&self) -> CacheGeometry {
-        self.context_cache
-    }
-    /// The paging-structure cache geometry.
-    pub fn paging_cache(&self) -> CacheGeometry {
-        self.paging_cache
-    }
-    /// Whether stale uses are detected.
-    pub fn stale_detection(&self) -> bool {
-        self.stale_detection
     }
 }
 
@@ -167,11 +162,13 @@ pub struct Unit {
     paging_cache: PagingCache,
     iotlb: Iotlb,
     faults: FaultRecorder,
-    queue: Mutex<queue::QueueState>,
-    queue_progress: queue::Progress,
+    queue: Mutex<invalidation::QueueState>,
+    /// Subscribers to invalidation progress (`invalidation::doorbell`).
+    doorbells: Mutex<Vec<std::sync::Weak<dyn invalidation::InvalidationDoorbell>>>,
     prq: prq::PageRequestQueue,
     interrupts: interrupt::InterruptRemapper,
     counters: Counters,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Unit {
@@ -186,14 +183,55 @@ impl std::fmt::Debug for Unit {
 
 use crate::ids::Hpa;
 
+/// Builds a [`Unit`] with what it is wired to besides its memory: who hears its events and
+/// which clock it reads.
+#[derive(Debug)]
+#[must_use]
+pub struct UnitBuilder {
+    config: UnitConfig,
+    memory: Arc<HostMemory>,
+    events: Arc<dyn UnitEvents>,
+    clock: Arc<dyn Clock>,
+}
+
+impl UnitBuilder {
+    /// Delivers the unit's notifications to `events` (default: [`NoEvents`]).
+    pub fn events(mut self, events: Arc<dyn UnitEvents>) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Reads time from `clock` (default: [`SystemClock`]); tests pass a
+    /// [`crate::clock::ManualClock`].
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The unit, in its reset state.
+    pub fn build(self) -> Unit {
+        Unit::build(self)
+    }
+}
+
 impl Unit {
     /// A unit in its reset state (translation disabled, no root table) over `memory`.
     pub fn new(config: UnitConfig, memory: Arc<HostMemory>) -> Self {
-        Self::with_events(config, memory, Arc::new(NoEvents))
+        Self::builder(config, memory).build()
     }
 
     /// As [`Unit::new`], delivering notifications to `events`.
     pub fn with_events(config: UnitConfig, memory: Arc<HostMemory>, events: Arc<dyn UnitEvents>) -> Self {
+        Self::builder(config, memory).events(events).build()
+    }
+
+    /// A builder for a unit over `memory`, with no event subscriber and the system clock
+    /// until told otherwise.
+    pub fn builder(config: UnitConfig, memory: Arc<HostMemory>) -> UnitBuilder {
+        UnitBuilder { config, memory, events: Arc::new(NoEvents), clock: Arc::new(SystemClock) }
+    }
+
+    fn build(UnitBuilder { config, memory, events, clock }: UnitBuilder) -> Self {
         Self {
             config,
             memory,
@@ -206,24 +244,25 @@ impl Unit {
             paging_cache: PagingCache::new(config.paging_cache),
             iotlb: Iotlb::new(config.iotlb),
             faults: FaultRecorder::new(),
-            queue: Mutex::new(queue::QueueState::default()),
-            queue_progress: queue::Progress::default(),
+            queue: Mutex::new(invalidation::QueueState::default()),
+            doorbells: Mutex::new(Vec::new()),
             prq: prq::PageRequestQueue::new(),
             interrupts: interrupt::InterruptRemapper::new(config.interrupt_cache)
                 .unwrap_or_default()
                 .with_stale_detection(config.stale_detection),
             counters: Counters::default(),
+            clock,
         }
+    }
+
+    /// The clock the unit reads (the driver on it reads the same one).
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The host memory the unit translates into.
     pub fn memory(&self) -> &Arc<HostMemory> {
         &self.memory
-    }
-
-    /// The configuration the unit was built with.
-    pub fn config(&self) -> &UnitConfig {
-        &self.config
     }
 
     /// Whether GSTS.TES is set.
@@ -239,17 +278,6 @@ impl Unit {
     /// A snapshot of the unit's counters.
     pub fn stats(&self) -> UnitStats {
         self.counters.snapshot()
-    }
-
-    /// The page request queue (software drains it; devices fill it through
-    /// [`Unit::page_request`]).
-    pub fn page_request_queue(&self) -> &prq::PageRequestQueue {
-        &self.prq
-    }
-
-    /// The interrupt remapping hardware (its table is latched through IRTA and GCMD.SIRTP).
-    pub fn interrupt_remapper(&self) -> &interrupt::InterruptRemapper {
-        &self.interrupts
     }
 
     /// Entries held by each cache.

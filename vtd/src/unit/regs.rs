@@ -1,65 +1,121 @@
-//! Register map of the remapping unit (VT-d 10.4; VTD-REFERENCE b.1, b.2): offsets, field
-//! positions, and the capability values dmar advertises.
+//! Register map of the remapping unit (VT-d 10.4): offsets, field positions, the small
+//! `Copy` types for the registers both sides decode ([`Iqercd`]), and the capability values
+//! dmar advertises.
 //!
-//! This module is the single home of register bit positions. The behaviour behind a
-//! register write (handshakes, invalidation, fault clearing) lives in `unit::mmio`.
+//! This module is the single home of register offsets and bit positions: the unit (which
+//! implements the registers) and the driver (which programs them) both name them from
+//! here. The behaviour behind a register write (handshakes, invalidation, fault clearing)
+//! lives with the hardware that owns it (`unit::mmio` dispatches). Descriptor and table
+//! entry layouts are not registers: they live with their codecs (`unit::invalidation::
+//! descriptor`, `unit::prq`, `unit::tables`, `unit::interrupt::irte`).
 
-/// VER_REG (32): version 1.0.
+/// VER_REG (32; VT-d 10.4.1).
 pub const VER: u64 = 0x00;
-/// CAP_REG (64).
+/// CAP_REG (64; VT-d 10.4.2).
 pub const CAP: u64 = 0x08;
-/// ECAP_REG (64).
+/// ECAP_REG (64; VT-d 10.4.3).
 pub const ECAP: u64 = 0x10;
-/// GCMD_REG (32, write-only).
+/// GCMD_REG (32, write-only; VT-d 10.4.4).
 pub const GCMD: u64 = 0x18;
-/// GSTS_REG (32, read-only).
+/// GSTS_REG (32, read-only; VT-d 10.4.5).
 pub const GSTS: u64 = 0x1c;
-/// RTADDR_REG (64).
+/// RTADDR_REG (64; VT-d 10.4.6).
 pub const RTADDR: u64 = 0x20;
-/// CCMD_REG (64): context command.
+/// CCMD_REG (64; VT-d 10.4.7): context command.
 pub const CCMD: u64 = 0x28;
-/// FSTS_REG (32): fault status.
+/// FSTS_REG (32; VT-d 10.4.9): fault status.
 pub const FSTS: u64 = 0x34;
-/// FECTL_REG (32): fault event control.
+/// FECTL_REG (32; VT-d 10.4.10): fault event control. The fault event's register block
+/// (FECTL, FEDATA, FEADDR, FEUADDR) starts here; see [`event`].
 pub const FECTL: u64 = 0x38;
-/// FEDATA_REG (32).
-pub const FEDATA: u64 = 0x3c;
-/// FEADDR_REG (32).
-pub const FEADDR: u64 = 0x40;
-/// FEUADDR_REG (32).
-pub const FEUADDR: u64 = 0x44;
-/// Invalidation queue head (64; QH[18:4], hardware-owned).
+/// FEDATA_REG (32; VT-d 10.4.11).
+pub const FEDATA: u64 = FECTL + event::DATA;
+/// FEADDR_REG (32; VT-d 10.4.12).
+pub const FEADDR: u64 = FECTL + event::ADDR;
+/// FEUADDR_REG (32; VT-d 10.4.13).
+pub const FEUADDR: u64 = FECTL + event::UADDR;
+/// Invalidation queue head (64; VT-d 10.4.21): `QH[18:4]`, hardware-owned.
 pub const IQH: u64 = 0x80;
-/// Invalidation queue tail (64; QT[18:4], software-owned).
+/// Invalidation queue tail (64; VT-d 10.4.22): `QT[18:4]`, software-owned.
 pub const IQT: u64 = 0x88;
-/// Invalidation queue address (64): IQA[63:12], DW 11, QS[2:0].
+/// Invalidation queue address (64; VT-d 10.4.23): `IQA[63:12]`, DW 11, `QS[2:0]`.
 pub const IQA: u64 = 0x90;
-/// Invalidation completion status (32): IWC bit 0, write 1 to clear.
+/// Invalidation completion status (32; VT-d 10.4.24): IWC bit 0, write 1 to clear.
 pub const ICS: u64 = 0x9c;
-/// Invalidation event control (32): IM 31, IP 30.
+/// Invalidation event control (32; VT-d 10.4.25). The invalidation event's register block
+/// (IECTL, IEDATA, IEADDR, IEUADDR) starts here; see [`event`].
 pub const IECTL: u64 = 0xa0;
-/// Invalidation event data.
-pub const IEDATA: u64 = 0xa4;
-/// Invalidation event address.
-pub const IEADDR: u64 = 0xa8;
-/// Invalidation event upper address.
-pub const IEUADDR: u64 = 0xac;
-/// Invalidation queue error record (64): IQEI[3:0], ITESID[47:32], ICESID[63:48].
+/// Invalidation event data (VT-d 10.4.26).
+pub const IEDATA: u64 = IECTL + event::DATA;
+/// Invalidation event address (VT-d 10.4.27).
+pub const IEADDR: u64 = IECTL + event::ADDR;
+/// Invalidation event upper address (VT-d 10.4.28).
+pub const IEUADDR: u64 = IECTL + event::UADDR;
+/// Invalidation queue error record (64; VT-d 10.4.29): see [`Iqercd`].
 pub const IQERCD: u64 = 0xb0;
-/// Interrupt remapping table address (64): IRTA[63:12], EIME 11, S[3:0].
+/// Interrupt remapping table address (64; VT-d 10.4.30): see [`irta`].
 pub const IRTA: u64 = 0xb8;
-/// IOTLB register block offset (ECAP.IRO × 16): IVA_REG; IOTLB_REG is at +8.
+/// PQH_REG (64; VT-d 10.4.31): page request queue head, a byte offset software advances.
+pub const PQH: u64 = 0xc0;
+/// PQT_REG (64; VT-d 10.4.32): page request queue tail, a byte offset hardware advances.
+pub const PQT: u64 = 0xc8;
+/// PQA_REG (64; VT-d 10.4.33): page request queue address and size; see [`pq`].
+pub const PQA: u64 = 0xd0;
+/// PRS_REG (32; VT-d 10.4.34): page request status; see [`prs`].
+pub const PRS: u64 = 0xdc;
+/// PECTL_REG (32; VT-d 10.4.35): page request event control. The page request event's
+/// register block (PECTL, PEDATA, PEADDR, PEUADDR) starts here; see [`event`].
+pub const PECTL: u64 = 0xe0;
+/// PEDATA_REG (32; VT-d 10.4.36).
+pub const PEDATA: u64 = PECTL + event::DATA;
+/// PEADDR_REG (32; VT-d 10.4.37): bits 31:2 of the message address.
+pub const PEADDR: u64 = PECTL + event::ADDR;
+/// PEUADDR_REG (32; VT-d 10.4.38).
+pub const PEUADDR: u64 = PECTL + event::UADDR;
+/// Every offset the page request queue decodes, PQH to PEUADDR (0xd8 is reserved and
+/// reads 0).
+pub const PRQ_REGS: std::ops::Range<u64> = PQH..PEUADDR + 4;
+/// IOTLB register block offset (ECAP.IRO × 16): IVA_REG (VT-d 10.4.8.2); IOTLB_REG is at +8.
 pub const IVA: u64 = 0xf0;
-/// IOTLB_REG (64).
+/// IOTLB_REG (64; VT-d 10.4.8.1).
 pub const IOTLB: u64 = IVA + 8;
-/// First fault recording register (CAP.FRO × 16); each is 16 bytes.
+/// First fault recording register (CAP.FRO × 16; VT-d 10.4.14); each is 16 bytes.
 pub const FRCD_BASE: u64 = 0x220;
+/// Bytes per fault recording register.
+pub const FRCD_BYTES: u64 = 16;
 /// Number of fault recording registers (CAP.NFR + 1).
 pub const NUM_FAULT_RECORDS: usize = 8;
+/// One past the last fault recording register.
+pub const FRCD_END: u64 = FRCD_BASE + FRCD_BYTES * NUM_FAULT_RECORDS as u64;
 /// Size of the register window in bytes.
 pub const WINDOW_SIZE: u64 = 0x1000;
 
-/// GCMD/GSTS bits (the same positions in both registers).
+/// VER_REG: architecture version 1.0 (major in bits 7:4, minor in 3:0).
+pub const VERSION: u64 = 0x10;
+
+/// The register block of one interrupt-generating event (VT-d 10.4.10-10.4.13 fault event,
+/// 10.4.25-10.4.28 invalidation event, 10.4.35-10.4.38 page request event): the control
+/// register, then the message data, address and upper address, 4 bytes apart.
+pub mod event {
+    /// xxCTL: IM and IP.
+    pub const CTL: u64 = 0;
+    /// xxDATA: the message data.
+    pub const DATA: u64 = 4;
+    /// xxADDR: bits 31:2 of the message address.
+    pub const ADDR: u64 = 8;
+    /// xxUADDR: bits 63:32 of the message address.
+    pub const UADDR: u64 = 12;
+    /// Size of the block.
+    pub const BYTES: u64 = 16;
+    /// xxCTL.IM: interrupt mask (set at reset).
+    pub const IM: u32 = 1 << 31;
+    /// xxCTL.IP: interrupt pending (read-only to software).
+    pub const IP: u32 = 1 << 30;
+    /// xxADDR bits 1:0 are reserved: the address is DWORD aligned.
+    pub const ADDR_MASK: u32 = !3;
+}
+
+/// GCMD/GSTS bits (the same positions in both registers; VT-d 10.4.4, 10.4.5).
 pub mod gcmd {
     /// Translation enable.
     pub const TE: u32 = 1 << 31;
@@ -75,9 +131,12 @@ pub mod gcmd {
     pub const SIRTP: u32 = 1 << 24;
     /// Compatibility format interrupt.
     pub const CFI: u32 = 1 << 23;
+    /// GSTS bits that reflect persistent state; the rest report one-shot commands and must
+    /// not be written back into GCMD (VT-d 10.4.4: "Status & 0x96FFFFFF").
+    pub const PERSISTENT: u32 = 0x96ff_ffff;
 }
 
-/// CCMD fields.
+/// CCMD fields (VT-d 10.4.7).
 pub mod ccmd {
     /// Invalidate context cache (set by software, cleared by hardware when done).
     pub const ICC: u64 = 1 << 63;
@@ -85,6 +144,8 @@ pub mod ccmd {
     pub const CIRG_SHIFT: u32 = 61;
     /// CAIG shift.
     pub const CAIG_SHIFT: u32 = 59;
+    /// CIRG and CAIG are 2 bits wide.
+    pub const GRANULARITY_MASK: u64 = 3;
     /// Global granularity.
     pub const GLOBAL: u64 = 1;
     /// Domain-selective granularity.
@@ -93,11 +154,15 @@ pub mod ccmd {
     pub const DEVICE: u64 = 3;
     /// FM (function mask) shift, 2 bits.
     pub const FM_SHIFT: u32 = 32;
+    /// FM is 2 bits wide.
+    pub const FM_MASK: u64 = 3;
     /// SID shift, 16 bits.
     pub const SID_SHIFT: u32 = 16;
+    /// DID: bits 15:0.
+    pub const DID_MASK: u64 = 0xffff;
 }
 
-/// IOTLB_REG and IVA_REG fields.
+/// IOTLB_REG and IVA_REG fields (VT-d 10.4.8.1, 10.4.8.2).
 pub mod iotlb {
     /// Invalidate IOTLB (set by software, cleared by hardware when done).
     pub const IVT: u64 = 1 << 63;
@@ -105,6 +170,8 @@ pub mod iotlb {
     pub const IIRG_SHIFT: u32 = 60;
     /// IAIG shift (actual granularity).
     pub const IAIG_SHIFT: u32 = 57;
+    /// IIRG and IAIG are 2 bits wide.
+    pub const GRANULARITY_MASK: u64 = 3;
     /// Global.
     pub const GLOBAL: u64 = 1;
     /// Domain-selective.
@@ -117,13 +184,17 @@ pub mod iotlb {
     pub const DW: u64 = 1 << 48;
     /// DID shift, 16 bits.
     pub const DID_SHIFT: u32 = 32;
+    /// DID is 16 bits wide.
+    pub const DID_MASK: u64 = 0xffff;
+    /// IVA: the page address, bits 63:12.
+    pub const IVA_ADDR_MASK: u64 = !0xfff;
     /// IVA: invalidation hint (leaf entries only; keep paging-structure caches).
     pub const IVA_IH: u64 = 1 << 6;
     /// IVA: address mask field (2^AM pages).
     pub const IVA_AM_MASK: u64 = 0x3f;
 }
 
-/// FSTS bits.
+/// FSTS bits (VT-d 10.4.9).
 pub mod fsts {
     /// Primary fault overflow.
     pub const PFO: u32 = 1 << 0;
@@ -137,16 +208,209 @@ pub mod fsts {
     pub const ITE: u32 = 1 << 6;
     /// Fault record index shift (8 bits).
     pub const FRI_SHIFT: u32 = 8;
+    /// The queue errors: each stops the invalidation queue until software clears it.
+    pub const QUEUE_ERRORS: u32 = IQE | ICE | ITE;
     /// Bits software clears by writing 1 (RW1C).
-    pub const RW1C: u32 = PFO | IQE | ICE | ITE;
+    pub const RW1C: u32 = PFO | QUEUE_ERRORS;
 }
 
-/// FECTL bits.
+/// FECTL bits: the same positions as every event control register ([`event::IM`],
+/// [`event::IP`]).
 pub mod fectl {
     /// Interrupt mask.
-    pub const IM: u32 = 1 << 31;
+    pub const IM: u32 = super::event::IM;
     /// Interrupt pending.
-    pub const IP: u32 = 1 << 30;
+    pub const IP: u32 = super::event::IP;
+}
+
+/// Fault recording register fields (VT-d 10.4.14), in the 128-bit register as a low and a
+/// high quadword.
+pub mod frcd {
+    /// Low quadword: FI, the faulting page address, bits 63:12.
+    pub const FI_MASK: u64 = !0xfff;
+    /// High quadword: SID, bits 79:64 of the register.
+    pub const SID_SHIFT: u32 = 0;
+    /// High quadword: FR, the fault reason, bits 103:96 of the register.
+    pub const FR_SHIFT: u32 = 32;
+    /// High quadword: AT, the address type, bits 125:124 of the register.
+    pub const AT_SHIFT: u32 = 60;
+    /// High quadword: T, 1 for reads, bit 126 of the register.
+    pub const T: u64 = 1 << 62;
+    /// High quadword: F, the fault bit, bit 127 of the register; write 1 to clear.
+    pub const F: u64 = 1 << 63;
+}
+
+/// IQH/IQT/IQA fields (VT-d 10.4.21-10.4.23).
+pub mod iq {
+    /// IQH.QH / IQT.QT: the descriptor index, bits 18:4 (128-bit descriptors).
+    pub const OFFSET_MASK: u64 = 0x7_fff0;
+    /// IQH/IQT hold a byte offset: index << 4.
+    pub const INDEX_SHIFT: u32 = 4;
+    /// IQA: the queue base, bits 63:12.
+    pub const IQA_BASE_MASK: u64 = !0xfff;
+    /// IQA.DW: 256-bit descriptors (needs scalable mode).
+    pub const IQA_DW: u64 = 1 << 11;
+    /// IQA.QS: 2^(QS+8) 128-bit entries.
+    pub const IQA_QS_MASK: u64 = 7;
+    /// IQA bits 10:3 are reserved.
+    pub const IQA_RESERVED: u64 = 0x7f8;
+    /// ICS.IWC: invalidation wait descriptor complete.
+    pub const ICS_IWC: u32 = 1 << 0;
+}
+
+/// IQERCD_REG (VT-d 10.4.29): why the invalidation queue stopped. `IQEI[3:0]` is valid while
+/// FSTS.IQE is set, `ITESID[47:32]` while ITE is, `ICESID[63:48]` while ICE is. Hardware writes
+/// each field when it sets the matching FSTS bit; software reads it before clearing that bit
+/// (Linux `qi_check_fault`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Iqercd(u64);
+
+impl Iqercd {
+    const IQEI_MASK: u64 = 0xf;
+    const ITESID_SHIFT: u32 = 32;
+    const ICESID_SHIFT: u32 = 48;
+    const SID_MASK: u64 = 0xffff;
+
+    /// The register value; reserved bits 31:4 read back as zero.
+    pub const fn from_bits(bits: u64) -> Self {
+        Self(bits & !0xffff_fff0)
+    }
+
+    /// The register value.
+    pub const fn to_bits(self) -> u64 {
+        self.0
+    }
+
+    /// IQEI: the invalidation queue error info (the `QueueErrorCode` of the IQE).
+    pub const fn iqei(self) -> u8 {
+        (self.0 & Self::IQEI_MASK) as u8
+    }
+
+    /// ITESID: the requester id of the device-TLB invalidation that timed out.
+    pub const fn itesid(self) -> crate::ids::SourceId {
+        crate::ids::SourceId(((self.0 >> Self::ITESID_SHIFT) & Self::SID_MASK) as u16)
+    }
+
+    /// ICESID: the requester id of the unexpected invalidation completion.
+    pub const fn icesid(self) -> crate::ids::SourceId {
+        crate::ids::SourceId(((self.0 >> Self::ICESID_SHIFT) & Self::SID_MASK) as u16)
+    }
+
+    /// The same with IQEI replaced.
+    pub const fn with_iqei(self, iqei: u8) -> Self {
+        Self((self.0 & !Self::IQEI_MASK) | (iqei as u64 & Self::IQEI_MASK))
+    }
+
+    /// The same with ITESID replaced.
+    pub const fn with_itesid(self, sid: crate::ids::SourceId) -> Self {
+        Self((self.0 & !(Self::SID_MASK << Self::ITESID_SHIFT)) | ((sid.0 as u64) << Self::ITESID_SHIFT))
+    }
+
+    /// The same with ICESID replaced.
+    pub const fn with_icesid(self, sid: crate::ids::SourceId) -> Self {
+        Self((self.0 & !(Self::SID_MASK << Self::ICESID_SHIFT)) | ((sid.0 as u64) << Self::ICESID_SHIFT))
+    }
+}
+
+/// IRTA_REG fields (VT-d 10.4.30).
+pub mod irta {
+    /// IRTA: the table base, bits 63:12.
+    pub const BASE_MASK: u64 = !0xfff;
+    /// EIME: extended interrupt mode (x2APIC).
+    pub const EIME: u64 = 1 << 11;
+    /// S: 2^(S+1) entries, bits 3:0.
+    pub const S_MASK: u64 = 0xf;
+}
+
+/// PQH/PQT/PQA fields (VT-d 10.4.31-10.4.33).
+pub mod pq {
+    /// PQH/PQT: the offset field, bits 18:5 (32-byte aligned, up to 512 KiB).
+    pub const OFFSET_MASK: u64 = 0x7_ffe0;
+    /// PQA: the queue base, bits 63:12.
+    pub const PQA_BASE_MASK: u64 = !0xfff;
+    /// PQA.PQS: the queue spans 2^PQS 4 KiB pages, bits 2:0.
+    pub const PQA_PQS_MASK: u64 = 7;
+    /// PQA bits software can write: bits 63:12 and 2:0; bits 11:3 are reserved.
+    pub const PQA_WRITABLE: u64 = PQA_BASE_MASK | PQA_PQS_MASK;
+}
+
+/// PRS bits (VT-d 10.4.34); both are write-1-to-clear.
+pub mod prs {
+    /// Pending page request: a descriptor was added since software last cleared it.
+    pub const PPR: u32 = 1 << 0;
+    /// Page request overflow: a request was dropped because the queue was full.
+    pub const PRO: u32 = 1 << 1;
+}
+
+/// PECTL bits: the same positions as every event control register ([`event::IM`],
+/// [`event::IP`]).
+pub mod pectl {
+    /// Interrupt mask (set at reset).
+    pub const IM: u32 = super::event::IM;
+    /// Interrupt pending (read-only to software).
+    pub const IP: u32 = super::event::IP;
+}
+
+/// CAP_REG fields (VT-d 10.4.2).
+pub mod cap {
+    /// ND: number of domains supported, bits 2:0.
+    pub const ND_MASK: u64 = 7;
+    /// SAGAW: supported adjusted guest address widths, bits 12:8 (bit n: AW=n).
+    pub const SAGAW_SHIFT: u32 = 8;
+    /// SAGAW is 5 bits wide.
+    pub const SAGAW_MASK: u64 = 0x1f;
+    /// MGAW − 1, bits 21:16.
+    pub const MGAW_SHIFT: u32 = 16;
+    /// MGAW is 6 bits wide.
+    pub const MGAW_MASK: u64 = 0x3f;
+    /// FRO: fault recording register offset / 16, bits 33:24.
+    pub const FRO_SHIFT: u32 = 24;
+    /// FRO is 10 bits wide.
+    pub const FRO_MASK: u64 = 0x3ff;
+    /// SSLPS: second-stage large page sizes, bits 37:34 (bit 34: 2 MiB, bit 35: 1 GiB).
+    pub const SSLPS_SHIFT: u32 = 34;
+    /// SSLPS is 4 bits wide.
+    pub const SSLPS_MASK: u64 = 0xf;
+    /// SSLPS value bit: 2 MiB pages.
+    pub const SSLPS_2M: u64 = 1 << 0;
+    /// SSLPS value bit: 1 GiB pages.
+    pub const SSLPS_1G: u64 = 1 << 1;
+    /// PSI: page-selective invalidation.
+    pub const PSI: u64 = 1 << 39;
+    /// NFR − 1: number of fault recording registers, bits 47:40.
+    pub const NFR_SHIFT: u32 = 40;
+    /// NFR is 8 bits wide.
+    pub const NFR_MASK: u64 = 0xff;
+    /// MAMV: maximum address mask value, bits 53:48.
+    pub const MAMV_SHIFT: u32 = 48;
+    /// MAMV is 6 bits wide.
+    pub const MAMV_MASK: u64 = 0x3f;
+    /// DWD: write draining.
+    pub const DWD: u64 = 1 << 54;
+    /// DRD: read draining.
+    pub const DRD: u64 = 1 << 55;
+    /// CM: caching mode (not-present entries may be cached).
+    pub const CM: u64 = 1 << 7;
+}
+
+/// ECAP_REG fields (VT-d 10.4.3).
+pub mod ecap {
+    /// QI: queued invalidation.
+    pub const QI: u64 = 1 << 1;
+    /// DT: device-TLB (ATS).
+    pub const DT: u64 = 1 << 2;
+    /// IR: interrupt remapping.
+    pub const IR: u64 = 1 << 3;
+    /// EIM: extended interrupt mode (x2APIC).
+    pub const EIM: u64 = 1 << 4;
+    /// PT: pass-through (context TT=10b).
+    pub const PT: u64 = 1 << 6;
+    /// IRO: IOTLB register offset / 16, bits 17:8.
+    pub const IRO_SHIFT: u32 = 8;
+    /// IRO is 10 bits wide.
+    pub const IRO_MASK: u64 = 0x3ff;
+    /// PRS: page requests.
+    pub const PRS: u64 = 1 << 29;
 }
 
 /// Largest page-selective invalidation the unit accepts, as an address-mask value
@@ -161,39 +425,34 @@ pub const MAMV: u64 = 18;
 /// memory regions), ZLR.
 pub const fn cap_value() -> u64 {
     let nd = 6u64;
-    let sagaw = (1u64 << 1) | (1 << 2) | (1 << 3); // bits 9, 10, 11 of CAP
+    let sagaw = (1u64 << 1) | (1 << 2) | (1 << 3); // AW 1, 2, 3: 39, 48, 57 bits
     let mgaw = 57u64 - 1;
     let fro = FRCD_BASE / 16;
-    let sslps = 0b11u64; // 2M and 1G
-    let psi = 1u64 << 39;
+    let sslps = cap::SSLPS_2M | cap::SSLPS_1G;
     let nfr = (NUM_FAULT_RECORDS as u64) - 1;
-    nd | (sagaw << 8)
-        | (mgaw << 16)
-        | (fro << 24)
-        | (sslps << 34)
-        | psi
-        | (nfr << 40)
-        | (MAMV << 48)
-        | (1 << 54)
-        | (1 << 55)
+    nd | (sagaw << cap::SAGAW_SHIFT)
+        | (mgaw << cap::MGAW_SHIFT)
+        | (fro << cap::FRO_SHIFT)
+        | (sslps << cap::SSLPS_SHIFT)
+        | cap::PSI
+        | (nfr << cap::NFR_SHIFT)
+        | (MAMV << cap::MAMV_SHIFT)
+        | cap::DWD
+        | cap::DRD
 }
 
-/// The ECAP value dmar advertises: device-TLB (DT) and pass-through (PT), with the IOTLB
-/// registers at IRO. Queued invalidation and interrupt remapping are advertised only once
-/// the model implements them.
+/// The ECAP value dmar advertises: queued invalidation (QI), device-TLB (DT), interrupt
+/// remapping with x2APIC mode (IR, EIM), pass-through (PT) and page requests (PRS), with
+/// the IOTLB registers at IRO.
 pub const fn ecap_value() -> u64 {
-    let qi = 1u64 << 1;
-    let ir = 1u64 << 3;
-    let eim = 1u64 << 4;
-    let dt = 1u64 << 2;
-    let pt = 1u64 << 6;
     let iro = IVA / 16;
-    qi | dt | ir | eim | pt | (iro << 8) | super::prq::ECAP_PRS
+    ecap::QI | ecap::DT | ecap::IR | ecap::EIM | ecap::PT | (iro << ecap::IRO_SHIFT) | ecap::PRS
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::SourceId;
 
     #[test]
     fn capabilities_decode_to_what_the_model_implements() {
@@ -212,5 +471,23 @@ mod tests {
         assert_ne!(ecap & 0b10, 0, "QI");
         assert_ne!(ecap & 0b1000, 0, "IR");
         assert_ne!(ecap & (1 << 29), 0, "PRS");
+    }
+
+    #[test]
+    fn event_blocks_sit_where_the_spec_puts_them() {
+        assert_eq!((FEDATA, FEADDR, FEUADDR), (0x3c, 0x40, 0x44));
+        assert_eq!((IEDATA, IEADDR, IEUADDR), (0xa4, 0xa8, 0xac));
+        assert_eq!((PEDATA, PEADDR, PEUADDR), (0xe4, 0xe8, 0xec));
+    }
+
+    #[test]
+    fn iqercd_fields_round_trip() {
+        let r = Iqercd::default().with_iqei(4).with_itesid(SourceId(0x1234)).with_icesid(SourceId(0xfedc));
+        assert_eq!(r.to_bits(), 0xfedc_1234_0000_0004);
+        assert_eq!((r.iqei(), r.itesid(), r.icesid()), (4, SourceId(0x1234), SourceId(0xfedc)));
+        assert_eq!(Iqercd::from_bits(r.to_bits()), r);
+        assert_eq!(Iqercd::from_bits(u64::MAX).to_bits(), 0xffff_ffff_0000_000f, "bits 31:4 are reserved");
+        let r = r.with_itesid(SourceId(1)).with_iqei(0x1f);
+        assert_eq!((r.iqei(), r.itesid(), r.icesid()), (0xf, SourceId(1), SourceId(0xfedc)));
     }
 }

@@ -14,7 +14,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::fault::{Access, FaultRecord, RequestKind};
+use super::fault::{Direction, FaultRecord, RequestKind};
 use super::fault_reason::FaultReason;
 use super::interrupt::{IrFault, Remapped};
 use super::memory::MemoryError;
@@ -24,13 +24,13 @@ use super::{Unit, fault::Logged};
 use crate::ids::{Hpa, Iova, PAGE_SIZE, SourceId};
 
 /// First address of the interrupt address range.
-pub const INTERRUPT_RANGE_BASE: u64 = 0xfee0_0000;
+pub(crate) const INTERRUPT_RANGE_BASE: u64 = 0xfee0_0000;
 /// Size of the interrupt address range (1 MiB).
-pub const INTERRUPT_RANGE_SIZE: u64 = 0x10_0000;
+pub(crate) const INTERRUPT_RANGE_SIZE: u64 = 0x10_0000;
 
 /// Whether `[addr, addr + len)` overlaps the interrupt address range.
 #[inline]
-pub const fn overlaps_interrupt_range(addr: u64, len: u64) -> bool {
+pub(crate) const fn overlaps_interrupt_range(addr: u64, len: u64) -> bool {
     addr < INTERRUPT_RANGE_BASE + INTERRUPT_RANGE_SIZE && addr.saturating_add(len) > INTERRUPT_RANGE_BASE
 }
 
@@ -139,7 +139,7 @@ pub enum DmaError {
 
 impl Unit {
     /// Records `fault` for a request and returns its reason.
-    fn fault(&self, fault: Fault, sid: SourceId, addr: u64, access: Access, kind: RequestKind) -> FaultReason {
+    fn fault(&self, fault: Fault, sid: SourceId, addr: u64, access: Direction, kind: RequestKind) -> FaultReason {
         let record = FaultRecord { reason: fault.reason, sid, addr: addr & !(PAGE_SIZE - 1), access, kind };
         match self.faults.log(record, fault.fpd, self.queue_error_pending(), &*self.events) {
             Logged::Recorded(_) => self.counters.faults_recorded.inc(),
@@ -155,7 +155,7 @@ impl Unit {
     /// On success the output address is returned; on failure the fault is recorded (unless
     /// FPD suppresses it) and the reason returned.
     #[inline]
-    pub fn translate(&self, sid: SourceId, iova: Iova, access: Access) -> Result<Translation, Blocked> {
+    pub fn translate(&self, sid: SourceId, iova: Iova, access: Direction) -> Result<Translation, Blocked> {
         let r = self.translate_untranslated(sid, iova, access);
         if r.is_ok() {
             self.counters.untranslated_ok.inc()
@@ -166,7 +166,7 @@ impl Unit {
     }
 
     #[inline]
-    fn translate_untranslated(&self, sid: SourceId, iova: Iova, access: Access) -> Result<Translation, Blocked> {
+    fn translate_untranslated(&self, sid: SourceId, iova: Iova, access: Direction) -> Result<Translation, Blocked> {
         // VT-d 3.14: requests to the interrupt range are interrupt requests, not remapped.
         if overlaps_interrupt_range(iova.0, 1) {
             return Err(Blocked { reason: None });
@@ -186,8 +186,8 @@ impl Unit {
         }
         let leaf = self.second_stage(&ctx, iova, epoch).map_err(fail)?;
         let (allowed, reason) = match access {
-            Access::Read => (leaf.read, FaultReason::NoRead),
-            Access::Write => (leaf.write, FaultReason::NoWrite),
+            Direction::Read => (leaf.read, FaultReason::NoRead),
+            Direction::Write => (leaf.write, FaultReason::NoWrite),
         };
         if !allowed {
             return Err(fail(Fault { reason, fpd: ctx.fpd }));
@@ -221,7 +221,7 @@ impl Unit {
         if !self.translation_enabled.load(Ordering::Acquire) {
             return AtsCompletion::UnsupportedRequest;
         }
-        let access = if no_write { Access::Read } else { Access::Write };
+        let access = if no_write { Direction::Read } else { Direction::Write };
         let record = |f: Fault| self.fault(f, sid, iova.0, access, RequestKind::TranslationRequest);
         let epoch = self.current_epoch();
         let ctx = match self.context(sid, epoch) {
@@ -276,7 +276,7 @@ impl Unit {
     /// Checks a translated request (AT=10) for `[addr, addr + len)` from `sid`: the
     /// context must have TT=01b (VT-d 4.2.4) and the range must avoid the interrupt range.
     /// No page walk happens: the device vouches for the translation.
-    pub fn check_translated(&self, sid: SourceId, addr: Hpa, len: u64, access: Access) -> Result<(), Blocked> {
+    pub fn check_translated(&self, sid: SourceId, addr: Hpa, len: u64, access: Direction) -> Result<(), Blocked> {
         let r = self.check_translated_inner(sid, addr, len.max(1), access);
         if r.is_ok() {
             self.counters.translated_ok.inc()
@@ -286,7 +286,7 @@ impl Unit {
         r
     }
 
-    fn check_translated_inner(&self, sid: SourceId, addr: Hpa, len: u64, access: Access) -> Result<(), Blocked> {
+    fn check_translated_inner(&self, sid: SourceId, addr: Hpa, len: u64, access: Direction) -> Result<(), Blocked> {
         let fail = |f: Fault| Blocked { reason: Some(self.fault(f, sid, addr.0, access, RequestKind::Translated)) };
         if !self.translation_enabled.load(Ordering::Acquire) {
             // With translation off every request is passed through unchanged.
@@ -309,7 +309,7 @@ impl Unit {
         let mut done = 0usize;
         while done < buf.len() {
             let at = iova.0 + done as u64;
-            let t = self.translate(sid, Iova(at), Access::Read).map_err(|b| blocked(at, b))?;
+            let t = self.translate(sid, Iova(at), Direction::Read).map_err(|b| blocked(at, b))?;
             let n = chunk(at, t.page_shift, buf.len() - done);
             self.memory.read(t.hpa, &mut buf[done..done + n])?;
             done += n;
@@ -336,7 +336,7 @@ impl Unit {
         let mut done = 0usize;
         while done < data.len() {
             let at = iova.0 + done as u64;
-            let t = self.translate(sid, Iova(at), Access::Write).map_err(|b| blocked(at, b))?;
+            let t = self.translate(sid, Iova(at), Direction::Write).map_err(|b| blocked(at, b))?;
             let n = chunk(at, t.page_shift, data.len() - done);
             self.memory.write(t.hpa, &data[done..done + n])?;
             done += n;
@@ -348,7 +348,7 @@ impl Unit {
     pub fn translated_read(&self, sid: SourceId, addr: Hpa, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = buf.len() as u64;
         addr.0.checked_add(len).ok_or(DmaError::Overflow { addr: addr.0, len })?;
-        self.check_translated(sid, addr, len, Access::Read).map_err(|b| blocked(addr.0, b))?;
+        self.check_translated(sid, addr, len, Direction::Read).map_err(|b| blocked(addr.0, b))?;
         Ok(self.memory.read(addr, buf)?)
     }
 
@@ -356,7 +356,7 @@ impl Unit {
     pub fn translated_write(&self, sid: SourceId, addr: Hpa, data: &[u8]) -> Result<(), DmaError> {
         let len = data.len() as u64;
         addr.0.checked_add(len).ok_or(DmaError::Overflow { addr: addr.0, len })?;
-        self.check_translated(sid, addr, len, Access::Write).map_err(|b| blocked(addr.0, b))?;
+        self.check_translated(sid, addr, len, Direction::Write).map_err(|b| blocked(addr.0, b))?;
         Ok(self.memory.write(addr, data)?)
     }
 }
@@ -378,7 +378,7 @@ impl Unit {
     /// An MSI write from `sid` (a DWORD write to the interrupt address range): remapped
     /// through the interrupt remapping table, or passed through when remapping is off
     /// (VT-d 5.1). The interrupt goes to [`super::UnitEvents::interrupt_remapped`]; a
-    /// blocked one is recorded as a fault with the interrupt index in FI[63:48].
+    /// blocked one is recorded as a fault with the interrupt index in `FI[63:48]`.
     pub fn msi_write(&self, sid: SourceId, addr: u64, data: u32) -> Result<Remapped, IrFault> {
         match self.interrupts.remap(&self.memory, sid, addr, data) {
             Ok(remapped) => {
@@ -391,7 +391,7 @@ impl Unit {
                         reason: f.reason,
                         sid,
                         addr: f.fault_info(),
-                        access: Access::Write,
+                        access: Direction::Write,
                         kind: RequestKind::Untranslated,
                     };
                     match self.faults.log(record, false, self.queue_error_pending(), &*self.events) {

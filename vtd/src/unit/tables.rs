@@ -1,5 +1,5 @@
 //! The binary formats of the legacy-mode translation structures: root entries, context
-//! entries and second-stage page-table entries (VT-d 9.1, 9.3, 9.8; VTD-REFERENCE b.3, b.4).
+//! entries and second-stage page-table entries (VT-d 9.1, 9.3, 9.8).
 //!
 //! Each entry is a small `Copy` wrapper over its raw bits with named accessors; the bit
 //! positions live here and nowhere else. This module decodes and encodes; it does not read
@@ -16,7 +16,7 @@ pub const ADDR_MASK: u64 = ((1u64 << HOST_ADDRESS_WIDTH) - 1) & !0xfff;
 /// Size in bytes of a root table and of a context table (256 entries of 16 bytes).
 pub const TABLE_BYTES: u64 = 4096;
 
-/// Legacy root entry (VT-d 9.1): lo = P[0], CTP[63:12]; hi reserved.
+/// Legacy root entry (VT-d 9.1): lo = `P[0]`, `CTP[63:12]`; hi reserved.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct RootEntry {
     /// Low 64 bits.
@@ -42,7 +42,7 @@ impl RootEntry {
     pub const fn context_table(self) -> Hpa {
         Hpa(self.lo & ADDR_MASK)
     }
-    /// Reserved bits that are set: lo[11:1], lo above HAW, all of hi.
+    /// Reserved bits that are set: `lo[11:1]`, lo above HAW, all of hi.
     pub const fn reserved_bits(self) -> bool {
         (self.lo & !(ADDR_MASK | 1)) != 0 || self.hi != 0
     }
@@ -103,15 +103,6 @@ impl AddressWidth {
     pub const fn bits(self) -> u32 {
         30 + 9 * self as u32
     }
-    /// Picks the width with this many levels.
-    pub const fn from_levels(levels: u32) -> Option<Self> {
-        match levels {
-            3 => Some(Self::Aw39),
-            4 => Some(Self::Aw48),
-            5 => Some(Self::Aw57),
-            _ => None,
-        }
-    }
     /// True when `iova` (and so every byte up to `iova + len - 1`) fits the width.
     pub const fn covers(self, iova: Iova) -> bool {
         self.bits() >= 64 || iova.0 >> self.bits() == 0
@@ -120,8 +111,8 @@ impl AddressWidth {
 
 /// Legacy context entry (VT-d 9.3).
 ///
-/// lo: P[0] FPD[1] TT[3:2] reserved[11:4] SLPTPTR[63:12];
-/// hi: AW[2:0] AVAIL[6:3] reserved[7] DID[23:8] reserved[63:24].
+/// lo: `P[0] FPD[1] TT[3:2] reserved[11:4] SLPTPTR[63:12]`;
+/// hi: `AW[2:0] AVAIL[6:3] reserved[7] DID[23:8] reserved[63:24]`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct ContextEntry {
     /// Low 64 bits.
@@ -167,7 +158,7 @@ impl ContextEntry {
     pub const fn domain(self) -> DomainId {
         DomainId(((self.hi >> 8) & 0xffff) as u16)
     }
-    /// Reserved bits that are set: lo[11:4], lo above HAW, hi bit 7 and [63:24].
+    /// Reserved bits that are set: `lo[11:4]`, lo above HAW, hi bit 7 and `[63:24]`.
     pub const fn reserved_bits(self) -> bool {
         (self.lo & 0xff0) != 0 || (self.lo >> HOST_ADDRESS_WIDTH) != 0 || (self.hi & Self::HI_RESERVED) != 0
     }
@@ -175,7 +166,7 @@ impl ContextEntry {
 
 /// Second-stage page-table entry (VT-d 9.8).
 ///
-/// R[0] W[1] X[2] EMT[5:3] IPAT[6] PS[7] A[8] D[9] SNP[11] ADDR[HAW-1:12] TM[62];
+/// `R[0] W[1] X[2] EMT[5:3] IPAT[6] PS[7] A[8] D[9] SNP[11] ADDR[HAW-1:12] TM[62]`;
 /// bits 52..=61 and 63 are ignored.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Hash)]
 pub struct SlPte(pub u64);
@@ -230,7 +221,7 @@ impl SlPte {
 
     /// Reserved bits that are set for an entry found at `level` (1 = 4 KiB leaf level).
     ///
-    /// Follows QEMU's `vtd_slpte_nonzero_rsvd` masks (VTD-REFERENCE b.4): bit 11 (SNP,
+    /// Follows QEMU's `vtd_slpte_nonzero_rsvd` masks (VT-d 9.8): bit 11 (SNP,
     /// since dmar reports no snoop control), address bits above HAW (bits 52..=61 and 63
     /// are ignored, not reserved), TM (62) and X (2) since dmar reports neither; at level 4
     /// and 5 also PS; for superpage leaves the address bits below the superpage size.
@@ -252,7 +243,8 @@ impl SlPte {
     }
 }
 
-/// The index of `iova` into the table at `level` (VTD-REFERENCE b.4).
+/// The index of `iova` into the table at `level` (VT-d 3.7: 9 bits per level above the
+/// 12-bit page offset).
 #[inline]
 pub const fn level_index(iova: Iova, level: u32) -> u64 {
     (iova.0 >> (12 + 9 * (level - 1))) & 0x1ff

@@ -165,9 +165,9 @@ impl Unit {
         if !sample {
             return self.walk_tables(ctx, aw, iova, epoch);
         }
-        let start = std::time::Instant::now();
+        let start = self.clock.now();
         let r = self.walk_tables(ctx, aw, iova, epoch);
-        self.events.walk_sampled(start.elapsed());
+        self.events.walk_sampled(self.clock.now().saturating_duration_since(start));
         r
     }
 

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use dmar_vtd::clock::{Clock, SystemClock};
 use dmar_vtd::unit::regs::{self, ccmd, gcmd, iotlb};
 use dmar_vtd::unit::tables::{AddressWidth, ContextEntry, RootEntry, SlPte, TranslationType, level_index};
 use dmar_vtd::unit::{HostMemory, Unit, UnitConfig};
@@ -33,8 +34,17 @@ impl Rig {
     }
 
     pub fn with_events(config: UnitConfig, events: Arc<dyn dmar_vtd::unit::UnitEvents>) -> Self {
+        Self::with_parts(config, events, Arc::new(SystemClock))
+    }
+
+    /// A unit that reads time from `clock`.
+    pub fn with_clock(config: UnitConfig, clock: Arc<dyn Clock>) -> Self {
+        Self::with_parts(config, Arc::new(dmar_vtd::unit::NoEvents), clock)
+    }
+
+    pub fn with_parts(config: UnitConfig, events: Arc<dyn dmar_vtd::unit::UnitEvents>, clock: Arc<dyn Clock>) -> Self {
         let mem = Arc::new(HostMemory::new(MEMORY).expect("memory"));
-        let unit = Arc::new(Unit::with_events(config, mem.clone(), events));
+        let unit = Arc::new(Unit::builder(config, mem.clone()).events(events).clock(clock).build());
         let mut rig = Self { unit, mem, root: Hpa(0), next_frame: 0x100_0000, context_tables: HashMap::new() };
         rig.root = rig.alloc();
         rig.unit.write64(regs::RTADDR, rig.root.0).expect("rtaddr");

@@ -15,9 +15,9 @@
 //! None of these caches ever holds a not-present or faulting entry (CAP.CM = 0, VT-d 6.1),
 //! so mapping a page needs no invalidation.
 
-pub mod context;
-pub mod iotlb;
-pub mod paging;
+pub(crate) mod context;
+pub(crate) mod iotlb;
+pub(crate) mod paging;
 
 use parking_lot::Mutex;
 

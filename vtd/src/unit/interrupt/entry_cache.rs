@@ -92,6 +92,7 @@ impl InterruptEntryCache {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.cache.len()
     }

@@ -1,13 +1,14 @@
 //! The binary formats interrupt remapping reads: the interrupt remapping table entry
-//! (IRTE, VT-d 9.10; VTD-REFERENCE b.8) and the IRTA register value that locates the table
-//! (VTD-REFERENCE b.1, offset 0xB8).
+//! (IRTE, VT-d 9.10) and the IRTA register value that locates the table (VT-d 10.4.30).
 //!
-//! Each format is a small `Copy` wrapper over its raw bits with named accessors; the bit
-//! positions live here and nowhere else. This module decodes, checks reserved bits and
+//! Each format is a small `Copy` wrapper over its raw bits with named accessors; the IRTE's
+//! bit positions live here and nowhere else, IRTA's with the other registers in
+//! `unit::regs`. This module decodes, checks reserved bits and
 //! encodes; it does not read memory, cache entries or decide what an interrupt may do
 //! (that is the remapper in the parent module).
 
 use crate::ids::{Hpa, SourceId};
+use crate::unit::regs::irta;
 
 /// Size of one IRTE in bytes.
 pub const IRTE_BYTES: u64 = 16;
@@ -116,7 +117,7 @@ impl SourceQualifier {
 }
 
 /// Source validation (IRTE `SVT[83:82]` with SID and SQ): which requesters may use an entry
-/// (VT-d 9.10; VTD-REFERENCE b.8). SVT = 11b is reserved.
+/// (VT-d 9.10). SVT = 11b is reserved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SourceValidation {
     /// SVT = 00b: any requester.
@@ -130,7 +131,7 @@ pub enum SourceValidation {
     },
     /// SVT = 10b: the requester's bus must lie in `start..=end`. Encoded as `SID[15:8]` =
     /// start bus, `SID[7:0]` = end bus, as the spec and Linux `set_irte_verify_bus` do (QEMU
-    /// reads the bytes the other way round; VTD-REFERENCE b.8 warning).
+    /// `vtd_irte_get` reads the bytes the other way round).
     BusRange {
         /// First bus allowed.
         start: u8,
@@ -166,14 +167,13 @@ pub struct Irte {
     pub hi: u64,
 }
 
-// Field positions (VTD-REFERENCE b.8).
+// Field positions (VT-d 9.10).
 const P: u64 = 1 << 0;
 const FPD: u64 = 1 << 1;
 const DM: u64 = 1 << 2;
 const RH: u64 = 1 << 3;
 const TM: u64 = 1 << 4;
 const DLM_SHIFT: u32 = 5;
-const AVAIL_SHIFT: u32 = 8;
 const IM: u64 = 1 << 15;
 const VECTOR_SHIFT: u32 = 16;
 const DST_SHIFT: u32 = 32;
@@ -292,11 +292,6 @@ impl Irte {
         DeliveryMode::from_bits(self.delivery_mode_bits())
     }
 
-    /// `AVAIL[11:8]`: free for software, ignored by hardware.
-    pub const fn avail(self) -> u8 {
-        ((self.lo >> AVAIL_SHIFT) & 0xf) as u8
-    }
-
     /// IM: 1 = posted-interrupt format (VT-d 9.11), which this unit does not implement
     /// (ECAP.PI = 0), so the bit is reserved here.
     pub const fn posted(self) -> bool {
@@ -351,7 +346,7 @@ impl Irte {
     }
 
     /// Whether a present entry has reserved bits or encodings set, so that using it must
-    /// fault with 0x24 (VT-d 9.10; VTD-REFERENCE b.8): `lo[14:12]`, IM (posted format is not
+    /// fault with 0x24 (VT-d 9.10): `lo[14:12]`, IM (posted format is not
     /// supported), `lo[31:24]`, in xAPIC mode `DST[7:0]` and `DST[31:16]`, `hi[63:20]` (entry bits
     /// 127:84), SVT = 11b, and the reserved DLM encodings 011b and 110b.
     pub const fn reserved_bits(self, mode: ApicMode) -> bool {
@@ -368,15 +363,15 @@ impl Irte {
     }
 }
 
-/// The interrupt remapping table address register value (IRTA, offset 0xB8; VTD-REFERENCE
-/// b.1): `IRTA[63:12]` the table base, EIME bit 11, `S[3:0]` with 2^(S+1) entries. Bits 10:4
+/// The interrupt remapping table address register value (IRTA_REG, VT-d 10.4.30):
+/// `IRTA[63:12]` the table base, EIME bit 11, `S[3:0]` with 2^(S+1) entries. Bits 10:4
 /// are reserved and dropped when latched.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Irta(u64);
 
-const IRTA_BASE: u64 = !0xfff;
-const IRTA_EIME: u64 = 1 << 11;
-const IRTA_S: u64 = 0xf;
+const IRTA_BASE: u64 = irta::BASE_MASK;
+const IRTA_EIME: u64 = irta::EIME;
+const IRTA_S: u64 = irta::S_MASK;
 
 impl Irta {
     /// The register value, with its reserved bits 10:4 cleared.
@@ -447,7 +442,7 @@ mod tests {
         assert_eq!(e.source_qualifier(), SourceQualifier::IgnoreBits2To1);
         assert_eq!(e.sid_field(), SourceId::new(3, 4, 5).0);
         assert!(!e.reserved_bits(ApicMode::XApic));
-        // Exact bit positions (VTD-REFERENCE b.8).
+        // Exact bit positions (VT-d 9.10).
         assert_eq!(e.lo, 1 | 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 0x31 << 16 | 0x1200 << 32);
         assert_eq!(e.hi, 1 << 18 | 2 << 16 | u64::from(SourceId::new(3, 4, 5).0));
     }

@@ -1,6 +1,6 @@
 //! Interrupt remapping (VT-d 5.1): what the unit does with an MSI write to 0xFEEx_xxxx.
 //!
-//! An [`InterruptRemapper`] owns the interrupt-remapping state of one remapping unit: the
+//! An `InterruptRemapper` owns the interrupt-remapping state of one remapping unit: the
 //! latched interrupt remapping table address (IRTA, with EIME and the table size), the IRE
 //! and CFI enables, the interrupt entry cache (`entry_cache`) and its counters. Given a
 //! request's source id, MSI address and data it answers with the interrupt to deliver
@@ -9,8 +9,8 @@
 //! MSI formats, VT-d 5.1.2).
 //!
 //! It does not own the registers, the fault recording registers or interrupt delivery: the
-//! unit decodes GCMD/IRTA writes and calls [`InterruptRemapper::set_table`],
-//! [`InterruptRemapper::enable`] and [`InterruptRemapper::set_compat_allowed`]; it decides
+//! unit decodes GCMD/IRTA writes and calls `InterruptRemapper::set_table`,
+//! `InterruptRemapper::enable` and `InterruptRemapper::set_compat_allowed`; it decides
 //! whether a fault is recorded ([`IrFault::should_record`]) and records it with the index in
 //! `FI[63:48]` ([`IrFault::fault_info`]); it hands a [`Remapped`] interrupt to whatever models
 //! the APICs. Posted interrupts (IRTE IM = 1, VT-d 9.11) are not implemented (ECAP.PI = 0).
@@ -40,7 +40,7 @@
 //! changed IRTE stays invisible until software invalidates its index. A new table latched
 //! by SIRTP does not flush the cache either (this unit reports CAP.ESIRTPS = 0): software
 //! must follow SIRTP with a global IEC invalidation, as Linux does. With
-//! [`InterruptRemapper::with_stale_detection`] every hit re-reads the IRTE and counts
+//! `InterruptRemapper::with_stale_detection` every hit re-reads the IRTE and counts
 //! uses of entries that no longer match memory.
 //!
 //! An IRTE is two 64-bit words and host memory is atomic per word, so software that
@@ -67,13 +67,15 @@ pub use irte::{
     ApicMode, DeliveryMode, DestinationMode, IRTE_BYTES, Irta, Irte, SourceQualifier, SourceValidation, Trigger,
 };
 use msi::RemappableMsi;
-pub use msi::{is_interrupt_address, msi_compatibility, msi_remappable};
+use msi::is_interrupt_address;
+pub use msi::{msi_compatibility, msi_remappable};
 
 /// Interrupt entry cache geometry of [`InterruptRemapper::default`]: 64 sets × 4 ways.
-pub const DEFAULT_IEC_GEOMETRY: CacheGeometry = CacheGeometry::new(64, 4);
+pub(crate) const DEFAULT_IEC_GEOMETRY: CacheGeometry = CacheGeometry::new(64, 4);
 
 /// The interrupt remapping fault reasons, 0x20..=0x26, in code order.
-pub const IR_FAULT_REASONS: [FaultReason; 7] = [
+#[cfg(test)]
+pub(crate) const IR_FAULT_REASONS: [FaultReason; 7] = [
     FaultReason::IrRequestReserved,
     FaultReason::IrIndexOverflow,
     FaultReason::IrEntryNotPresent,
@@ -136,7 +138,7 @@ impl IrFault {
     }
 
     /// The low qword of the fault record's FI field: the interrupt index in bits 63:48,
-    /// zero when there is none (VTD-REFERENCE b.7).
+    /// zero when there is none (VT-d 10.4.14, FRCD_REG.FI).
     pub const fn fault_info(&self) -> u64 {
         match self.index {
             Some(i) => (i as u64) << 48,
@@ -145,10 +147,9 @@ impl IrFault {
     }
 }
 
-/// An interrupt entry cache invalidation (IEC descriptor, VT-d 6.5.2.7; VTD-REFERENCE b.5
-/// type 4).
+/// An interrupt entry cache invalidation (IEC descriptor, VT-d 6.5.2.7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum IecInvalidation {
+pub(crate) enum IecInvalidation {
     /// G = 0: every cached entry.
     Global,
     /// G = 1: 2^`index_mask` entries from `index` rounded down to that alignment.
@@ -160,48 +161,38 @@ pub enum IecInvalidation {
     },
 }
 
-impl IecInvalidation {
-    /// Decodes qword 0 of an IEC descriptor: G bit 4, `IM[31:27]`, `IIDX[47:32]`. Checking the
-    /// type and the reserved bits is the invalidation queue's job.
-    pub const fn from_descriptor(qw0: u64) -> Self {
-        if qw0 & (1 << 4) == 0 {
-            Self::Global
-        } else {
-            Self::Index { index: (qw0 >> 32) as u16, index_mask: ((qw0 >> 27) & 0x1f) as u8 }
-        }
-    }
-}
-
 /// A snapshot of the remapper's counters.
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct InterruptStats {
+pub(crate) struct InterruptStats {
     /// Requests remapped through an IRTE.
-    pub remapped: u64,
+    pub(crate) remapped: u64,
     /// Requests passed through unremapped (IRE off, or allowed compatibility format).
-    pub passed_through: u64,
+    pub(crate) passed_through: u64,
     /// Requests blocked, by reason: element `i` counts reason 0x20 + `i`.
-    pub blocked: [u64; 7],
+    pub(crate) blocked: [u64; 7],
     /// Interrupt entry cache hits.
-    pub cache_hits: u64,
+    pub(crate) cache_hits: u64,
     /// Interrupt entry cache misses (IRTEs read from memory).
-    pub cache_misses: u64,
+    pub(crate) cache_misses: u64,
     /// Fills refused because an invalidation ran while the IRTE was read.
-    pub cache_fills_refused: u64,
+    pub(crate) cache_fills_refused: u64,
     /// Cache hits whose entry no longer matched memory (with stale detection on).
-    pub stale_hits: u64,
+    pub(crate) stale_hits: u64,
     /// IEC invalidations performed.
-    pub invalidations: u64,
+    pub(crate) invalidations: u64,
 }
 
+#[cfg(test)]
 impl InterruptStats {
     /// Requests blocked with `reason` (0 for a reason that is not an interrupt one).
-    pub fn blocked_by(&self, reason: FaultReason) -> u64 {
+    pub(crate) fn blocked_by(&self, reason: FaultReason) -> u64 {
         reason_slot(reason).and_then(|i| self.blocked.get(i).copied()).unwrap_or(0)
     }
 
     /// Requests blocked for any reason.
-    pub fn blocked_total(&self) -> u64 {
+    pub(crate) fn blocked_total(&self) -> u64 {
         self.blocked.iter().sum()
     }
 }
@@ -228,7 +219,7 @@ const NO_TABLE: u64 = u64::MAX;
 /// The interrupt-remapping hardware of one unit (VT-d 5.1). See the module docs for the
 /// rules it applies.
 #[derive(Debug)]
-pub struct InterruptRemapper {
+pub(crate) struct InterruptRemapper {
     /// The IRTA latched by the last SIRTP, or [`NO_TABLE`].
     irta: AtomicU64,
     /// GSTS.IRES.
@@ -250,7 +241,7 @@ impl Default for InterruptRemapper {
 impl InterruptRemapper {
     /// A remapper in its reset state (IRE and CFI off, no table) whose interrupt entry cache
     /// has `geometry`.
-    pub fn new(geometry: CacheGeometry) -> Result<Self, InvalidGeometry> {
+    pub(crate) fn new(geometry: CacheGeometry) -> Result<Self, InvalidGeometry> {
         geometry.validate()?;
         Ok(Self::with_geometry(geometry))
     }
@@ -268,7 +259,7 @@ impl InterruptRemapper {
 
     /// Turns stale-use detection on or off. On, every cache hit costs two extra memory
     /// loads.
-    pub fn with_stale_detection(mut self, on: bool) -> Self {
+    pub(crate) fn with_stale_detection(mut self, on: bool) -> Self {
         self.stale_detection = on;
         self
     }
@@ -276,12 +267,12 @@ impl InterruptRemapper {
     /// SIRTP: latches the IRTA register value `irta` (base, EIME, S; reserved bits 10:4 are
     /// dropped). Cached entries are kept: software must invalidate the IEC globally after
     /// SIRTP (no ESIRTPS).
-    pub fn set_table(&self, irta: u64) {
+    pub(crate) fn set_table(&self, irta: u64) {
         self.irta.store(Irta::from_bits(irta).to_bits(), Ordering::Release);
     }
 
     /// The table latched by the last SIRTP, if any (GSTS.IRTPS).
-    pub fn table(&self) -> Option<Irta> {
+    pub(crate) fn table(&self) -> Option<Irta> {
         match self.irta.load(Ordering::Acquire) {
             NO_TABLE => None,
             v => Some(Irta::from_bits(v)),
@@ -289,28 +280,29 @@ impl InterruptRemapper {
     }
 
     /// GCMD.IRE: turns interrupt remapping on or off.
-    pub fn enable(&self, on: bool) {
+    pub(crate) fn enable(&self, on: bool) {
         self.enabled.store(on, Ordering::Release);
     }
 
     /// GSTS.IRES.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }
 
     /// GCMD.CFI: whether compatibility-format interrupts pass through while remapping is
     /// on (only in xAPIC mode; VT-d 5.1.4).
-    pub fn set_compat_allowed(&self, cfi: bool) {
+    pub(crate) fn set_compat_allowed(&self, cfi: bool) {
         self.compat_allowed.store(cfi, Ordering::Release);
     }
 
     /// GSTS.CFIS.
-    pub fn compat_allowed(&self) -> bool {
+    pub(crate) fn compat_allowed(&self) -> bool {
         self.compat_allowed.load(Ordering::Acquire)
     }
 
     /// Back to the reset state: remapping and CFI off, no table, the cache empty.
-    pub fn reset(&self) {
+    #[cfg(test)]
+    pub(crate) fn reset(&self) {
         self.enable(false);
         self.set_compat_allowed(false);
         self.irta.store(NO_TABLE, Ordering::Release);
@@ -318,7 +310,7 @@ impl InterruptRemapper {
     }
 
     /// Remaps the interrupt request `sid` made by writing `data` to `addr`.
-    pub fn remap(&self, mem: &HostMemory, sid: SourceId, addr: u64, data: u32) -> Result<Remapped, IrFault> {
+    pub(crate) fn remap(&self, mem: &HostMemory, sid: SourceId, addr: u64, data: u32) -> Result<Remapped, IrFault> {
         let result = self.remap_inner(mem, sid, addr, data);
         match &result {
             Ok(r) if r.index.is_some() => self.counters.remapped.inc(),
@@ -415,7 +407,7 @@ impl InterruptRemapper {
 
     /// Performs an IEC invalidation; returns how many cached entries were dropped. When it
     /// returns, no remap that read the table before it was called can still fill the cache.
-    pub fn invalidate(&self, inv: IecInvalidation) -> usize {
+    pub(crate) fn invalidate(&self, inv: IecInvalidation) -> usize {
         self.counters.invalidations.inc();
         match inv {
             IecInvalidation::Global => self.cache.invalidate_all(),
@@ -424,12 +416,14 @@ impl InterruptRemapper {
     }
 
     /// Entries the interrupt entry cache holds.
-    pub fn cached_entries(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn cached_entries(&self) -> usize {
         self.cache.len()
     }
 
     /// A snapshot of the counters.
-    pub fn stats(&self) -> InterruptStats {
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> InterruptStats {
         let c = &self.counters;
         InterruptStats {
             remapped: c.remapped.get(),

@@ -1,6 +1,6 @@
 //! The two MSI formats an interrupt request can arrive in: the compatibility format (Intel
 //! SDM vol. 3 "Message Signalled Interrupts"; VT-d 5.1.2.1) and the remappable format
-//! (VT-d 5.1.2.2; VTD-REFERENCE b.8).
+//! (VT-d 5.1.2.2).
 //!
 //! An interrupt request is a DWORD write to 0xFEEx_xxxx; address bit 4 tells the formats
 //! apart. This module owns the bit layouts, their decoders and the public encoders that

@@ -1,22 +1,24 @@
 //! The two descriptor formats of PRI: the page request descriptor hardware writes into the
-//! page request queue (VT-d 7.5; VTD-REFERENCE b.6), and the page group response
-//! descriptor software writes into the invalidation queue (type 9, VT-d 7.6; b.5).
+//! page request queue (VT-d 7.5.1), and the page group response descriptor software writes
+//! into the invalidation queue (type 9, VT-d 7.6.1).
 //!
 //! Bit positions live here and nowhere else. Only requests without a PASID are modelled:
 //! a descriptor that carries one (PP set) is refused with a typed error.
 
+use crate::ats::MAX_PRG_INDEX;
 use crate::ids::{Iova, SourceId};
+use crate::unit::invalidation::descriptor::descriptor_type;
 
 /// TYPE of a page request descriptor (qw0 bits 7:0).
 pub const PAGE_REQUEST_TYPE: u8 = 1;
 /// Invalidation-queue descriptor type of a page group response (qw0 bits 3:0 | qw0 bits 11:9 << 4).
 pub const PAGE_GROUP_RESPONSE_TYPE: u8 = 9;
 
-/// PRG index: 9 bits (PCIe 10.4.1; b.9).
-const PRGI_MASK: u16 = 0x1ff;
+/// PRG index: 9 bits (PCIe 10.4.1).
+const PRGI_MASK: u16 = MAX_PRG_INDEX;
 const PAGE_MASK: u64 = !0xfff;
 
-// Page request descriptor, qw0 (b.6).
+// Page request descriptor, qw0 (VT-d 7.5.1).
 const PR_TYPE_MASK: u64 = 0xff;
 const PR_PP: u64 = 1 << 8;
 const PR_PDP: u64 = 1 << 9;
@@ -24,25 +26,25 @@ const PR_RID_SHIFT: u32 = 16;
 /// Without a PASID, PASID bits 51:32, EXE_REQ 52 and PM_REQ 53 have no meaning; with bits
 /// 15:10 and 63:54 they must be zero.
 const PR_QW0_RESERVED: u64 = 0xffff_ffff_0000_fc00;
-// Page request descriptor, qw1 (b.6).
+// Page request descriptor, qw1 (VT-d 7.5.1).
 const PR_RD: u64 = 1 << 0;
 const PR_WR: u64 = 1 << 1;
 const PR_LPIG: u64 = 1 << 2;
 const PR_PRGI_SHIFT: u32 = 3;
 
-// Page group response descriptor (b.5 row 9).
+// Page group response descriptor (VT-d 7.6.1).
 const RESP_PP: u64 = 1 << 4;
 const RESP_RC_SHIFT: u32 = 12;
 const RESP_RID_SHIFT: u32 = 16;
 const RESP_LPIG: u64 = 1 << 2;
 const RESP_PRGI_SHIFT: u32 = 3;
-/// QEMU's reserved masks (b.5 row 9): qw0 bits 8:5 (PDP among them: no private data) and
+/// QEMU's reserved masks (`VTD_INV_DESC_PGRESP_RSVD_*`): qw0 bits 8:5 (PDP among them: no private data) and
 /// 63:52; qw1 bits 1:0 and 63:12.
 const RESP_QW0_RESERVED: u64 = 0xfff0_0000_0000_01e0;
 const RESP_QW1_RESERVED: u64 = 0xffff_ffff_ffff_f003;
 
 /// A PCIe page request (PRI) as the unit receives it from a device, without a PASID
-/// prefix (PCIe 10.4.1; b.9).
+/// prefix (PCIe 10.4.1).
 ///
 /// A device asks for one page to be made present after its translation request came back
 /// with R=W=0. Requests form groups by `prgi`; only the last one (`last`, the L bit,
@@ -68,7 +70,7 @@ pub struct PageRequest {
 impl PageRequest {
     /// A stop marker (PCIe 10.4.1.2: L set, R and W clear) tells software that the device
     /// has stopped using a PRG index space; it needs no response, and Linux drops it
-    /// (b.6). It is queued like any request.
+    /// (`prq_event_thread`). It is queued like any request.
     pub const fn is_stop_marker(&self) -> bool {
         self.last && !self.read && !self.write
     }
@@ -85,7 +87,7 @@ impl PageRequest {
         PageGroupResponse { sid: self.sid, prgi: self.prgi & PRGI_MASK, code }
     }
 
-    /// The 32-byte page request descriptor (VTD-REFERENCE b.6), as four little-endian
+    /// The 32-byte page request descriptor (VT-d 7.5.1), as four little-endian
     /// quadwords. qw2/qw3 are zero without private data.
     pub fn to_descriptor(&self) -> [u64; 4] {
         let mut qw0 = u64::from(PAGE_REQUEST_TYPE) | (u64::from(self.sid.0) << PR_RID_SHIFT);
@@ -144,7 +146,7 @@ pub enum DescriptorError {
     Reserved(u64),
 }
 
-/// The response code of a page group response (PCIe 10.4.2.1; L `QI_RESP_*`; b.5, b.9).
+/// The response code of a page group response (PCIe 10.4.2.1; Linux `QI_RESP_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ResponseCode {
     /// Every page of the group is now present: the device retries its translations.
@@ -187,7 +189,7 @@ pub struct PageGroupResponse {
 }
 
 impl PageGroupResponse {
-    /// The type-9 invalidation descriptor that sends this response (b.5 row 9), as Linux
+    /// The type-9 invalidation descriptor that sends this response (VT-d 7.6.1), as Linux
     /// builds it (`QI_PGRP_*`): LPIG set, no PASID, no private data. In 256-bit mode qw2
     /// and qw3 are zero.
     pub fn to_descriptor(&self) -> [u64; 2] {
@@ -199,7 +201,7 @@ impl PageGroupResponse {
     }
 
     /// Decodes and validates a type-9 page group response descriptor (qw0, qw1; the
-    /// queue engine checks that qw2/qw3 are zero in 256-bit mode, b.5). An error is an
+    /// queue engine checks that qw2/qw3 are zero in 256-bit mode, VT-d 6.5.2). An error is an
     /// invalid descriptor: the invalidation queue reports it as IQE.
     ///
     /// `Ok(None)` is a well-formed response with LPIG clear. Such a response answers a
@@ -208,7 +210,7 @@ impl PageGroupResponse {
     /// (dmar policy, rather than inventing a group response).
     pub fn from_descriptor(desc: [u64; 2]) -> Result<Option<Self>, ResponseError> {
         let [qw0, qw1] = desc;
-        let ty = ((qw0 & 0xf) | (((qw0 >> 9) & 0x7) << 4)) as u8;
+        let ty = descriptor_type(qw0) as u8;
         if ty != PAGE_GROUP_RESPONSE_TYPE {
             return Err(ResponseError::WrongType(ty));
         }
@@ -240,7 +242,7 @@ pub enum ResponseError {
     /// Not a type-9 descriptor.
     #[error("descriptor type {0} is not a page group response")]
     WrongType(u8),
-    /// Reserved bits are set (b.5 row 9).
+    /// Reserved bits are set (VT-d 7.6.1).
     #[error("reserved bits {bits:#x} set in page group response qword {qword}")]
     Reserved {
         /// Which quadword.
@@ -274,7 +276,7 @@ mod tests {
     }
 
     #[test]
-    fn page_request_descriptor_bit_positions_match_b6() {
+    fn page_request_descriptor_bit_positions_match_the_spec() {
         let [qw0, qw1, qw2, qw3] = request().to_descriptor();
         assert_eq!(qw0 & 0xff, 1, "TYPE[7:0]");
         assert_eq!((qw0 >> 8) & 1, 0, "PP");
@@ -356,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn response_descriptor_bit_positions_match_b5() {
+    fn response_descriptor_bit_positions_match_the_spec() {
         let r = PageGroupResponse { sid: SourceId::new(1, 2, 3), prgi: 0x155, code: ResponseCode::Invalid };
         let [qw0, qw1] = r.to_descriptor();
         assert_eq!(qw0 & 0xf, 9, "type");

@@ -1,13 +1,15 @@
-//! Cache invalidation operations (VT-d 6.5): what the context command register, the IOTLB
-//! registers and (later) the invalidation queue ask of the caches.
+//! What an invalidation does to the caches (VT-d 6.5.1): the requests both interfaces
+//! carry, register-based (`registers`) and queued (`queue`), and their effect on the context
+//! cache, the IOTLB and the paging-structure caches.
 //!
 //! Every operation first bumps the unit's invalidation epoch, then drops entries, so a walk
 //! that read the tables before the invalidation cannot refill a cache after it.
 //! Invalidating more than asked is always allowed by the spec; invalidating less never.
+//! Decoding the requests from registers or descriptors is not done here.
 
-use super::Unit;
-use super::regs::MAMV;
 use crate::ids::{DomainId, Iova, SourceId};
+use crate::unit::Unit;
+use crate::unit::regs::MAMV;
 
 /// A context-cache invalidation request (VT-d 6.5.1.1, CCMD.CIRG / descriptor G).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +52,7 @@ pub enum IotlbInvalidation {
 
 /// The granularity the hardware actually performed (CAIG / IAIG).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Performed {
+pub(crate) enum Performed {
     /// Global.
     Global = 1,
     /// Domain-selective.
@@ -61,7 +63,7 @@ pub enum Performed {
 
 /// An invalidation request the unit refuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidationError {
+pub(crate) enum InvalidationError {
     /// AM above CAP.MAMV.
     #[error("address mask {am} exceeds the supported maximum {MAMV}")]
     AddressMaskTooLarge {
@@ -72,7 +74,7 @@ pub enum InvalidationError {
 
 impl Unit {
     /// Performs a context-cache invalidation.
-    pub fn invalidate_context(&self, inv: ContextInvalidation) -> Performed {
+    pub(crate) fn invalidate_context(&self, inv: ContextInvalidation) -> Performed {
         self.begin_invalidation();
         let (n, performed) = match inv {
             ContextInvalidation::Global => (self.context_cache.invalidate_all(), Performed::Global),
@@ -87,7 +89,7 @@ impl Unit {
     }
 
     /// Performs an IOTLB invalidation (with the paging-structure caches it implies).
-    pub fn invalidate_iotlb(&self, inv: IotlbInvalidation) -> Result<Performed, InvalidationError> {
+    pub(crate) fn invalidate_iotlb(&self, inv: IotlbInvalidation) -> Result<Performed, InvalidationError> {
         if let IotlbInvalidation::Page { am, .. } = inv
             && u64::from(am) > MAMV
         {

@@ -1,13 +1,32 @@
-//! 128-bit invalidation descriptors (VT-d 6.5.2; VTD-REFERENCE b.5): decoding with the
-//! exact reserved-bit checks, and encoders for software.
+//! 128-bit invalidation descriptors (VT-d 6.5.2.1-6.5.2.8, 7.6): decoding with the exact
+//! reserved-bit checks, and encoders for software.
 //!
 //! Owns the bit layouts only. A descriptor that fails to decode is an invalidation queue
-//! error (IQE) with the [`QueueErrorCode`] the engine reports in IQERCD.IQEI.
+//! error (IQE) with the [`QueueErrorCode`] the engine reports in IQERCD.IQEI. The
+//! page group response (type 9) is decoded by `unit::prq`, which owns its layout.
 
+use super::caches::{ContextInvalidation, IotlbInvalidation};
 use crate::ids::{DomainId, Iova, SourceId};
-use crate::unit::invalidate::{ContextInvalidation, IotlbInvalidation};
 
-/// IQERCD.IQEI: why the queue stopped (VT-d 10.4.23).
+/// Type 1: context-cache invalidation (VT-d 6.5.2.1).
+pub const CONTEXT_TYPE: u64 = 1;
+/// Type 2: IOTLB invalidation (VT-d 6.5.2.3).
+pub const IOTLB_TYPE: u64 = 2;
+/// Type 3: device-TLB invalidation (VT-d 6.5.2.5).
+pub const DEVICE_TLB_TYPE: u64 = 3;
+/// Type 4: interrupt-entry-cache invalidation (VT-d 6.5.2.7).
+pub const IEC_TYPE: u64 = 4;
+/// Type 5: invalidation wait (VT-d 6.5.2.8).
+pub const WAIT_TYPE: u64 = 5;
+/// Type 9: page group response (VT-d 7.6; its layout is `unit::prq`'s).
+pub const PAGE_GROUP_RESPONSE_TYPE: u64 = crate::unit::prq::PAGE_GROUP_RESPONSE_TYPE as u64;
+
+/// IOTLB descriptor (type 2) qw0: drain writes.
+const IOTLB_DW: u64 = 1 << 6;
+/// IOTLB descriptor (type 2) qw0: drain reads.
+const IOTLB_DR: u64 = 1 << 7;
+
+/// IQERCD.IQEI: why the queue stopped (VT-d 10.4.29).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueueErrorCode {
     /// 1: the tail pointer is outside the queue.
@@ -88,7 +107,7 @@ const DEVTLB_RSVD: (u64, u64) = (0x000f_0000_ffe0_01f0, 0xffe);
 const IEC_RSVD: (u64, u64) = (0xffff_0000_07ff_f1e0, u64::MAX);
 const WAIT_RSVD: (u64, u64) = (0xffff_f180, 0x3);
 
-/// The descriptor type: qw0[3:0] | qw0[11:9] << 4.
+/// The descriptor type: `qw0[3:0] | qw0[11:9] << 4`.
 pub const fn descriptor_type(qw0: u64) -> u64 {
     (qw0 & 0xf) | (((qw0 >> 9) & 0x7) << 4)
 }
@@ -101,7 +120,7 @@ pub fn decode(qw0: u64, qw1: u64) -> Result<Descriptor, QueueErrorCode> {
     let granularity = (qw0 >> 4) & 3;
     let did = DomainId(((qw0 >> 16) & 0xffff) as u16);
     match descriptor_type(qw0) {
-        1 => {
+        CONTEXT_TYPE => {
             rsvd(CC_RSVD)?;
             let sid = SourceId(((qw0 >> 32) & 0xffff) as u16);
             let function_mask = ((qw0 >> 48) & 3) as u8;
@@ -112,7 +131,7 @@ pub fn decode(qw0: u64, qw1: u64) -> Result<Descriptor, QueueErrorCode> {
                 _ => return Err(QueueErrorCode::ReservedFields),
             }))
         }
-        2 => {
+        IOTLB_TYPE => {
             rsvd(IOTLB_RSVD)?;
             Ok(Descriptor::Iotlb(match granularity {
                 1 => IotlbInvalidation::Global,
@@ -126,7 +145,7 @@ pub fn decode(qw0: u64, qw1: u64) -> Result<Descriptor, QueueErrorCode> {
                 _ => return Err(QueueErrorCode::ReservedFields),
             }))
         }
-        3 => {
+        DEVICE_TLB_TYPE => {
             rsvd(DEVTLB_RSVD)?;
             Ok(Descriptor::DeviceTlb(DeviceTlbInvalidationDesc {
                 sid: SourceId(((qw0 >> 32) & 0xffff) as u16),
@@ -134,7 +153,7 @@ pub fn decode(qw0: u64, qw1: u64) -> Result<Descriptor, QueueErrorCode> {
                 addr_s: qw1 & !0xffe,
             }))
         }
-        4 => {
+        IEC_TYPE => {
             rsvd(IEC_RSVD)?;
             Ok(Descriptor::Iec(if qw0 & (1 << 4) == 0 {
                 IecInvalidationDesc::Global
@@ -145,7 +164,7 @@ pub fn decode(qw0: u64, qw1: u64) -> Result<Descriptor, QueueErrorCode> {
                 }
             }))
         }
-        5 => {
+        WAIT_TYPE => {
             rsvd(WAIT_RSVD)?;
             Ok(Descriptor::Wait(WaitDesc {
                 interrupt: qw0 & (1 << 4) != 0,
@@ -155,7 +174,7 @@ pub fn decode(qw0: u64, qw1: u64) -> Result<Descriptor, QueueErrorCode> {
                 status_addr: qw1 & !3,
             }))
         }
-        9 => Ok(Descriptor::PageGroupResponse(qw0, qw1)),
+        PAGE_GROUP_RESPONSE_TYPE => Ok(Descriptor::PageGroupResponse(qw0, qw1)),
         _ => Err(QueueErrorCode::InvalidType),
     }
 }
@@ -178,7 +197,13 @@ pub mod encode {
 
     /// Type 2 (with DR and DW set, as Linux does when the unit reports DRD/DWD).
     pub fn iotlb(inv: IotlbInvalidation) -> (u64, u64) {
-        let drain = (1 << 6) | (1 << 7);
+        iotlb_draining(inv, true, true)
+    }
+
+    /// Type 2 with DR (`read_drain`) and DW (`write_drain`) as given: Linux sets each when
+    /// the unit reports it can drain (CAP.DRD, CAP.DWD).
+    pub fn iotlb_draining(inv: IotlbInvalidation, read_drain: bool, write_drain: bool) -> (u64, u64) {
+        let drain = (if read_drain { IOTLB_DR } else { 0 }) | (if write_drain { IOTLB_DW } else { 0 });
         match inv {
             IotlbInvalidation::Global => (2 | (1 << 4) | drain, 0),
             IotlbInvalidation::Domain(did) => (2 | (2 << 4) | drain | (u64::from(did.0) << 16), 0),
@@ -190,7 +215,7 @@ pub mod encode {
     }
 
     /// Type 3 for `2^pages_log2` pages at `addr` (aligned down), with the ATS S-bit
-    /// encoding (VTD-REFERENCE b.5: Linux `qi_desc_dev_iotlb`).
+    /// encoding (VT-d 6.5.2.5; PCIe ATS 2.3.2; Linux `qi_desc_dev_iotlb`).
     pub fn device_tlb(sid: SourceId, queue_depth: u8, addr: Iova, pages_log2: u32) -> (u64, u64) {
         let qw0 = 3 | (u64::from(queue_depth & 0x1f) << 16) | (u64::from(sid.0) << 32);
         (qw0, crate::ats::range::encode(addr, pages_log2))
