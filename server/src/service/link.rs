@@ -22,8 +22,8 @@
 //! Only unit calls happen here, in place on the link's tasks: none of them waits (the
 //! unit answers translations and DMA at once, and device ports never block). The link
 //! never calls the driver. Wire values are decoded and encoded by [`super::wire`]; the
-//! limits (functions per link, items per message) are PCIe-side ones from
-//! [`dmar_vtd::ats`].
+//! link's limits (functions per link, items per message) are defined once, in
+//! [`dmar_vtd::ats`], for both ends.
 
 use std::collections::HashSet;
 use std::sync::Arc;
