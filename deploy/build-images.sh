@@ -4,7 +4,8 @@
 #   deploy/build-images.sh                 # host-built binaries on FROM scratch (default)
 #   deploy/build-images.sh --multi-stage   # deploy/Dockerfile (needs rust and debian images)
 #
-# Default path: `cargo build --release` on the host, then one build context per image under
+# Default path: `cargo build --release` on the host (the three binaries and the health
+# probe dmar-healthcheck, deploy/healthcheck/), then one build context per image under
 # $CARGO_TARGET_DIR/deploy-images/NAME/ holding a rootfs/ with the binary, every shared
 # library `ldd` lists, the dynamic loader, a minimal /etc and /tmp, and the image's
 # Dockerfile from deploy/images/. Also builds the Prometheus image from the host's Debian
@@ -30,7 +31,7 @@ for arg in "$@"; do
         --multi-stage) multi_stage=1 ;;
         --no-cargo) cargo=0 ;;
         --no-prometheus) prometheus=0 ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "build-images: unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -46,13 +47,12 @@ if [ "$multi_stage" = 1 ]; then
     done
 else
     if [ "$cargo" = 1 ]; then
-        say "cargo build --release (dmar-server, dmar-agent, dmar-loadgen)"
-        cargo build --quiet --release --locked -p dmar-server -p dmar-agent -p dmar-loadgen
+        say "cargo build --release (dmar-server, dmar-agent, dmar-loadgen, dmar-healthcheck)"
+        cargo build --quiet --release --locked -p dmar-server -p dmar-agent -p dmar-loadgen -p dmar-healthcheck
     fi
     mkdir -p "$target/deploy-images"
-    probe=$target/deploy-images/dmar-healthcheck
-    say "rustc deploy/healthcheck/main.rs"
-    rustc --edition 2021 -C opt-level=2 -C strip=symbols deploy/healthcheck/main.rs -o "$probe"
+    probe=$target/release/dmar-healthcheck
+    [ -x "$probe" ] || { echo "build-images: $probe is missing (run without --no-cargo)" >&2; exit 1; }
 fi
 
 # Copies a dynamically linked executable into rootfs at DEST, with the libraries and the

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use dmar_vtd::PAGE_SIZE;
 
 /// Measures how translation throughput and latency scale with concurrent devices, and
 /// what device TLBs buy over a no-device-TLB baseline.
@@ -197,7 +198,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     let n: u64 = digits.parse().map_err(|_| format!("{t:?} is not a size"))?;
     let v = n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("{t:?} is too large"))?;
-    if v == 0 || v % 4096 != 0 {
+    if v == 0 || !v.is_multiple_of(PAGE_SIZE) {
         return Err(format!("size {t:?} must be a positive multiple of 4 KiB"));
     }
     Ok(v)

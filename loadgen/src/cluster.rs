@@ -12,31 +12,31 @@ use tonic::transport::{Channel, Endpoint};
 
 /// One agent and its functions.
 #[derive(Debug, Clone)]
-pub struct AgentHandle {
+pub(crate) struct AgentHandle {
     /// Control endpoint.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
     /// Client.
-    pub client: AgentControlClient<Channel>,
+    pub(crate) client: AgentControlClient<Channel>,
     /// Requester ids of its ATS functions.
-    pub functions: Vec<u32>,
+    pub(crate) functions: Vec<u32>,
 }
 
 /// The server and the agents.
 #[derive(Debug, Clone)]
-pub struct Cluster {
+pub(crate) struct Cluster {
     /// The server's Control service.
-    pub control: ControlClient<Channel>,
+    pub(crate) control: ControlClient<Channel>,
     /// The agents, in a stable order.
-    pub agents: Vec<AgentHandle>,
+    pub(crate) agents: Vec<AgentHandle>,
 }
 
 /// A function chosen for a run: which agent hosts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Device {
+pub(crate) struct Device {
     /// Index into [`Cluster::agents`].
-    pub agent: usize,
+    pub(crate) agent: usize,
     /// Requester id.
-    pub sid: u32,
+    pub(crate) sid: u32,
 }
 
 fn url(s: &str) -> String {
@@ -53,7 +53,7 @@ async fn connect(addr: &str) -> anyhow::Result<Channel> {
 
 /// Expands agent addresses: `host:port` names that resolve to several addresses (a
 /// scaled compose service) become one agent each.
-pub async fn expand_agents(addrs: &[String]) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn expand_agents(addrs: &[String]) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for a in addrs {
         let bare = a.split("://").last().unwrap_or(a);
@@ -74,7 +74,7 @@ pub async fn expand_agents(addrs: &[String]) -> anyhow::Result<Vec<String>> {
 
 impl Cluster {
     /// Connects to the server and every agent and asks the agents for their functions.
-    pub async fn connect(server: &str, agents: &[String]) -> anyhow::Result<Cluster> {
+    pub(crate) async fn connect(server: &str, agents: &[String]) -> anyhow::Result<Cluster> {
         if agents.is_empty() {
             bail!("no agents given (use --agents host:port,...)");
         }
@@ -95,7 +95,7 @@ impl Cluster {
 
     /// Every ATS function, spread over the agents round-robin (so `n` devices use as many
     /// agents as they can).
-    pub fn devices(&self) -> Vec<Device> {
+    pub(crate) fn devices(&self) -> Vec<Device> {
         let mut out = Vec::new();
         let longest = self.agents.iter().map(|a| a.functions.len()).max().unwrap_or(0);
         for i in 0..longest {
@@ -109,7 +109,7 @@ impl Cluster {
     }
 
     /// The server's counters.
-    pub async fn stats(&self) -> anyhow::Result<Stats> {
+    pub(crate) async fn stats(&self) -> anyhow::Result<Stats> {
         Ok(self.control.clone().get_stats(GetStatsRequest {}).await.context("server GetStats")?.into_inner())
     }
 }

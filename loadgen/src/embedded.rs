@@ -14,17 +14,17 @@ use tokio_util::sync::CancellationToken;
 
 /// A running embedded system.
 #[derive(Debug)]
-pub struct Embedded {
+pub(crate) struct Embedded {
     /// Server gRPC address.
-    pub server: String,
+    pub(crate) server: String,
     /// Agent control addresses.
-    pub agents: Vec<String>,
+    pub(crate) agents: Vec<String>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
 /// Requester id of function `f` of agent `a`: bus 0x10 + a, device f, function 0.
-pub fn embedded_sid(agent: u32, function: u32) -> SourceId {
+pub(crate) fn embedded_sid(agent: u32, function: u32) -> SourceId {
     SourceId::new(0x10 + agent as u8, (function % 32) as u8, 0)
 }
 
@@ -32,7 +32,7 @@ impl Embedded {
     /// Starts a server and `agents` agents with `functions_per_agent` ATS functions each.
     /// `pri` gives every function a page request capacity (demand paging needs it; other
     /// scenarios leave it off so that a not-present translation faults at once).
-    pub async fn start(
+    pub(crate) async fn start(
         agents: u32,
         functions_per_agent: u32,
         atc_capacity: usize,
@@ -75,7 +75,7 @@ impl Embedded {
     }
 
     /// Stops everything and waits (bounded) for it to finish.
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;

@@ -3,21 +3,24 @@
 //! latency scale with concurrent devices, against a no-device-TLB baseline measured in the
 //! same run.
 //!
-//! Layout: [`args`] (the command line), [`cluster`] (the server and agents under test),
-//! [`embedded`] (an in-process server and agents on loopback, the default),
-//! [`scenario`] (domains and mappings), [`run`] (one workload across agents), [`sweep`],
-//! [`scenarios`] (invalidate, demand paging), [`report`], [`output`] and [`plot`].
+//! A library with a thin `main.rs`: [`execute`] runs what the command line ([`args`]) asks
+//! for and returns an [`Outcome`] holding a [`report`], which [`Outcome::render`] formats
+//! and [`plot`] draws. Those are the public surface; the rest is internal: `cluster` (the
+//! server and agents under test), `embedded` (an in-process server and agents on
+//! loopback, the default), `scenario` (domains and mappings), `run` (one workload across
+//! agents), `sweep`, `scenarios` (invalidate, demand paging) and `output` (text, JSON,
+//! CSV).
 
 pub mod args;
-pub mod cluster;
-pub mod embedded;
-pub mod output;
+mod cluster;
+mod embedded;
+mod output;
 pub mod plot;
 pub mod report;
-pub mod run;
-pub mod scenario;
-pub mod scenarios;
-pub mod sweep;
+mod run;
+mod scenario;
+mod scenarios;
+mod sweep;
 
 use std::time::{Duration, Instant};
 
@@ -27,7 +30,7 @@ use dmar_proto::v1::GetAgentInfoRequest;
 use crate::args::{Cli, Command, Format};
 use crate::cluster::Cluster;
 use crate::embedded::Embedded;
-use crate::report::{Settings, SweepReport};
+use crate::report::{DemandReport, InvalidateReport, Settings, SweepReport};
 
 /// What a scenario produced.
 #[derive(Debug, Clone)]
@@ -35,9 +38,9 @@ pub enum Outcome {
     /// A sweep (or baseline-only) report.
     Sweep(SweepReport),
     /// The invalidate scenario.
-    Invalidate(scenarios::InvalidateReport),
+    Invalidate(InvalidateReport),
     /// The demand-paging scenario.
-    DemandPaging(scenarios::DemandReport),
+    DemandPaging(DemandReport),
 }
 
 impl Outcome {
@@ -47,88 +50,14 @@ impl Outcome {
             (Outcome::Sweep(r), Format::Text) => Ok(output::text(r)),
             (Outcome::Sweep(r), Format::Json) => output::json(r),
             (Outcome::Sweep(r), Format::Csv) => Ok(output::csv(r)),
-            (Outcome::Invalidate(r), Format::Csv) => Ok(invalidate_csv(r)),
-            (Outcome::Invalidate(r), _) if format == Format::Json => Ok(serde_json::to_string_pretty(r)? + "\n"),
-            (Outcome::Invalidate(r), _) => Ok(invalidate_text(r)),
-            (Outcome::DemandPaging(r), Format::Text) => Ok(format!(
-                "demand paging: {} pages mapped on request; service p50 {} ns p99 {} ns; {} accesses, {} page requests, {} failed, {} faults\n",
-                r.pages_mapped,
-                r.service_latency.p50_ns,
-                r.service_latency.p99_ns,
-                r.devices.counts.accesses,
-                r.devices.counts.page_requests,
-                r.devices.counts.page_request_failures,
-                r.devices.counts.faults
-            )),
-            (Outcome::DemandPaging(r), Format::Json) => Ok(serde_json::to_string_pretty(r)? + "\n"),
-            (Outcome::DemandPaging(r), Format::Csv) => Ok(format!(
-                "pages_mapped,service_p50_ns,service_p99_ns,accesses,page_requests,page_request_failures,faults\n{},{},{},{},{},{},{}\n",
-                r.pages_mapped,
-                r.service_latency.p50_ns,
-                r.service_latency.p99_ns,
-                r.devices.counts.accesses,
-                r.devices.counts.page_requests,
-                r.devices.counts.page_request_failures,
-                r.devices.counts.faults
-            )),
+            (Outcome::Invalidate(r), Format::Text) => Ok(output::invalidate_text(r)),
+            (Outcome::Invalidate(r), Format::Json) => output::json(r),
+            (Outcome::Invalidate(r), Format::Csv) => Ok(output::invalidate_csv(r)),
+            (Outcome::DemandPaging(r), Format::Text) => Ok(output::demand_text(r)),
+            (Outcome::DemandPaging(r), Format::Json) => output::json(r),
+            (Outcome::DemandPaging(r), Format::Csv) => Ok(output::demand_csv(r)),
         }
     }
-}
-
-fn invalidate_text(r: &scenarios::InvalidateReport) -> String {
-    use output::ns;
-    let mut out = format!(
-        "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>8} {:>10} {:>7}\n",
-        "policy", "unmaps/s", "p50", "p90", "p99", "p99.9", "max", "device tr/s", "checked", "stale use", "re-asks"
-    );
-    for p in &r.phases {
-        let l = &p.unmap_latency;
-        let (checked, stale) = if p.policy == "strict" {
-            (p.checked.to_string(), p.use_after_invalidation.to_string())
-        } else {
-            ("-".to_owned(), "-".to_owned())
-        };
-        out += &format!(
-            "{:<9} {:>9.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12.0} {:>8} {:>10} {:>7}\n",
-            p.policy,
-            p.unmaps_per_s,
-            ns(l.p50_ns),
-            ns(l.p90_ns),
-            ns(l.p99_ns),
-            ns(l.p999_ns),
-            ns(l.max_ns),
-            p.devices.device_translations_per_s,
-            checked,
-            stale,
-            p.stale_completions
-        );
-    }
-    out
-}
-
-fn invalidate_csv(r: &scenarios::InvalidateReport) -> String {
-    let mut out = String::from(
-        "policy,unmaps,unmaps_per_s,p50_ns,p90_ns,p99_ns,p999_ns,max_ns,device_translations_per_s,checked,use_after_invalidation,stale_completions\n",
-    );
-    for p in &r.phases {
-        let l = &p.unmap_latency;
-        out += &format!(
-            "{},{},{:.1},{},{},{},{},{},{:.1},{},{},{}\n",
-            p.policy,
-            p.unmaps,
-            p.unmaps_per_s,
-            l.p50_ns,
-            l.p90_ns,
-            l.p99_ns,
-            l.p999_ns,
-            l.max_ns,
-            p.devices.device_translations_per_s,
-            p.checked,
-            p.use_after_invalidation,
-            p.stale_completions
-        );
-    }
-    out
 }
 
 /// Waits until every agent's link to the server is up.

@@ -8,24 +8,9 @@ use dmar_loadgen::{Outcome, execute, plot};
 
 fn main() -> ExitCode {
     let cli: Cli = dmar_process::parse_args("dmar-loadgen");
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("dmar-loadgen: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(&cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dmar-loadgen: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    // Quiet by default: standard output carries the report.
+    dmar_process::init_tracing_with("warn", dmar_process::LogFormat::Plain);
+    dmar_process::block_on("dmar-loadgen", run(&cli))
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {

@@ -1,8 +1,12 @@
-//! Rendering reports: a terminal table, JSON, or CSV.
+//! Rendering reports: a terminal table, JSON, or CSV, for each scenario's report.
+//!
+//! Owns the formats only; the figures are computed in [`crate::report`].
 
 use std::fmt::Write as _;
 
-use crate::report::SweepReport;
+use serde::Serialize;
+
+use crate::report::{DemandReport, InvalidateReport, SweepReport};
 
 fn rate(v: f64) -> String {
     if v >= 1e6 {
@@ -15,7 +19,7 @@ fn rate(v: f64) -> String {
 }
 
 /// A duration in nanoseconds, in the unit that reads best.
-pub fn ns(v: u64) -> String {
+pub(crate) fn ns(v: u64) -> String {
     if v >= 1_000_000 {
         format!("{:.2}ms", v as f64 / 1e6)
     } else if v >= 1_000 {
@@ -26,7 +30,7 @@ pub fn ns(v: u64) -> String {
 }
 
 /// The terminal table.
-pub fn text(r: &SweepReport) -> String {
+pub(crate) fn text(r: &SweepReport) -> String {
     let s = &r.settings;
     let mut out = String::new();
     let _ = writeln!(
@@ -105,12 +109,12 @@ pub fn text(r: &SweepReport) -> String {
 }
 
 /// One JSON document.
-pub fn json(r: &SweepReport) -> anyhow::Result<String> {
+pub(crate) fn json(r: &impl Serialize) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(r)? + "\n")
 }
 
 /// CSV, one row per step.
-pub fn csv(r: &SweepReport) -> String {
+pub(crate) fn csv(r: &SweepReport) -> String {
     let mut out = String::from(
         "devices,device_translations_per_s,server_translations_per_s,atc_hit_ratio,miss_p50_ns,miss_p90_ns,miss_p99_ns,miss_p999_ns,miss_max_ns,faults,server_cpu_ns_per_translation,lookups,atc_hits,atc_misses,coalesced_misses,translations_requested,baseline_translations_per_s,baseline_p50_ns,baseline_p99_ns,ats_over_baseline\n",
     );
@@ -144,4 +148,89 @@ pub fn csv(r: &SweepReport) -> String {
         );
     }
     out
+}
+
+/// The invalidate scenario's table, one row per flush policy.
+pub(crate) fn invalidate_text(r: &InvalidateReport) -> String {
+    let mut out = format!(
+        "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>8} {:>10} {:>7}\n",
+        "policy", "unmaps/s", "p50", "p90", "p99", "p99.9", "max", "device tr/s", "checked", "stale use", "re-asks"
+    );
+    for p in &r.phases {
+        let l = &p.unmap_latency;
+        let (checked, stale) = if p.policy == "strict" {
+            (p.checked.to_string(), p.use_after_invalidation.to_string())
+        } else {
+            ("-".to_owned(), "-".to_owned())
+        };
+        out += &format!(
+            "{:<9} {:>9.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12.0} {:>8} {:>10} {:>7}\n",
+            p.policy,
+            p.unmaps_per_s,
+            ns(l.p50_ns),
+            ns(l.p90_ns),
+            ns(l.p99_ns),
+            ns(l.p999_ns),
+            ns(l.max_ns),
+            p.devices.device_translations_per_s,
+            checked,
+            stale,
+            p.stale_completions
+        );
+    }
+    out
+}
+
+/// The invalidate scenario as CSV, one row per flush policy.
+pub(crate) fn invalidate_csv(r: &InvalidateReport) -> String {
+    let mut out = String::from(
+        "policy,unmaps,unmaps_per_s,p50_ns,p90_ns,p99_ns,p999_ns,max_ns,device_translations_per_s,checked,use_after_invalidation,stale_completions\n",
+    );
+    for p in &r.phases {
+        let l = &p.unmap_latency;
+        out += &format!(
+            "{},{},{:.1},{},{},{},{},{},{:.1},{},{},{}\n",
+            p.policy,
+            p.unmaps,
+            p.unmaps_per_s,
+            l.p50_ns,
+            l.p90_ns,
+            l.p99_ns,
+            l.p999_ns,
+            l.max_ns,
+            p.devices.device_translations_per_s,
+            p.checked,
+            p.use_after_invalidation,
+            p.stale_completions
+        );
+    }
+    out
+}
+
+/// The demand-paging scenario in one line.
+pub(crate) fn demand_text(r: &DemandReport) -> String {
+    format!(
+        "demand paging: {} pages mapped on request; service p50 {} ns p99 {} ns; {} accesses, {} page requests, {} failed, {} faults\n",
+        r.pages_mapped,
+        r.service_latency.p50_ns,
+        r.service_latency.p99_ns,
+        r.devices.counts.accesses,
+        r.devices.counts.page_requests,
+        r.devices.counts.page_request_failures,
+        r.devices.counts.faults
+    )
+}
+
+/// The demand-paging scenario as CSV, one row.
+pub(crate) fn demand_csv(r: &DemandReport) -> String {
+    format!(
+        "pages_mapped,service_p50_ns,service_p99_ns,accesses,page_requests,page_request_failures,faults\n{},{},{},{},{},{},{}\n",
+        r.pages_mapped,
+        r.service_latency.p50_ns,
+        r.service_latency.p99_ns,
+        r.devices.counts.accesses,
+        r.devices.counts.page_requests,
+        r.devices.counts.page_request_failures,
+        r.devices.counts.faults
+    )
 }

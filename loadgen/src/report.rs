@@ -241,3 +241,47 @@ pub struct SweepReport {
     /// The steps.
     pub steps: Vec<Step>,
 }
+
+/// One policy's invalidation figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct InvalidatePhase {
+    /// strict or deferred.
+    pub policy: String,
+    /// Unmap calls completed (each followed by a remap).
+    pub unmaps: u64,
+    /// Unmaps per second (unmap + remap pairs issued back to back from one client).
+    pub unmaps_per_s: f64,
+    /// Latency of the unmap call (for strict: until every cache, device TLBs included,
+    /// dropped the page).
+    pub unmap_latency: Latency,
+    /// The devices' workload while it ran.
+    pub devices: RunSummary,
+    /// Strict unmaps after which the owning device was asked to translate the unmapped
+    /// page before it was mapped again (a sample: one unmap in 8).
+    pub checked: u64,
+    /// Of those, translations the device still completed: a translation used after its
+    /// invalidation completed (must be 0). Deferred unmaps are not checked: serving the
+    /// old translation until the flush is what deferred flushing means.
+    pub use_after_invalidation: u64,
+    /// Translation completions the devices discarded because an invalidation overtook
+    /// them (they asked again).
+    pub stale_completions: u64,
+}
+
+/// The invalidate scenario's report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct InvalidateReport {
+    /// Per policy.
+    pub phases: Vec<InvalidatePhase>,
+}
+
+/// The demand-paging scenario's report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DemandReport {
+    /// Page requests answered by mapping.
+    pub pages_mapped: u64,
+    /// Time from receiving a page request to its response being accepted.
+    pub service_latency: Latency,
+    /// The devices' workload.
+    pub devices: RunSummary,
+}

@@ -13,9 +13,10 @@ use crate::args::{Common, PatternArg};
 use crate::cluster::{Cluster, Device};
 use crate::report::RunSummary;
 use crate::scenario::IOVA_BASE;
+use dmar_vtd::PAGE_SIZE;
 
 /// The workload request for `common`'s settings (functions are filled per agent).
-pub fn workload(common: &Common, mode: WorkloadMode) -> StartWorkloadRequest {
+pub(crate) fn workload(common: &Common, mode: WorkloadMode) -> StartWorkloadRequest {
     let pattern = match common.pattern {
         PatternArg::Uniform => AddressPattern::Uniform,
         PatternArg::Zipf => AddressPattern::Zipf,
@@ -33,7 +34,7 @@ pub fn workload(common: &Common, mode: WorkloadMode) -> StartWorkloadRequest {
             base: IOVA_BASE,
             footprint: common.footprint,
             zipf_exponent: 0.99,
-            stride: 4096 * 17,
+            stride: PAGE_SIZE * 17,
             trace_path: String::new(),
             trace: String::new(),
         }),
@@ -46,7 +47,7 @@ pub fn workload(common: &Common, mode: WorkloadMode) -> StartWorkloadRequest {
 }
 
 /// Runs `request` on `devices` and returns the aggregated summary with the raw reports.
-pub async fn run(
+pub(crate) async fn run(
     cluster: &Cluster,
     devices: &[Device],
     request: &StartWorkloadRequest,

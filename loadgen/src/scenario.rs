@@ -11,41 +11,45 @@ use dmar_proto::v1::*;
 use tonic::transport::Channel;
 
 use crate::args::PageMix;
+use dmar_vtd::PAGE_SIZE;
 
 /// First IOVA of every device's footprint.
-pub const IOVA_BASE: u64 = 0x1_0000_0000;
+pub(crate) const IOVA_BASE: u64 = 0x1_0000_0000;
 /// First host address backing the footprints (2 MiB aligned).
-pub const HPA_BASE: u64 = 0x1000_0000;
+pub(crate) const HPA_BASE: u64 = 0x1000_0000;
 
 /// A device ready for a workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Prepared {
+pub(crate) struct Prepared {
     /// Requester id.
-    pub sid: u32,
+    pub(crate) sid: u32,
     /// Its domain.
-    pub domain: u32,
+    pub(crate) domain: u32,
 }
 
 /// The map ranges for a footprint: 2 MiB-aligned host frames give superpages; a 4 KiB
 /// offset forces 4 KiB pages.
-pub fn ranges(footprint: u64, mix: PageMix) -> Vec<MapRange> {
+pub(crate) fn ranges(footprint: u64, mix: PageMix) -> Vec<MapRange> {
     let perms = Some(Permissions { read: true, write: true });
     let range = |iova: u64, hpa: u64, length: u64| MapRange { iova, hpa, length, permissions: perms };
     match mix {
-        PageMix::Small => vec![range(IOVA_BASE, HPA_BASE + 0x1000, footprint)],
+        PageMix::Small => vec![range(IOVA_BASE, HPA_BASE + PAGE_SIZE, footprint)],
         PageMix::Large => vec![range(IOVA_BASE, HPA_BASE, footprint)],
         PageMix::Mixed => {
             let half = (footprint / 2) & !0x1f_ffff;
             if half == 0 {
-                return vec![range(IOVA_BASE, HPA_BASE + 0x1000, footprint)];
+                return vec![range(IOVA_BASE, HPA_BASE + PAGE_SIZE, footprint)];
             }
-            vec![range(IOVA_BASE, HPA_BASE, half), range(IOVA_BASE + half, HPA_BASE + half + 0x1000, footprint - half)]
+            vec![
+                range(IOVA_BASE, HPA_BASE, half),
+                range(IOVA_BASE + half, HPA_BASE + half + PAGE_SIZE, footprint - half),
+            ]
         }
     }
 }
 
 /// Creates a 48-bit paging domain for `sid` and attaches it with ATS; nothing is mapped.
-pub async fn attach(control: &mut ControlClient<Channel>, sid: u32) -> anyhow::Result<Prepared> {
+pub(crate) async fn attach(control: &mut ControlClient<Channel>, sid: u32) -> anyhow::Result<Prepared> {
     let domain = control
         .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
         .await
@@ -57,7 +61,7 @@ pub async fn attach(control: &mut ControlClient<Channel>, sid: u32) -> anyhow::R
 }
 
 /// Creates a domain per device, attaches it with ATS and maps its footprint.
-pub async fn prepare(
+pub(crate) async fn prepare(
     control: &mut ControlClient<Channel>,
     sids: &[u32],
     footprint: u64,
@@ -77,7 +81,7 @@ pub async fn prepare(
 
 /// Detaches the devices and destroys their domains (best effort: a remote server is left
 /// as it was found).
-pub async fn teardown(control: &mut ControlClient<Channel>, prepared: &[Prepared]) {
+pub(crate) async fn teardown(control: &mut ControlClient<Channel>, prepared: &[Prepared]) {
     for p in prepared {
         let _ = control.detach(DetachRequest { source_id: p.sid }).await;
         let _ = control.destroy_domain(DestroyDomainRequest { domain_id: p.domain }).await;

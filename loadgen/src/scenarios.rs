@@ -13,43 +13,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use dmar_proto::v1::*;
 use hdrhistogram::Histogram;
-use serde::Serialize;
 use tokio_stream::StreamExt;
 
 use crate::args::Common;
 use crate::cluster::Cluster;
-use crate::report::{Latency, RunSummary};
+use crate::report::{DemandReport, InvalidatePhase, InvalidateReport, Latency};
 use crate::run::{run, workload};
 use crate::scenario::{self, HPA_BASE, IOVA_BASE};
-
-/// One policy's invalidation figures.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct InvalidatePhase {
-    /// strict or deferred.
-    pub policy: String,
-    /// Unmap calls completed (each followed by a remap).
-    pub unmaps: u64,
-    /// Unmaps per second (unmap + remap pairs issued back to back from one client).
-    pub unmaps_per_s: f64,
-    /// Latency of the unmap call (for strict: until every cache, device TLBs included,
-    /// dropped the page).
-    pub unmap_latency: Latency,
-    /// The devices' workload while it ran.
-    pub devices: RunSummary,
-    /// Strict unmaps after which the owning device was asked to translate the unmapped
-    /// page before it was mapped again (one in [`CHECK_EVERY`]).
-    pub checked: u64,
-    /// Of those, translations the device still completed: a translation used after its
-    /// invalidation completed (must be 0). Deferred unmaps are not checked: serving the
-    /// old translation until the flush is what deferred flushing means.
-    pub use_after_invalidation: u64,
-    /// Translation completions the devices discarded because an invalidation overtook
-    /// them (they asked again).
-    pub stale_completions: u64,
-}
+use dmar_vtd::PAGE_SIZE;
 
 /// Unmapped pages are mapped again this many unmaps later.
-pub const REMAP_LAG: usize = 512;
+pub(crate) const REMAP_LAG: usize = 512;
 
 async fn remap(
     control: &mut dmar_proto::v1::control_client::ControlClient<tonic::transport::Channel>,
@@ -57,26 +31,22 @@ async fn remap(
     iova: u64,
 ) -> anyhow::Result<()> {
     let perms = Some(Permissions { read: true, write: true });
-    let hpa = HPA_BASE + 0x1000 + (iova - IOVA_BASE);
+    let hpa = HPA_BASE + PAGE_SIZE + (iova - IOVA_BASE);
     control
-        .map(MapRequest { domain_id: domain, ranges: vec![MapRange { iova, hpa, length: 4096, permissions: perms }] })
+        .map(MapRequest {
+            domain_id: domain,
+            ranges: vec![MapRange { iova, hpa, length: PAGE_SIZE, permissions: perms }],
+        })
         .await
         .context("Map")?;
     Ok(())
 }
 
 /// One strict unmap in this many is followed by a check through the owning device.
-pub const CHECK_EVERY: u64 = 8;
-
-/// The invalidate scenario's report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct InvalidateReport {
-    /// Per policy.
-    pub phases: Vec<InvalidatePhase>,
-}
+pub(crate) const CHECK_EVERY: u64 = 8;
 
 /// Runs the invalidate scenario with `devices` devices.
-pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> anyhow::Result<InvalidateReport> {
+pub(crate) async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> anyhow::Result<InvalidateReport> {
     let all = cluster.devices();
     if devices == 0 || all.len() < devices {
         bail!("the invalidate scenario needs {devices} devices but the agents host {} ATS functions", all.len());
@@ -86,7 +56,7 @@ pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> a
     let mut control = cluster.control.clone();
     let prepared = scenario::prepare(&mut control, &sids, common.footprint, crate::args::PageMix::Small).await?;
     let mut report = InvalidateReport::default();
-    let pages = common.footprint / 4096;
+    let pages = common.footprint / PAGE_SIZE;
     let result: anyhow::Result<()> = async {
         for (name, policy) in [("strict", FlushPolicy::Strict), ("deferred", FlushPolicy::Deferred)] {
             let request = workload(common, WorkloadMode::Ats);
@@ -111,7 +81,7 @@ pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> a
                 x ^= x << 17;
                 let p = prepared[(x as usize) % prepared.len()];
                 let page = (x >> 8) % pages;
-                let iova = IOVA_BASE + page * 4096;
+                let iova = IOVA_BASE + page * PAGE_SIZE;
                 if holes.iter().any(|h| *h == (p.domain, iova)) {
                     continue;
                 }
@@ -119,7 +89,7 @@ pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> a
                 control
                     .unmap(UnmapRequest {
                         domain_id: p.domain,
-                        ranges: vec![UnmapRange { iova, length: 4096 }],
+                        ranges: vec![UnmapRange { iova, length: PAGE_SIZE }],
                         policy: policy as i32,
                     })
                     .await
@@ -173,19 +143,8 @@ pub async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> a
     Ok(report)
 }
 
-/// The demand-paging scenario's report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct DemandReport {
-    /// Page requests answered by mapping.
-    pub pages_mapped: u64,
-    /// Time from receiving a page request to its response being accepted.
-    pub service_latency: Latency,
-    /// The devices' workload.
-    pub devices: RunSummary,
-}
-
 /// Runs the demand-paging scenario on the first device of each agent.
-pub async fn demand_paging(cluster: &Cluster, common: &Common) -> anyhow::Result<DemandReport> {
+pub(crate) async fn demand_paging(cluster: &Cluster, common: &Common) -> anyhow::Result<DemandReport> {
     let chosen: Vec<_> = cluster.devices().into_iter().take(cluster.agents.len().max(1)).collect();
     if chosen.is_empty() {
         bail!("no ATS functions to run demand paging on");
@@ -214,14 +173,14 @@ pub async fn demand_paging(cluster: &Cluster, common: &Common) -> anyhow::Result
                 };
                 let t = Instant::now();
                 let Some(p) = prepared.iter().find(|p| p.sid == req.source_id) else { continue };
-                let page = (req.address - IOVA_BASE.min(req.address)) / 4096;
+                let page = (req.address - IOVA_BASE.min(req.address)) / PAGE_SIZE;
                 let perms = Some(Permissions { read: true, write: true });
                 let map = MapRequest {
                     domain_id: p.domain,
                     ranges: vec![MapRange {
-                        iova: req.address & !0xfff,
-                        hpa: HPA_BASE + 0x1000 + page * 4096,
-                        length: 4096,
+                        iova: req.address & !(PAGE_SIZE - 1),
+                        hpa: HPA_BASE + PAGE_SIZE + page * PAGE_SIZE,
+                        length: PAGE_SIZE,
                         permissions: perms,
                     }],
                 };

@@ -13,7 +13,7 @@ use crate::run::{run, workload};
 use crate::scenario;
 
 /// Runs the sweep over an already connected cluster.
-pub async fn sweep(
+pub(crate) async fn sweep(
     cluster: &Cluster,
     common: &Common,
     with_ats: bool,

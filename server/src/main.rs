@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use dmar_process as process;
+use dmar_process::{self as process, LogFormat};
 use dmar_server::service::{Listeners, ServerConfig, serve};
 use dmar_vtd::driver::FlushPolicy;
 use dmar_vtd::unit::{CacheGeometry, UnitConfig};
@@ -63,12 +63,6 @@ enum Flush {
     Deferred,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
-}
-
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, shift) = match s.char_indices().last() {
@@ -100,21 +94,8 @@ fn parse_geometry(s: &str) -> Result<CacheGeometry, String> {
 
 fn main() -> ExitCode {
     let args: Args = process::parse_args("dmar-server");
-    process::init_tracing(matches!(args.log_format, LogFormat::Json));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("dmar-server: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dmar-server: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    process::init_tracing_with("info", args.log_format);
+    process::block_on("dmar-server", run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -140,14 +121,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let grpc = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let metrics = match args.metrics_listen.as_str() {
-        "off" | "" => None,
-        addr => {
-            let addr: SocketAddr =
-                addr.parse().with_context(|| format!("metrics address {addr:?} is not host:port"))?;
-            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?)
-        }
-    };
+    let metrics =
+        match process::listen_address(&args.metrics_listen).map_err(anyhow::Error::msg).context("metrics address")? {
+            None => None,
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?)
+            }
+        };
     let shutdown = CancellationToken::new();
     process::cancel_on_signal(shutdown.clone());
     serve(config, Listeners { grpc, metrics }, shutdown).await?;

@@ -4,6 +4,12 @@
 //!
 //! A watcher that falls more than [`EVENT_BUFFER`] events behind loses the oldest ones
 //! (and is told how many in the log); the unit never blocks on a slow watcher.
+//!
+//! The unit calls the hub synchronously, from whichever thread made the unit act, so
+//! nothing here waits or calls back into the unit or the driver. Page requests are not
+//! broadcast from here: the hub only wakes the page request pump
+//! ([`super::background`]), which drains the queue through the driver. Events are
+//! encoded by [`super::wire`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,20 +18,21 @@ use dmar_proto::v1::{FaultEvent, InterruptEvent, PageRequestEvent};
 use tokio::sync::{Notify, broadcast};
 
 use super::metrics::Metrics;
+use super::wire;
 use dmar_vtd::ids::SourceId;
-use dmar_vtd::unit::interrupt::{DestinationMode, Remapped, Trigger};
-use dmar_vtd::unit::{Direction, FaultReason, FaultRecord, UnitEvents};
+use dmar_vtd::unit::interrupt::Remapped;
+use dmar_vtd::unit::{FaultReason, FaultRecord, UnitEvents};
 
 /// The page request event's message data: the driver programs PEDATA with it, and the hub
 /// recognises the event by it.
-pub const PAGE_REQUEST_VECTOR: u32 = 0x5052;
+pub(crate) const PAGE_REQUEST_VECTOR: u32 = 0x5052;
 
 /// Events buffered per stream before slow watchers start losing them.
-pub const EVENT_BUFFER: usize = 4096;
+pub(crate) const EVENT_BUFFER: usize = 4096;
 
 /// The unit's event sink in the server.
 #[derive(Debug)]
-pub struct EventHub {
+pub(crate) struct EventHub {
     pub(crate) faults: broadcast::Sender<FaultEvent>,
     pub(crate) interrupts: broadcast::Sender<InterruptEvent>,
     pub(crate) page_requests: broadcast::Sender<PageRequestEvent>,
@@ -49,14 +56,7 @@ impl UnitEvents for EventHub {
     fn fault_recorded(&self, record: &FaultRecord) {
         self.metrics.faults[usize::from(record.reason.code())].increment(1);
         // No watcher is not an error.
-        let _ = self.faults.send(FaultEvent {
-            reason: u32::from(record.reason.code()),
-            reason_name: record.reason.name().to_owned(),
-            source_id: u32::from(record.sid.0),
-            address: record.addr,
-            write: record.access == Direction::Write,
-            address_type: record.kind as u32,
-        });
+        let _ = self.faults.send(wire::fault_event(record));
     }
 
     fn fault_dropped(&self, _reason: FaultReason, _overflow: bool) {}
@@ -68,15 +68,7 @@ impl UnitEvents for EventHub {
     }
 
     fn interrupt_remapped(&self, sid: SourceId, i: &Remapped) {
-        let _ = self.interrupts.send(InterruptEvent {
-            source_id: u32::from(sid.0),
-            vector: u32::from(i.vector),
-            destination: i.destination,
-            delivery_mode: i.delivery_mode as u32,
-            level: i.trigger == Trigger::Level,
-            logical: i.destination_mode == DestinationMode::Logical,
-            index: i.index.map(u32::from),
-        });
+        let _ = self.interrupts.send(wire::interrupt_event(sid, i));
     }
 
     fn walk_sampled(&self, duration: Duration) {

@@ -18,6 +18,12 @@
 //! When a link ends, its functions are unbound; the unit completes their outstanding
 //! device-TLB invalidations (the functions' device TLBs are gone: an agent that reconnects
 //! starts empty), so no invalidation queue ever waits on a dead link.
+//!
+//! Only unit calls happen here, in place on the link's tasks: none of them waits (the
+//! unit answers translations and DMA at once, and device ports never block). The link
+//! never calls the driver. Wire values are decoded and encoded by [`super::wire`]; the
+//! link's limits (functions per link, items per message) are defined once, in
+//! [`dmar_vtd::ats`], for both ends.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,26 +31,17 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use dmar_proto::v1::ats_link_server::AtsLink;
-use dmar_proto::v1::{
-    Bound, CompletionStatus, DmaCompletion, InvalidationRequest, LinkDown, LinkUp,
-    PageGroupResponse as WirePageResponse, TranslationCompletion, TranslationEntry,
-};
+use dmar_proto::v1::{DmaCompletion, InvalidationRequest, LinkDown, LinkUp, PageGroupResponse as WirePageResponse};
+use dmar_vtd::ats::{MAX_FUNCTIONS_PER_LINK, MAX_ITEMS_PER_MESSAGE};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::State;
-use super::status;
-use dmar_vtd::ids::{Hpa, ITag, Iova, SourceId};
-use dmar_vtd::unit::prq::PageRequest;
-use dmar_vtd::unit::{AtsCompletion, DeviceInvalidation, DevicePort, PageResponse};
+use super::wire::{self, MAX_DMA_BYTES};
+use super::{State, status};
+use dmar_vtd::ids::{Hpa, Iova, SourceId};
+use dmar_vtd::unit::{DeviceInvalidation, DevicePort, PageRequestOutcome, PageResponse};
 
-/// Most functions one link may bind.
-pub const MAX_FUNCTIONS_PER_LINK: usize = 256;
-/// Most items (of all kinds) in one inbound message.
-pub const MAX_ITEMS_PER_MESSAGE: usize = 4096;
-/// Largest DMA payload per request.
-pub const MAX_DMA_BYTES: usize = 64 << 10;
 /// Outbound messages buffered per link before the reader waits.
 const OUTBOUND_DEPTH: usize = 16;
 
@@ -57,7 +54,7 @@ struct LinkPort {
 
 impl DevicePort for LinkPort {
     fn invalidate(&self, r: DeviceInvalidation) {
-        let msg = InvalidationRequest { source_id: u32::from(r.sid.0), itag: u32::from(r.itag.0), address: r.addr_s };
+        let msg = wire::invalidation_request(&r);
         // Sized for every function's full ITag budget: full means the link is gone.
         if self.invalidations.try_send(msg).is_err() {
             tracing::debug!(sid = %r.sid, "invalidation for a closed link dropped; unbinding completes it");
@@ -65,8 +62,7 @@ impl DevicePort for LinkPort {
     }
 
     fn page_response(&self, r: PageResponse) {
-        let msg =
-            WirePageResponse { source_id: u32::from(r.sid.0), group_index: u32::from(r.prgi), code: i32::from(r.code) };
+        let msg = wire::page_group_response(&r);
         if self.responses.try_send(msg).is_err() {
             tracing::warn!(sid = %r.sid, prgi = r.prgi, "page group response dropped: link closed or over its PRI capacity");
         }
@@ -99,19 +95,14 @@ impl AtsLink for LinkService {
         let mut itag_budget = 0usize;
         let mut pri_budget = 0usize;
         for f in &bind.functions {
-            let sid = status::source_id(f.source_id)?;
+            let sid = wire::source_id(f.source_id)?;
             if !seen.insert(sid) {
                 return Err(Status::invalid_argument(format!("requester id {sid} appears twice in the bind")));
             }
-            if !(1..=32).contains(&f.invalidate_queue_depth) {
-                return Err(Status::invalid_argument(format!(
-                    "invalidate queue depth {} of {sid} is outside 1..=32",
-                    f.invalidate_queue_depth
-                )));
-            }
-            itag_budget += f.invalidate_queue_depth as usize;
-            pri_budget += f.page_request_capacity.min(512) as usize;
-            sids.push((sid, f.invalidate_queue_depth as u8));
+            let depth = wire::queue_depth(sid, f.invalidate_queue_depth)?;
+            itag_budget += usize::from(depth);
+            pri_budget += wire::outstanding_page_groups(f);
+            sids.push((sid, depth));
         }
         let (inv_tx, inv_rx) = mpsc::channel(itag_budget + 1);
         let (resp_tx, resp_rx) = mpsc::channel(pri_budget + 16);
@@ -134,13 +125,11 @@ impl AtsLink for LinkService {
         tracing::info!(agent = %bind.agent, functions = sids.len(), "ATS link bound");
 
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_DEPTH);
-        let bound = LinkDown {
-            bound: Some(Bound { source_ids: sids.iter().map(|(s, _)| u32::from(s.0)).collect() }),
-            ..Default::default()
-        };
+        let bound_order: Vec<SourceId> = sids.iter().map(|(s, _)| *s).collect();
+        let bound = LinkDown { bound: Some(wire::bound(&bound_order)), ..Default::default() };
         out_tx.send(Ok(bound)).await.map_err(|_| Status::cancelled("link closed during bind"))?;
         let (done_tx, done_rx) = mpsc::channel(OUTBOUND_DEPTH);
-        let bound_sids: HashSet<SourceId> = sids.iter().map(|(s, _)| *s).collect();
+        let bound_sids: HashSet<SourceId> = bound_order.into_iter().collect();
         let tracker = state.tasks.clone();
         let shutdown = state.shutdown.clone();
         tracker.spawn(writer(inv_rx, resp_rx, done_rx, out_tx.clone()));
@@ -234,8 +223,9 @@ async fn reader(
     }
 }
 
+/// A requester id from an inbound item: it must be one this link bound.
 fn bound_sid(bound: &HashSet<SourceId>, raw: u32) -> Result<SourceId, Status> {
-    let sid = status::source_id(raw)?;
+    let sid = wire::source_id(raw)?;
     if bound.contains(&sid) {
         Ok(sid)
     } else {
@@ -262,47 +252,17 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
     let m = &state.metrics;
     for c in &msg.invalidation_completions {
         let sid = bound_sid(bound, c.source_id)?;
-        let itag =
-            u8::try_from(c.itag).map_err(|_| Status::invalid_argument(format!("ITag {} is out of range", c.itag)))?;
+        let itag = wire::itag(c.itag)?;
         // An unexpected completion sets ICE in the unit; that is the device's error to
         // report, not the link's.
-        let _ = unit.device_tlb_completed(sid, ITag(itag));
+        let _ = unit.device_tlb_completed(sid, itag);
     }
     m.link_invalidations.increment(msg.invalidation_completions.len() as u64);
     let mut reply = LinkDown::default();
     reply.completions.reserve(msg.translations.len());
     for t in &msg.translations {
         let sid = bound_sid(bound, t.source_id)?;
-        let c = match unit.ats_translate(sid, Iova(t.address), t.no_write) {
-            AtsCompletion::Success(e) => TranslationCompletion {
-                tag: t.tag,
-                source_id: t.source_id,
-                status: CompletionStatus::Success as i32,
-                entry: Some(TranslationEntry {
-                    translated_address: e.translated.0,
-                    size_shift: e.size_shift,
-                    read: e.read,
-                    write: e.write,
-                    untranslated_only: e.untranslated_only,
-                    exec: e.exec,
-                    privileged: e.privileged,
-                    global: e.global,
-                }),
-            },
-            AtsCompletion::UnsupportedRequest => TranslationCompletion {
-                tag: t.tag,
-                source_id: t.source_id,
-                status: CompletionStatus::UnsupportedRequest as i32,
-                entry: None,
-            },
-            AtsCompletion::CompleterAbort => TranslationCompletion {
-                tag: t.tag,
-                source_id: t.source_id,
-                status: CompletionStatus::CompleterAbort as i32,
-                entry: None,
-            },
-        };
-        reply.completions.push(c);
+        reply.completions.push(wire::translation_completion(t, unit.ats_translate(sid, Iova(t.address), t.no_write)));
     }
     m.link_translations.increment(msg.translations.len() as u64);
     state.link_translations.fetch_add(msg.translations.len() as u64, Ordering::Relaxed);
@@ -340,7 +300,7 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
         };
         match result {
             Ok(()) => done.ok = true,
-            Err(e) => done.fault_reason = status::dma_fault_code(&e),
+            Err(e) => done.fault_reason = wire::dma_fault_code(&e),
         }
         reply.dma.push(done);
     }
@@ -355,29 +315,15 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
     m.link_msi.increment(msg.msi.len() as u64);
     for p in &msg.page_requests {
         let sid = bound_sid(bound, p.source_id)?;
-        let prgi = status::group_index(p.group_index)?;
-        let req = PageRequest {
-            sid,
-            addr: Iova(p.address & !0xfff),
-            read: p.read,
-            write: p.write,
-            prgi,
-            last: p.last,
-            private_data: None,
-        };
-        match unit.page_request(req) {
-            Ok(dmar_vtd::unit::PageRequestOutcome::Queued) => m.prq_queued.increment(1),
-            Ok(dmar_vtd::unit::PageRequestOutcome::Dropped) => m.prq_overflow.increment(1),
+        match unit.page_request(wire::page_request(sid, p)?) {
+            Ok(PageRequestOutcome::Queued) => m.prq_queued.increment(1),
+            Ok(PageRequestOutcome::Dropped) => m.prq_overflow.increment(1),
             Err(e) => {
                 // The function may not use PRI: answer the group with a response failure so
                 // it stops, rather than leaving it waiting.
                 tracing::debug!(error = %e, "page request refused");
                 if p.last {
-                    reply.page_responses.push(WirePageResponse {
-                        source_id: p.source_id,
-                        group_index: p.group_index,
-                        code: 0xf,
-                    });
+                    reply.page_responses.push(wire::refused_page_group(p));
                 }
             }
         }

@@ -25,7 +25,7 @@ const LINK_BUCKETS: &[f64] = &[1e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 
 
 /// Installs the global Prometheus recorder with dmar's buckets. Returns the render handle
 /// (the caller serves it) or an error if a recorder is already installed.
-pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+pub(crate) fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("dmar_unit_walk_duration_seconds".into()), WALK_BUCKETS)?
         .set_buckets_for_metric(
@@ -226,7 +226,7 @@ impl Metrics {
 
 /// CPU time (user + system) of this process, from `/proc/self/stat` (Linux; the kernel
 /// reports clock ticks of 1/100 s to user space).
-pub fn process_cpu_time() -> Option<Duration> {
+pub(crate) fn process_cpu_time() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = &stat[stat.rfind(')')? + 2..];

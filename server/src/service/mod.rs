@@ -1,20 +1,26 @@
 //! The network faces of dmar-server: the Control service (software side), the ATS link
 //! service (PCIe side), health, reflection and Prometheus metrics.
 //!
-//! No VT-d logic lives here: each call decodes, calls the driver or the unit, encodes.
-//! This module owns the process-level wiring: building the unit and its driver from a
-//! [`ServerConfig`], the background ticks that let time pass for the unit (device-TLB
-//! time-outs, the deferred flush queue), the page request pump that
-//! drains the unit's page request queue to watchers, and graceful shutdown.
+//! No VT-d logic lives here: each call decodes ([`wire`]), calls the driver or the unit,
+//! encodes, and maps errors ([`status`]). This module owns the process-level wiring:
+//! building the unit and its driver from a [`ServerConfig`], starting the background
+//! tasks ([`background`]: the ticker that lets time pass for the unit and runs due
+//! deferred flushes, the page request pump), and graceful shutdown.
+//!
+//! Threads: a driver call can wait for devices (up to the device-TLB invalidation
+//! time-out), and the devices' answers arrive over links that the runtime's workers
+//! serve. So every driver call made while serving runs on the blocking pool
+//! ([`blocking`]), never on a runtime worker; unit calls (translation, DMA, registers,
+//! completions) never wait and run in place.
 
-pub mod control;
-pub mod events;
-pub mod link;
+mod background;
+mod control;
+mod events;
+mod link;
 pub mod metrics;
-
 mod status;
+mod wire;
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -26,12 +32,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::Status;
 
 use self::events::EventHub;
 use self::metrics::Metrics;
 use dmar_vtd::driver::{Driver, DriverConfig, DriverError, FlushPolicy};
 use dmar_vtd::unit::memory::{DEFAULT_MEMORY_SIZE, InvalidMemorySize};
-use dmar_vtd::unit::{HostMemory, Unit, UnitConfig, UnitStats};
+use dmar_vtd::unit::{HostMemory, Unit, UnitConfig};
 
 /// How the server is built.
 #[derive(Clone, Debug)]
@@ -102,14 +109,16 @@ pub(crate) struct State {
     pub(crate) shutdown: CancellationToken,
 }
 
-/// The process-wide Prometheus recorder, installed on first use.
-pub fn prometheus() -> Result<PrometheusHandle, ServeError> {
+/// The process-wide Prometheus recorder, installed on first use (several servers in one
+/// process, as in tests, share it).
+fn prometheus() -> Result<PrometheusHandle, ServeError> {
     static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     HANDLE.get_or_init(|| metrics::install().map_err(|e| e.to_string())).clone().map_err(ServeError::Metrics)
 }
 
-pub(crate) fn stats_map(s: &UnitStats) -> HashMap<String, u64> {
-    s.fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+/// Runs a driver call on the blocking pool and returns its result (see the module doc).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(status::join)?
 }
 
 /// Serves until `shutdown` is cancelled, then drains: links are closed, background tasks
@@ -125,6 +134,7 @@ pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: Cancell
     let memory = Arc::new(HostMemory::new(config.memory_size)?);
     let unit = Arc::new(Unit::with_events(config.unit, memory, hub.clone()));
     let driver_config = DriverConfig { flush: config.default_flush, ..DriverConfig::for_memory(config.memory_size) };
+    // Before any link is open no device can be waited for: these calls run in place.
     let driver = Arc::new(Driver::new(unit.clone(), driver_config)?);
     driver.enable_interrupt_remapping()?;
     driver.enable_page_requests(events::PAGE_REQUEST_VECTOR)?;
@@ -143,8 +153,8 @@ pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: Cancell
         shutdown: shutdown.clone(),
     });
 
-    tasks.spawn(ticker(state.clone()));
-    tasks.spawn(page_request_pump(state.clone(), page_requests));
+    tasks.spawn(background::ticker(state.clone(), background::tick_period(&[config.default_flush, config.deferred])));
+    tasks.spawn(background::page_request_pump(state.clone(), page_requests));
     if let (Some(listener), Some(handle)) = (listeners.metrics, handle) {
         let s = state.clone();
         let render: dmar_process::Render = Arc::new(move || {
@@ -183,53 +193,4 @@ pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: Cancell
     }
     tracing::info!("dmar-server stopped");
     result.map_err(ServeError::from)
-}
-
-/// Lets time pass for the unit and the driver.
-async fn ticker(state: Arc<State>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            () = state.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        state.unit.poll(state.unit.clock().now());
-        let driver = state.driver.clone();
-        // A due deferred flush waits for devices: off the runtime threads.
-        if driver.deferred_due() {
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err(e) = driver.poll_deferred() {
-                    tracing::warn!(error = %e, "deferred flush failed");
-                }
-            })
-            .await;
-        }
-    }
-}
-
-/// Drains the page request queue whenever the unit raises its page request event, and
-/// hands the requests to watchers.
-async fn page_request_pump(state: Arc<State>, notify: Arc<Notify>) {
-    loop {
-        tokio::select! {
-            () = state.shutdown.cancelled() => return,
-            () = notify.notified() => {}
-        }
-        match state.driver.drain_page_requests() {
-            Ok(requests) => {
-                for r in requests {
-                    let _ = state.hub.page_requests.send(dmar_proto::v1::PageRequestEvent {
-                        source_id: u32::from(r.sid.0),
-                        address: r.addr.0,
-                        read: r.read,
-                        write: r.write,
-                        group_index: u32::from(r.prgi),
-                        last: r.last,
-                    });
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "page request queue drain failed"),
-        }
-    }
 }

@@ -1,13 +1,17 @@
-//! The one place where domain errors become gRPC statuses, and where wire values are
-//! checked into the unit's types. Messages are the errors' own
+//! The one place where errors become gRPC statuses. Messages are the errors' own
 //! (lowercase, no trailing period); the code tells the client what kind of problem it is.
+//!
+//! Client input never maps to `INTERNAL`: a wire value that cannot be decoded is refused
+//! in [`super::wire`] with `INVALID_ARGUMENT`, and a driver refusal maps to the code of its
+//! kind below. `INTERNAL` is kept for faults of the server itself: a driver that lost
+//! track of the hardware, or a blocking task that panicked.
 
+use tokio::task::JoinError;
 use tonic::Status;
 
 use dmar_vtd::driver::DriverError;
-use dmar_vtd::ids::SourceId;
 use dmar_vtd::unit::PortError;
-use dmar_vtd::unit::{DmaError, MemoryError, MmioError};
+use dmar_vtd::unit::{MemoryError, MmioError};
 
 /// Maps a driver error to a status.
 pub(crate) fn driver(e: DriverError) -> Status {
@@ -30,14 +34,24 @@ pub(crate) fn driver(e: DriverError) -> Status {
     }
 }
 
+/// Maps a driver error on range `index` of a map or unmap request: the same code, the
+/// message prefixed with the range.
+pub(crate) fn driver_in_range(index: usize, e: DriverError) -> Status {
+    let s = driver(e);
+    Status::new(s.code(), format!("range {index}: {}", s.message()))
+}
+
+/// A refused register access: the offset or width is the client's.
 pub(crate) fn mmio(e: MmioError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// A memory access outside the emulated memory.
 pub(crate) fn memory(e: MemoryError) -> Status {
     Status::out_of_range(e.to_string())
 }
 
+/// A link bind the unit refused.
 pub(crate) fn port(e: PortError) -> Status {
     match e {
         PortError::AlreadyBound(_) => Status::already_exists(e.to_string()),
@@ -45,26 +59,8 @@ pub(crate) fn port(e: PortError) -> Status {
     }
 }
 
-/// DMA failures are answered in the completion, not as a status; this gives the fault
-/// code carried there (0 when the refusal records no fault).
-pub(crate) fn dma_fault_code(e: &DmaError) -> u32 {
-    match e {
-        DmaError::Fault { reason, .. } => u32::from(reason.code()),
-        _ => 0,
-    }
-}
-
-/// A requester id from the wire: it must fit 16 bits.
-pub(crate) fn source_id(raw: u32) -> Result<SourceId, Status> {
-    u16::try_from(raw)
-        .map(SourceId)
-        .map_err(|_| Status::invalid_argument(format!("requester id {raw:#x} does not fit 16 bits")))
-}
-
-/// A page request group index from the wire: 9 bits (PCIe PRI).
-pub(crate) fn group_index(raw: u32) -> Result<u16, Status> {
-    u16::try_from(raw)
-        .ok()
-        .filter(|g| *g < 512)
-        .ok_or_else(|| Status::invalid_argument(format!("page request group index {raw} exceeds 9 bits")))
+/// A driver call on the blocking pool that did not return (it panicked, or the runtime is
+/// shutting down): a fault of the server, not of the request.
+pub(crate) fn join(e: JoinError) -> Status {
+    Status::internal(format!("driver task failed: {e}"))
 }
