@@ -6,6 +6,8 @@
 #   anywhere in its graph, dev-dependencies included.
 # - dmar-agent (a device process) does not depend on dmar-server, even for its tests.
 # - dmar-process (shared plumbing) knows nothing of VT-d or the wire.
+# - dmar-auth (identities, policy, TLS) serves both faces and depends on neither; its
+#   cryptography is ring's, so nothing needs cmake.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -26,6 +28,7 @@ forbid() {
 forbid dmar-vtd tokio tonic prost tonic-prost metrics-exporter-prometheus hyper dmar-proto dmar-server dmar-agent
 forbid dmar-agent dmar-server
 forbid dmar-process dmar-vtd dmar-proto dmar-server tonic prost
+forbid dmar-auth dmar-server dmar-agent dmar-proto aws-lc-rs aws-lc-sys
 
 if [ "$fail" -ne 0 ]; then
     exit 1
