@@ -3,8 +3,9 @@
 //! Owns wiring and lifecycle: building one task per function and the link task from an
 //! [`AgentConfig`], the registry the control service and embedders use to reach the
 //! functions, starting runs (one at a time) and keeping their reports, and serving the
-//! control and metrics ports until shutdown ([`run`]). What a function does is
-//! `function`'s; how the link works is `link`'s.
+//! control and metrics ports until shutdown ([`run`]), the control port in plaintext or
+//! mutual TLS as the security settings say. What a function does is `function`'s; how the
+//! link works is `link`'s; who may call the control port is `security`'s.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
+use dmar_auth::accept::{AcceptConfig, ConnectionLimiter};
+use dmar_auth::{ClientAuth, Grant, Identity, Policy, PolicyError, Quotas, RequesterIdSet, Role, TlsError};
 use dmar_proto::v1::agent_control_server::AgentControlServer;
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_vtd::SourceId;
@@ -21,14 +24,15 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Endpoint;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::config::{AgentConfig, ConfigError, FunctionConfig};
 use crate::function::{Command, FunctionHandle, FunctionSnapshot, FunctionTask, Stopped, TaskParts};
 use crate::link::{Link, LinkState};
+use crate::security::{ControlGate, PlaintextRefused, Refusals, check_plaintext, printable_name};
 use crate::workload::engine::Engine;
 use crate::workload::{Run, WorkloadError, WorkloadSpec, coordinate};
-use crate::{control, metrics, metrics_http};
+use crate::{control, link, metrics, metrics_http};
 
 /// Commands buffered per function before a handle waits.
 const COMMAND_DEPTH: usize = 256;
@@ -55,6 +59,15 @@ pub enum AgentError {
     /// The server URL is not usable by the transport.
     #[error("server URL: {0}")]
     Url(String),
+    /// Plaintext where the plaintext rule does not allow it.
+    #[error(transparent)]
+    Plaintext(#[from] PlaintextRefused),
+    /// The control port's TLS configuration could not be built.
+    #[error("control port tls: {0}")]
+    Tls(#[from] TlsError),
+    /// The trusted identities do not make a connection policy.
+    #[error("trusted clients: {0}")]
+    Trust(#[from] PolicyError),
     /// Reflection could not be built.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -87,15 +100,25 @@ impl Agent {
     /// Starts the functions and the link (which connects in the background, retrying
     /// with back-off) on the current Tokio runtime. Everything stops when `shutdown` is
     /// cancelled; [`Agent::stopped`] waits for it.
-    pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Agent, AgentError> {
+    ///
+    /// Refuses a plaintext link to a server beyond loopback unless the security settings
+    /// say `insecure` ([`crate::check_plaintext`]). The name is cut to printable ASCII and
+    /// [`crate::MAX_NAME_CHARS`] before it is logged or sent.
+    pub fn start(mut config: AgentConfig, shutdown: CancellationToken) -> Result<Agent, AgentError> {
         config.validate()?;
+        check_plaintext(&config.security, &config.server_url(), None)?;
+        let name = printable_name(&config.name);
+        if name != config.name {
+            tracing::warn!(agent = %name, "agent name cut to printable ascii and its length bound");
+            config.name = name;
+        }
+        if config.security.is_tls() {
+            dmar_auth::tls::install_default_crypto_provider();
+        }
         let config = Arc::new(config);
         let metrics = metrics::handles();
         let tasks = TaskTracker::new();
-        let endpoint = Endpoint::from_shared(config.server_url())
-            .map_err(|e| AgentError::Url(e.to_string()))?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true);
+        let endpoint = link::endpoint(&config).map_err(|e| AgentError::Url(e.to_string()))?;
         let control = ControlClient::new(endpoint.connect_lazy());
         let mut inboxes = Vec::with_capacity(config.functions.len());
         let mut receivers = Vec::with_capacity(config.functions.len());
@@ -136,7 +159,16 @@ impl Agent {
         let mut order: Vec<SourceId> = config.functions.iter().map(|f| f.sid).collect();
         order.sort_unstable();
         let configs = config.functions.iter().map(|f| (f.sid, f.clone())).collect();
-        tracing::info!(agent = %config.name, server = %config.server_url(), functions = n, "dmar-agent started");
+        tracing::info!(
+            agent = %config.name,
+            server = %config.server_url(),
+            functions = n,
+            security = %config.security,
+            "dmar-agent started"
+        );
+        if config.security.insecure && !config.security.is_tls() {
+            tracing::warn!("plaintext by request (insecure): the link's DMA payloads and the control port are open");
+        }
         Ok(Agent {
             inner: Arc::new(Inner {
                 config,
@@ -286,7 +318,14 @@ impl Agent {
 
 /// Starts an agent and serves its control and metrics ports until `shutdown`; the
 /// library entry point the binary, the tests and the load generator share.
+///
+/// Refuses plaintext beyond loopback (the server's host or the control port's address)
+/// unless `config.security.insecure` ([`crate::check_plaintext`]). With TLS the control
+/// port requires TLS and serves AgentControl and reflection only to
+/// `config.security.trusted_clients`; health answers anyone who completes the handshake.
 pub async fn run(config: AgentConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let control = listeners.control.as_ref().and_then(|l| l.local_addr().ok());
+    check_plaintext(&config.security, &config.server_url(), control)?;
     let agent = Agent::start(config, shutdown.clone())?;
     serve(agent, listeners, shutdown).await
 }
@@ -299,47 +338,7 @@ async fn serve(agent: Agent, listeners: Listeners, shutdown: CancellationToken) 
         agent.inner.tasks.spawn(metrics_http::serve(l, shutdown.clone()));
     }
     let result = match listeners.control {
-        Some(l) => {
-            let (health, health_service) = tonic_health::server::health_reporter();
-            let reflection = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(dmar_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1()
-                .map_err(|e| AgentError::Reflection(e.to_string()))?;
-            // AgentControl is SERVING while the ATS link is bound: ready to run workloads.
-            let link = agent.clone();
-            let stop = shutdown.clone();
-            agent.inner.tasks.spawn(async move {
-                let mut state = link.inner.link.clone();
-                loop {
-                    if state.borrow_and_update().connected {
-                        health.set_serving::<AgentControlServer<control::AgentControlService>>().await;
-                    } else {
-                        health.set_not_serving::<AgentControlServer<control::AgentControlService>>().await;
-                    }
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        changed = state.changed() => if changed.is_err() { return },
-                    }
-                }
-            });
-            tracing::info!(addr = ?l.local_addr().ok(), "agent control serving");
-            // Small answers must not wait for delayed ACKs (tonic sets TCP_NODELAY only on
-            // sockets it accepts itself).
-            let incoming = TcpListenerStream::new(l).map(|s| {
-                if let Ok(s) = &s {
-                    let _ = s.set_nodelay(true);
-                }
-                s
-            });
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(AgentControlServer::new(control::AgentControlService::new(agent.clone())))
-                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
-                .await
-                .map_err(AgentError::from)
-        }
+        Some(l) => serve_control(&agent, l, &shutdown).await,
         None => {
             shutdown.cancelled().await;
             Ok(())
@@ -349,4 +348,87 @@ async fn serve(agent: Agent, listeners: Listeners, shutdown: CancellationToken) 
     agent.stopped().await;
     tracing::info!("dmar-agent stopped");
     result
+}
+
+/// Serves AgentControl, health and reflection on `l` until `shutdown`.
+async fn serve_control(agent: &Agent, l: TcpListener, shutdown: &CancellationToken) -> Result<(), AgentError> {
+    let security = &agent.config().security;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dmar_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AgentError::Reflection(e.to_string()))?;
+    // Built before anything is served, so a TLS mistake stops the agent at once.
+    let tls = match &security.tls {
+        Some(tls) => {
+            let config = tls.material().rustls_server_config(ClientAuth::Optional)?;
+            let limiter = ConnectionLimiter::new(
+                Arc::new(trust_policy(&security.trusted_clients)?),
+                ConnectionLimiter::DEFAULT_UNLISTED_MAX,
+            );
+            Some((config, limiter))
+        }
+        None => None,
+    };
+    // AgentControl is SERVING while the ATS link is bound: ready to run workloads.
+    let link = agent.clone();
+    let stop = shutdown.clone();
+    agent.inner.tasks.spawn(async move {
+        let mut state = link.inner.link.clone();
+        loop {
+            if state.borrow_and_update().connected {
+                health.set_serving::<AgentControlServer<control::AgentControlService>>().await;
+            } else {
+                health.set_not_serving::<AgentControlServer<control::AgentControlService>>().await;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = state.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+    let refusals = Arc::new(Refusals::new(&metrics::handles()));
+    let gate = ControlGate::new(security, refusals.clone());
+    let service = control::AgentControlService::new(agent.clone(), refusals);
+    // Health stays outside the gate: probes need no certificate.
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(InterceptedService::new(reflection, gate.clone()))
+        .add_service(InterceptedService::new(AgentControlServer::new(service), gate));
+    tracing::info!(addr = ?l.local_addr().ok(), security = %security, "agent control serving");
+    match tls {
+        Some((config, limiter)) => {
+            // dmar-auth's acceptor: handshakes off the accept loop, bounded, TCP_NODELAY,
+            // each request carrying its peer's verified identity.
+            let incoming = dmar_auth::incoming(l, config, Some(limiter), AcceptConfig::default());
+            router.serve_with_incoming_shutdown(incoming, shutdown.cancelled()).await?;
+        }
+        None => {
+            // Small answers must not wait for delayed ACKs (tonic sets TCP_NODELAY only on
+            // sockets it accepts itself).
+            let incoming = TcpListenerStream::new(l).map(|s| {
+                if let Ok(s) = &s {
+                    let _ = s.set_nodelay(true);
+                }
+                s
+            });
+            router.serve_with_incoming_shutdown(incoming, shutdown.cancelled()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The trusted clients as a connection policy: each may hold the default number of
+/// connections, and everyone else (untrusted identities and probes without a
+/// certificate) shares one small bucket, so they can learn why they are refused but not
+/// hold many sockets.
+fn trust_policy(trusted: &[Identity]) -> Result<Policy, PolicyError> {
+    let mut seen = std::collections::HashSet::new();
+    let grant = Grant {
+        roles: [Role::Operator].into_iter().collect(),
+        requester_ids: RequesterIdSet::empty(),
+        quotas: Quotas::DEFAULT,
+    };
+    Policy::new(trusted.iter().filter(|id| seen.insert(*id)).map(|id| (id.clone(), grant.clone())))
 }

@@ -1,17 +1,23 @@
 //! The command line: every flag, each also read from `DMAR_<FLAG>`, and its translation
-//! into an [`AgentConfig`]. Zero flags work locally (a server on 127.0.0.1:50051). Not
-//! here: the rules a configuration must follow (`config`), tracing and signals
-//! (`dmar_process`).
+//! into an [`AgentConfig`]. Zero flags work locally (a server on 127.0.0.1:50051, plaintext
+//! on loopback). Not here: the rules a configuration must follow (`config`), the plaintext
+//! rule (`security`), tracing and signals (`dmar_process`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use dmar_auth::Identity;
 use dmar_vtd::SourceId;
 use dmar_vtd::ats::{MAX_ITEMS_PER_MESSAGE, MAX_QUEUE_DEPTH};
 
 use crate::atc::{EvictionPolicy, MAX_CAPACITY};
 use crate::config::{AgentConfig, FunctionConfig, MAX_PAGE_REQUESTS, MAX_STU};
+use crate::security::{
+    AgentSecurity, AgentTls, DEFAULT_SERVER_NAME, DEFAULT_TLS_NAME, DEFAULT_TRUSTED_CLIENT, printable_name,
+};
+use crate::workload::DEFAULT_MAX_TRACE_BYTES;
 
 /// Devices on one bus (PCI: a 5-bit device number): the most `auto:N` functions.
 const DEVICES_PER_BUS: u8 = 32;
@@ -20,8 +26,8 @@ const DEVICES_PER_BUS: u8 = 32;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "dmar-agent", version, about)]
 pub struct Args {
-    /// The dmar server's gRPC URL (or host:port).
-    #[arg(long, env = "DMAR_SERVER", default_value = "http://127.0.0.1:50051")]
+    /// The dmar server's gRPC URL, or host:port (https:// with --tls-dir, http:// without).
+    #[arg(long, env = "DMAR_SERVER", default_value = "127.0.0.1:50051")]
     pub server: String,
     /// Requester ids of the functions to host, bus:dev.fn in hex, comma separated; or
     /// `auto:N` for N functions (devices 0..N, function 0) on a bus taken from the last
@@ -71,6 +77,33 @@ pub struct Args {
     /// Most items per ATS link message.
     #[arg(long, env = "DMAR_MAX_BATCH", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=MAX_ITEMS_PER_MESSAGE as u64))]
     pub max_batch: u64,
+    /// Directory with `ca.pem` and this agent's `NAME.pem` and `NAME.key` (as dmar-certs
+    /// writes them): mutual TLS on the ATS link (https://) and on the control port.
+    #[arg(long, env = "DMAR_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Which certificate in --tls-dir is this agent's own [default: --name if given, else
+    /// agent-0].
+    #[arg(long, env = "DMAR_TLS_NAME", value_name = "NAME", value_parser = parse_identity)]
+    pub tls_name: Option<Identity>,
+    /// The name the server's certificate must carry (a DNS name or IP address in its SANs).
+    #[arg(long, env = "DMAR_SERVER_NAME", value_name = "NAME", default_value = DEFAULT_SERVER_NAME)]
+    pub server_name: String,
+    /// Identities (certificate common names) the control port serves with --tls-dir;
+    /// repeatable or comma separated. Others get PERMISSION_DENIED; health is open.
+    #[arg(long = "trust-client", env = "DMAR_TRUST_CLIENTS", value_name = "NAME", default_value = DEFAULT_TRUSTED_CLIENT, value_delimiter = ',', value_parser = parse_identity)]
+    pub trust_clients: Vec<Identity>,
+    /// Allow plaintext beyond loopback: anyone on the path reads DMA payloads and anyone
+    /// who reaches the control port drives the device. Without it and without --tls-dir,
+    /// the server and the control port must both be on loopback.
+    #[arg(long, env = "DMAR_INSECURE")]
+    pub insecure: bool,
+    /// The only directory trace workloads may read files from (relative paths inside it);
+    /// without it, trace files are refused and only inline traces work.
+    #[arg(long, env = "DMAR_TRACE_DIR", value_name = "DIR")]
+    pub trace_dir: Option<PathBuf>,
+    /// Largest trace file read, in bytes.
+    #[arg(long, env = "DMAR_MAX_TRACE_BYTES", default_value_t = DEFAULT_MAX_TRACE_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_trace_bytes: u64,
     /// Log format.
     #[arg(long, env = "DMAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -151,6 +184,23 @@ fn expand_functions(specs: &[Functions], bus: impl FnOnce() -> Result<u8, String
     Ok(out)
 }
 
+/// An error and its causes, `outer: inner` (a file's error says which file; its cause says
+/// why).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+fn parse_identity(s: &str) -> Result<Identity, String> {
+    Identity::new(s.trim()).map_err(|e| e.to_string())
+}
+
 fn parse_policy(s: &str) -> Result<EvictionPolicy, String> {
     s.parse::<EvictionPolicy>().map_err(|e| e.to_string())
 }
@@ -164,7 +214,31 @@ pub fn listen_address(s: &str) -> Result<Option<SocketAddr>, String> {
 }
 
 impl Args {
-    /// The agent configuration the flags describe.
+    /// The certificate the agent presents: --tls-name, else --name (which must then be a
+    /// certificate name), else agent-0.
+    pub fn tls_identity(&self) -> Result<Identity, String> {
+        match (&self.tls_name, &self.name) {
+            (Some(id), _) => Ok(id.clone()),
+            (None, Some(name)) => Identity::new(name).map_err(|_| {
+                format!("--name {:?} is not a certificate name: give --tls-name NAME", printable_name(name))
+            }),
+            (None, None) => Ok(Identity::new(DEFAULT_TLS_NAME).expect("a valid built-in name")),
+        }
+    }
+
+    /// The security settings the flags describe; reads the TLS files.
+    pub fn security(&self) -> Result<AgentSecurity, String> {
+        let tls = match &self.tls_dir {
+            None => None,
+            Some(dir) => {
+                let name = self.tls_identity()?;
+                Some(AgentTls::from_dir(dir, name.as_str(), &self.server_name).map_err(|e| with_causes(&e))?)
+            }
+        };
+        Ok(AgentSecurity { tls, trusted_clients: self.trust_clients.clone(), insecure: self.insecure })
+    }
+
+    /// The agent configuration the flags describe (reading the TLS files).
     pub fn agent_config(&self) -> Result<AgentConfig, String> {
         let sids = expand_functions(&self.functions, host_bus)?;
         let functions = sids
@@ -186,6 +260,9 @@ impl Args {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             max_batch: self.max_batch as usize,
             page_request_timeout: Duration::from_millis(self.page_request_timeout_ms),
+            security: self.security()?,
+            trace_dir: self.trace_dir.clone(),
+            max_trace_bytes: self.max_trace_bytes,
             ..AgentConfig::new(self.server.clone(), functions)
         })
     }
@@ -204,6 +281,98 @@ mod tests {
         assert_eq!(c.functions[0].sid, SourceId::new(0, 1, 0));
         assert_eq!(c.functions[0].atc_capacity, 2048);
         assert_eq!(listen_address(&a.control_listen), Ok(Some("127.0.0.1:50061".parse().expect("addr"))));
+        assert_eq!(c.server_url(), "http://127.0.0.1:50051");
+        assert_eq!(c.security, AgentSecurity::default());
+        assert_eq!(c.trace_dir, None);
+        assert_eq!(c.max_trace_bytes, 64 << 20);
+        let control = listen_address(&a.control_listen).expect("addr");
+        assert_eq!(crate::check_plaintext(&c.security, &c.server_url(), control), Ok(()));
+    }
+
+    #[test]
+    fn security_flags_reach_the_configuration() -> Result<(), Box<dyn std::error::Error>> {
+        let pki = dmar_auth::DevPki::generate(&dmar_auth::DevPkiSpec {
+            agents: vec!["rack-7=00:01.0".parse()?, "agent-0=00:02.0".parse()?],
+            ..dmar_auth::DevPkiSpec::default()
+        })?;
+        let dir = tempfile::tempdir()?;
+        pki.write_to(dir.path(), false)?;
+        let tls_dir = dir.path().to_str().ok_or("utf-8 temp path")?;
+
+        // --tls-dir: https by default, the certificate named by --name, TLS for the server name.
+        let a = Args::try_parse_from([
+            "dmar-agent",
+            "--tls-dir",
+            tls_dir,
+            "--name",
+            "rack-7",
+            "--trust-client",
+            "operator,loadgen",
+            "--trust-client",
+            "observer",
+            "--trace-dir",
+            "/srv/traces",
+            "--max-trace-bytes",
+            "4096",
+        ])?;
+        let c = a.agent_config()?;
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.server_url(), "https://127.0.0.1:50051");
+        let tls = c.security.tls.as_ref().ok_or("tls")?;
+        assert_eq!(tls.material().identity().map(Identity::as_str), Some("rack-7"));
+        assert_eq!(tls.server_name(), "dmar-server");
+        let names: Vec<&str> = c.security.trusted_clients.iter().map(Identity::as_str).collect();
+        assert_eq!(names, ["operator", "loadgen", "observer"]);
+        assert_eq!(c.trace_dir, Some(PathBuf::from("/srv/traces")));
+        assert_eq!(c.max_trace_bytes, 4096);
+        // Beyond loopback is fine with TLS.
+        let far = Args::try_parse_from(["dmar-agent", "--tls-dir", tls_dir, "--server", "dmar-server:50051"])?;
+        let far = far.agent_config()?;
+        assert_eq!(far.server_url(), "https://dmar-server:50051");
+        assert_eq!(crate::check_plaintext(&far.security, &far.server_url(), listen_address("0.0.0.0:1")?), Ok(()));
+        // The default certificate is agent-0; --tls-name picks another.
+        let named = Args::try_parse_from(["dmar-agent", "--tls-dir", tls_dir, "--tls-name", "rack-7"])?;
+        assert_eq!(named.tls_identity()?.as_str(), "rack-7");
+        assert_eq!(Args::try_parse_from(["dmar-agent", "--tls-dir", tls_dir])?.tls_identity()?.as_str(), "agent-0");
+
+        // An http:// URL with --tls-dir is refused, as is a --name that is no certificate name.
+        let http = Args::try_parse_from(["dmar-agent", "--tls-dir", tls_dir, "--server", "http://127.0.0.1:1"])?;
+        assert!(http.agent_config()?.validate().is_err());
+        let odd = Args::try_parse_from(["dmar-agent", "--tls-dir", tls_dir, "--name", "a/../../b"])?;
+        assert!(odd.agent_config().is_err());
+        assert!(Args::try_parse_from(["dmar-agent", "--tls-name", "../ca"]).is_err());
+        assert!(Args::try_parse_from(["dmar-agent", "--trust-client", "a b"]).is_err());
+        assert!(Args::try_parse_from(["dmar-agent", "--max-trace-bytes", "0"]).is_err());
+        // Missing files are an error, not a silent fallback to plaintext.
+        let missing = Args::try_parse_from(["dmar-agent", "--tls-dir", "/nonexistent", "--tls-name", "x"])?;
+        assert!(missing.agent_config().is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_needs_insecure() -> Result<(), Box<dyn std::error::Error>> {
+        let far = Args::try_parse_from(["dmar-agent", "--server", "dmar-server:50051"])?;
+        let c = far.agent_config()?;
+        let refused = crate::check_plaintext(&c.security, &c.server_url(), listen_address(&far.control_listen)?)
+            .expect_err("plaintext to dmar-server");
+        assert_eq!(
+            refused.to_string(),
+            "refusing plaintext to dmar-server:50051: give --tls-dir DIR (docs/SECURITY.md) or --insecure"
+        );
+        let open = Args::try_parse_from(["dmar-agent", "--control-listen", "0.0.0.0:50061"])?;
+        let c = open.agent_config()?;
+        assert!(crate::check_plaintext(&c.security, &c.server_url(), listen_address(&open.control_listen)?).is_err());
+        let insecure = Args::try_parse_from([
+            "dmar-agent",
+            "--server",
+            "dmar-server:50051",
+            "--control-listen",
+            "0.0.0.0:1",
+            "--insecure",
+        ])?;
+        let c = insecure.agent_config()?;
+        assert_eq!(crate::check_plaintext(&c.security, &c.server_url(), listen_address("0.0.0.0:1")?), Ok(()));
+        Ok(())
     }
 
     #[test]

@@ -1,15 +1,20 @@
 //! How an agent is built: the server it links to, the functions it hosts with their ATS,
-//! PRI and device-TLB settings, and the link's timing.
+//! PRI and device-TLB settings, the link's timing, its security settings and where trace
+//! files may be read.
 //!
 //! Owns the configuration types and their validation (every rule a bind or a cache would
-//! otherwise reject later). Parsing command lines is `cli`'s job.
+//! otherwise reject later). Parsing command lines is `cli`'s job; what the security
+//! settings mean is `security`'s.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use dmar_vtd::SourceId;
 use dmar_vtd::ats::{MAX_FUNCTIONS_PER_LINK, MAX_ITEMS_PER_MESSAGE, MAX_PRG_INDEX, MAX_QUEUE_DEPTH};
 
 use crate::atc::{DEFAULT_CAPACITY, EvictionPolicy, MAX_CAPACITY};
+use crate::security::AgentSecurity;
+use crate::workload::{DEFAULT_MAX_TRACE_BYTES, TraceFiles};
 
 /// Most page request groups a function may have outstanding: one per PRG index.
 pub(crate) const MAX_PAGE_REQUESTS: u16 = MAX_PRG_INDEX + 1;
@@ -62,9 +67,11 @@ impl FunctionConfig {
 /// A whole agent.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentConfig {
-    /// Name sent in the bind (for the server's logs) and reported to the load generator.
+    /// Name sent in the bind (for the server's logs) and reported to the load generator;
+    /// cut to printable ASCII and `MAX_NAME_CHARS` when the agent starts.
     pub name: String,
-    /// The server's gRPC URL (`http://host:port`; a bare `host:port` gets `http://`).
+    /// The server's gRPC URL (`https://host:port` with TLS, `http://host:port` without; a
+    /// bare `host:port` gets the scheme that matches).
     pub server: String,
     /// The functions, each with its own device TLB.
     pub functions: Vec<FunctionConfig>,
@@ -80,6 +87,14 @@ pub struct AgentConfig {
     pub page_request_timeout: Duration,
     /// Longest wait for accesses in flight at the end of a workload run.
     pub drain_timeout: Duration,
+    /// TLS on the link and the control port, and who may use the control port. The
+    /// default is plaintext, allowed on loopback only.
+    pub security: AgentSecurity,
+    /// The only directory trace workloads may name files in; `None` refuses trace files
+    /// (inline traces still work).
+    pub trace_dir: Option<PathBuf>,
+    /// Largest trace file read, in bytes.
+    pub max_trace_bytes: u64,
 }
 
 impl AgentConfig {
@@ -95,12 +110,24 @@ impl AgentConfig {
             max_batch: 1024,
             page_request_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
+            security: AgentSecurity::default(),
+            trace_dir: None,
+            max_trace_bytes: DEFAULT_MAX_TRACE_BYTES,
         }
     }
 
-    /// The server URL with a scheme.
+    /// The server URL with a scheme: `https://` with TLS, `http://` without.
     pub fn server_url(&self) -> String {
-        if self.server.contains("://") { self.server.clone() } else { format!("http://{}", self.server) }
+        match (self.server.contains("://"), self.security.is_tls()) {
+            (true, _) => self.server.clone(),
+            (false, true) => format!("https://{}", self.server),
+            (false, false) => format!("http://{}", self.server),
+        }
+    }
+
+    /// The trace files workloads may name.
+    pub fn trace_files(&self) -> TraceFiles {
+        TraceFiles::new(self.trace_dir.clone(), self.max_trace_bytes)
     }
 
     /// Checks every rule the link, the server's bind and the caches enforce.
@@ -112,6 +139,11 @@ impl AgentConfig {
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<tonic::transport::Uri>().is_err()
         {
             return Err(ConfigError::Server(self.server.clone()));
+        }
+        match (url.starts_with("https://"), self.security.is_tls()) {
+            (false, true) => return Err(ConfigError::PlaintextUrl(self.server.clone())),
+            (true, false) => return Err(ConfigError::TlsUrlWithoutTls(self.server.clone())),
+            _ => {}
         }
         let mut seen = std::collections::HashSet::new();
         for f in &self.functions {
@@ -140,6 +172,9 @@ impl AgentConfig {
         if self.connect_timeout.is_zero() || self.page_request_timeout.is_zero() {
             return Err(ConfigError::Timeout);
         }
+        if self.max_trace_bytes == 0 {
+            return Err(ConfigError::TraceBytes);
+        }
         Ok(())
     }
 }
@@ -153,6 +188,12 @@ pub enum ConfigError {
     /// The server address is not a URL.
     #[error("server address {0:?} is not an http(s) URL or host:port")]
     Server(String),
+    /// An `http://` server URL while TLS is configured: the link would be plaintext.
+    #[error("server address {0:?} is http://, but TLS is configured (--tls-dir): use https://")]
+    PlaintextUrl(String),
+    /// An `https://` server URL without TLS settings to connect with.
+    #[error("server address {0:?} is https://, but no TLS is configured: give --tls-dir DIR")]
+    TlsUrlWithoutTls(String),
     /// A requester id appears twice.
     #[error("function {0} is listed twice")]
     Duplicate(SourceId),
@@ -177,6 +218,9 @@ pub enum ConfigError {
     /// A zero time-out.
     #[error("time-outs must be positive")]
     Timeout,
+    /// A zero trace size bound.
+    #[error("the trace size bound must be positive")]
+    TraceBytes,
 }
 
 #[cfg(test)]
@@ -194,6 +238,20 @@ mod tests {
         assert_eq!(a.server_url(), "http://127.0.0.1:50051");
         let b = AgentConfig { server: "https://dmar:443".into(), ..agent() };
         assert_eq!(b.server_url(), "https://dmar:443");
+        assert_eq!(b.validate(), Err(ConfigError::TlsUrlWithoutTls("https://dmar:443".into())));
+    }
+
+    #[test]
+    fn tls_wants_https() -> Result<(), Box<dyn std::error::Error>> {
+        let pki = dmar_auth::DevPki::generate(&dmar_auth::DevPkiSpec::default())?;
+        let tls = crate::AgentTls::new(pki.tls_material("agent-0")?, "dmar-server")?;
+        let secure = AgentConfig { security: AgentSecurity::mutual_tls(tls), ..agent() };
+        assert_eq!(secure.server_url(), "https://127.0.0.1:50051");
+        assert_eq!(secure.validate(), Ok(()));
+        let plain_url = AgentConfig { server: "http://127.0.0.1:50051".into(), ..secure.clone() };
+        assert_eq!(plain_url.validate(), Err(ConfigError::PlaintextUrl("http://127.0.0.1:50051".into())));
+        assert_eq!(AgentConfig { max_trace_bytes: 0, ..secure }.validate(), Err(ConfigError::TraceBytes));
+        Ok(())
     }
 
     #[test]

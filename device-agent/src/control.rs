@@ -1,9 +1,12 @@
 //! The AgentControl gRPC service: the load generator's handle on an agent.
 //!
 //! Thin: decode a request (`wire`), call the [`Agent`], encode the answer (`wire`). Domain
-//! errors become gRPC statuses here and nowhere else. Not here: what a workload or an
-//! access does (`workload`, `function`).
+//! errors become gRPC statuses here and nowhere else, and refused trace files are counted
+//! and logged here (`security::Refusals`). Not here: what a workload or an access does
+//! (`workload`, `function`), who may call at all (`security`'s gate, in front of this).
 
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dmar_proto::v1 as pb;
@@ -15,18 +18,20 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::Agent;
 use crate::function::{AccessError, Stopped};
+use crate::security::{Refusal, Refusals, Refused};
 use crate::wire;
-use crate::workload::{Trace, WorkloadError};
+use crate::workload::{TraceError, TraceFileError, WorkloadError};
 
 /// The service.
 #[derive(Debug, Clone)]
 pub(crate) struct AgentControlService {
     agent: Agent,
+    refusals: Arc<Refusals>,
 }
 
 impl AgentControlService {
-    pub(crate) fn new(agent: Agent) -> Self {
-        Self { agent }
+    pub(crate) fn new(agent: Agent, refusals: Arc<Refusals>) -> Self {
+        Self { agent, refusals }
     }
 
     fn sid(&self, raw: u32) -> Result<SourceId, Status> {
@@ -43,6 +48,23 @@ fn workload_status(e: WorkloadError) -> Status {
         WorkloadError::UnknownFunction(_) | WorkloadError::NoSuchRun(_) => Status::not_found(msg),
         WorkloadError::Busy(_) => Status::failed_precondition(msg),
         WorkloadError::ShuttingDown => Status::unavailable(msg),
+        // FAILED_PRECONDITION when the agent reads no trace files at all (no request can
+        // succeed), INVALID_ARGUMENT for what the request named.
+        WorkloadError::TraceFile(TraceFileError::Disabled | TraceFileError::Directory(_)) => {
+            Status::failed_precondition(msg)
+        }
+        WorkloadError::TraceFile(_) => Status::invalid_argument(msg),
+    }
+}
+
+/// The refusal a trace file error counts as, if it is one: the agent declining to read,
+/// as opposed to a file that is missing or malformed.
+fn trace_refusal(e: &TraceFileError) -> Option<Refusal> {
+    match e {
+        TraceFileError::Disabled => Some(Refusal::TraceDisabled),
+        TraceFileError::NotRelative | TraceFileError::Outside | TraceFileError::NotAFile => Some(Refusal::TracePath),
+        TraceFileError::Trace(TraceError::TooLarge { .. }) => Some(Refusal::TraceSize),
+        TraceFileError::Directory(_) | TraceFileError::Trace(_) => None,
     }
 }
 
@@ -81,12 +103,31 @@ impl AgentControl for AgentControlService {
         r: Request<pb::StartWorkloadRequest>,
     ) -> Result<Response<pb::StartWorkloadResponse>, Status> {
         let sids = self.agent.source_ids().to_vec();
+        let peer = dmar_auth::PeerInfo::of(&r).cloned();
+        let remote = peer.as_ref().and_then(dmar_auth::PeerInfo::remote_addr).or_else(|| r.remote_addr());
         let r = r.into_inner();
-        // Trace files are read here, so the decoding runs where it may block.
-        let spec = tokio::task::spawn_blocking(move || wire::workload_spec(r, &sids, |path| Trace::load(path)))
-            .await
-            .map_err(|e| Status::internal(format!("trace loading failed: {e}")))?
-            .map_err(workload_status)?;
+        let files = self.agent.config().trace_files();
+        // Trace files are read here, so the decoding runs where it may block. The last path
+        // asked for is the one an error is about.
+        let (spec, path) = tokio::task::spawn_blocking(move || {
+            let last = RefCell::new(String::new());
+            let spec = wire::workload_spec(r, &sids, |path| {
+                path.clone_into(&mut last.borrow_mut());
+                files.load(path)
+            });
+            (spec, last.into_inner())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("trace loading failed: {e}")))?;
+        let spec = spec.map_err(|e| {
+            if let WorkloadError::TraceFile(f) = &e
+                && let Some(reason) = trace_refusal(f)
+            {
+                let identity = peer.as_ref().and_then(dmar_auth::PeerInfo::identity);
+                self.refusals.refuse(reason, Refused { peer: remote, identity, path: Some(&path) });
+            }
+            workload_status(e)
+        })?;
         let run = self.agent.start_workload(spec).await.map_err(workload_status)?;
         Ok(Response::new(pb::StartWorkloadResponse { run_id: run.id }))
     }

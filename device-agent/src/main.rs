@@ -1,19 +1,35 @@
 //! `dmar-agent`: emulated PCIe functions with ATS device TLBs.
 //!
-//! Parses flags (each also read from `DMAR_<FLAG>`), sets up tracing, binds the sockets and
-//! calls [`dmar_agent::run`] until SIGINT or SIGTERM.
+//! Parses flags (each also read from `DMAR_<FLAG>`), sets up tracing, checks the
+//! configuration and the plaintext rule, binds the sockets and calls [`dmar_agent::run`]
+//! until SIGINT or SIGTERM. A configuration that cannot run (a bad flag, unreadable TLS
+//! files, plaintext beyond loopback without `--insecure`) is one line on stderr and exit
+//! status 2; a failure while running is exit status 1.
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use dmar_agent::cli::{Args, LogFormat, listen_address};
-use dmar_agent::{Listeners, run};
+use dmar_agent::{AgentConfig, Listeners, check_plaintext, run};
 use dmar_process as process;
 use tokio_util::sync::CancellationToken;
+
+/// The exit status of a configuration that cannot run, as for a bad flag.
+const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let args: Args = process::parse_args("dmar-agent");
     process::init_tracing(matches!(args.log_format, LogFormat::Json));
+    let config = match checked_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dmar-agent: {e}");
+            return ExitCode::from(USAGE);
+        }
+    };
+    if config.security.is_tls() {
+        dmar_auth::tls::install_default_crypto_provider();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -21,13 +37,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(main_async(args)) {
+    match runtime.block_on(main_async(args, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dmar-agent: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The configuration the flags describe, validated, with the plaintext rule applied to
+/// the server and the control port's address.
+fn checked_config(args: &Args) -> Result<AgentConfig, String> {
+    let config = args.agent_config()?;
+    config.validate().map_err(|e| e.to_string())?;
+    let control = listen_address(&args.control_listen).map_err(|e| format!("control address: {e}"))?;
+    listen_address(&args.metrics_listen).map_err(|e| format!("metrics address: {e}"))?;
+    check_plaintext(&config.security, &config.server_url(), control).map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
@@ -39,9 +66,7 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<Option<tokio::net::TcpLi
     Ok(Some(l))
 }
 
-async fn main_async(args: Args) -> anyhow::Result<()> {
-    let config = args.agent_config().map_err(anyhow::Error::msg)?;
-    config.validate()?;
+async fn main_async(args: Args, config: AgentConfig) -> anyhow::Result<()> {
     let listeners = Listeners {
         control: bind("control", &args.control_listen).await?,
         metrics: bind("metrics", &args.metrics_listen).await?,

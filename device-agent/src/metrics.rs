@@ -16,6 +16,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::counters::Counters;
+use crate::security::Refusal;
 
 /// Buckets of translation (miss) latency, seconds: 5 µs to 1 s.
 const TRANSLATION_BUCKETS: &[f64] =
@@ -48,6 +49,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "dmar_agent_link_messages_total",
     "dmar_agent_link_batch_items",
     "dmar_agent_functions",
+    "dmar_agent_control_refusals_total",
 ];
 
 /// The handles every function and link of the process share.
@@ -81,6 +83,8 @@ pub(crate) struct AgentMetrics {
     pub(crate) link_messages_down: Counter,
     pub(crate) link_batch_items: Histogram,
     pub(crate) functions: Gauge,
+    /// Refused control requests, indexed by [`Refusal`] (`reason` label).
+    pub(crate) refusals: [Counter; Refusal::ALL.len()],
 }
 
 struct Registry {
@@ -157,6 +161,8 @@ fn build() -> Registry {
         link_messages_down: counter(r, "dmar_agent_link_messages_total", &[("direction", "down")]),
         link_batch_items: r.register_histogram(&key("dmar_agent_link_batch_items", &[]), &meta()),
         functions: r.register_gauge(&key("dmar_agent_functions", &[]), &meta()),
+        refusals: Refusal::ALL
+            .map(|reason| counter(r, "dmar_agent_control_refusals_total", &[("reason", reason.as_str())])),
     };
     Registry { _recorder: recorder, handle, metrics }
 }
@@ -213,6 +219,12 @@ fn describe(r: &PrometheusRecorder) {
     c("dmar_agent_link_messages_total", None, "ATS link messages, by direction");
     h("dmar_agent_link_batch_items", None, "Items per outbound ATS link message");
     g("dmar_agent_functions", "Emulated functions hosted by the process's agents");
+    c(
+        "dmar_agent_control_refusals_total",
+        None,
+        "Control port requests refused, by reason (no_certificate, untrusted_identity, trace_disabled, trace_path, \
+         trace_size)",
+    );
 }
 
 impl AgentMetrics {
@@ -268,6 +280,7 @@ mod tests {
         m.functions.increment(1.0);
         m.link_up.increment(1.0);
         m.atc_entries.increment(1.0);
+        m.refusals[0].increment(1);
         m.flush(&Counters {
             accesses: 1,
             faults: 1,

@@ -25,8 +25,8 @@ use crate::function::messages::{
 use crate::function::{Dma, DmaOutcome, DmaResult, FunctionSnapshot, Mode};
 use crate::link::UpKind;
 use crate::workload::{
-    LatencySummary, Pattern, Report, Run, RunPhase, StreamSpec, Trace, TraceError, WorkloadError, WorkloadSpec,
-    encode_histogram,
+    LatencySummary, Pattern, Report, Run, RunPhase, StreamSpec, Trace, TraceError, TraceFileError, WorkloadError,
+    WorkloadSpec, encode_histogram,
 };
 
 /// Bytes a DMA write carries.
@@ -180,7 +180,7 @@ fn trace_error(e: TraceError) -> WorkloadError {
 /// A stream description; `load` reads a trace file (blocking).
 fn stream_spec(
     s: &pb::AddressStream,
-    load: &impl Fn(&str) -> Result<Trace, TraceError>,
+    load: &impl Fn(&str) -> Result<Trace, TraceFileError>,
 ) -> Result<StreamSpec, WorkloadError> {
     let pattern = match pb::AddressPattern::try_from(s.pattern) {
         Ok(pb::AddressPattern::Uniform) => Pattern::Uniform,
@@ -191,7 +191,7 @@ fn stream_spec(
         Ok(pb::AddressPattern::Strided) => Pattern::Strided { stride: if s.stride == 0 { 4096 } else { s.stride } },
         Ok(pb::AddressPattern::Trace) => {
             let trace = if !s.trace_path.is_empty() {
-                load(&s.trace_path).map_err(trace_error)?
+                load(&s.trace_path)?
             } else if !s.trace.is_empty() {
                 Trace::parse(&s.trace).map_err(trace_error)?
             } else {
@@ -219,7 +219,7 @@ fn mode(raw: i32) -> Result<Mode, WorkloadError> {
 pub(crate) fn workload_spec(
     r: pb::StartWorkloadRequest,
     sids: &[SourceId],
-    load: impl Fn(&str) -> Result<Trace, TraceError>,
+    load: impl Fn(&str) -> Result<Trace, TraceFileError>,
 ) -> Result<WorkloadSpec, WorkloadError> {
     if !(r.rate_per_second.is_finite() && r.rate_per_second >= 0.0) {
         return Err(invalid(format!("the rate must be 0 or positive, got {}", r.rate_per_second)));

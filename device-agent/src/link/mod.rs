@@ -140,6 +140,18 @@ pub(crate) enum LinkError {
     Protocol(String),
 }
 
+/// The server's endpoint as the configuration describes it: its URL, the connect
+/// time-out, and mutual TLS when the security settings hold TLS material. Used by the link
+/// and by the baseline's unary calls, so neither can reach the server another way.
+pub(crate) fn endpoint(config: &AgentConfig) -> Result<Endpoint, tonic::transport::Error> {
+    let endpoint =
+        Endpoint::from_shared(config.server_url())?.connect_timeout(config.connect_timeout).tcp_nodelay(true);
+    match &config.security.tls {
+        Some(tls) => endpoint.tls_config(tls.client_config()),
+        None => Ok(endpoint),
+    }
+}
+
 /// An error with its causes, `outer: inner: innermost` (tonic's transport errors say
 /// little at the top).
 fn chain(e: &dyn std::error::Error) -> String {
@@ -263,7 +275,7 @@ impl Link {
         loop {
             let attempt = tokio::select! {
                 () = shutdown.cancelled() => break,
-                r = self.connect(&url) => r,
+                r = self.connect() => r,
             };
             match attempt {
                 Ok((out, inbound)) => {
@@ -299,11 +311,9 @@ impl Link {
     }
 
     /// Connects and binds; returns the outbound queue and the inbound stream.
-    async fn connect(&self, url: &str) -> Result<(mpsc::Sender<LinkUp>, Streaming<LinkDown>), LinkError> {
+    async fn connect(&self) -> Result<(mpsc::Sender<LinkUp>, Streaming<LinkDown>), LinkError> {
         let t = self.config.connect_timeout;
-        let endpoint = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(t)
-            .tcp_nodelay(true)
+        let endpoint = endpoint(&self.config)?
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);

@@ -1,16 +1,18 @@
 //! Workloads: what the functions access, when, and what the run reports.
 //!
 //! Owns the workload description ([`WorkloadSpec`]) and its validation, the address
-//! streams (`stream`), recorded traces (`trace`), the per-function engine that paces
-//! accesses in closed or open loop (`engine`), the run that ties the functions of one
-//! workload together (`run`) and its report with HdrHistograms (`report`). How one access
-//! is performed is the function's business (`function`).
+//! streams (`stream`), recorded traces (`trace`) and the files they may be read from
+//! (`trace_files`), the per-function engine that paces accesses in closed or open loop
+//! (`engine`), the run that ties the functions of one workload together (`run`) and its
+//! report with HdrHistograms (`report`). How one access is performed is the function's
+//! business (`function`).
 
 pub(crate) mod engine;
 mod report;
 mod run;
 mod stream;
 mod trace;
+mod trace_files;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +23,8 @@ use dmar_vtd::SourceId;
 pub(crate) use self::report::encode_histogram;
 pub use self::report::{FunctionReport, HistogramError, LatencySummary, Report, decode_histogram};
 pub use self::run::{Run, RunPhase};
-pub use self::trace::{Trace, TraceAccess, TraceError};
+pub use self::trace::{MAX_LINE_BYTES, Trace, TraceAccess, TraceError};
+pub use self::trace_files::{DEFAULT_MAX_TRACE_BYTES, TraceFileError, TraceFiles};
 use crate::config::FunctionConfig;
 use crate::function::Mode;
 
@@ -224,6 +227,9 @@ pub enum WorkloadError {
     /// The agent is stopping.
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// A trace file was refused or could not be read.
+    #[error(transparent)]
+    TraceFile(#[from] TraceFileError),
 }
 
 impl WorkloadError {
