@@ -3,11 +3,12 @@
 //! on loopback). Not here: the rules a configuration must follow (`config`), the plaintext
 //! rule (`security`), tracing and signals (`dmar_process`).
 
+use dmar_process::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use dmar_auth::Identity;
 use dmar_vtd::SourceId;
 use dmar_vtd::ats::{MAX_ITEMS_PER_MESSAGE, MAX_QUEUE_DEPTH};
@@ -107,15 +108,6 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "DMAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
-}
-
-/// How logs are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Plain,
-    /// One JSON object per line.
-    Json,
 }
 
 /// One element of `--functions`.

@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use dmar_agent::cli::{Args, LogFormat, listen_address};
+use dmar_agent::cli::{Args, listen_address};
 use dmar_agent::{AgentConfig, Listeners, check_plaintext, run};
 use dmar_process as process;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let args: Args = process::parse_args("dmar-agent");
-    process::init_tracing(matches!(args.log_format, LogFormat::Json));
+    process::init_tracing_with("info", args.log_format);
     let config = match checked_config(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -30,20 +30,7 @@ fn main() -> ExitCode {
     if config.security.is_tls() {
         dmar_auth::tls::install_default_crypto_provider();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("dmar-agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(main_async(args, config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dmar-agent: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    process::block_on("dmar-agent", main_async(args, config))
 }
 
 /// The configuration the flags describe, validated, with the plaintext rule applied to
