@@ -141,3 +141,14 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// One plain HTTP/1.1 GET (the `/metrics` listeners speak nothing else); the whole answer,
+/// head included.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
