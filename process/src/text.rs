@@ -24,8 +24,7 @@ pub fn client_text(text: &str) -> ClientText<'_> {
 
 impl fmt::Display for ClientText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = 0;
-        for (i, c) in self.0.char_indices() {
+        for (shown, (i, c)) in self.0.char_indices().enumerate() {
             if shown == CLIENT_TEXT_CHARS {
                 return write!(f, "...(+{} bytes)", self.0.len() - i);
             }
@@ -34,7 +33,6 @@ impl fmt::Display for ClientText<'_> {
             } else {
                 write!(f, "{}", c.escape_default())?;
             }
-            shown += 1;
         }
         Ok(())
     }
