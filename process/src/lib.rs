@@ -1,6 +1,7 @@
 //! Process plumbing shared by dmar's binaries (server, agent, load generator): argument
-//! errors, tracing setup, the runtime and exit code, waiting for SIGINT/SIGTERM, and a
-//! minimal HTTP/1.1 endpoint for Prometheus `/metrics`.
+//! errors, tracing setup, the runtime and exit code, waiting for SIGINT/SIGTERM, a
+//! minimal HTTP/1.1 endpoint for Prometheus `/metrics`, and the log hygiene every
+//! network face needs (rate-limited warnings, capped and escaped client text).
 //!
 //! It owns what every `main.rs` would otherwise repeat, and nothing about VT-d, ATS or
 //! gRPC: the binaries' own crates decide what runs inside the runtime.
@@ -20,11 +21,15 @@
 mod args;
 mod logging;
 mod metrics_http;
+mod ratelimit;
 mod runtime;
 mod signal;
+mod text;
 
 pub use self::args::{listen_address, parse_args};
-pub use self::logging::{LogFormat, init_tracing, init_tracing_with};
+pub use self::logging::{LogFormat, init_tracing, init_tracing_to, init_tracing_with};
 pub use self::metrics_http::{Render, serve_metrics};
+pub use self::ratelimit::RateLimit;
 pub use self::runtime::{block_on, exit_code};
 pub use self::signal::{cancel_on_signal, shutdown_signal};
+pub use self::text::{CLIENT_TEXT_CHARS, ClientText, client_text};

@@ -33,3 +33,19 @@ pub fn init_tracing_with(default_filter: &str, format: LogFormat) {
         LogFormat::Plain => builder.init(),
     }
 }
+
+/// Installs a plain-text subscriber with filter `filter` (`RUST_LOG` is ignored) that
+/// writes each line through a writer from `make_writer`: for tests that check what a
+/// process logs (how much, and that client text cannot forge lines). Returns false if a
+/// global subscriber was already installed.
+pub fn init_tracing_to<W>(filter: &str, make_writer: impl Fn() -> W + Send + Sync + 'static) -> bool
+where
+    W: std::io::Write + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(false)
+        .with_writer(make_writer)
+        .try_init()
+        .is_ok()
+}

@@ -201,7 +201,14 @@ impl Control for ControlService {
     ) -> Result<Response<SubmitInvalidationsResponse>, Status> {
         let descs = wire::descriptors(&r.into_inner().descriptors)?;
         let driver = self.state.driver.clone();
-        blocking(move || driver.submit_descriptors(&descs).map_err(status::driver)).await?;
+        let result = blocking(move || Ok(driver.submit_descriptors(&descs))).await?;
+        if let Err(e) = result {
+            // Refused by the driver's checks or by the unit (IQE): the client's descriptor.
+            if matches!(e, dmar_vtd::driver::DriverError::InvalidDescriptor { .. }) {
+                self.state.metrics.refused(super::metrics::Refusal::InvalidDescriptor);
+            }
+            return Err(status::driver(e));
+        }
         Ok(Response::new(SubmitInvalidationsResponse {}))
     }
 
@@ -248,6 +255,13 @@ impl Control for ControlService {
         let sid = wire::source_id(r.source_id)?;
         let prgi = wire::group_index(r.group_index)?;
         let code = wire::response_code(r.code)?;
+        // PCIe 10.4.2: a response answers a group its function has outstanding. (Two
+        // concurrent responses to one group may both pass; the second reaches the function
+        // as an unexpected response, as it would on hardware.)
+        if !self.state.hub.page_groups.is_outstanding(sid, prgi) {
+            self.state.metrics.refused(super::metrics::Refusal::PageGroupNotOutstanding);
+            return Err(Status::failed_precondition(format!("page request group {prgi} of {sid} is not outstanding")));
+        }
         let driver = self.state.driver.clone();
         blocking(move || driver.respond_page_request(sid, prgi, code).map_err(status::driver)).await?;
         Ok(Response::new(RespondPageRequestResponse {}))

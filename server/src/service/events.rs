@@ -10,6 +10,11 @@
 //! broadcast from here: the hub only wakes the page request pump
 //! ([`super::background`]), which drains the queue through the driver. Events are
 //! encoded by [`super::wire`].
+//!
+//! The hub also holds the page groups outstanding per bound function
+//! ([`super::link::PageGroups`]): the links admit and release them, and the Control
+//! service checks software's page group responses against them, so the record sits with
+//! the page request events that watchers answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +22,7 @@ use std::time::Duration;
 use dmar_proto::v1::{FaultEvent, InterruptEvent, PageRequestEvent};
 use tokio::sync::{Notify, broadcast};
 
+use super::link::PageGroups;
 use super::metrics::Metrics;
 use super::wire;
 use dmar_vtd::ids::SourceId;
@@ -36,6 +42,8 @@ pub(crate) struct EventHub {
     pub(crate) faults: broadcast::Sender<FaultEvent>,
     pub(crate) interrupts: broadcast::Sender<InterruptEvent>,
     pub(crate) page_requests: broadcast::Sender<PageRequestEvent>,
+    /// Page groups outstanding per bound function.
+    pub(crate) page_groups: Arc<PageGroups>,
     metrics: Metrics,
     page_request_event: Arc<Notify>,
 }
@@ -46,6 +54,7 @@ impl EventHub {
             faults: broadcast::channel(EVENT_BUFFER).0,
             interrupts: broadcast::channel(EVENT_BUFFER).0,
             page_requests: broadcast::channel(EVENT_BUFFER).0,
+            page_groups: Arc::default(),
             metrics,
             page_request_event,
         }

@@ -15,6 +15,23 @@
 //!   page responses into bounded channels sized so that they can never be full: a
 //!   function has at most its invalidate queue depth of ITags outstanding.
 //!
+//! Bounds, per link (what one peer can make the server do):
+//! - reply bytes: every reply item takes its encoded size from the link's reply budget
+//!   ([`REPLY_BUDGET_BYTES`]) before it is produced (a DMA read's data included), and gives
+//!   it back when the transport takes the message. A peer that stops reading stops its own
+//!   link's reader, holding at most the budget; other links and Control are unaffected;
+//! - message size: one inbound message may ask for more reply bytes than a message can
+//!   carry (4096 DMA reads of 64 KiB are 256 MiB). The replies are split into several
+//!   outbound messages, each under [`MAX_LINK_MESSAGE_BYTES`] (tonic's default decode
+//!   limit), in the order the requests came; nothing is refused for its reply size;
+//! - page requests: a function may have at most its bind's `page_request_capacity` page
+//!   requests outstanding, from its request until its group's response (PCIe 10.4.1,
+//!   10.5.2.4). One past that is refused: a last request is answered with Response
+//!   Failure for its group (PCIe 10.4.2.1: the function stops using PRI instead of
+//!   waiting), others are dropped; both are counted (`dmar_server_refusals_total`);
+//! - log lines a peer can cause are rate limited (one per second per kind, with the count
+//!   of those left out), and peer text (the agent name) is capped and escaped.
+//!
 //! When a link ends, its functions are unbound; the unit completes their outstanding
 //! device-TLB invalidations (the functions' device TLBs are gone: an agent that reconnects
 //! starts empty), so no invalidation queue ever waits on a dead link.
@@ -25,31 +42,51 @@
 //! link's limits (functions per link, items per message) are defined once, in
 //! [`dmar_vtd::ats`], for both ends.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use dmar_process::{RateLimit, client_text};
 use dmar_proto::v1::ats_link_server::AtsLink;
 use dmar_proto::v1::{DmaCompletion, InvalidationRequest, LinkDown, LinkUp, PageGroupResponse as WirePageResponse};
 use dmar_vtd::ats::{MAX_FUNCTIONS_PER_LINK, MAX_ITEMS_PER_MESSAGE};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::wire::{self, MAX_DMA_BYTES};
+use super::metrics::{Metrics, Refusal};
+use super::wire::{self, MAX_DMA_BYTES, MAX_LINK_MESSAGE_BYTES, MAX_REPLY_ITEM_BYTES};
 use super::{State, status};
 use dmar_vtd::ids::{Hpa, Iova, SourceId};
 use dmar_vtd::unit::{DeviceInvalidation, DevicePort, PageRequestOutcome, PageResponse};
 
 /// Outbound messages buffered per link before the reader waits.
 const OUTBOUND_DEPTH: usize = 16;
+/// Reply bytes (encoded, DMA read data included) one link may have produced that the
+/// transport has not taken yet: what a peer that does not read can make the server hold.
+/// Four full messages; a link that reads keeps well under it.
+pub(crate) const REPLY_BUDGET_BYTES: usize = 16 << 20;
+/// Reply budget taken at a time: small replies (translations) do not touch the semaphore
+/// for each item.
+const BUDGET_CHUNK_BYTES: usize = 64 << 10;
+
+const _: () = assert!(wire::reply_bytes(MAX_DMA_BYTES) <= BUDGET_CHUNK_BYTES * 2);
+const _: () = assert!(MAX_LINK_MESSAGE_BYTES + 2 * BUDGET_CHUNK_BYTES <= REPLY_BUDGET_BYTES);
+
+/// Warnings a peer can cause, at most one line per second each.
+static DROPPED_RESPONSES: RateLimit = RateLimit::per_second();
+static PROTOCOL_ERRORS: RateLimit = RateLimit::per_second();
+static OVER_CAPACITY: RateLimit = RateLimit::per_second();
 
 /// The unit's handle on one bound function.
 #[derive(Debug)]
 struct LinkPort {
     invalidations: mpsc::Sender<InvalidationRequest>,
     responses: mpsc::Sender<WirePageResponse>,
+    groups: Arc<PageGroups>,
 }
 
 impl DevicePort for LinkPort {
@@ -62,10 +99,102 @@ impl DevicePort for LinkPort {
     }
 
     fn page_response(&self, r: PageResponse) {
+        // Software's response or the unit's own (an overflowed queue): either way the
+        // group is answered.
+        self.groups.answered(r.sid, r.prgi);
         let msg = wire::page_group_response(&r);
-        if self.responses.try_send(msg).is_err() {
-            tracing::warn!(sid = %r.sid, prgi = r.prgi, "page group response dropped: link closed or over its PRI capacity");
+        if self.responses.try_send(msg).is_err()
+            && let Some(suppressed) = DROPPED_RESPONSES.check()
+        {
+            tracing::warn!(sid = %r.sid, prgi = r.prgi, suppressed, "page group response dropped: link closed or over its PRI capacity");
         }
+    }
+}
+
+/// The page requests each bound function has outstanding, by page request group (PCIe
+/// 10.4.1: a request is outstanding until its group's response; a function may not have
+/// more outstanding than its allocation, here the `page_request_capacity` of its bind).
+///
+/// Links admit requests and learn of responses (through their device ports); the Control
+/// service checks that a response answers an outstanding group. A function's record
+/// lives while its link does.
+#[derive(Debug, Default)]
+pub(crate) struct PageGroups {
+    functions: Mutex<HashMap<SourceId, Outstanding>>,
+}
+
+/// One function's outstanding page requests.
+#[derive(Debug, Default)]
+struct Outstanding {
+    capacity: u32,
+    requests: u32,
+    /// Requests outstanding per group index (at most 512 groups).
+    groups: HashMap<u16, u32>,
+}
+
+impl PageGroups {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SourceId, Outstanding>> {
+        self.functions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts tracking bound function `sid`, allowed `capacity` outstanding requests.
+    fn bind(&self, sid: SourceId, capacity: u32) {
+        self.lock().insert(sid, Outstanding { capacity, ..Outstanding::default() });
+    }
+
+    /// Forgets `sid`: its link is gone, and with it the function's requests.
+    fn unbind(&self, sid: SourceId) {
+        self.lock().remove(&sid);
+    }
+
+    /// Counts one page request of group `prgi` from `sid`; false (nothing counted) if the
+    /// function has its capacity outstanding already or is not bound.
+    fn admit(&self, sid: SourceId, prgi: u16) -> bool {
+        let mut functions = self.lock();
+        let Some(f) = functions.get_mut(&sid) else { return false };
+        if f.requests >= f.capacity {
+            return false;
+        }
+        f.requests += 1;
+        *f.groups.entry(prgi).or_default() += 1;
+        true
+    }
+
+    /// Group `prgi` of `sid` was answered: its requests are no longer outstanding. Returns
+    /// whether it was outstanding.
+    pub(crate) fn answered(&self, sid: SourceId, prgi: u16) -> bool {
+        let mut functions = self.lock();
+        let Some(f) = functions.get_mut(&sid) else { return false };
+        match f.groups.remove(&prgi) {
+            Some(n) => {
+                f.requests -= n;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether group `prgi` of `sid` has requests waiting for a response.
+    pub(crate) fn is_outstanding(&self, sid: SourceId, prgi: u16) -> bool {
+        self.lock().get(&sid).is_some_and(|f| f.groups.contains_key(&prgi))
+    }
+}
+
+/// An outbound message and the reply budget it holds until the transport takes it.
+type Outgoing = (Result<LinkDown, Status>, Option<OwnedSemaphorePermit>);
+
+/// A link's outbound messages as the transport takes them: each message's reply budget
+/// goes back to its link at that moment.
+#[derive(Debug)]
+pub(crate) struct OutboundStream {
+    rx: mpsc::Receiver<Outgoing>,
+}
+
+impl Stream for OutboundStream {
+    type Item = Result<LinkDown, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|next| next.map(|(msg, _budget)| msg))
     }
 }
 
@@ -77,7 +206,7 @@ pub(crate) struct LinkService {
 
 #[tonic::async_trait]
 impl AtsLink for LinkService {
-    type OpenStream = ReceiverStream<Result<LinkDown, Status>>;
+    type OpenStream = OutboundStream;
 
     async fn open(&self, request: Request<Streaming<LinkUp>>) -> Result<Response<Self::OpenStream>, Status> {
         let mut inbound = request.into_inner();
@@ -106,7 +235,8 @@ impl AtsLink for LinkService {
         }
         let (inv_tx, inv_rx) = mpsc::channel(itag_budget + 1);
         let (resp_tx, resp_rx) = mpsc::channel(pri_budget + 16);
-        let port = Arc::new(LinkPort { invalidations: inv_tx, responses: resp_tx });
+        let groups = self.state.hub.page_groups.clone();
+        let port = Arc::new(LinkPort { invalidations: inv_tx, responses: resp_tx, groups: groups.clone() });
         let unit = self.state.unit.clone();
         for (i, (sid, depth)) in sids.iter().enumerate() {
             if let Err(e) = unit.bind_device_port(*sid, port.clone(), *depth) {
@@ -122,69 +252,108 @@ impl AtsLink for LinkService {
         state.bound_functions.fetch_add(sids.len() as u64, Ordering::Relaxed);
         state.metrics.connections.increment(1.0);
         state.metrics.bound_functions.increment(sids.len() as f64);
-        tracing::info!(agent = %bind.agent, functions = sids.len(), "ATS link bound");
+        // Peer text: capped and escaped, and only the capped copy outlives the bind.
+        let agent = client_text(&bind.agent).to_string();
+        tracing::info!(%agent, functions = sids.len(), "ATS link bound");
+        for (f, (sid, _)) in bind.functions.iter().zip(&sids) {
+            groups.bind(*sid, f.page_request_capacity);
+        }
 
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_DEPTH);
         let bound_order: Vec<SourceId> = sids.iter().map(|(s, _)| *s).collect();
         let bound = LinkDown { bound: Some(wire::bound(&bound_order)), ..Default::default() };
-        out_tx.send(Ok(bound)).await.map_err(|_| Status::cancelled("link closed during bind"))?;
         let (done_tx, done_rx) = mpsc::channel(OUTBOUND_DEPTH);
         let bound_sids: HashSet<SourceId> = bound_order.into_iter().collect();
+        if out_tx.send((Ok(bound), None)).await.is_err() {
+            unbind(&state, &groups, &bound_sids);
+            return Err(Status::cancelled("link closed during bind"));
+        }
         let tracker = state.tasks.clone();
         let shutdown = state.shutdown.clone();
         tracker.spawn(writer(inv_rx, resp_rx, done_rx, out_tx.clone()));
         tracker.spawn(async move {
+            let budget = Arc::new(Semaphore::new(REPLY_BUDGET_BYTES));
+            let link = Link { bound: &bound_sids, groups: &groups, budget: &budget };
             tokio::select! {
-                () = reader(&state, &mut inbound, &bound_sids, &done_tx, &out_tx) => {}
+                () = reader(&state, &mut inbound, &link, &done_tx, &out_tx) => {}
                 () = shutdown.cancelled() => {
-                    let _ = out_tx.send(Err(Status::unavailable("server shutting down"))).await;
+                    let _ = out_tx.send((Err(Status::unavailable("server shutting down")), None)).await;
                 }
             }
-            for sid in &bound_sids {
-                state.unit.unbind_device_port(*sid);
-            }
-            state.links.fetch_sub(1, Ordering::Relaxed);
-            state.bound_functions.fetch_sub(bound_sids.len() as u64, Ordering::Relaxed);
-            state.metrics.connections.decrement(1.0);
-            state.metrics.bound_functions.decrement(bound_sids.len() as f64);
-            tracing::info!(agent = %bind.agent, "ATS link closed; its functions are unbound");
+            unbind(&state, &groups, &bound_sids);
+            tracing::info!(%agent, "ATS link closed; its functions are unbound");
         });
-        Ok(Response::new(ReceiverStream::new(out_rx)))
+        Ok(Response::new(OutboundStream { rx: out_rx }))
     }
+}
+
+/// Unbinds a link's functions and stops counting the link.
+fn unbind(state: &State, groups: &PageGroups, sids: &HashSet<SourceId>) {
+    for sid in sids {
+        // The record goes first: once the unit lets go, a new link may bind the function.
+        groups.unbind(*sid);
+        state.unit.unbind_device_port(*sid);
+    }
+    state.links.fetch_sub(1, Ordering::Relaxed);
+    state.bound_functions.fetch_sub(sids.len() as u64, Ordering::Relaxed);
+    state.metrics.connections.decrement(1.0);
+    state.metrics.bound_functions.decrement(sids.len() as f64);
 }
 
 /// Merges outbound traffic, invalidations first.
 async fn writer(
     mut invalidations: mpsc::Receiver<InvalidationRequest>,
     mut responses: mpsc::Receiver<WirePageResponse>,
-    mut completions: mpsc::Receiver<LinkDown>,
-    out: mpsc::Sender<Result<LinkDown, Status>>,
+    mut completions: mpsc::Receiver<(LinkDown, OwnedSemaphorePermit)>,
+    out: mpsc::Sender<Outgoing>,
 ) {
     loop {
-        let msg = tokio::select! {
+        // Merged pushes stay small: at most MAX_ITEMS_PER_MESSAGE items of a few bytes.
+        let (msg, budget) = tokio::select! {
             biased;
             Some(first) = invalidations.recv() => {
                 let mut m = LinkDown { invalidations: vec![first], ..Default::default() };
-                while let Ok(more) = invalidations.try_recv() {
+                while m.invalidations.len() < MAX_ITEMS_PER_MESSAGE && let Ok(more) = invalidations.try_recv() {
                     m.invalidations.push(more);
                 }
-                m
+                (m, None)
             }
             Some(first) = responses.recv() => {
                 let mut m = LinkDown { page_responses: vec![first], ..Default::default() };
-                while let Ok(more) = responses.try_recv() {
+                while m.page_responses.len() < MAX_ITEMS_PER_MESSAGE && let Ok(more) = responses.try_recv() {
                     m.page_responses.push(more);
                 }
-                m
+                (m, None)
             }
             next = completions.recv() => match next {
-                Some(m) => m,
+                Some((m, budget)) => (m, Some(budget)),
                 None => return, // the reader is done
             },
         };
-        if out.send(Ok(msg)).await.is_err() {
+        if out.send((Ok(msg), budget)).await.is_err() {
             return; // the agent is gone
         }
+    }
+}
+
+/// What one link's reader works with.
+struct Link<'a> {
+    bound: &'a HashSet<SourceId>,
+    groups: &'a PageGroups,
+    budget: &'a Arc<Semaphore>,
+}
+
+/// Why a message's handling stopped the link.
+enum Stop {
+    /// The agent broke the protocol: the link is closed with this status.
+    Protocol(Status),
+    /// The agent is gone (its outbound side closed).
+    Gone,
+}
+
+impl From<Status> for Stop {
+    fn from(s: Status) -> Self {
+        Stop::Protocol(s)
     }
 }
 
@@ -192,10 +361,11 @@ async fn writer(
 async fn reader(
     state: &State,
     inbound: &mut Streaming<LinkUp>,
-    bound: &HashSet<SourceId>,
-    done: &mpsc::Sender<LinkDown>,
-    out: &mpsc::Sender<Result<LinkDown, Status>>,
+    link: &Link<'_>,
+    done: &mpsc::Sender<(LinkDown, OwnedSemaphorePermit)>,
+    out: &mpsc::Sender<Outgoing>,
 ) {
+    let mut replies = Replies::new(done, link.budget, &state.metrics);
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -206,21 +376,95 @@ async fn reader(
             }
         };
         let start = Instant::now();
-        match handle(state, msg, bound) {
-            Ok(Some(reply)) => {
-                if done.send(reply).await.is_err() {
-                    return;
+        match handle(state, msg, link, &mut replies).await {
+            Ok(()) => {}
+            Err(Stop::Gone) => return,
+            Err(Stop::Protocol(status)) => {
+                state.metrics.refused(Refusal::LinkProtocol);
+                if let Some(suppressed) = PROTOCOL_ERRORS.check() {
+                    tracing::warn!(error = %status.message(), suppressed, "ATS link protocol error; closing the link");
                 }
-            }
-            Ok(None) => {}
-            Err(status) => {
-                tracing::warn!(error = %status.message(), "ATS link protocol error; closing the link");
-                let _ = out.send(Err(status)).await;
+                let _ = out.send((Err(status), None)).await;
                 return;
             }
         }
         state.metrics.batch_duration.record(start.elapsed().as_secs_f64());
     }
+}
+
+/// The replies to inbound messages, cut into outbound messages under
+/// [`MAX_LINK_MESSAGE_BYTES`], each holding the reply budget its items took.
+struct Replies<'a> {
+    done: &'a mpsc::Sender<(LinkDown, OwnedSemaphorePermit)>,
+    budget: &'a Arc<Semaphore>,
+    metrics: &'a Metrics,
+    msg: LinkDown,
+    /// Encoded size bound of `msg`'s items.
+    bytes: usize,
+    /// Budget taken for `msg` and not yet used (`spare`).
+    held: Option<OwnedSemaphorePermit>,
+    spare: usize,
+}
+
+impl<'a> Replies<'a> {
+    fn new(
+        done: &'a mpsc::Sender<(LinkDown, OwnedSemaphorePermit)>,
+        budget: &'a Arc<Semaphore>,
+        metrics: &'a Metrics,
+    ) -> Self {
+        Self { done, budget, metrics, msg: LinkDown::default(), bytes: 0, held: None, spare: 0 }
+    }
+
+    /// Makes room for one reply item of at most `n` encoded bytes, before it is produced:
+    /// sends the message so far if the item would not fit in it, and takes the item's
+    /// reply budget, waiting while the link's budget is spent (the agent is not reading).
+    async fn reserve(&mut self, n: usize) -> Result<(), Stop> {
+        if self.bytes + n > MAX_REPLY_ITEM_BYTES {
+            self.flush().await?;
+        }
+        if self.spare < n {
+            let want = (n - self.spare).max(BUDGET_CHUNK_BYTES);
+            let permit = match self.budget.clone().try_acquire_many_owned(permits(want)) {
+                Ok(p) => p,
+                Err(TryAcquireError::NoPermits) => {
+                    self.metrics.reply_budget_waits.increment(1);
+                    // What is built goes out first: budget comes back only as the
+                    // transport takes messages.
+                    self.flush().await?;
+                    let want = n.max(BUDGET_CHUNK_BYTES);
+                    let p = self.budget.clone().acquire_many_owned(permits(want)).await.map_err(|_| Stop::Gone)?;
+                    self.spare = 0;
+                    p
+                }
+                Err(TryAcquireError::Closed) => return Err(Stop::Gone),
+            };
+            self.spare += permit.num_permits();
+            match &mut self.held {
+                Some(held) => held.merge(permit),
+                None => self.held = Some(permit),
+            }
+        }
+        self.spare -= n;
+        self.bytes += n;
+        Ok(())
+    }
+
+    /// Sends the message built so far, with its budget, if it has items.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.bytes == 0 {
+            return Ok(());
+        }
+        let msg = std::mem::take(&mut self.msg);
+        self.bytes = 0;
+        self.spare = 0;
+        let Some(budget) = self.held.take() else { return Ok(()) };
+        self.done.send((msg, budget)).await.map_err(|_| Stop::Gone)
+    }
+}
+
+/// A byte count as semaphore permits (byte counts here are far below `u32::MAX`).
+fn permits(bytes: usize) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 /// A requester id from an inbound item: it must be one this link bound.
@@ -233,10 +477,10 @@ fn bound_sid(bound: &HashSet<SourceId>, raw: u32) -> Result<SourceId, Status> {
     }
 }
 
-/// Handles one inbound message; returns the reply, if any.
-fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Option<LinkDown>, Status> {
+/// Handles one inbound message, queueing its replies.
+async fn handle(state: &State, msg: LinkUp, link: &Link<'_>, replies: &mut Replies<'_>) -> Result<(), Stop> {
     if msg.bind.is_some() {
-        return Err(Status::failed_precondition("functions are bound once, in the first message"));
+        return Err(Status::failed_precondition("functions are bound once, in the first message").into());
     }
     let items = msg.invalidation_completions.len()
         + msg.translations.len()
@@ -246,8 +490,10 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
     if items > MAX_ITEMS_PER_MESSAGE {
         return Err(Status::resource_exhausted(format!(
             "{items} items in one link message; at most {MAX_ITEMS_PER_MESSAGE}"
-        )));
+        ))
+        .into());
     }
+    let bound = link.bound;
     let unit = &state.unit;
     let m = &state.metrics;
     for c in &msg.invalidation_completions {
@@ -258,11 +504,13 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
         let _ = unit.device_tlb_completed(sid, itag);
     }
     m.link_invalidations.increment(msg.invalidation_completions.len() as u64);
-    let mut reply = LinkDown::default();
-    reply.completions.reserve(msg.translations.len());
     for t in &msg.translations {
         let sid = bound_sid(bound, t.source_id)?;
-        reply.completions.push(wire::translation_completion(t, unit.ats_translate(sid, Iova(t.address), t.no_write)));
+        replies.reserve(wire::reply_bytes(0)).await?;
+        replies
+            .msg
+            .completions
+            .push(wire::translation_completion(t, unit.ats_translate(sid, Iova(t.address), t.no_write)));
     }
     m.link_translations.increment(msg.translations.len() as u64);
     state.link_translations.fetch_add(msg.translations.len() as u64, Ordering::Relaxed);
@@ -275,8 +523,10 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
                 return Err(Status::invalid_argument(format!(
                     "DMA write of {} bytes; at most {MAX_DMA_BYTES}",
                     d.data.len()
-                )));
+                ))
+                .into());
             }
+            replies.reserve(wire::reply_bytes(0)).await?;
             if d.translated {
                 unit.translated_write(sid, Hpa(d.address), &d.data)
             } else {
@@ -285,8 +535,12 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
         } else {
             let len = d.length as usize;
             if len > MAX_DMA_BYTES {
-                return Err(Status::invalid_argument(format!("DMA read of {len} bytes; at most {MAX_DMA_BYTES}")));
+                return Err(
+                    Status::invalid_argument(format!("DMA read of {len} bytes; at most {MAX_DMA_BYTES}")).into()
+                );
             }
+            // The data's budget is taken before the buffer exists.
+            replies.reserve(wire::reply_bytes(len)).await?;
             let mut buf = vec![0u8; len];
             let r = if d.translated {
                 unit.translated_read(sid, Hpa(d.address), &mut buf)
@@ -302,7 +556,7 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
             Ok(()) => done.ok = true,
             Err(e) => done.fault_reason = wire::dma_fault_code(&e),
         }
-        reply.dma.push(done);
+        replies.msg.dma.push(done);
     }
     m.link_dma.increment(msg.dma.len() as u64);
     for w in &msg.msi {
@@ -315,7 +569,23 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
     m.link_msi.increment(msg.msi.len() as u64);
     for p in &msg.page_requests {
         let sid = bound_sid(bound, p.source_id)?;
-        match unit.page_request(wire::page_request(sid, p)?) {
+        let request = wire::page_request(sid, p)?;
+        if !link.groups.admit(sid, request.prgi) {
+            // Past the function's capacity (PCIe 10.4.1). A last request gets Response
+            // Failure for its group so that the function stops instead of waiting; the
+            // group is answered with it.
+            m.refused(Refusal::PageRequestCapacity);
+            if let Some(suppressed) = OVER_CAPACITY.check() {
+                tracing::warn!(%sid, suppressed, "page request past the function's capacity refused");
+            }
+            if p.last {
+                link.groups.answered(sid, request.prgi);
+                replies.reserve(wire::reply_bytes(0)).await?;
+                replies.msg.page_responses.push(wire::refused_page_group(p));
+            }
+            continue;
+        }
+        match unit.page_request(request) {
             Ok(PageRequestOutcome::Queued) => m.prq_queued.increment(1),
             Ok(PageRequestOutcome::Dropped) => m.prq_overflow.increment(1),
             Err(e) => {
@@ -323,12 +593,13 @@ fn handle(state: &State, msg: LinkUp, bound: &HashSet<SourceId>) -> Result<Optio
                 // it stops, rather than leaving it waiting.
                 tracing::debug!(error = %e, "page request refused");
                 if p.last {
-                    reply.page_responses.push(wire::refused_page_group(p));
+                    link.groups.answered(sid, request.prgi);
+                    replies.reserve(wire::reply_bytes(0)).await?;
+                    replies.msg.page_responses.push(wire::refused_page_group(p));
                 }
             }
         }
     }
     m.link_page_requests.increment(msg.page_requests.len() as u64);
-    let empty = reply.completions.is_empty() && reply.dma.is_empty() && reply.page_responses.is_empty();
-    Ok(if empty { None } else { Some(reply) })
+    replies.flush().await
 }

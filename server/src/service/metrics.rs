@@ -58,7 +58,38 @@ pub const METRIC_NAMES: &[&str] = &[
     "dmar_prq_page_requests_total",
     "dmar_interrupt_remapped_total",
     "dmar_server_cpu_used_seconds",
+    "dmar_server_refusals_total",
+    "dmar_link_reply_budget_waits_total",
 ];
+
+/// Why the server refused a peer's request: the `reason` label of
+/// `dmar_server_refusals_total` (a bounded set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// A page request past its function's outstanding page request capacity.
+    PageRequestCapacity,
+    /// A page group response for a group that is not outstanding.
+    PageGroupNotOutstanding,
+    /// A raw invalidation descriptor the driver or the unit refused.
+    InvalidDescriptor,
+    /// A link message that broke the protocol (the link is closed).
+    LinkProtocol,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 4] =
+        [Self::PageRequestCapacity, Self::PageGroupNotOutstanding, Self::InvalidDescriptor, Self::LinkProtocol];
+
+    /// The label value.
+    fn name(self) -> &'static str {
+        match self {
+            Self::PageRequestCapacity => "page_request_capacity",
+            Self::PageGroupNotOutstanding => "page_group_not_outstanding",
+            Self::InvalidDescriptor => "invalid_descriptor",
+            Self::LinkProtocol => "link_protocol",
+        }
+    }
+}
 
 fn describe() {
     describe_counter!("dmar_unit_translations_total", "Requests answered by the unit, by kind and result");
@@ -92,6 +123,14 @@ fn describe() {
     describe_counter!("dmar_prq_page_requests_total", "Page requests, by result (queued, overflow)");
     describe_counter!("dmar_interrupt_remapped_total", "MSI writes, by result");
     describe_counter!("dmar_server_cpu_used_seconds", metrics::Unit::Seconds, "CPU time used by the server process");
+    describe_counter!(
+        "dmar_server_refusals_total",
+        "Peer requests refused with a status or a PCIe failure response, by reason"
+    );
+    describe_counter!(
+        "dmar_link_reply_budget_waits_total",
+        "Times a link stopped reading until the agent took the replies it owed (reply byte budget full)"
+    );
 }
 
 /// A counter mirrored from one field of the unit's stats.
@@ -125,6 +164,8 @@ pub(crate) struct Metrics {
     pub(crate) prq_overflow: Counter,
     pub(crate) irq_remapped: Counter,
     pub(crate) irq_blocked: Counter,
+    refusals: [Counter; Refusal::ALL.len()],
+    pub(crate) reply_budget_waits: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -199,7 +240,14 @@ impl Metrics {
             prq_overflow: counter!("dmar_prq_page_requests_total", "result" => "overflow"),
             irq_remapped: counter!("dmar_interrupt_remapped_total", "result" => "remapped"),
             irq_blocked: counter!("dmar_interrupt_remapped_total", "result" => "blocked"),
+            refusals: Refusal::ALL.map(|r| counter!("dmar_server_refusals_total", "reason" => r.name())),
+            reply_budget_waits: counter!("dmar_link_reply_budget_waits_total"),
         }
+    }
+
+    /// Counts one refusal.
+    pub(crate) fn refused(&self, why: Refusal) {
+        self.refusals[why as usize].increment(1);
     }
 
     /// Copies the unit's counters and the process CPU time into the exporter.

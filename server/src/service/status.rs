@@ -3,8 +3,10 @@
 //!
 //! Client input never maps to `INTERNAL`: a wire value that cannot be decoded is refused
 //! in [`super::wire`] with `INVALID_ARGUMENT`, and a driver refusal maps to the code of its
-//! kind below. `INTERNAL` is kept for faults of the server itself: a driver that lost
-//! track of the hardware, or a blocking task that panicked.
+//! kind below (a raw invalidation descriptor the unit refuses, e.g. a wait whose status
+//! address it cannot write, is the driver's `InvalidDescriptor`: `INVALID_ARGUMENT`).
+//! `INTERNAL` is kept for faults of the server itself: a driver that lost track of the
+//! hardware, or a blocking task that panicked.
 
 use tokio::task::JoinError;
 use tonic::Status;
@@ -13,24 +15,39 @@ use dmar_vtd::driver::DriverError;
 use dmar_vtd::unit::PortError;
 use dmar_vtd::unit::{MemoryError, MmioError};
 
-/// Maps a driver error to a status.
+/// Maps a driver error to a status. Exhaustive on purpose: a new driver error must be
+/// classified here as the client's (a code that says what to fix) or the server's
+/// (`INTERNAL`).
 pub(crate) fn driver(e: DriverError) -> Status {
     use DriverError as E;
     let msg = e.to_string();
     match e {
         E::UnknownDomain(_) => Status::not_found(msg),
         E::Overlap { .. } => Status::already_exists(msg),
+        // The request is well formed but the unit or the domain is not in a state to take it.
         E::DomainInUse { .. }
         | E::NotPaging(_)
         | E::PartialSuperpage { .. }
         | E::AtsUnsupported(_)
+        | E::PassThroughUnsupported
         | E::QueueDisabled
         | E::InterruptRemappingDisabled
         | E::PageRequestsDisabled => Status::failed_precondition(msg),
         E::DomainIdsExhausted | E::OutOfTableMemory => Status::resource_exhausted(msg),
-        E::Hardware(_) | E::Memory(_) => Status::internal(msg),
         E::DeviceTlbTimeout { .. } => Status::deadline_exceeded(msg),
-        _ => Status::invalid_argument(msg),
+        // The client's values: fix the request.
+        E::Unaligned { .. }
+        | E::ZeroLength
+        | E::Overflow
+        | E::BeyondWidth { .. }
+        | E::HpaOutOfRange { .. }
+        | E::HpaInTableRegion { .. }
+        | E::NoAccess
+        | E::UnsupportedWidth(_)
+        | E::InvalidDescriptor { .. }
+        | E::InterruptIndex { .. } => Status::invalid_argument(msg),
+        // The server's own state: its configuration, its queues, its tables.
+        E::InvalidTableRegion { .. } | E::PageRequestQueue(_) | E::Hardware(_) | E::Memory(_) => Status::internal(msg),
     }
 }
 

@@ -34,6 +34,26 @@ pub(crate) const MAX_MEMORY_BYTES: usize = 1 << 20;
 pub(crate) const MAX_DESCRIPTORS: usize = 128;
 /// Largest DMA payload per link request.
 pub(crate) const MAX_DMA_BYTES: usize = 64 << 10;
+/// Largest outbound link message (encoded): tonic's default decode limit, which the server
+/// itself uses for inbound messages, so that any client reads every message the server
+/// sends (the agent accepts up to 64 MiB). The link cuts its replies to fit.
+pub(crate) const MAX_LINK_MESSAGE_BYTES: usize = 4 << 20;
+/// Room left in a link message for the envelope (gRPC frame header, field keys).
+const LINK_MESSAGE_SLACK: usize = 64;
+/// Upper bound of one encoded reply item without data (a translation completion, a page
+/// group response, a DMA completion's fields), its field key and length included: the
+/// largest is a translation completion with its entry, at 66 bytes.
+const SMALL_REPLY_BYTES: usize = 80;
+
+/// Encoded size bound of one reply item carrying `data_len` bytes of DMA data (0 for
+/// items without data). [`MAX_LINK_MESSAGE_BYTES`] and the reply budget are counted in
+/// these.
+pub(crate) const fn reply_bytes(data_len: usize) -> usize {
+    SMALL_REPLY_BYTES + data_len
+}
+
+/// Encoded bytes one link message may carry in reply items.
+pub(crate) const MAX_REPLY_ITEM_BYTES: usize = MAX_LINK_MESSAGE_BYTES - LINK_MESSAGE_SLACK;
 
 // ---- decoding: wire -> model, checked ----
 

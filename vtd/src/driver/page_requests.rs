@@ -233,6 +233,25 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_wait_the_unit_cannot_complete_is_the_callers_error() {
+        use crate::unit::invalidation::descriptor::{WaitDesc, encode};
+        let d = driver();
+        let wait = |status_addr| {
+            encode::wait(WaitDesc { interrupt: false, status_write: true, fence: true, status_data: 7, status_addr })
+        };
+        // The status address is beyond memory: the unit stops the queue (IQE, IQEI 2).
+        let bad = wait(MEMORY + 0x1000);
+        let Err(DriverError::InvalidDescriptor { qw0, qw1, why }) = d.submit_descriptors(&[bad]) else {
+            panic!("accepted")
+        };
+        assert_eq!((qw0, qw1), bad);
+        assert!(why.contains("invalidation queue error 2"), "{why}");
+        // The queue runs on.
+        assert_eq!(d.submit_descriptors(&[wait(0x1000)]), Ok(()));
+        assert_eq!(d.unit().memory().read_u64(Hpa(0x1000)).map(|v| v as u32), Ok(7));
+    }
+
+    #[test]
     fn page_requests_need_enabling() {
         let unit = Arc::new(Unit::new(UnitConfig::default(), Arc::new(HostMemory::new(MEMORY).unwrap())));
         let d = Driver::new(unit, DriverConfig::for_memory(MEMORY)).unwrap();

@@ -24,8 +24,11 @@
 //! - IQE (a malformed descriptor; VT-d 6.5.2.10): IQH stays on the bad descriptor. The
 //!   driver overwrites it with a no-op wait (SW=0) and clears IQE so the queue runs on
 //!   (Linux copies its wait descriptor there), and the submission that owned it fails with
-//!   [`DriverError::Hardware`] naming IQERCD.IQEI and the descriptor. The driver builds
-//!   every descriptor itself, so this means a bug.
+//!   [`DriverError::Hardware`] naming IQERCD.IQEI and the descriptor: the driver builds
+//!   its descriptors itself, so this means a bug. A descriptor software handed in raw
+//!   (`Driver::submit_descriptors`) is checked first, but some errors only the unit sees
+//!   (a wait whose status address it cannot write): that submission fails with
+//!   [`DriverError::InvalidDescriptor`], the caller's error.
 //! - ITE (a device did not answer in time): the unit abandoned every outstanding device-TLB
 //!   invalidation and skipped the wait it was stalled on. As in Linux, every submission
 //!   whose wait had not completed is marked aborted before ITE is cleared, and its
@@ -285,6 +288,16 @@ impl InvalidationQueue {
                     debug!(%sid, attempt, "invalidation aborted by a device-TLB time-out; resubmitting");
                 }
                 Err(Failure::Outcome(Outcome::Malformed { iqei, qw0, qw1 })) => {
+                    // A descriptor the caller wrote (software's raw submission) is the
+                    // caller's error, e.g. a wait whose status address the unit cannot
+                    // write (IQEI 2); one the driver built means a bug.
+                    if ops.iter().any(|op| matches!(op, Invalidation::Raw(a, b) if (*a, *b) == (qw0, qw1))) {
+                        return Err(DriverError::InvalidDescriptor {
+                            qw0,
+                            qw1,
+                            why: format!("the unit refused it (invalidation queue error {iqei})"),
+                        });
+                    }
                     return Err(DriverError::Hardware(format!(
                         "invalidation queue error {iqei} on descriptor {qw0:#018x} {qw1:#018x}"
                     )));

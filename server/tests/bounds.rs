@@ -1,0 +1,406 @@
+//! What one peer can make the server do, over real gRPC on 127.0.0.1:0: reply bytes held
+//! for a link that does not read, outbound message sizes, page requests past a function's
+//! capacity, log volume and peer text in the log, page group responses without a request,
+//! and a raw descriptor the unit refuses.
+//!
+//! The tests share the process (its RSS, its log subscriber, its metrics recorder), so
+//! they run one at a time.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::Duration;
+
+use dmar_proto::v1::ats_link_client::AtsLinkClient;
+use dmar_proto::v1::control_client::ControlClient;
+use dmar_proto::v1::*;
+use dmar_server::service::{Listeners, ServerConfig, serve};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// One test at a time: they measure the process.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Emulated memory: small, so that its pages do not blur the RSS measurement.
+const MEMORY: u64 = 64 << 20;
+const SID: u32 = 0x0108; // 01:01.0
+/// The largest DMA read the link allows, and the most items per link message.
+const DMA_BYTES: u32 = 64 << 10;
+const ITEMS: usize = 4096;
+
+// ---- the log, captured ----
+
+/// Log bytes written since the process started.
+static LOG_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// The log's first bytes, kept to look for forged lines.
+static LOG_TEXT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+const LOG_KEPT: usize = 16 << 20;
+
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG_BYTES.fetch_add(buf.len(), Ordering::Relaxed);
+        let mut kept = LOG_TEXT.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() + buf.len() <= LOG_KEPT {
+            kept.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures the process's log at the servers' default level.
+fn capture_log() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| assert!(dmar_process::init_tracing_to("info", || Capture), "subscriber installed"));
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&LOG_TEXT.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+}
+
+// ---- the server and a raw link ----
+
+struct Booted {
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Booted {
+    async fn control(&self) -> ControlClient<Channel> {
+        ControlClient::connect(format!("http://{}", self.addr)).await.expect("connect")
+    }
+
+    async fn metric(&self, line_start: &str) -> f64 {
+        let body = http_get(self.metrics, "/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{line_start} missing from /metrics"))
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("stops").expect("join");
+    }
+}
+
+async fn boot() -> Booted {
+    capture_log();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (addr, metrics_addr) = (grpc.local_addr().expect("addr"), metrics.local_addr().expect("addr"));
+    let config = ServerConfig { memory_size: MEMORY, ..ServerConfig::default() };
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move {
+        serve(config, Listeners { grpc, metrics: Some(metrics) }, s).await.expect("serve");
+    });
+    Booted { addr, metrics: metrics_addr, shutdown, task }
+}
+
+/// An agent's end of a link, with tonic's default limits (4 MiB decode).
+struct Link {
+    tx: mpsc::Sender<LinkUp>,
+    rx: tonic::Streaming<LinkDown>,
+}
+
+impl Link {
+    async fn open(addr: SocketAddr, agent: &str, capacity: u32) -> Result<Link, tonic::Status> {
+        let mut client = AtsLinkClient::connect(format!("http://{addr}")).await.expect("connect");
+        let (tx, rx) = mpsc::channel(16);
+        let functions = vec![Function { source_id: SID, invalidate_queue_depth: 8, page_request_capacity: capacity }];
+        tx.send(LinkUp { bind: Some(Bind { functions, agent: agent.into() }), ..Default::default() })
+            .await
+            .expect("send");
+        let mut rx = client.open(ReceiverStream::new(rx)).await?.into_inner();
+        let first = rx.message().await?.expect("bound");
+        assert!(first.bound.is_some());
+        Ok(Link { tx, rx })
+    }
+
+    async fn send(&self, m: LinkUp) {
+        self.tx.send(m).await.expect("send");
+    }
+
+    async fn next(&mut self) -> LinkDown {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("in time")
+            .expect("a message the client can decode")
+            .expect("message")
+    }
+}
+
+/// Attaches `SID` to a pass-through domain (DMA reads host memory as is).
+async fn pass_through(c: &mut ControlClient<Channel>) {
+    let did = c
+        .create_domain(CreateDomainRequest { kind: DomainKind::Identity as i32, address_width: 48 })
+        .await
+        .expect("domain")
+        .into_inner()
+        .domain_id;
+    c.attach(AttachRequest { source_id: SID, domain_id: did, ats: false }).await.expect("attach");
+}
+
+/// Attaches `SID` with ATS (and so PRI) to a paging domain.
+async fn with_pri(c: &mut ControlClient<Channel>) {
+    let did = c
+        .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
+        .await
+        .expect("domain")
+        .into_inner()
+        .domain_id;
+    c.attach(AttachRequest { source_id: SID, domain_id: did, ats: true }).await.expect("attach");
+}
+
+/// One link message of the most DMA reads of the most bytes: 256 MiB of replies.
+fn big_reads(first_tag: u64) -> LinkUp {
+    let dma = (0..ITEMS as u64)
+        .map(|i| DmaRequest {
+            tag: first_tag + i,
+            source_id: SID,
+            translated: false,
+            address: 0x10_0000,
+            write: false,
+            length: DMA_BYTES,
+            data: Vec::new(),
+        })
+        .collect();
+    LinkUp { dma, ..Default::default() }
+}
+
+/// `n` one-request page groups, their indexes going round `groups`.
+fn page_requests(n: usize, groups: std::ops::Range<u32>) -> LinkUp {
+    let page_requests = (0..n)
+        .map(|i| PageRequest {
+            source_id: SID,
+            address: (i as u64) << 12,
+            read: true,
+            write: false,
+            group_index: groups.start + (i as u32 % groups.len() as u32),
+            last: true,
+        })
+        .collect();
+    LinkUp { page_requests, ..Default::default() }
+}
+
+/// This process's resident set in bytes (`VmRSS`).
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb << 10
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+// ---- the tests ----
+
+/// The bound on what a link that never reads makes the server hold: its reply budget
+/// (16 MiB) plus transport buffers, far below this.
+const RSS_GROWTH_BOUND: u64 = 256 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_does_not_read_costs_only_its_reply_budget() {
+    let _serial = SERIAL.lock().await;
+    let server = boot().await;
+    let mut c = server.control().await;
+    pass_through(&mut c).await;
+    let link = Link::open(server.addr, "silent", 0).await.expect("link");
+    let before = rss_bytes();
+    // 1 GiB of replies asked for; none read.
+    for m in 0..4u64 {
+        link.send(big_reads(m * ITEMS as u64)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(grown < RSS_GROWTH_BOUND, "RSS grew by {} MiB", grown >> 20);
+    // The server still serves everyone else.
+    let stats = tokio::time::timeout(Duration::from_secs(5), c.get_stats(GetStatsRequest {}))
+        .await
+        .expect("Control answers in time")
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.live_links, 1);
+    assert!(server.metric("dmar_link_reply_budget_waits_total ").await >= 1.0);
+    drop(link);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_too_big_for_one_message_are_split_for_a_default_client() {
+    let _serial = SERIAL.lock().await;
+    let server = boot().await;
+    let mut c = server.control().await;
+    pass_through(&mut c).await;
+    c.write_memory(WriteMemoryRequest { address: 0x10_0000, data: vec![0xa5; DMA_BYTES as usize] })
+        .await
+        .expect("write");
+    let mut link = Link::open(server.addr, "reader", 0).await.expect("link");
+    link.send(big_reads(0)).await;
+    let (mut tags, mut messages) = (Vec::new(), 0);
+    while tags.len() < ITEMS {
+        // `next` fails if a message is over the client's 4 MiB decode limit.
+        let m = link.next().await;
+        messages += 1;
+        for d in m.dma {
+            assert!(d.ok, "read {} faulted: {}", d.tag, d.fault_reason);
+            assert_eq!(d.data.len(), DMA_BYTES as usize);
+            assert!(d.data.iter().all(|b| *b == 0xa5));
+            tags.push(d.tag);
+        }
+    }
+    assert_eq!(tags, (0..ITEMS as u64).collect::<Vec<_>>(), "in request order");
+    assert!(messages >= 64, "256 MiB in {messages} messages");
+    server.stop().await;
+}
+
+/// What a flood of page requests past capacity may write to the log.
+const LOG_FLOOD_BOUND: usize = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_requests_past_capacity_are_refused_counted_and_logged_once_a_second() {
+    let _serial = SERIAL.lock().await;
+    let server = boot().await;
+    let mut c = server.control().await;
+    with_pri(&mut c).await;
+    let link = Link::open(server.addr, "flooder", 4).await.expect("link");
+    let refused_before = server.metric("dmar_server_refusals_total{reason=\"page_request_capacity\"} ").await;
+    let log_before = LOG_BYTES.load(Ordering::Relaxed);
+    // The capacity, outstanding (nobody answers them) ...
+    link.send(page_requests(4, 0..4)).await;
+    // ... then 40960 more one-request groups, replies never read. (A refusal answers its
+    // group with Response Failure, so these use other group indexes.)
+    let messages = 10;
+    for _ in 0..messages {
+        link.send(page_requests(ITEMS, 4..512)).await;
+    }
+    let want = (messages * ITEMS) as f64;
+    let mut refused = 0.0;
+    for _ in 0..100 {
+        refused = server.metric("dmar_server_refusals_total{reason=\"page_request_capacity\"} ").await - refused_before;
+        if refused >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused, want, "every request past the capacity is counted");
+    let logged = LOG_BYTES.load(Ordering::Relaxed) - log_before;
+    assert!(logged < LOG_FLOOD_BOUND, "{logged} bytes of log");
+    assert!(log_text().contains("page request past the function's capacity refused"));
+    drop(link);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_agent_name_with_a_newline_cannot_forge_or_flood_the_log() {
+    let _serial = SERIAL.lock().await;
+    let server = boot().await;
+    let name = format!("evil\nINFO forged: line{}", "x".repeat(3 << 20));
+    let log_before = LOG_BYTES.load(Ordering::Relaxed);
+    let link = Link::open(server.addr, &name, 0).await.expect("bound: the name is only logged");
+    drop(link);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logged = LOG_BYTES.load(Ordering::Relaxed) - log_before;
+    assert!(logged < 4096, "{logged} bytes of log");
+    let log = log_text();
+    assert!(log.contains("evil\\nINFO forged: line"), "escaped in the log");
+    assert!(!log.lines().any(|l| l.starts_with("INFO forged")), "no forged line");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_group_response_needs_an_outstanding_group() {
+    let _serial = SERIAL.lock().await;
+    let server = boot().await;
+    let mut c = server.control().await;
+    with_pri(&mut c).await;
+    let respond =
+        |group_index| RespondPageRequestRequest { source_id: SID, group_index, code: PageResponseCode::Success as i32 };
+    let err = c.respond_page_request(respond(5)).await.expect_err("nothing outstanding");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("not outstanding"), "{}", err.message());
+    let mut events = c.watch_page_requests(WatchRequest {}).await.expect("watch").into_inner();
+    let mut link = Link::open(server.addr, "pri", 4).await.expect("link");
+    link.send(LinkUp {
+        page_requests: vec![PageRequest {
+            source_id: SID,
+            address: 0x5000,
+            read: true,
+            write: false,
+            group_index: 5,
+            last: true,
+        }],
+        ..Default::default()
+    })
+    .await;
+    let event = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("event");
+    assert_eq!((event.source_id, event.group_index), (SID, 5));
+    // Another group, another requester id: still refused.
+    assert_eq!(
+        c.respond_page_request(respond(6)).await.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::FailedPrecondition)
+    );
+    let other = RespondPageRequestRequest { source_id: SID + 1, ..respond(5) };
+    assert_eq!(c.respond_page_request(other).await.map(|_| ()).map_err(|s| s.code()), Err(Code::FailedPrecondition));
+    c.respond_page_request(respond(5)).await.expect("outstanding");
+    let response = loop {
+        if let Some(r) = link.next().await.page_responses.into_iter().next() {
+            break r;
+        }
+    };
+    assert_eq!((response.group_index, response.code), (5, PageResponseCode::Success as i32));
+    // Answered: a second response is refused.
+    let err = c.respond_page_request(respond(5)).await.expect_err("answered already");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(server.metric("dmar_server_refusals_total{reason=\"page_group_not_outstanding\"} ").await >= 4.0);
+    // Open streams hold the server's graceful shutdown.
+    drop((events, link));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_descriptor_the_unit_cannot_write_is_the_clients_error() {
+    let _serial = SERIAL.lock().await;
+    let server = boot().await;
+    let mut c = server.control().await;
+    // Wait descriptor (type 5) with SW and FN, status data 7, status address beyond memory.
+    let wait = |status_addr| Descriptor { qw0: 5 | (1 << 5) | (1 << 6) | (7 << 32), qw1: status_addr };
+    let err = c
+        .submit_invalidations(SubmitInvalidationsRequest { descriptors: vec![wait(MEMORY + 0x1000)] })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("invalid invalidation descriptor"), "{}", err.message());
+    assert!(server.metric("dmar_server_refusals_total{reason=\"invalid_descriptor\"} ").await >= 1.0);
+    // The queue runs on.
+    c.submit_invalidations(SubmitInvalidationsRequest { descriptors: vec![wait(0x1000)] }).await.expect("good wait");
+    let status = c.read_memory(ReadMemoryRequest { address: 0x1000, length: 4 }).await.expect("read").into_inner();
+    assert_eq!(status.data, 7u32.to_le_bytes());
+    server.stop().await;
+}
