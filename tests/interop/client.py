@@ -1,27 +1,57 @@
 """Interop check with an independent gRPC implementation (Python grpcio).
 
-Generates stubs from proto/dmar/v1/dmar.proto, then against a running dmar-server:
-creates a paging domain, attaches a device with ATS, maps a page, opens an ATS link,
-binds the function and performs a translation over the link. Exits non-zero with one
-line on any mismatch.
+Generates stubs from proto/dmar/v1/dmar.proto, then against a running dmar-server over
+mutual TLS: checks that a call without a client certificate is refused, creates a paging
+domain, attaches a device with ATS and maps a page (operator certificate), opens an ATS
+link, binds the function and performs a translation over the link (agent certificate).
+Exits non-zero with one line on any mismatch.
 
-Usage: client.py HOST:PORT GENERATED_DIR
+Usage: client.py HOST:PORT GENERATED_DIR CERT_DIR
+(CERT_DIR as written by dmar-certs: ca.pem, operator.{pem,key}, python-interop.{pem,key})
 """
+
+import os
 
 import queue
 import sys
 
 
 def main() -> int:
-    addr, gen_dir = sys.argv[1], sys.argv[2]
+    addr, gen_dir, cert_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     sys.path.insert(0, gen_dir)
     import grpc  # noqa: E402
     from dmar.v1 import dmar_pb2 as pb  # noqa: E402
     from dmar.v1 import dmar_pb2_grpc as rpc  # noqa: E402
 
-    channel = grpc.insecure_channel(addr)
-    grpc.channel_ready_future(channel).result(timeout=30)
-    control = rpc.ControlStub(channel)
+    def read(name: str) -> bytes:
+        with open(os.path.join(cert_dir, name), "rb") as f:
+            return f.read()
+
+    ca = read("ca.pem")
+    # The server's certificate names localhost, 127.0.0.1 and ::1.
+    options = [("grpc.ssl_target_name_override", "localhost")]
+
+    def channel_as(name):
+        if name is None:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca)
+        else:
+            creds = grpc.ssl_channel_credentials(ca, read(f"{name}.key"), read(f"{name}.pem"))
+        ch = grpc.secure_channel(addr, creds, options=options)
+        grpc.channel_ready_future(ch).result(timeout=30)
+        return ch
+
+    # Without a client certificate the handshake completes (health answers probes), but
+    # every dmar call is refused.
+    try:
+        rpc.ControlStub(channel_as(None)).GetStats(pb.GetStatsRequest(), timeout=10)
+        print("interop: a call without a client certificate was accepted", file=sys.stderr)
+        return 1
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+            print(f"interop: a call without a client certificate gave {e.code()}", file=sys.stderr)
+            return 1
+
+    control = rpc.ControlStub(channel_as("operator"))
     sid = (2 << 8) | (3 << 3) | 1  # 02:03.1
 
     did = control.CreateDomain(pb.CreateDomainRequest(kind=pb.DOMAIN_KIND_PAGING, address_width=48)).domain_id
@@ -50,7 +80,7 @@ def main() -> int:
                 return
             yield item
 
-    link = rpc.AtsLinkStub(channel).Open(requests(), timeout=30)
+    link = rpc.AtsLinkStub(channel_as("python-interop")).Open(requests(), timeout=30)
     bound = next(link)
     if list(bound.bound.source_ids) != [sid]:
         print(f"interop: bind answered {bound}", file=sys.stderr)
@@ -67,7 +97,8 @@ def main() -> int:
             break
     outbound.put(None)
     link.cancel()
-    print("interop: python grpcio client created a domain, attached, mapped and translated over the ATS link")
+    print("interop: python grpcio client over mutual TLS: refused without a certificate; created a domain, "
+          "attached, mapped and translated over the ATS link")
     return 0
 
 

@@ -59,7 +59,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::metrics::{Metrics, Refusal};
 use super::wire::{self, MAX_DMA_BYTES, MAX_LINK_MESSAGE_BYTES, MAX_REPLY_ITEM_BYTES};
-use super::{State, status};
+use super::{State, auth, status};
 use dmar_vtd::ids::{Hpa, Iova, SourceId};
 use dmar_vtd::unit::{DeviceInvalidation, DevicePort, PageRequestOutcome, PageResponse};
 
@@ -209,6 +209,7 @@ impl AtsLink for LinkService {
     type OpenStream = OutboundStream;
 
     async fn open(&self, request: Request<Streaming<LinkUp>>) -> Result<Response<Self::OpenStream>, Status> {
+        let caller = auth::caller(&request)?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("link closed before its bind"))?;
         let bind =
@@ -233,6 +234,8 @@ impl AtsLink for LinkService {
             pri_budget += wire::outstanding_page_groups(f);
             sids.push((sid, depth));
         }
+        // The caller's ranges, requester-id ownership and max_links; held until the link ends.
+        let claim = self.state.access.claim_link(&caller, sids.iter().map(|(s, _)| *s))?;
         let (inv_tx, inv_rx) = mpsc::channel(itag_budget + 1);
         let (resp_tx, resp_rx) = mpsc::channel(pri_budget + 16);
         let groups = self.state.hub.page_groups.clone();
@@ -281,6 +284,7 @@ impl AtsLink for LinkService {
                 }
             }
             unbind(&state, &groups, &bound_sids);
+            drop(claim);
             tracing::info!(%agent, "ATS link closed; its functions are unbound");
         });
         Ok(Response::new(OutboundStream { rx: out_rx }))

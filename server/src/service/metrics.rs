@@ -60,6 +60,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "dmar_server_cpu_used_seconds",
     "dmar_server_refusals_total",
     "dmar_link_reply_budget_waits_total",
+    "dmar_server_auth_refusals_total",
+    "dmar_server_quota_refusals_total",
 ];
 
 /// Why the server refused a peer's request: the `reason` label of
