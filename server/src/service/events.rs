@@ -12,7 +12,7 @@
 //! encoded by [`super::wire`].
 //!
 //! The hub also holds the page groups outstanding per bound function
-//! ([`super::link::PageGroups`]): the links admit and release them, and the Control
+//! ([`super::page_groups::PageGroups`]): the links admit and release them, and the Control
 //! service checks software's page group responses against them, so the record sits with
 //! the page request events that watchers answer.
 
@@ -22,8 +22,8 @@ use std::time::Duration;
 use dmar_proto::v1::{FaultEvent, InterruptEvent, PageRequestEvent};
 use tokio::sync::{Notify, broadcast};
 
-use super::link::PageGroups;
 use super::metrics::Metrics;
+use super::page_groups::PageGroups;
 use super::wire;
 use dmar_vtd::ids::SourceId;
 use dmar_vtd::unit::interrupt::Remapped;

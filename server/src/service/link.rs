@@ -42,10 +42,10 @@
 //! link's limits (functions per link, items per message) are defined once, in
 //! [`dmar_vtd::ats`], for both ends.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -58,6 +58,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::metrics::{Metrics, Refusal};
+use super::page_groups::PageGroups;
 use super::wire::{self, MAX_DMA_BYTES, MAX_LINK_MESSAGE_BYTES, MAX_REPLY_ITEM_BYTES};
 use super::{State, auth, status};
 use dmar_vtd::ids::{Hpa, Iova, SourceId};
@@ -108,75 +109,6 @@ impl DevicePort for LinkPort {
         {
             tracing::warn!(sid = %r.sid, prgi = r.prgi, suppressed, "page group response dropped: link closed or over its PRI capacity");
         }
-    }
-}
-
-/// The page requests each bound function has outstanding, by page request group (PCIe
-/// 10.4.1: a request is outstanding until its group's response; a function may not have
-/// more outstanding than its allocation, here the `page_request_capacity` of its bind).
-///
-/// Links admit requests and learn of responses (through their device ports); the Control
-/// service checks that a response answers an outstanding group. A function's record
-/// lives while its link does.
-#[derive(Debug, Default)]
-pub(crate) struct PageGroups {
-    functions: Mutex<HashMap<SourceId, Outstanding>>,
-}
-
-/// One function's outstanding page requests.
-#[derive(Debug, Default)]
-struct Outstanding {
-    capacity: u32,
-    requests: u32,
-    /// Requests outstanding per group index (at most 512 groups).
-    groups: HashMap<u16, u32>,
-}
-
-impl PageGroups {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SourceId, Outstanding>> {
-        self.functions.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Starts tracking bound function `sid`, allowed `capacity` outstanding requests.
-    fn bind(&self, sid: SourceId, capacity: u32) {
-        self.lock().insert(sid, Outstanding { capacity, ..Outstanding::default() });
-    }
-
-    /// Forgets `sid`: its link is gone, and with it the function's requests.
-    fn unbind(&self, sid: SourceId) {
-        self.lock().remove(&sid);
-    }
-
-    /// Counts one page request of group `prgi` from `sid`; false (nothing counted) if the
-    /// function has its capacity outstanding already or is not bound.
-    fn admit(&self, sid: SourceId, prgi: u16) -> bool {
-        let mut functions = self.lock();
-        let Some(f) = functions.get_mut(&sid) else { return false };
-        if f.requests >= f.capacity {
-            return false;
-        }
-        f.requests += 1;
-        *f.groups.entry(prgi).or_default() += 1;
-        true
-    }
-
-    /// Group `prgi` of `sid` was answered: its requests are no longer outstanding. Returns
-    /// whether it was outstanding.
-    pub(crate) fn answered(&self, sid: SourceId, prgi: u16) -> bool {
-        let mut functions = self.lock();
-        let Some(f) = functions.get_mut(&sid) else { return false };
-        match f.groups.remove(&prgi) {
-            Some(n) => {
-                f.requests -= n;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Whether group `prgi` of `sid` has requests waiting for a response.
-    pub(crate) fn is_outstanding(&self, sid: SourceId, prgi: u16) -> bool {
-        self.lock().get(&sid).is_some_and(|f| f.groups.contains_key(&prgi))
     }
 }
 

@@ -23,6 +23,7 @@ mod control;
 mod events;
 mod link;
 pub mod metrics;
+mod page_groups;
 mod status;
 mod wire;
 
