@@ -1,7 +1,8 @@
 //! Accepting TLS connections for a tonic server: handshakes off the accept loop, the peer's
 //! identity read once per connection, and connections counted per identity.
 //!
-//! This module owns the accept loop ([`incoming`]), the per-connection facts a service reads
+//! This module owns the accept loop ([`incoming`], and [`plaintext`] for insecure and
+//! health-only ports with the same time-out and bound), the per-connection facts a service reads
 //! from each request ([`PeerInfo`]) and the `max_connections` quota ([`ConnectionLimiter`]).
 //! It does not decide whether an RPC is allowed: services look the identity up in the
 //! [`crate::Policy`] themselves.
@@ -213,6 +214,65 @@ pub fn incoming(
     Incoming(ReceiverStream::new(rx))
 }
 
+/// The stream of plaintext connections [`plaintext`] returns: TCP streams whose peer sent
+/// its first bytes in time. Like [`Incoming`], it never yields an error.
+#[derive(Debug)]
+pub struct PlainIncoming(ReceiverStream<Result<TcpStream, Infallible>>);
+
+impl Stream for PlainIncoming {
+    type Item = Result<TcpStream, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.0).poll_next(cx)
+    }
+}
+
+/// Accepts plaintext TCP connections on `listener` for an insecure server or a health-only
+/// port, with the same bounds as [`incoming`]: a peer that sends nothing within
+/// `config.handshake_timeout` is dropped (the plaintext equivalent of a handshake
+/// time-out), and at most `config.max_handshakes` connections wait for their first bytes at
+/// once. Must be called inside a tokio runtime; the accept task ends when the stream is
+/// dropped.
+pub fn plaintext(listener: TcpListener, config: AcceptConfig) -> PlainIncoming {
+    let (tx, rx) = mpsc::channel(16);
+    let permits = Arc::new(Semaphore::new(config.max_handshakes.max(1)));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                _ = tx.closed() => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (tcp, remote) = tokio::select! {
+                _ = tx.closed() => break,
+                r = listener.accept() => match r {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        accept_failed(&e).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(config.handshake_timeout, tcp.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        drop(permit);
+                        let _ = tx.send(Ok(tcp)).await;
+                    }
+                    Ok(_) => debug!(peer = %remote, "connection closed before its first bytes"),
+                    Err(_) => debug!(peer = %remote, "no bytes before the time-out; connection dropped"),
+                }
+            });
+        }
+    });
+    PlainIncoming(ReceiverStream::new(rx))
+}
+
 /// Per-connection errors (the peer left before accept) are routine; others (out of file
 /// descriptors) deserve a warning and a pause so the loop does not spin.
 async fn accept_failed(e: &io::Error) {
@@ -378,6 +438,25 @@ mod tests {
 
         let none = Identity::new("none").unwrap();
         assert_eq!(limiter.try_acquire(Some(&none)).unwrap_err(), ConnectionLimitError { limit: 0 });
+    }
+
+    #[tokio::test]
+    async fn plaintext_drops_silent_peers_and_admits_talking_ones() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_stream::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = AcceptConfig { handshake_timeout: Duration::from_millis(200), max_handshakes: 4 };
+        let mut accepted = plaintext(listener, config);
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut talking = TcpStream::connect(addr).await.unwrap();
+        talking.write_all(b"PRI").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), accepted.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(got.peer_addr().unwrap(), talking.local_addr().unwrap());
+        // The silent peer is closed by the server after the time-out.
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await.unwrap().unwrap_or(0);
+        assert_eq!(n, 0);
     }
 
     #[test]

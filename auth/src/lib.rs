@@ -29,7 +29,7 @@ pub mod requester;
 pub mod role;
 pub mod tls;
 
-pub use accept::{AcceptConfig, ConnectionLimiter, Incoming, PeerInfo, PeerStream, incoming};
+pub use accept::{AcceptConfig, ConnectionLimiter, Incoming, PeerInfo, PeerStream, PlainIncoming, incoming, plaintext};
 pub use identity::{Identity, IdentityError};
 pub use pki::{AgentSpec, CertKind, DevPki, DevPkiSpec, IssuedCert, PkiError};
 pub use policy::{Grant, Policy, PolicyError, Quotas};

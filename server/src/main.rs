@@ -2,15 +2,21 @@
 //!
 //! Parses flags (each also read from `DMAR_<FLAG>`), sets up tracing, binds the sockets and
 //! calls [`dmar_server::service::serve`] until SIGINT or SIGTERM.
+//!
+//! Security: with `--tls-dir` the gRPC port speaks mutual TLS and authorises every call
+//! against the policy; without it, plaintext is served only on a loopback address or with
+//! `--insecure` (docs/SECURITY.md).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
+use dmar_auth::{Policy, TlsFiles};
 use dmar_process::{self as process, LogFormat};
-use dmar_server::service::{Listeners, ServerConfig, serve};
+use dmar_server::service::{Listeners, Security, ServerConfig, serve_with_health};
 use dmar_vtd::driver::FlushPolicy;
 use dmar_vtd::unit::{CacheGeometry, UnitConfig};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +58,25 @@ struct Args {
     /// Do not re-read source entries on cache hits to count stale uses.
     #[arg(long, env = "DMAR_NO_STALE_DETECTION")]
     no_stale_detection: bool,
+    /// Directory with `ca.pem`, `NAME.pem` and `NAME.key` (see `dmar-certs`): serve mutual
+    /// TLS and authorise every call against the policy.
+    #[arg(long, env = "DMAR_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The server's certificate and key file name in the TLS directory.
+    #[arg(long, env = "DMAR_TLS_NAME", default_value = "dmar-server")]
+    tls_name: String,
+    /// The policy file (identities, roles, requester ids, quotas); default
+    /// `TLS_DIR/policy.toml`. Required with TLS.
+    #[arg(long, env = "DMAR_POLICY")]
+    policy: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback address: anyone who reaches the port holds every
+    /// role, including reading and writing every tenant's memory.
+    #[arg(long, env = "DMAR_INSECURE")]
+    insecure: bool,
+    /// A plaintext port answering only gRPC health, for probes that cannot do TLS; "off"
+    /// disables it.
+    #[arg(long, env = "DMAR_HEALTH_LISTEN", default_value = "off")]
+    health_listen: String,
     /// Log format.
     #[arg(long, env = "DMAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     log_format: LogFormat,
@@ -92,13 +117,57 @@ fn parse_geometry(s: &str) -> Result<CacheGeometry, String> {
     Ok(g)
 }
 
+/// The plaintext rule: without TLS, serve only on a loopback address unless `insecure`.
+/// The error is the one line the binary prints before exiting 2.
+fn plaintext_allowed(listen: SocketAddr, insecure: bool) -> Result<(), String> {
+    if insecure || listen.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(format!("dmar-server: refusing plaintext on {listen}: give --tls-dir DIR (docs/SECURITY.md) or --insecure"))
+    }
+}
+
+/// The security settings the flags ask for; the error is one line for exit code 2.
+fn security(args: &Args) -> Result<Security, String> {
+    let Some(dir) = &args.tls_dir else {
+        plaintext_allowed(args.listen, args.insecure)?;
+        return Ok(Security::plaintext());
+    };
+    let material =
+        TlsFiles::from_dir(dir, &args.tls_name).load().map_err(|e| format!("dmar-server: {}", error_chain(&e)))?;
+    let policy_path = args.policy.clone().unwrap_or_else(|| dir.join("policy.toml"));
+    let policy = Policy::load(&policy_path).map_err(|e| {
+        format!("dmar-server: TLS needs a policy: {} (--policy FILE, docs/SECURITY.md)", error_chain(&e))
+    })?;
+    Ok(Security::mutual_tls(material, policy))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let args: Args = process::parse_args("dmar-server");
     process::init_tracing_with("info", args.log_format);
-    process::block_on("dmar-server", run(args))
+    dmar_auth::tls::install_default_crypto_provider();
+    let security = match security(&args) {
+        Ok(s) => s,
+        Err(line) => {
+            eprintln!("{line}");
+            return ExitCode::from(2);
+        }
+    };
+    process::block_on("dmar-server", run(args, security))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, security: Security) -> anyhow::Result<()> {
     let unit = UnitConfig::default()
         .with_iotlb(args.iotlb)?
         .with_context_cache(args.context_cache)?
@@ -117,6 +186,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Flush::Deferred => deferred,
         },
         deferred,
+        security,
     };
     let grpc = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -128,9 +198,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?)
             }
         };
+    let health =
+        match process::listen_address(&args.health_listen).map_err(anyhow::Error::msg).context("health address")? {
+            None => None,
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?)
+            }
+        };
     let shutdown = CancellationToken::new();
     process::cancel_on_signal(shutdown.clone());
-    serve(config, Listeners { grpc, metrics }, shutdown).await?;
+    serve_with_health(config, Listeners { grpc, metrics }, health, shutdown).await?;
     Ok(())
 }
 
@@ -149,5 +226,33 @@ mod tests {
         assert_eq!(parse_geometry("64x4"), Ok(CacheGeometry::new(64, 4)));
         assert!(parse_geometry("63x4").is_err());
         assert!(parse_geometry("64").is_err());
+    }
+
+    #[test]
+    fn plaintext_needs_loopback_or_insecure() {
+        let any: SocketAddr = "0.0.0.0:50051".parse().expect("addr");
+        assert_eq!(
+            plaintext_allowed(any, false),
+            Err(
+                "dmar-server: refusing plaintext on 0.0.0.0:50051: give --tls-dir DIR (docs/SECURITY.md) or --insecure"
+                    .to_owned()
+            )
+        );
+        assert_eq!(plaintext_allowed(any, true), Ok(()));
+        assert_eq!(plaintext_allowed("127.0.0.1:50051".parse().expect("addr"), false), Ok(()));
+        assert_eq!(plaintext_allowed("[::1]:50051".parse().expect("addr"), false), Ok(()));
+        assert!(plaintext_allowed("10.0.0.5:50051".parse().expect("addr"), false).is_err());
+    }
+
+    #[test]
+    fn tls_without_a_policy_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dmar_auth::DevPki::generate(&dmar_auth::DevPkiSpec::default()).expect("pki");
+        pki.write_to(dir.path(), false).expect("write");
+        std::fs::remove_file(dir.path().join("policy.toml")).expect("remove");
+        let args = Args::parse_from(["dmar-server", "--tls-dir", dir.path().to_str().expect("utf-8")]);
+        let err = security(&args).expect_err("no policy");
+        assert!(err.contains("TLS needs a policy"), "{err}");
+        assert!(!err.contains('\n'));
     }
 }

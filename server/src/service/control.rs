@@ -8,6 +8,9 @@
 //! needs to deliver the device's answer. Unit calls (translation, registers, memory)
 //! never wait and run in place.
 //!
+//! Authorisation happens before a call arrives here (the table in [`super::auth`]); the
+//! domain calls consult the per-identity ledger for quotas and ownership.
+//!
 //! Not here: the ATS link ([`super::link`]), the event streams' sources
 //! ([`super::events`]).
 
@@ -23,7 +26,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::wire::{self, MAX_MEMORY_BYTES, MAX_RANGES};
-use super::{State, blocking, status};
+use super::{State, auth, blocking, status};
 use dmar_vtd::driver::FlushPolicy as DriverFlush;
 use dmar_vtd::ids::{Hpa, Iova};
 
@@ -58,11 +61,14 @@ fn check_ranges(n: usize, what: &str) -> Result<(), Status> {
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn create_domain(&self, r: Request<CreateDomainRequest>) -> Result<Response<CreateDomainResponse>, Status> {
+        let caller = auth::caller(&r)?;
         let r = r.into_inner();
         let kind = wire::domain_kind(r.kind)?;
         let aw = wire::address_width(r.address_width)?;
+        let slot = self.state.access.reserve_domain(&caller)?;
         let driver = self.state.driver.clone();
         let did = blocking(move || driver.create_domain(kind, aw).map_err(status::driver)).await?;
+        slot.commit(did);
         Ok(Response::new(CreateDomainResponse { domain_id: u32::from(did.0) }))
     }
 
@@ -70,9 +76,12 @@ impl Control for ControlService {
         &self,
         r: Request<DestroyDomainRequest>,
     ) -> Result<Response<DestroyDomainResponse>, Status> {
+        let caller = auth::caller(&r)?;
         let did = wire::domain_id(r.into_inner().domain_id)?;
+        self.state.access.check_domain_owner(&caller, did)?;
         let driver = self.state.driver.clone();
         blocking(move || driver.destroy_domain(did).map_err(status::driver)).await?;
+        self.state.access.domain_destroyed(did);
         Ok(Response::new(DestroyDomainResponse {}))
     }
 
@@ -251,6 +260,18 @@ impl Control for ControlService {
         let driver = self.state.driver.clone();
         blocking(move || driver.respond_page_request(sid, prgi, code).map_err(status::driver)).await?;
         Ok(Response::new(RespondPageRequestResponse {}))
+    }
+
+    async fn release_requester_ids(
+        &self,
+        r: Request<ReleaseRequesterIdsRequest>,
+    ) -> Result<Response<ReleaseRequesterIdsResponse>, Status> {
+        let caller = auth::caller(&r)?;
+        let r = r.into_inner();
+        let sids = r.source_ids.iter().map(|s| wire::source_id(*s)).collect::<Result<Vec<_>, _>>()?;
+        let released = self.state.access.release(&sids, r.all)?;
+        tracing::info!(identity = %caller.identity, released, all = r.all, "requester ids released");
+        Ok(Response::new(ReleaseRequesterIdsResponse { released }))
     }
 
     async fn get_stats(&self, _r: Request<GetStatsRequest>) -> Result<Response<Stats>, Status> {

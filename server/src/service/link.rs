@@ -38,7 +38,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::wire::{self, MAX_DMA_BYTES};
-use super::{State, status};
+use super::{State, auth, status};
 use dmar_vtd::ids::{Hpa, Iova, SourceId};
 use dmar_vtd::unit::{DeviceInvalidation, DevicePort, PageRequestOutcome, PageResponse};
 
@@ -80,6 +80,7 @@ impl AtsLink for LinkService {
     type OpenStream = ReceiverStream<Result<LinkDown, Status>>;
 
     async fn open(&self, request: Request<Streaming<LinkUp>>) -> Result<Response<Self::OpenStream>, Status> {
+        let caller = auth::caller(&request)?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("link closed before its bind"))?;
         let bind =
@@ -104,6 +105,8 @@ impl AtsLink for LinkService {
             pri_budget += wire::outstanding_page_groups(f);
             sids.push((sid, depth));
         }
+        // The caller's ranges, requester-id ownership and max_links; held until the link ends.
+        let claim = self.state.access.claim_link(&caller, sids.iter().map(|(s, _)| *s))?;
         let (inv_tx, inv_rx) = mpsc::channel(itag_budget + 1);
         let (resp_tx, resp_rx) = mpsc::channel(pri_budget + 16);
         let port = Arc::new(LinkPort { invalidations: inv_tx, responses: resp_tx });
@@ -143,6 +146,7 @@ impl AtsLink for LinkService {
             for sid in &bound_sids {
                 state.unit.unbind_device_port(*sid);
             }
+            drop(claim);
             state.links.fetch_sub(1, Ordering::Relaxed);
             state.bound_functions.fetch_sub(bound_sids.len() as u64, Ordering::Relaxed);
             state.metrics.connections.decrement(1.0);

@@ -58,6 +58,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "dmar_prq_page_requests_total",
     "dmar_interrupt_remapped_total",
     "dmar_server_cpu_used_seconds",
+    "dmar_server_auth_refusals_total",
+    "dmar_server_quota_refusals_total",
 ];
 
 fn describe() {

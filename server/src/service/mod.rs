@@ -7,12 +7,17 @@
 //! tasks ([`background`]: the ticker that lets time pass for the unit and runs due
 //! deferred flushes, the page request pump), and graceful shutdown.
 //!
+//! Security ([`auth`]): with mutual TLS every request but health passes the one
+//! authorisation table before a service sees it, and the link and domain calls consult the
+//! per-identity ledger; without TLS every caller holds every role.
+//!
 //! Threads: a driver call can wait for devices (up to the device-TLB invalidation
 //! time-out), and the devices' answers arrive over links that the runtime's workers
 //! serve. So every driver call made while serving runs on the blocking pool
 //! ([`blocking`]), never on a runtime worker; unit calls (translation, DMA, registers,
 //! completions) never wait and run in place.
 
+mod auth;
 mod background;
 mod control;
 mod events;
@@ -34,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
+use self::auth::{Access, Gate};
+pub use self::auth::{Security, Transport};
 use self::events::EventHub;
 use self::metrics::Metrics;
 use dmar_vtd::driver::{Driver, DriverConfig, DriverError, FlushPolicy};
@@ -51,6 +58,8 @@ pub struct ServerConfig {
     pub default_flush: FlushPolicy,
     /// The deferred policy's bounds (used when a call asks for deferred flushing).
     pub deferred: FlushPolicy,
+    /// Plaintext (the default: every caller holds every role) or mutual TLS with a policy.
+    pub security: Security,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +69,7 @@ impl Default for ServerConfig {
             unit: UnitConfig::default(),
             default_flush: FlushPolicy::Strict,
             deferred: FlushPolicy::Deferred { max_entries: 256, max_delay: Duration::from_millis(10) },
+            security: Security::default(),
         }
     }
 }
@@ -85,6 +95,9 @@ pub enum ServeError {
     /// The metrics recorder could not be installed.
     #[error("metrics: {0}")]
     Metrics(String),
+    /// The TLS configuration could not be built from the certificate and key.
+    #[error("tls: {0}")]
+    Tls(#[from] dmar_auth::TlsError),
     /// Reflection could not be built.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -105,6 +118,7 @@ pub(crate) struct State {
     pub(crate) links: AtomicU64,
     pub(crate) bound_functions: AtomicU64,
     pub(crate) link_translations: AtomicU64,
+    pub(crate) access: Arc<Access>,
     pub(crate) tasks: TaskTracker,
     pub(crate) shutdown: CancellationToken,
 }
@@ -124,11 +138,24 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 /// Serves until `shutdown` is cancelled, then drains: links are closed, background tasks
 /// stop, and the call returns.
 pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServeError> {
+    serve_with_health(config, listeners, None, shutdown).await
+}
+
+/// [`serve`], plus a plaintext port `health` answering only `grpc.health.v1`, for probes
+/// that cannot present a certificate (the gRPC port answers health without one too, but
+/// over TLS).
+pub async fn serve_with_health(
+    config: ServerConfig,
+    listeners: Listeners,
+    health_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let handle = match listeners.metrics {
         Some(_) => Some(prometheus()?),
         None => None,
     };
     let metrics = Metrics::new();
+    let access = Arc::new(Access::new(&config.security));
     let page_requests = Arc::new(Notify::new());
     let hub = Arc::new(EventHub::new(metrics.clone(), page_requests.clone()));
     let memory = Arc::new(HostMemory::new(config.memory_size)?);
@@ -149,6 +176,7 @@ pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: Cancell
         links: AtomicU64::new(0),
         bound_functions: AtomicU64::new(0),
         link_translations: AtomicU64::new(0),
+        access: access.clone(),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     });
@@ -165,27 +193,59 @@ pub async fn serve(config: ServerConfig, listeners: Listeners, shutdown: Cancell
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dmar_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dmar_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
     health.set_serving::<ControlServer<control::ControlService>>().await;
     health.set_serving::<AtsLinkServer<link::LinkService>>().await;
+    let accept = config.security.accept;
+    if let Some(listener) = health_listener {
+        let addr = listener.local_addr().ok();
+        tracing::info!(?addr, "health-only plaintext port serving");
+        let probes = tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(dmar_auth::plaintext(listener, accept), shutdown.clone().cancelled_owned());
+        tasks.spawn(async move {
+            if let Err(e) = probes.await {
+                tracing::warn!(error = %e, "health port stopped");
+            }
+        });
+    }
     let addr = listeners.grpc.local_addr().ok();
-    tracing::info!(?addr, "dmar-server serving");
 
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(ControlServer::new(control::ControlService { state: state.clone() }))
-        .add_service(AtsLinkServer::new(link::LinkService { state: state.clone() }))
-        .serve_with_incoming_shutdown(
-            // Small link messages must not wait for delayed ACKs (Nagle): 40 ms stalls otherwise.
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-            shutdown.cancelled(),
-        )
-        .await;
+        .add_service(Gate::new(reflection_v1, access.clone()))
+        .add_service(Gate::new(reflection_v1alpha, access.clone()))
+        .add_service(Gate::new(ControlServer::new(control::ControlService { state: state.clone() }), access.clone()))
+        .add_service(Gate::new(AtsLinkServer::new(link::LinkService { state: state.clone() }), access));
+    let result = match &config.security.transport {
+        Transport::Plaintext => {
+            tracing::warn!(?addr, "dmar-server serving plaintext: every caller holds every role (insecure mode)");
+            router
+                .serve_with_incoming_shutdown(dmar_auth::plaintext(listeners.grpc, accept), shutdown.cancelled())
+                .await
+        }
+        Transport::MutualTls { material, policy } => {
+            let tls = material.rustls_server_config(dmar_auth::ClientAuth::Optional)?;
+            let limiter =
+                dmar_auth::ConnectionLimiter::new(policy.clone(), dmar_auth::ConnectionLimiter::DEFAULT_UNLISTED_MAX);
+            tracing::info!(?addr, identities = policy.len(), "dmar-server serving mutual TLS");
+            router
+                .serve_with_incoming_shutdown(
+                    dmar_auth::incoming(listeners.grpc, tls, Some(limiter), accept),
+                    shutdown.cancelled(),
+                )
+                .await
+        }
+    };
     shutdown.cancel();
     tasks.close();
     if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
