@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use dmar_agent::{AgentConfig, AgentSecurity, AgentTls, FunctionConfig, Identity, Listeners as AgentListeners};
 use dmar_auth::{AgentSpec, DevPki, DevPkiSpec, RequesterIdRange, RequesterIdSet};
-use dmar_server::service::{Listeners, ServerConfig};
+use dmar_server::service::{Listeners, Security, ServerConfig};
 use dmar_vtd::SourceId;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -146,6 +146,6 @@ impl Embedded {
 
 /// The embedded server's mutual TLS: its certificate and the development policy.
 fn secure_server(config: &mut ServerConfig, pki: &DevPki) -> anyhow::Result<()> {
-    let _ = (config, pki);
-    anyhow::bail!("the embedded server cannot serve tls yet")
+    config.security = Security::mutual_tls(pki.tls_material(SERVER_NAME)?, pki.policy.clone());
+    Ok(())
 }
