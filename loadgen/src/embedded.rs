@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use dmar_agent::{AgentConfig, AgentSecurity, AgentTls, FunctionConfig, Identity, Listeners as AgentListeners};
-use dmar_auth::{AgentSpec, DevPki, DevPkiSpec, RequesterIdRange, RequesterIdSet};
+use dmar_auth::{AgentSpec, DevPki, DevPkiSpec, Policy, RequesterIdRange, RequesterIdSet, Role};
 use dmar_server::service::{Listeners, Security, ServerConfig};
 use dmar_vtd::SourceId;
 use tokio::net::TcpListener;
@@ -68,7 +68,20 @@ fn dev_pki(agents: u32) -> anyhow::Result<DevPki> {
         observers: Vec::new(),
         validity_days: 1,
     };
-    DevPki::generate(&spec).context("embedded development CA")
+    let mut pki = DevPki::generate(&spec).context("embedded development CA")?;
+    // The baseline's unary Control.Translate goes from each agent under its own
+    // certificate, and the server's table reserves Translate for operators: the embedded
+    // agents hold the operator role too, so that the sweep can measure the baseline over
+    // TLS. (The compose deployment does not grant it; docs/DEPLOY.md.)
+    let grants = pki.policy.iter().map(|(name, grant)| {
+        let mut grant = grant.clone();
+        if grant.has(Role::Device) {
+            grant.roles.insert(Role::Operator);
+        }
+        (name.clone(), grant)
+    });
+    pki.policy = Policy::new(grants.collect::<Vec<_>>()).context("embedded policy")?;
+    Ok(pki)
 }
 
 impl Embedded {

@@ -85,12 +85,12 @@ async fn embedded_sweep_over_mutual_tls() {
         "50ms",
         "--footprint",
         "1M",
-        "--no-baseline",
     ])
     .expect("arguments");
     let Outcome::Sweep(report) = execute(&cli).await.expect("sweep over tls") else { panic!("not a sweep") };
     assert!(report.settings.embedded && report.settings.tls);
     assert!(report.steps[0].ats.counts.accesses > 0);
+    assert!(report.steps[0].baseline.as_ref().is_some_and(|b| b.counts.baseline_calls > 0), "baseline over tls");
     assert!(Outcome::Sweep(report).render(dmar_loadgen::args::Format::Text).expect("text").contains("mutual TLS"));
 }
 
