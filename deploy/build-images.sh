@@ -4,8 +4,9 @@
 #   deploy/build-images.sh                 # host-built binaries on FROM scratch (default)
 #   deploy/build-images.sh --multi-stage   # deploy/Dockerfile (needs rust and debian images)
 #
-# Default path: `cargo build --release` on the host (the three binaries and the health
-# probe dmar-healthcheck, deploy/healthcheck/), then one build context per image under
+# Default path: `cargo build --release` on the host (the three binaries, the health probe
+# dmar-healthcheck, deploy/healthcheck/, and the host tool dmar-certs that deploy/dmar.sh
+# runs to make the stack's certificates), then one build context per image under
 # $CARGO_TARGET_DIR/deploy-images/NAME/ holding a rootfs/ with the binary, every shared
 # library `ldd` lists, the dynamic loader, a minimal /etc and /tmp, and the image's
 # Dockerfile from deploy/images/. Also builds the Prometheus image from the host's Debian
@@ -41,14 +42,20 @@ revision=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 labels=(--label "org.opencontainers.image.revision=$revision" --label "org.opencontainers.image.title=dmar")
 
 if [ "$multi_stage" = 1 ]; then
+    # dmar-certs runs on the host, not in an image.
+    if [ "$cargo" = 1 ]; then
+        say "cargo build --release -p dmar-auth (dmar-certs, a host tool)"
+        cargo build --quiet --release --locked -p dmar-auth
+    fi
     for name in dmar-server dmar-agent dmar-loadgen; do
         say "docker build --target $name (deploy/Dockerfile)"
         docker build -f deploy/Dockerfile --target "$name" -t "$name:$tag" "${labels[@]}" .
     done
 else
     if [ "$cargo" = 1 ]; then
-        say "cargo build --release (dmar-server, dmar-agent, dmar-loadgen, dmar-healthcheck)"
-        cargo build --quiet --release --locked -p dmar-server -p dmar-agent -p dmar-loadgen -p dmar-healthcheck
+        say "cargo build --release (dmar-server, dmar-agent, dmar-loadgen, dmar-healthcheck, dmar-certs)"
+        cargo build --quiet --release --locked -p dmar-server -p dmar-agent -p dmar-loadgen -p dmar-healthcheck \
+            -p dmar-auth
     fi
     mkdir -p "$target/deploy-images"
     probe=$target/release/dmar-healthcheck

@@ -1,23 +1,59 @@
 #!/usr/bin/env bash
 # One-command control of the dmar compose stack (deploy/docker-compose.yml).
 #
-#   deploy/dmar.sh build                  # images, no registry (deploy/build-images.sh)
-#   deploy/dmar.sh up [--dashboards]      # server (healthy first), agents, Prometheus
+#   deploy/dmar.sh build                  # images and dmar-certs, no registry (deploy/build-images.sh)
+#   deploy/dmar.sh up [--dashboards]      # certificates (first time), server (healthy first), agents, Prometheus
+#   deploy/dmar.sh certs                  # make new certificates (a new CA: restart the stack)
 #   deploy/dmar.sh sweep [FLAGS]          # loadgen sweep against the stack, e.g. --steps 1,2,4
 #   deploy/dmar.sh loadgen [ARGS]         # any loadgen run, e.g. invalidate --devices 4
 #   deploy/dmar.sh ps | logs [SERVICE] | down
 #
-# Environment: AGENTS (agent replicas, default 3), DMAR_PROJECT (compose project name,
-# default dmar), UP_TIMEOUT (seconds to wait for health, default 120), and the compose
-# variables documented in docker-compose.yml (DMAR_FUNCTIONS, DMAR_PUBLISH_*, ...).
-# Loadgen output files (--output/--plot) land in deploy/out/ (DMAR_OUT), seen as /out.
+# Environment: DMAR_CERTS (certificate folder, default deploy/certs), DMAR_CERTS_BIN (the
+# dmar-certs binary, default $CARGO_TARGET_DIR/release/dmar-certs, built with cargo when
+# missing), DMAR_PROJECT (compose project name, default dmar), UP_TIMEOUT (seconds to wait
+# for health, default 120), and the compose variables documented in docker-compose.yml
+# (DMAR_PUBLISH_*, ...). Loadgen output files (--output/--plot) land in deploy/out/
+# (DMAR_OUT), seen as /out.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
 
-agents=${AGENTS:-3}
 project=${DMAR_PROJECT:-dmar}
 up_timeout=${UP_TIMEOUT:-120}
-export DMAR_AGENT_REPLICAS=$agents
+certs=${DMAR_CERTS:-$here/certs}
+case $certs in /*) ;; *) certs=$(pwd)/$certs ;; esac
+export DMAR_CERTS=$certs
+target=${CARGO_TARGET_DIR:-$root/target}
+case $target in /*) ;; *) target=$root/$target ;; esac
+certs_bin=${DMAR_CERTS_BIN:-$target/release/dmar-certs}
+
+# The stack's identities: one per agent service in docker-compose.yml, each with the
+# requester ids its policy entry grants (agent-N: bus 0x10+N), all sharing the SAN `agent`
+# (the name the loadgen dials them by); the server under its service names; the operator
+# (the loadgen) and an observer.
+cert_args=(
+    --server dmar-server --server-san server,dmar-server,localhost,127.0.0.1
+    --agent agent-0=10:00.0-10:1f.7 --agent agent-1=11:00.0-11:1f.7 --agent agent-2=12:00.0-12:1f.7
+    --agent-san agent --operator operator --observer observer
+)
+
+# Makes the certificates and policy into $certs (replacing what is there), readable by
+# the containers' user (uid 65534) through their read-only file mounts: keys 0644 inside
+# a 0700 folder, so other host users cannot reach them; the CA key stays 0600 and is
+# mounted nowhere.
+make_certs() {
+    if [ ! -x "$certs_bin" ]; then
+        echo "dmar.sh: building dmar-certs (cargo build --release -p dmar-auth)" >&2
+        (cd "$root" && cargo build --quiet --release --locked -p dmar-auth)
+    fi
+    mkdir -p "$certs"
+    chmod 0700 "$certs"
+    "$certs_bin" --out "$certs" --force "${cert_args[@]}" >/dev/null
+    for key in "$certs"/*.key; do
+        [ "$(basename "$key")" = ca.key ] || chmod 0644 "$key"
+    done
+    echo "dmar.sh: certificates and policy.toml in $certs"
+}
 
 # `docker compose` (v2 plugin) where installed, else the standalone docker-compose (1.29+).
 if docker compose version >/dev/null 2>&1; then
@@ -66,15 +102,20 @@ case $cmd in
                 *) echo "dmar.sh up: unknown option $arg" >&2; exit 2 ;;
             esac
         done
-        services=(server agent prometheus)
+        # First up: certificates. Later ups reuse them (`dmar.sh certs` makes new ones).
+        [ -f "$certs/ca.pem" ] && [ -f "$certs/policy.toml" ] || make_certs
+        services=(server agent-0 agent-1 agent-2 prometheus)
         if [ ${#profiles[@]} -gt 0 ]; then services+=(grafana); fi
         # depends_on makes compose start the agents only once the server is healthy.
-        compose "${profiles[@]}" up -d --scale "agent=$agents" "${services[@]}"
+        compose "${profiles[@]}" up -d "${services[@]}"
         wait_healthy
         compose ps
         echo "server gRPC 127.0.0.1:${DMAR_PUBLISH_GRPC:-50051}, metrics http://127.0.0.1:${DMAR_PUBLISH_METRICS:-9464}/metrics," \
             "Prometheus http://127.0.0.1:${DMAR_PUBLISH_PROMETHEUS:-9090}"
         if [ ${#profiles[@]} -gt 0 ]; then echo "Grafana http://127.0.0.1:${DMAR_PUBLISH_GRAFANA:-3000}"; fi
+        ;;
+    certs)
+        make_certs
         ;;
     sweep)
         mkdir -p "${DMAR_OUT:-$here/out}"
@@ -94,10 +135,10 @@ case $cmd in
         compose --profile loadgen --profile dashboards down --volumes --remove-orphans "$@"
         ;;
     help | -h | --help)
-        sed -n '2,13p' "$0"
+        sed -n '2,17p' "$0"
         ;;
     *)
-        echo "dmar.sh: unknown command $cmd (build, up, sweep, loadgen, ps, logs, down)" >&2
+        echo "dmar.sh: unknown command $cmd (build, up, certs, sweep, loadgen, ps, logs, down)" >&2
         exit 2
         ;;
 esac

@@ -142,6 +142,29 @@ pub struct Common {
     /// Seed for the address streams.
     #[arg(long, global = true, env = "DMAR_SEED", default_value_t = 1)]
     pub seed: u64,
+    /// Mutual TLS to the server and the agents: `DIR/ca.pem` and this client's
+    /// `NAME.pem`/`NAME.key` (the layout `dmar-certs` writes). Remote runs only.
+    #[arg(long, global = true, env = "DMAR_TLS_DIR", conflicts_with = "tls")]
+    pub tls_dir: Option<PathBuf>,
+    /// Which certificate in `--tls-dir` is this client's: an identity with the operator
+    /// role on the server, trusted by the agents' control ports.
+    #[arg(long, global = true, env = "DMAR_TLS_NAME", default_value = "operator")]
+    pub tls_name: String,
+    /// The name the server's certificate must carry, whatever host `--server` dials.
+    #[arg(long, global = true, env = "DMAR_SERVER_NAME", default_value = "dmar-server")]
+    pub server_name: String,
+    /// The name every agent's certificate must carry (a SAN all agents share, as under
+    /// compose), whatever address an agent is dialled at.
+    #[arg(long, global = true, env = "DMAR_AGENT_SERVER_NAME", default_value = "agent")]
+    pub agent_server_name: String,
+    /// Allow plaintext to a server or agent beyond loopback: anyone on the path can then
+    /// read and drive the control traffic.
+    #[arg(long, global = true, env = "DMAR_INSECURE")]
+    pub insecure: bool,
+    /// Embedded mode only: run the embedded server and agents with mutual TLS, from an
+    /// in-memory development CA, to measure what TLS costs.
+    #[arg(long, global = true, env = "DMAR_TLS")]
+    pub tls: bool,
 }
 
 /// A validated step list.

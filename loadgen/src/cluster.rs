@@ -2,13 +2,13 @@
 //! service) and the agents (their AgentControl services), with the functions each agent
 //! hosts. Works the same for embedded and remote processes.
 
-use std::time::Duration;
-
 use anyhow::{Context as _, bail};
 use dmar_proto::v1::agent_control_client::AgentControlClient;
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::{GetAgentInfoRequest, GetStatsRequest, Stats};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::security::{ClientSecurity, Peer};
 
 /// One agent and its functions.
 #[derive(Debug, Clone)]
@@ -39,15 +39,8 @@ pub(crate) struct Device {
     pub(crate) sid: u32,
 }
 
-fn url(s: &str) -> String {
-    if s.contains("://") { s.to_owned() } else { format!("http://{s}") }
-}
-
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(url(addr))
-        .with_context(|| format!("{addr:?} is not a usable address"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(600));
+async fn connect(security: &ClientSecurity, addr: &str, peer: Peer) -> anyhow::Result<Channel> {
+    let endpoint = security.endpoint(addr, peer)?;
     endpoint.connect().await.with_context(|| format!("cannot reach {addr}"))
 }
 
@@ -74,14 +67,21 @@ pub(crate) async fn expand_agents(addrs: &[String]) -> anyhow::Result<Vec<String
 
 impl Cluster {
     /// Connects to the server and every agent and asks the agents for their functions.
-    pub(crate) async fn connect(server: &str, agents: &[String]) -> anyhow::Result<Cluster> {
+    /// Under TLS every channel presents the client's certificate; the server's must carry
+    /// the server name and each agent's the agent name, whatever address is dialled.
+    pub(crate) async fn connect(security: &ClientSecurity, server: &str, agents: &[String]) -> anyhow::Result<Cluster> {
         if agents.is_empty() {
             bail!("no agents given (use --agents host:port,...)");
         }
-        let control = ControlClient::new(connect(server).await?);
+        for a in agents {
+            // A scheme contradicting the security is an error before names are resolved
+            // (resolving drops it).
+            security.url(a)?;
+        }
+        let control = ControlClient::new(connect(security, server, Peer::Server).await?);
         let mut handles = Vec::new();
         for a in expand_agents(agents).await? {
-            let mut client = AgentControlClient::new(connect(&a).await?);
+            let mut client = AgentControlClient::new(connect(security, &a, Peer::Agent).await?);
             let info = client
                 .get_agent_info(GetAgentInfoRequest {})
                 .await

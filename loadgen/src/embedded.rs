@@ -1,16 +1,31 @@
 //! Embedded mode: a dmar-server and dmar-agents started in this process on loopback
 //! (127.0.0.1:0), so that `dmar-loadgen` with no arguments measures the whole system
 //! with nothing else running. They are driven over real gRPC exactly like remote ones.
+//!
+//! Plaintext by default (loopback only, nothing to set up). With `tls` every link and
+//! control channel uses mutual TLS from a development CA made in memory ([`DevPki`]): the
+//! server with its policy, each agent with its own certificate and requester-id range, the
+//! load generator as the operator. Same sweep, so the two runs show what TLS costs.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use dmar_agent::{AgentConfig, FunctionConfig, Listeners as AgentListeners};
-use dmar_server::service::{Listeners, ServerConfig};
+use dmar_agent::{AgentConfig, AgentSecurity, AgentTls, FunctionConfig, Identity, Listeners as AgentListeners};
+use dmar_auth::{AgentSpec, DevPki, DevPkiSpec, Policy, RequesterIdRange, RequesterIdSet, Role};
+use dmar_server::service::{Listeners, Security, ServerConfig};
 use dmar_vtd::SourceId;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::security::{ClientSecurity, ClientTls};
+
+/// The embedded server's certificate name.
+const SERVER_NAME: &str = "dmar-server";
+/// The SAN every embedded agent certificate carries (as under compose).
+const AGENT_SAN: &str = "agent";
+/// The load generator's certificate name (the operator role).
+const OPERATOR: &str = "operator";
 
 /// A running embedded system.
 #[derive(Debug)]
@@ -19,6 +34,8 @@ pub(crate) struct Embedded {
     pub(crate) server: String,
     /// Agent control addresses.
     pub(crate) agents: Vec<String>,
+    /// How the load generator reaches them.
+    pub(crate) security: ClientSecurity,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -26,6 +43,45 @@ pub(crate) struct Embedded {
 /// Requester id of function `f` of agent `a`: bus 0x10 + a, device f, function 0.
 pub(crate) fn embedded_sid(agent: u32, function: u32) -> SourceId {
     SourceId::new(0x10 + agent as u8, (function % 32) as u8, 0)
+}
+
+/// Agent `a`'s name, which is also its certificate's identity under TLS.
+fn agent_name(agent: u32) -> String {
+    format!("embedded-agent-{agent}")
+}
+
+/// A development CA for `agents` agents: each may bind its own bus only (bus 0x10 + a).
+fn dev_pki(agents: u32) -> anyhow::Result<DevPki> {
+    let id = |s: &str| Identity::new(s).with_context(|| format!("certificate name {s:?}"));
+    let agents = (0..agents)
+        .map(|a| {
+            let bus = RequesterIdRange::new(embedded_sid(a, 0), SourceId::new(0x10 + a as u8, 0x1f, 7))?;
+            Ok(AgentSpec { name: id(&agent_name(a))?, requester_ids: RequesterIdSet::from_ranges([bus]) })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let spec = DevPkiSpec {
+        server: id(SERVER_NAME)?,
+        server_sans: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+        agents,
+        agent_sans: vec![AGENT_SAN.to_owned()],
+        operators: vec![id(OPERATOR)?],
+        observers: Vec::new(),
+        validity_days: 1,
+    };
+    let mut pki = DevPki::generate(&spec).context("embedded development CA")?;
+    // The baseline's unary Control.Translate goes from each agent under its own
+    // certificate, and the server's table reserves Translate for operators: the embedded
+    // agents hold the operator role too, so that the sweep can measure the baseline over
+    // TLS. (The compose deployment does not grant it; docs/DEPLOY.md.)
+    let grants = pki.policy.iter().map(|(name, grant)| {
+        let mut grant = grant.clone();
+        if grant.has(Role::Device) {
+            grant.roles.insert(Role::Operator);
+        }
+        (name.clone(), grant)
+    });
+    pki.policy = Policy::new(grants.collect::<Vec<_>>()).context("embedded policy")?;
+    Ok(pki)
 }
 
 impl Embedded {
@@ -37,13 +93,19 @@ impl Embedded {
         functions_per_agent: u32,
         atc_capacity: usize,
         pri: bool,
+        tls: bool,
     ) -> anyhow::Result<Embedded> {
+        let pki = if tls { Some(dev_pki(agents)?) } else { None };
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let grpc = TcpListener::bind("127.0.0.1:0").await.context("bind the embedded server")?;
-        let server = format!("http://{}", grpc.local_addr()?);
+        let scheme = if tls { "https" } else { "http" };
+        let server = format!("{scheme}://{}", grpc.local_addr()?);
         let s = shutdown.clone();
-        let config = ServerConfig { memory_size: 2 << 30, ..ServerConfig::default() };
+        let mut config = ServerConfig { memory_size: 2 << 30, ..ServerConfig::default() };
+        if let Some(pki) = &pki {
+            secure_server(&mut config, pki)?;
+        }
         tasks.push(tokio::spawn(async move {
             if let Err(e) = dmar_server::service::serve(config, Listeners { grpc, metrics: None }, s).await {
                 tracing::error!(error = %e, "embedded server failed");
@@ -60,7 +122,11 @@ impl Embedded {
                 })
                 .collect();
             let mut config = AgentConfig::new(server.clone(), functions);
-            config.name = format!("embedded-agent-{a}");
+            config.name = agent_name(a);
+            if let Some(pki) = &pki {
+                let material = pki.tls_material(&config.name)?;
+                config.security = AgentSecurity::mutual_tls(AgentTls::new(material, SERVER_NAME)?);
+            }
             let control = TcpListener::bind("127.0.0.1:0").await.context("bind an embedded agent")?;
             agent_addrs.push(control.local_addr()?.to_string());
             let s = shutdown.clone();
@@ -71,7 +137,15 @@ impl Embedded {
                 }
             }));
         }
-        Ok(Embedded { server, agents: agent_addrs, shutdown, tasks })
+        let security = match &pki {
+            Some(pki) => ClientSecurity::MutualTls(std::sync::Arc::new(ClientTls {
+                material: pki.tls_material(OPERATOR)?,
+                server_name: SERVER_NAME.to_owned(),
+                agent_server_name: AGENT_SAN.to_owned(),
+            })),
+            None => ClientSecurity::Plaintext,
+        };
+        Ok(Embedded { server, agents: agent_addrs, security, shutdown, tasks })
     }
 
     /// Stops everything and waits (bounded) for it to finish.
@@ -81,4 +155,10 @@ impl Embedded {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
     }
+}
+
+/// The embedded server's mutual TLS: its certificate and the development policy.
+fn secure_server(config: &mut ServerConfig, pki: &DevPki) -> anyhow::Result<()> {
+    config.security = Security::mutual_tls(pki.tls_material(SERVER_NAME)?, pki.policy.clone());
+    Ok(())
 }

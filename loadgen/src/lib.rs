@@ -20,6 +20,7 @@ pub mod report;
 mod run;
 mod scenario;
 mod scenarios;
+pub mod security;
 mod sweep;
 
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ use crate::args::{Cli, Command, Format};
 use crate::cluster::Cluster;
 use crate::embedded::Embedded;
 use crate::report::{DemandReport, InvalidateReport, Settings, SweepReport};
+use crate::security::ClientSecurity;
 
 /// What a scenario produced.
 #[derive(Debug, Clone)]
@@ -89,28 +91,41 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<Outcome> {
         bail!("rate {} must be zero (closed loop) or positive", c.rate);
     }
     let embedded = c.server.is_none() && c.agents.is_empty();
-    let (system, server, agents) = if embedded {
+    if c.tls && !embedded {
+        bail!("--tls runs the embedded system with tls; against --server use --tls-dir DIR");
+    }
+    security::check_common(c)?;
+    if c.tls || c.tls_dir.is_some() {
+        dmar_auth::tls::install_default_crypto_provider();
+    }
+    let (system, server, agents, security) = if embedded {
         let largest = match &cli.command {
             Some(Command::Invalidate(i)) => i.devices,
             _ => c.steps.0.last().copied().unwrap_or(1),
         };
         let per_agent = largest.div_ceil(c.embedded_agents as usize).max(1) as u32;
         let pri = matches!(cli.command, Some(Command::DemandPaging));
-        let e = Embedded::start(c.embedded_agents, per_agent, c.atc_capacity, pri).await?;
-        let (s, a) = (e.server.clone(), e.agents.clone());
-        (Some(e), s, a)
+        let e = Embedded::start(c.embedded_agents, per_agent, c.atc_capacity, pri, c.tls).await?;
+        let (s, a, security) = (e.server.clone(), e.agents.clone(), e.security.clone());
+        (Some(e), s, a, security)
     } else {
         let Some(server) = c.server.clone() else { bail!("--agents needs --server too") };
         if c.agents.is_empty() {
             bail!("--server needs --agents too (agent control endpoints)");
         }
-        (None, server, c.agents.clone())
+        let security = match &c.tls_dir {
+            Some(dir) => ClientSecurity::from_dir(dir, &c.tls_name, &c.server_name, &c.agent_server_name)
+                .with_context(|| format!("tls files in {}", dir.display()))?,
+            None => ClientSecurity::Plaintext,
+        };
+        (None, server, c.agents.clone(), security)
     };
     let result = async {
-        let cluster = Cluster::connect(&server, &agents).await?;
+        let cluster = Cluster::connect(&security, &server, &agents).await?;
         wait_connected(&cluster, Duration::from_secs(20)).await?;
         let settings = Settings {
             embedded,
+            tls: security.is_tls(),
             agents: cluster.agents.len(),
             duration_s: c.duration.as_secs_f64(),
             warmup_s: c.warmup.as_secs_f64(),

@@ -8,6 +8,12 @@ use dmar_loadgen::{Outcome, execute, plot};
 
 fn main() -> ExitCode {
     let cli: Cli = dmar_process::parse_args("dmar-loadgen");
+    // Plaintext beyond loopback is a configuration that cannot run: one line, status 2,
+    // before anything is started or dialled.
+    if let Err(e) = dmar_loadgen::security::check_common(&cli.common) {
+        eprintln!("dmar-loadgen: {e}");
+        return ExitCode::from(2);
+    }
     // Quiet by default: standard output carries the report.
     dmar_process::init_tracing_with("warn", dmar_process::LogFormat::Plain);
     dmar_process::block_on("dmar-loadgen", run(&cli))

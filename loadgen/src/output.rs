@@ -35,9 +35,10 @@ pub(crate) fn text(r: &SweepReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "dmar sweep: {} agents{}, {:.1} s per run after {:.1} s warm-up, {} in flight per device{}, {} KiB {} footprint, {} pattern, {:.0}% writes{}",
+        "dmar sweep: {} agents{}{}, {:.1} s per run after {:.1} s warm-up, {} in flight per device{}, {} KiB {} footprint, {} pattern, {:.0}% writes{}",
         s.agents,
         if s.embedded { " (embedded)" } else { "" },
+        if s.tls { " over mutual TLS" } else { "" },
         s.duration_s,
         s.warmup_s,
         s.concurrency,

@@ -209,6 +209,8 @@ pub struct Step {
 pub struct Settings {
     /// Embedded (in-process server and agents) or remote.
     pub embedded: bool,
+    /// Mutual TLS on the control channels (and, embedded, on the ATS links).
+    pub tls: bool,
     /// Agents.
     pub agents: usize,
     /// Measured seconds per run.

@@ -71,3 +71,33 @@ async fn unreachable_addresses_are_an_error() {
     let err = execute(&cli).await.expect_err("unreachable");
     assert!(format!("{err:#}").contains("cannot reach"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_sweep_over_mutual_tls() {
+    let cli = Cli::try_parse_from([
+        "dmar-loadgen",
+        "--tls",
+        "--steps",
+        "2",
+        "--duration",
+        "200ms",
+        "--warmup",
+        "50ms",
+        "--footprint",
+        "1M",
+    ])
+    .expect("arguments");
+    let Outcome::Sweep(report) = execute(&cli).await.expect("sweep over tls") else { panic!("not a sweep") };
+    assert!(report.settings.embedded && report.settings.tls);
+    assert!(report.steps[0].ats.counts.accesses > 0);
+    assert!(report.steps[0].baseline.as_ref().is_some_and(|b| b.counts.baseline_calls > 0), "baseline over tls");
+    assert!(Outcome::Sweep(report).render(dmar_loadgen::args::Format::Text).expect("text").contains("mutual TLS"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_for_the_embedded_system_only() {
+    let cli = Cli::try_parse_from(["dmar-loadgen", "--tls", "--server", "127.0.0.1:1", "--agents", "127.0.0.1:1"])
+        .expect("arguments");
+    let err = execute(&cli).await.expect_err("--tls with --server");
+    assert!(format!("{err:#}").contains("--tls-dir"), "{err:#}");
+}

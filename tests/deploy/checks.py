@@ -4,9 +4,21 @@ Python grpcio with stubs generated from proto/dmar/v1/dmar.proto (as tests/inter
 plus grpcio-health-checking for an independent grpc.health.v1 client. Each check prints
 one line per thing it verified and exits non-zero with one line on the first failure.
 
+Every gRPC check speaks mutual TLS with the certificates in $SMOKE_CERTS (the layout
+dmar-certs writes): as `operator` unless a check says otherwise, expecting the server's
+certificate to name `dmar-server` and every agent's `agent` (the shared SAN), whatever
+address is dialled. Without $SMOKE_CERTS they speak plaintext.
+
 Usage: checks.py GENERATED_STUBS_DIR CHECK [ARGS]
 
-  health ADDR [SERVICE]                    grpc.health.v1 Check is SERVING
+  health ADDR [SERVICE]                    grpc.health.v1 Check is SERVING, over TLS
+                                           without a client certificate (as a probe)
+  server-gate ADDR                         plaintext is refused; without a certificate
+                                           only health answers; the observer reads stats
+                                           but may not create domains; the operator may
+  agents-linked AGENT..                    each agent's control port answers health without
+                                           a certificate, refuses AgentControl without one,
+                                           and reports its ATS link bound to the operator
   dashboard-metrics DIR                    every dmar_* series the dashboards query
   expositions DIR SERVER_FILE AGENT_FILE.. every such series is on the live /metrics
   sweep-report FILE [DEVICES]              a loadgen JSON sweep report measured something
@@ -48,6 +60,38 @@ def stubs():
     from dmar.v1 import dmar_pb2_grpc as rpc  # noqa: E402
 
     return grpc, pb, rpc
+
+
+# What the server's and the agents' certificates name (docker-compose.yml, dmar.sh).
+SERVER_NAME = "dmar-server"
+AGENT_NAME = "agent"
+
+
+def certs() -> "Path | None":
+    import os
+
+    d = os.environ.get("SMOKE_CERTS")
+    return Path(d) if d else None
+
+
+def channel(addr: str, peer: str = "server", identity: "str | None" = "operator"):
+    """A channel to ADDR: mutual TLS as IDENTITY (None: no client certificate) when
+    $SMOKE_CERTS is set, else plaintext. PEER (server or agent) picks the name the
+    peer's certificate must carry."""
+    import grpc
+
+    d = certs()
+    if d is None:
+        return grpc.insecure_channel(addr)
+    ca = (d / "ca.pem").read_bytes()
+    if identity is None:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    else:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca,
+                                             private_key=(d / f"{identity}.key").read_bytes(),
+                                             certificate_chain=(d / f"{identity}.pem").read_bytes())
+    name = SERVER_NAME if peer == "server" else AGENT_NAME
+    return grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", name)])
 
 
 # ------------------------------------------------------------------------ dashboards
@@ -192,11 +236,84 @@ def cmd_health(addr: str, service: str = "") -> None:
     grpc, _, _ = stubs()
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-    with grpc.insecure_channel(addr) as ch:
+    with channel(addr, identity=None) as ch:
         r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
     if r.status != health_pb2.HealthCheckResponse.SERVING:
         fail(f"grpc.health.v1 {addr} {service!r}: {r.status}")
-    ok(f"grpc.health.v1 Check {addr} {service or '(server)'}: SERVING")
+    how = "over TLS without a client certificate" if certs() else "plaintext"
+    ok(f"grpc.health.v1 Check {addr} {service or '(server)'}: SERVING ({how})")
+
+
+def expect_refused(grpc, call, codes, what: str) -> str:
+    try:
+        call()
+    except grpc.RpcError as e:
+        if e.code() in codes:
+            return e.code().name
+        fail(f"{what}: {e.code().name} ({e.details()}), wanted {'/'.join(c.name for c in codes)}")
+    fail(f"{what}: succeeded, wanted {'/'.join(c.name for c in codes)}")
+
+
+def cmd_server_gate(addr: str) -> None:
+    grpc, pb, rpc = stubs()
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+    if certs() is None:
+        fail("server-gate needs $SMOKE_CERTS")
+    # A plaintext HTTP/2 client never gets an answer: the port speaks TLS only.
+    with grpc.insecure_channel(addr) as ch:
+        code = expect_refused(
+            grpc, lambda: health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5),
+            (grpc.StatusCode.UNAVAILABLE,), "plaintext health check on the gRPC port")
+        expect_refused(grpc, lambda: rpc.ControlStub(ch).GetStats(pb.GetStatsRequest(), timeout=5),
+                       (grpc.StatusCode.UNAVAILABLE,), "plaintext GetStats on the gRPC port")
+    ok(f"plaintext client to {addr} refused ({code}): the gRPC port speaks TLS only")
+    # TLS without a certificate: a probe's view. Health answers, nothing else does.
+    with channel(addr, identity=None) as ch:
+        code = expect_refused(grpc, lambda: rpc.ControlStub(ch).GetStats(pb.GetStatsRequest(), timeout=5),
+                              (grpc.StatusCode.UNAUTHENTICATED,), "GetStats without a client certificate")
+    ok(f"TLS without a client certificate: GetStats {code}")
+    with channel(addr, identity="observer") as ch:
+        control = rpc.ControlStub(ch)
+        control.GetStats(pb.GetStatsRequest(), timeout=5)
+        code = expect_refused(
+            grpc, lambda: control.CreateDomain(pb.CreateDomainRequest(kind=pb.DOMAIN_KIND_PAGING), timeout=5),
+            (grpc.StatusCode.PERMISSION_DENIED,), "CreateDomain as observer")
+    ok(f"observer: GetStats served, CreateDomain {code}")
+    with channel(addr) as ch:
+        control = rpc.ControlStub(ch)
+        did = control.CreateDomain(pb.CreateDomainRequest(kind=pb.DOMAIN_KIND_PAGING), timeout=5).domain_id
+        control.DestroyDomain(pb.DestroyDomainRequest(domain_id=did), timeout=5)
+    ok("operator: CreateDomain and DestroyDomain served")
+
+
+def cmd_agents_linked(*addrs: str) -> None:
+    grpc, pb, rpc = stubs()
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+    deadline = time.monotonic() + 60
+    for addr in addrs:
+        if certs() is not None:
+            with channel(addr, peer="agent", identity=None) as ch:
+                code = expect_refused(
+                    grpc, lambda: rpc.AgentControlStub(ch).GetAgentInfo(pb.GetAgentInfoRequest(), timeout=5),
+                    (grpc.StatusCode.UNAUTHENTICATED,), f"agent {addr} GetAgentInfo without a client certificate")
+        while True:
+            try:
+                with channel(addr, peer="agent", identity=None) as ch:
+                    h = health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(service="dmar.v1.AgentControl"), timeout=5)
+                info = agent_info(grpc, pb, rpc, addr)
+                if h.status == health_pb2.HealthCheckResponse.SERVING and info.connected:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                fail(f"agent {addr} has no ATS link bound after 60 s")
+            time.sleep(1)
+        fns = ",".join(f.name for f in info.functions)
+        extra = f"; GetAgentInfo without a certificate: {code}" if certs() is not None else ""
+        ok(f"agent {addr} ({info.agent}: {fns}) linked; health SERVING without a certificate{extra}")
 
 
 def scrape(url: str, name: str) -> float:
@@ -210,13 +327,13 @@ def scrape(url: str, name: str) -> float:
 
 
 def agent_info(grpc, pb, rpc, addr: str):
-    with grpc.insecure_channel(addr) as ch:
+    with channel(addr, peer="agent") as ch:
         return rpc.AgentControlStub(ch).GetAgentInfo(pb.GetAgentInfoRequest(), timeout=10)
 
 
 def cmd_ite(server: str, victim: str, container: str, metrics_url: str, *others: str) -> None:
     grpc, pb, rpc = stubs()
-    ch = grpc.insecure_channel(server)
+    ch = channel(server)
     control = rpc.ControlStub(ch)
     rw = pb.Permissions(read=True, write=True)
     iova, page = 0x4000_0000, 0x1000
@@ -231,7 +348,7 @@ def cmd_ite(server: str, victim: str, container: str, metrics_url: str, *others:
         return did
 
     def access(addr: str, sid: int):
-        with grpc.insecure_channel(addr) as ach:
+        with channel(addr, peer="agent") as ach:
             return rpc.AgentControlStub(ach).Access(
                 pb.AccessRequest(source_id=sid, iova=iova + 0x40, translate_only=True), timeout=10)
 
@@ -318,6 +435,8 @@ def main() -> None:
     GEN, cmd, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     commands = {
         "health": cmd_health,
+        "server-gate": cmd_server_gate,
+        "agents-linked": cmd_agents_linked,
         "dashboard-metrics": cmd_dashboard_metrics,
         "expositions": cmd_expositions,
         "sweep-report": cmd_sweep_report,
