@@ -225,11 +225,26 @@ pub async fn serve_with_health(
         .add_service(health_service)
         .add_service(Gate::new(reflection_v1, access.clone()))
         .add_service(Gate::new(reflection_v1alpha, access.clone()))
-        .add_service(Gate::new(ControlServer::new(control::ControlService { state: state.clone() }), access.clone()))
-        .add_service(Gate::new(AtsLinkServer::new(link::LinkService { state: state.clone() }), access));
+        .add_service(Gate::new(
+            ControlServer::new(control::ControlService { state: state.clone() })
+                .max_decoding_message_size(wire::MAX_CONTROL_MESSAGE_BYTES)
+                .max_encoding_message_size(wire::MAX_CONTROL_MESSAGE_BYTES),
+            access.clone(),
+        ))
+        .add_service(Gate::new(
+            // Encode and decode limits match, and match what a default client accepts.
+            AtsLinkServer::new(link::LinkService { state: state.clone() })
+                .max_decoding_message_size(wire::MAX_LINK_MESSAGE_BYTES)
+                .max_encoding_message_size(wire::MAX_LINK_MESSAGE_BYTES),
+            access,
+        ));
     let result = match &config.security.transport {
         Transport::Plaintext => {
-            tracing::warn!(?addr, "dmar-server serving plaintext: every caller holds every role (insecure mode)");
+            if addr.is_some_and(|a| a.ip().is_loopback()) {
+                tracing::info!(?addr, "dmar-server serving plaintext on loopback: every caller holds every role");
+            } else {
+                tracing::warn!(?addr, "dmar-server serving plaintext: every caller holds every role (insecure mode)");
+            }
             router
                 .serve_with_incoming_shutdown(dmar_auth::plaintext(listeners.grpc, accept), shutdown.cancelled())
                 .await

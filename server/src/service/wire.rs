@@ -38,6 +38,10 @@ pub(crate) const MAX_DMA_BYTES: usize = 64 << 10;
 /// itself uses for inbound messages, so that any client reads every message the server
 /// sends (the agent accepts up to 64 MiB). The link cuts its replies to fit.
 pub(crate) const MAX_LINK_MESSAGE_BYTES: usize = 4 << 20;
+/// Largest Control message, either way: the largest request or reply (a 1 MiB memory read
+/// or write, 4096 map ranges, 128 descriptors) with room to spare, and what a default
+/// client accepts.
+pub(crate) const MAX_CONTROL_MESSAGE_BYTES: usize = 4 << 20;
 /// Room left in a link message for the envelope (gRPC frame header, field keys).
 const LINK_MESSAGE_SLACK: usize = 64;
 /// Upper bound of one encoded reply item without data (a translation completion, a page
