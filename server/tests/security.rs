@@ -445,3 +445,37 @@ async fn a_capture_of_the_tls_port_does_not_show_memory_contents() -> Result<()>
     server.stop().await;
     Ok(())
 }
+
+/// Finding 8: silent connections were never timed out. A peer that connects and sends
+/// nothing is closed once the handshake time-out passes, on the TLS port and on the
+/// plaintext health port alike, while a client that does its handshake is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_close_after_the_handshake_timeout() -> Result<()> {
+    let timeout = Duration::from_millis(300);
+    let server = boot_with(|dir| {
+        let material = TlsFiles::from_dir(dir, "dmar-server").load()?;
+        let mut security = Security::mutual_tls(material, Policy::load(dir.join("policy.toml"))?);
+        security.accept.handshake_timeout = timeout;
+        Ok(security)
+    })
+    .await?;
+    for addr in [server.addr, server.health] {
+        let mut silent = TcpStream::connect(addr).await?;
+        let mut buf = [0u8; 64];
+        // The bound is generous; what matters is that the server, not the test, ends it.
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match silent.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a silent connection to {addr} stayed open past the handshake time-out");
+    }
+    let mut c = server.control("operator").await?;
+    c.get_stats(GetStatsRequest {}).await.context("a real client is served")?;
+    server.stop().await;
+    Ok(())
+}
