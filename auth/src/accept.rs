@@ -186,30 +186,9 @@ pub fn incoming(
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(16);
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(config.max_handshakes.max(1)));
-    tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                _ = tx.closed() => break,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            let (tcp, remote) = tokio::select! {
-                _ = tx.closed() => break,
-                r = listener.accept() => match r {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        accept_failed(&e).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let job = Handshake { acceptor: acceptor.clone(), limiter: limiter.clone(), tx: tx.clone(), config };
-            tokio::spawn(job.run(tcp, remote, permit));
-        }
+    accept_loop(listener, config, tx, move |tcp, remote, permit, tx| {
+        let job = Handshake { acceptor: acceptor.clone(), limiter: limiter.clone(), tx, config };
+        tokio::spawn(job.run(tcp, remote, permit));
     });
     Incoming(ReceiverStream::new(rx))
 }
@@ -235,6 +214,31 @@ impl Stream for PlainIncoming {
 /// dropped.
 pub fn plaintext(listener: TcpListener, config: AcceptConfig) -> PlainIncoming {
     let (tx, rx) = mpsc::channel(16);
+    accept_loop(listener, config, tx, move |tcp, remote, permit, tx| {
+        tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(config.handshake_timeout, tcp.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    drop(permit);
+                    let _ = tx.send(Ok(tcp)).await;
+                }
+                Ok(_) => debug!(peer = %remote, "connection closed before its first bytes"),
+                Err(_) => debug!(peer = %remote, "no bytes before the time-out; connection dropped"),
+            }
+        });
+    });
+    PlainIncoming(ReceiverStream::new(rx))
+}
+
+/// The accept loop both kinds of port share: at most `config.max_handshakes` connections
+/// between accept and their first step (`admit` holds the permit until then), accept
+/// errors paced, `TCP_NODELAY` set; ends when the stream side (`tx`) is dropped.
+fn accept_loop<T: Send + 'static>(
+    listener: TcpListener,
+    config: AcceptConfig,
+    tx: mpsc::Sender<T>,
+    admit: impl Fn(TcpStream, SocketAddr, OwnedSemaphorePermit, mpsc::Sender<T>) + Send + 'static,
+) {
     let permits = Arc::new(Semaphore::new(config.max_handshakes.max(1)));
     tokio::spawn(async move {
         loop {
@@ -256,21 +260,9 @@ pub fn plaintext(listener: TcpListener, config: AcceptConfig) -> PlainIncoming {
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut first = [0u8; 1];
-                match tokio::time::timeout(config.handshake_timeout, tcp.peek(&mut first)).await {
-                    Ok(Ok(n)) if n > 0 => {
-                        drop(permit);
-                        let _ = tx.send(Ok(tcp)).await;
-                    }
-                    Ok(_) => debug!(peer = %remote, "connection closed before its first bytes"),
-                    Err(_) => debug!(peer = %remote, "no bytes before the time-out; connection dropped"),
-                }
-            });
+            admit(tcp, remote, permit, tx.clone());
         }
     });
-    PlainIncoming(ReceiverStream::new(rx))
 }
 
 /// Per-connection errors (the peer left before accept) are routine; others (out of file

@@ -210,28 +210,31 @@ pub(crate) fn invalidate_csv(r: &InvalidateReport) -> String {
 
 /// The demand-paging scenario in one line.
 pub(crate) fn demand_text(r: &DemandReport) -> String {
+    let [pages, p50, p99, accesses, requests, failed, faults] = demand_fields(r);
     format!(
-        "demand paging: {} pages mapped on request; service p50 {} ns p99 {} ns; {} accesses, {} page requests, {} failed, {} faults\n",
-        r.pages_mapped,
-        r.service_latency.p50_ns,
-        r.service_latency.p99_ns,
-        r.devices.counts.accesses,
-        r.devices.counts.page_requests,
-        r.devices.counts.page_request_failures,
-        r.devices.counts.faults
+        "demand paging: {pages} pages mapped on request; service p50 {p50} ns p99 {p99} ns; {accesses} accesses, {requests} page requests, {failed} failed, {faults} faults\n"
     )
 }
 
 /// The demand-paging scenario as CSV, one row.
 pub(crate) fn demand_csv(r: &DemandReport) -> String {
+    let row: Vec<String> = demand_fields(r).iter().map(u64::to_string).collect();
     format!(
-        "pages_mapped,service_p50_ns,service_p99_ns,accesses,page_requests,page_request_failures,faults\n{},{},{},{},{},{},{}\n",
+        "pages_mapped,service_p50_ns,service_p99_ns,accesses,page_requests,page_request_failures,faults\n{}\n",
+        row.join(",")
+    )
+}
+
+/// The demand-paging report's figures, in the order both renderings print them.
+fn demand_fields(r: &DemandReport) -> [u64; 7] {
+    let c = &r.devices.counts;
+    [
         r.pages_mapped,
         r.service_latency.p50_ns,
         r.service_latency.p99_ns,
-        r.devices.counts.accesses,
-        r.devices.counts.page_requests,
-        r.devices.counts.page_request_failures,
-        r.devices.counts.faults
-    )
+        c.accesses,
+        c.page_requests,
+        c.page_request_failures,
+        c.faults,
+    ]
 }
