@@ -36,17 +36,20 @@ thread_local! {
     static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
+/// This thread's stripe. The fast path is one thread-local load, small enough to inline
+/// into every counter on the translation path; the first use per thread is out of line.
 #[inline]
 fn stripe() -> usize {
-    STRIPE.with(|s| {
-        let v = s.get();
-        if v != usize::MAX {
-            return v;
-        }
-        let v = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
-        s.set(v);
-        v
-    })
+    let v = STRIPE.get();
+    if v != usize::MAX { v } else { assign_stripe() }
+}
+
+#[cold]
+#[inline(never)]
+fn assign_stripe() -> usize {
+    let v = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    STRIPE.set(v);
+    v
 }
 
 impl Counter {
