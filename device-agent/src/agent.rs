@@ -401,7 +401,8 @@ async fn serve_control(agent: &Agent, l: TcpListener, shutdown: &CancellationTok
         Some((config, limiter)) => {
             // dmar-auth's acceptor: handshakes off the accept loop, bounded, TCP_NODELAY,
             // each request carrying its peer's verified identity.
-            let incoming = dmar_auth::incoming(l, config, Some(limiter), AcceptConfig::default());
+            let refusals = metrics::handles().connection_refusals;
+            let incoming = dmar_auth::incoming_with(l, config, Some(limiter), AcceptConfig::default(), refusals);
             router.serve_with_incoming_shutdown(incoming, shutdown.cancelled()).await?;
         }
         None => {
