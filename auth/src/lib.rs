@@ -11,6 +11,7 @@
 //! - [`tls`]: PEM files into tonic and rustls configurations (mutual TLS, ALPN `h2`, ring).
 //! - [`accept`]: a TLS accept loop for tonic that identifies each connection once, limits
 //!   connections per identity and counts the connections it refuses.
+//! - [`health`]: a plaintext port serving only `grpc.health.v1`, for probes that cannot do TLS.
 //! - [`pki`]: a development CA and certificates (`dmar-certs`), for local runs and tests.
 //!
 //! It does not know the gRPC services: mapping each RPC to the role it requires, and
@@ -23,6 +24,7 @@
 mod de;
 
 pub mod accept;
+pub mod health;
 pub mod identity;
 pub mod pki;
 pub mod policy;
@@ -34,6 +36,7 @@ pub use accept::{
     AcceptConfig, CONNECTION_REFUSALS, ConnectionLimiter, ConnectionRefusal, ConnectionRefusals, Incoming, PeerInfo,
     PeerStream, PlainIncoming, incoming, incoming_with, plaintext, plaintext_with,
 };
+pub use health::serve_health_only;
 pub use identity::{Identity, IdentityError};
 pub use pki::{AgentSpec, CertKind, DevPki, DevPkiSpec, IssuedCert, PkiError};
 pub use policy::{Grant, Policy, PolicyError, Quotas};

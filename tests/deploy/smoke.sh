@@ -109,17 +109,19 @@ compose up -d server "${agent_services[@]}" prometheus
 deadline=$((SECONDS + 120))
 while :; do
     state=$(docker inspect --format '{{.State.Health.Status}}' "$(compose ps -q server)")
-    running=$(for id in $(compose ps -q "${agent_services[@]}"); do
-        docker inspect --format '{{.State.Status}}' "$id"
-    done | grep -c '^running$' || true)
-    [ "$state" = healthy ] && [ "$running" = "$agents" ] && break
+    # An agent is healthy once its probe (its loopback health port) sees
+    # dmar.v1.AgentControl SERVING: its ATS link is bound.
+    healthy=$(for id in $(compose ps -q "${agent_services[@]}"); do
+        docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id"
+    done | grep -c '^healthy$' || true)
+    [ "$state" = healthy ] && [ "$healthy" = "$agents" ] && break
     [ "$SECONDS" -lt "$deadline" ] || {
-        echo "smoke: within 120 s: server $state, $running/$agents agents running" >&2
+        echo "smoke: within 120 s: server $state, $healthy/$agents agents healthy" >&2
         exit 1
     }
     sleep 1
 done
-echo "smoke: ok: server healthy (probe on its loopback health port) and $agents agents running"
+echo "smoke: ok: server healthy and $agents agents healthy (links bound; probes on their loopback health ports)"
 pass
 # The agents started only once the server was healthy (depends_on: service_healthy): the
 # engine's event log orders the server's first "healthy" before every agent's "start".
