@@ -7,8 +7,8 @@
 //! pipelined, coalesced per page and access, batched into link messages. Invalidation
 //! requests drop the covered entries and complete once no DMA still uses them; PRI page
 //! requests resolve not-present pages; a workload engine issues DMA in closed or open loop
-//! over uniform, Zipf, ring, strided or recorded streams, or runs the unary
-//! no-device-TLB baseline ([`workload`]). The load generator drives agents through the
+//! over uniform, Zipf, ring, strided or recorded streams, or runs a no-device-TLB
+//! baseline, unary (`Control.Translate`) or over the link ([`workload`]). The load generator drives agents through the
 //! `AgentControl` gRPC service and collects HdrHistogram reports.
 //!
 //! Embedding: [`Agent::start`] for direct access to the functions (tests, the load

@@ -219,7 +219,11 @@ fn describe(r: &PrometheusRecorder) {
     );
     c("dmar_agent_page_requests_total", None, "PRI page requests, by result (sent, failed)");
     c("dmar_agent_dma_total", None, "DMA requests, by result and kind");
-    c("dmar_agent_baseline_calls_total", None, "Unary Control.Translate calls of the baseline mode");
+    c(
+        "dmar_agent_baseline_calls_total",
+        None,
+        "Baseline translations: unary Control.Translate calls, or link requests of one access each (link baseline)",
+    );
     g("dmar_agent_link_up", "ATS links of the process that are bound now");
     c("dmar_agent_link_connections_total", None, "Successful ATS link binds (reconnections included)");
     c("dmar_agent_link_messages_total", None, "ATS link messages, by direction");

@@ -3,7 +3,7 @@
 # deploy/dmar.sh certs, starts the server and three agents with Prometheus, every gRPC port
 # under mutual TLS with a certificate per agent, checks that plaintext and certificate-less
 # clients are refused and that each agent bound under its own identity, runs a short
-# sweep from the loadgen container (as the operator), checks
+# sweep with its link baseline from the loadgen container (as the operator), checks
 # that every series the dashboards query is on the live /metrics endpoints, validates the
 # expositions and prometheus.yml with promtool, evaluates every dashboard expression in the
 # live Prometheus, then pauses one agent while an invalidation it owes is pending and
@@ -195,12 +195,11 @@ echo "smoke: ok: agent-0's certificate may not bind agent-1's 11:00.7 (refused: 
 pass
 
 step "sweep from the loadgen container (--steps $steps, agents found as agent:50061)"
-# --no-baseline: the baseline's unary Control.Translate comes from each agent under its
-# own certificate, and the server's policy gives agents the device role only (Translate
-# needs operator); docs/DEPLOY.md.
+# The baseline runs over each agent's own ATS link (DMAR_BASELINE=link in the compose
+# file): the agents hold the device role only, which may not call Control.Translate.
 compose --profile loadgen run --rm --no-deps loadgen --steps "$steps" --duration 1s --warmup 200ms \
-    --no-baseline --format json --output /out/sweep.json
-check sweep-report "$work/out/sweep.json" "$steps"
+    --format json --output /out/sweep.json
+check sweep-report "$work/out/sweep.json" "$steps" link
 pass
 
 step "live /metrics: every series the dashboards query; promtool check metrics"
@@ -238,8 +237,8 @@ pass
 step "the server keeps serving the others: sweep over the ${#others[@]} live agents while agent 1 is paused"
 others_list=$(IFS=,; echo "${others[*]/%/:50061}")
 compose --profile loadgen run --rm --no-deps loadgen --agents "$others_list" --steps 1,2 --duration 1s \
-    --warmup 200ms --no-baseline --format json --output /out/sweep-others.json
-check sweep-report "$work/out/sweep-others.json" 1,2
+    --warmup 200ms --format json --output /out/sweep-others.json
+check sweep-report "$work/out/sweep-others.json" 1,2 link
 pass
 
 step "unpause agent 1: it relinks"

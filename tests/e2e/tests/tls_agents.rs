@@ -1,6 +1,7 @@
 //! An agent as compose runs it: mutual TLS to a real server whose policy gives the agent's
 //! identity the device role only, a TLS control port, and a plaintext health-only port for
-//! the container probe (`dmar_agent::run_with_health`).
+//! the container probe (`dmar_agent::run_with_health`); and the baseline such an agent can
+//! run (over its link, not through Control).
 
 mod common;
 
@@ -11,6 +12,7 @@ use common::{PATIENCE, eventually, sid};
 use dmar_agent::{AgentConfig, AgentSecurity, AgentTls, FunctionConfig, Listeners};
 use dmar_auth::{DevPki, DevPkiSpec};
 use dmar_proto::v1::agent_control_client::AgentControlClient;
+use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
 use dmar_server::service::{Security, ServerConfig, serve};
 use tokio::net::TcpListener;
@@ -25,6 +27,7 @@ use tonic_health::pb::health_client::HealthClient;
 /// with its control, metrics and health ports on loopback.
 struct Stack {
     pki: DevPki,
+    server_addr: SocketAddr,
     control: SocketAddr,
     health: SocketAddr,
     server_stop: CancellationToken,
@@ -72,7 +75,17 @@ impl Stack {
         let agent = tokio::spawn(async move {
             dmar_agent::run_with_health(config, listeners, Some(health), s).await.expect("agent runs");
         });
-        Stack { pki, control: control_addr, health: health_addr, server_stop, server, agent_stop, agent, _dir: dir }
+        Stack {
+            pki,
+            server_addr,
+            control: control_addr,
+            health: health_addr,
+            server_stop,
+            server,
+            agent_stop,
+            agent,
+            _dir: dir,
+        }
     }
 
     /// The agent's control port as the operator (mutual TLS).
@@ -80,6 +93,13 @@ impl Stack {
         let tls = self.pki.tls_material("operator").expect("operator").tonic_client_config("localhost");
         let endpoint = Endpoint::from_shared(format!("https://{}", self.control)).expect("url");
         AgentControlClient::new(endpoint.tls_config(tls).expect("tls").connect().await.expect("connect"))
+    }
+
+    /// The server's Control service as `name` (mutual TLS).
+    async fn server_control(&self, name: &str) -> ControlClient<Channel> {
+        let tls = self.pki.tls_material(name).expect("material").tonic_client_config("localhost");
+        let endpoint = Endpoint::from_shared(format!("https://{}", self.server_addr)).expect("url");
+        ControlClient::new(endpoint.tls_config(tls).expect("tls").connect().await.expect("connect"))
     }
 
     async fn stop(self) {
@@ -136,5 +156,81 @@ async fn the_health_port_answers_in_plaintext_and_the_control_port_does_not() {
     })
     .await;
     assert_eq!(status(&mut health, "").await, Ok(ServingStatus::Serving as i32));
+    stack.stop().await;
+}
+
+/// Footprint of the baseline workloads, mapped for both functions.
+const BASE: u64 = 0x4000_0000;
+const FOOTPRINT: u64 = 1 << 20;
+
+/// Runs a 300 ms workload of `mode` on both functions (DMA included) and returns its
+/// report.
+async fn run_workload(agent: &mut AgentControlClient<Channel>, mode: WorkloadMode) -> WorkloadReport {
+    let stream = AddressStream {
+        pattern: AddressPattern::Uniform as i32,
+        base: BASE,
+        footprint: FOOTPRINT,
+        ..Default::default()
+    };
+    let request = StartWorkloadRequest {
+        mode: mode as i32,
+        duration_ms: 300,
+        concurrency: 4,
+        stream: Some(stream),
+        write_fraction: 0.3,
+        dma_bytes: 64,
+        seed: 7,
+        ..Default::default()
+    };
+    let run_id = agent.start_workload(request).await.expect("workload starts").into_inner().run_id;
+    let report = agent.get_report(GetReportRequest { run_id, wait: true });
+    tokio::time::timeout(PATIENCE, report).await.expect("the run ends").expect("report").into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_identity_runs_the_link_baseline() {
+    let stack = Stack::start().await;
+    let mut agent = stack.operator().await;
+    eventually("the agent's link bound", || {
+        let mut a = agent.clone();
+        async move { a.get_agent_info(GetAgentInfoRequest {}).await.is_ok_and(|i| i.into_inner().connected) }
+    })
+    .await;
+    // The operator maps the footprint and attaches both functions with ATS.
+    let mut control = stack.server_control("operator").await;
+    let create = CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 };
+    let domain_id = control.create_domain(create).await.expect("domain").into_inner().domain_id;
+    let range = MapRange {
+        iova: BASE,
+        hpa: 0x100_0000,
+        length: FOOTPRINT,
+        permissions: Some(Permissions { read: true, write: true }),
+    };
+    control.map(MapRequest { domain_id, ranges: vec![range] }).await.expect("map");
+    for name in ["00:01.0", "00:01.1"] {
+        let source_id = u32::from(sid(name).0);
+        control.attach(AttachRequest { source_id, domain_id, ats: true }).await.expect("attach");
+    }
+    let served_before = control.get_stats(GetStatsRequest {}).await.expect("stats").into_inner().link_translations;
+
+    // The link baseline: every access is one translation request over the agent's own
+    // link, under its device identity; nothing is cached, everything completes.
+    let report = run_workload(&mut agent, WorkloadMode::LinkBaseline).await;
+    assert_eq!(report.mode, WorkloadMode::LinkBaseline as i32);
+    let c = report.totals.expect("totals");
+    assert!(c.baseline_calls > 0, "{c:?}");
+    assert_eq!(c.translations_requested, c.baseline_calls, "one request per access, no coalescing");
+    assert_eq!((c.atc_hits, c.atc_misses, c.faults, c.aborted, c.dma_failed), (0, 0, 0, 0, 0), "{c:?}");
+    assert!(c.dma_ok > 0, "translated DMA completed: {c:?}");
+    assert!(report.functions.iter().all(|f| f.atc_entries == 0), "the device TLBs stay empty");
+    assert!(report.miss_latency.as_ref().is_some_and(|m| m.count > 0), "every translation timed");
+    let served = control.get_stats(GetStatsRequest {}).await.expect("stats").into_inner().link_translations;
+    assert!(served - served_before >= c.baseline_calls, "the server served them over the link");
+
+    // The unary baseline needs Control.Translate, which a device identity may not call:
+    // its accesses end without a translation.
+    let report = run_workload(&mut agent, WorkloadMode::Baseline).await;
+    let c = report.totals.expect("totals");
+    assert!(c.baseline_calls > 0 && c.aborted > 0 && c.dma_ok == 0, "{c:?}");
     stack.stop().await;
 }
