@@ -3,7 +3,8 @@
 //!
 //! This module owns the accept loop ([`incoming`], and [`plaintext`] for insecure and
 //! health-only ports with the same time-out and bound), the per-connection facts a service reads
-//! from each request ([`PeerInfo`]) and the `max_connections` quota ([`ConnectionLimiter`]).
+//! from each request ([`PeerInfo`]), the `max_connections` quota ([`ConnectionLimiter`]) and
+//! the count of connections it closes unserved ([`ConnectionRefusals`], in `refusals`).
 //! It does not decide whether an RPC is allowed: services look the identity up in the
 //! [`crate::Policy`] themselves.
 //!
@@ -29,10 +30,14 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::identity::Identity;
 use crate::policy::Policy;
+
+mod refusals;
+
+pub use self::refusals::{CONNECTION_REFUSALS, ConnectionRefusal, ConnectionRefusals};
 
 /// How the acceptor treats connections before they reach tonic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,8 +166,8 @@ impl AsyncWrite for PeerStream {
 
 /// The stream of admitted connections [`incoming`] returns, for
 /// `tonic::transport::Server::serve_with_incoming(_shutdown)`. It never yields an error:
-/// failed handshakes and refused peers are logged at debug level and dropped, because one
-/// bad client must not stop the server.
+/// failed handshakes and refused peers are counted ([`ConnectionRefusals`]), logged
+/// (rate-limited) and dropped, because one bad client must not stop the server.
 #[derive(Debug)]
 pub struct Incoming(ReceiverStream<Result<PeerStream, Infallible>>);
 
@@ -176,18 +181,32 @@ impl Stream for Incoming {
 
 /// Accepts TCP connections on `listener`, completes TLS handshakes with `tls` in their own
 /// tasks, reads each peer's identity and, with a `limiter`, admits it against its
-/// `max_connections`. Must be called inside a tokio runtime; the accept task ends when the
-/// returned stream is dropped (when tonic shuts down).
+/// `max_connections`. Refusals are counted on the global `metrics` recorder
+/// ([`ConnectionRefusals::global`]; [`incoming_with`] to count elsewhere). Must be called
+/// inside a tokio runtime; the accept task ends when the returned stream is dropped (when
+/// tonic shuts down).
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limiter: Option<Arc<ConnectionLimiter>>,
     config: AcceptConfig,
 ) -> Incoming {
+    incoming_with(listener, tls, limiter, config, ConnectionRefusals::global())
+}
+
+/// [`incoming`] counting its refusals in `refusals`.
+pub fn incoming_with(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limiter: Option<Arc<ConnectionLimiter>>,
+    config: AcceptConfig,
+    refusals: ConnectionRefusals,
+) -> Incoming {
     let (tx, rx) = mpsc::channel(16);
     let acceptor = TlsAcceptor::from(tls);
     accept_loop(listener, config, tx, move |tcp, remote, permit, tx| {
-        let job = Handshake { acceptor: acceptor.clone(), limiter: limiter.clone(), tx, config };
+        let job =
+            Handshake { acceptor: acceptor.clone(), limiter: limiter.clone(), refusals: refusals.clone(), tx, config };
         tokio::spawn(job.run(tcp, remote, permit));
     });
     Incoming(ReceiverStream::new(rx))
@@ -210,11 +229,18 @@ impl Stream for PlainIncoming {
 /// port, with the same bounds as [`incoming`]: a peer that sends nothing within
 /// `config.handshake_timeout` is dropped (the plaintext equivalent of a handshake
 /// time-out), and at most `config.max_handshakes` connections wait for their first bytes at
-/// once. Must be called inside a tokio runtime; the accept task ends when the stream is
-/// dropped.
+/// once. Refusals are counted on the global `metrics` recorder ([`plaintext_with`] to count
+/// elsewhere). Must be called inside a tokio runtime; the accept task ends when the stream
+/// is dropped.
 pub fn plaintext(listener: TcpListener, config: AcceptConfig) -> PlainIncoming {
+    plaintext_with(listener, config, ConnectionRefusals::global())
+}
+
+/// [`plaintext`] counting its refusals in `refusals`.
+pub fn plaintext_with(listener: TcpListener, config: AcceptConfig, refusals: ConnectionRefusals) -> PlainIncoming {
     let (tx, rx) = mpsc::channel(16);
     accept_loop(listener, config, tx, move |tcp, remote, permit, tx| {
+        let refusals = refusals.clone();
         tokio::spawn(async move {
             let mut first = [0u8; 1];
             match tokio::time::timeout(config.handshake_timeout, tcp.peek(&mut first)).await {
@@ -222,8 +248,9 @@ pub fn plaintext(listener: TcpListener, config: AcceptConfig) -> PlainIncoming {
                     drop(permit);
                     let _ = tx.send(Ok(tcp)).await;
                 }
+                // The peer left: nothing was refused.
                 Ok(_) => debug!(peer = %remote, "connection closed before its first bytes"),
-                Err(_) => debug!(peer = %remote, "no bytes before the time-out; connection dropped"),
+                Err(_) => refusals.record(ConnectionRefusal::NoFirstBytes, remote, None, None),
             }
         });
     });
@@ -282,6 +309,7 @@ async fn accept_failed(e: &io::Error) {
 struct Handshake {
     acceptor: TlsAcceptor,
     limiter: Option<Arc<ConnectionLimiter>>,
+    refusals: ConnectionRefusals,
     tx: mpsc::Sender<Result<PeerStream, Infallible>>,
     config: AcceptConfig,
 }
@@ -292,11 +320,11 @@ impl Handshake {
         let tls = match tokio::time::timeout(self.config.handshake_timeout, self.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                debug!(peer = %remote, error = %e, "tls handshake failed");
+                self.refusals.record(ConnectionRefusal::HandshakeFailed, remote, None, Some(&e));
                 return;
             }
             Err(_) => {
-                debug!(peer = %remote, "tls handshake timed out");
+                self.refusals.record(ConnectionRefusal::HandshakeTimeout, remote, None, None);
                 return;
             }
         };
@@ -308,7 +336,7 @@ impl Handshake {
                 Ok(id) => Some(id),
                 Err(e) => {
                     // The CA signed it, so this is an issuing mistake worth seeing.
-                    info!(peer = %remote, error = %e, "closing a connection whose certificate has no usable identity");
+                    self.refusals.record(ConnectionRefusal::UnusableIdentity, remote, None, Some(&e));
                     return;
                 }
             },
@@ -318,7 +346,7 @@ impl Handshake {
             Some(limiter) => match limiter.try_acquire(identity.as_ref()) {
                 Ok(slot) => Some(slot),
                 Err(e) => {
-                    debug!(peer = %remote, identity = identity.as_ref().map(Identity::as_str), error = %e, "connection refused");
+                    self.refusals.record(ConnectionRefusal::MaxConnections, remote, identity.as_ref(), Some(&e));
                     return;
                 }
             },

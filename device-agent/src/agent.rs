@@ -3,8 +3,9 @@
 //! Owns wiring and lifecycle: building one task per function and the link task from an
 //! [`AgentConfig`], the registry the control service and embedders use to reach the
 //! functions, starting runs (one at a time) and keeping their reports, and serving the
-//! control and metrics ports until shutdown ([`run`]), the control port in plaintext or
-//! mutual TLS as the security settings say. What a function does is `function`'s; how the
+//! control, health and metrics ports until shutdown ([`run`], [`run_with_health`]), the
+//! control port in plaintext or mutual TLS as the security settings say, the health port
+//! (`grpc.health.v1` only) in plaintext for probes. What a function does is `function`'s; how the
 //! link works is `link`'s; who may call the control port is `security`'s.
 
 use std::collections::HashMap;
@@ -25,6 +26,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::server::HealthReporter;
 
 use crate::config::{AgentConfig, ConfigError, FunctionConfig};
 use crate::function::{Command, FunctionHandle, FunctionSnapshot, FunctionTask, Stopped, TaskParts};
@@ -324,21 +327,50 @@ impl Agent {
 /// port requires TLS and serves AgentControl and reflection only to
 /// `config.security.trusted_clients`; health answers anyone who completes the handshake.
 pub async fn run(config: AgentConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), AgentError> {
+    run_with_health(config, listeners, None, shutdown).await
+}
+
+/// [`run`], plus a plaintext port `health` answering only `grpc.health.v1`, for container
+/// probes that cannot present a certificate or do TLS (the control port answers health
+/// without a certificate too, but over TLS). It carries the control port's statuses:
+/// `dmar.v1.AgentControl` is SERVING while the ATS link is bound (the agent is ready for
+/// workloads), NOT_SERVING before and while it reconnects; the overall status (`""`) is
+/// SERVING while the process runs. The port serves nothing else, so it needs no
+/// certificate and falls under no plaintext rule.
+pub async fn run_with_health(
+    config: AgentConfig,
+    listeners: Listeners,
+    health: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let control = listeners.control.as_ref().and_then(|l| l.local_addr().ok());
     check_plaintext(&config.security, &config.server_url(), control)?;
     let agent = Agent::start(config, shutdown.clone())?;
-    serve(agent, listeners, shutdown).await
+    serve(agent, listeners, health, shutdown).await
 }
 
-/// Serves an already started agent's control and metrics ports until `shutdown`, then
-/// waits for its tasks to stop.
-async fn serve(agent: Agent, listeners: Listeners, shutdown: CancellationToken) -> Result<(), AgentError> {
+/// Serves an already started agent's control, health and metrics ports until `shutdown`,
+/// then waits for its tasks to stop.
+async fn serve(
+    agent: Agent,
+    listeners: Listeners,
+    health_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     if let Some(l) = listeners.metrics {
         tracing::info!(addr = ?l.local_addr().ok(), "metrics serving");
         agent.inner.tasks.spawn(metrics_http::serve(l, shutdown.clone()));
     }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    agent.inner.tasks.spawn(report_link(agent.clone(), health, shutdown.clone()));
+    if let Some(l) = health_listener {
+        let refusals = metrics::handles().connection_refusals;
+        let stop = shutdown.clone().cancelled_owned();
+        let probes = dmar_auth::serve_health_only(l, health_service.clone(), AcceptConfig::default(), refusals, stop);
+        agent.inner.tasks.spawn(probes);
+    }
     let result = match listeners.control {
-        Some(l) => serve_control(&agent, l, &shutdown).await,
+        Some(l) => serve_control(&agent, l, health_service, &shutdown).await,
         None => {
             shutdown.cancelled().await;
             Ok(())
@@ -350,10 +382,31 @@ async fn serve(agent: Agent, listeners: Listeners, shutdown: CancellationToken) 
     result
 }
 
-/// Serves AgentControl, health and reflection on `l` until `shutdown`.
-async fn serve_control(agent: &Agent, l: TcpListener, shutdown: &CancellationToken) -> Result<(), AgentError> {
+/// Keeps `dmar.v1.AgentControl` SERVING in `health` while the ATS link is bound: ready to
+/// run workloads.
+async fn report_link(agent: Agent, health: HealthReporter, stop: CancellationToken) {
+    let mut state = agent.inner.link.clone();
+    loop {
+        if state.borrow_and_update().connected {
+            health.set_serving::<AgentControlServer<control::AgentControlService>>().await;
+        } else {
+            health.set_not_serving::<AgentControlServer<control::AgentControlService>>().await;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = state.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Serves AgentControl, `health` and reflection on `l` until `shutdown`.
+async fn serve_control(
+    agent: &Agent,
+    l: TcpListener,
+    health_service: HealthServer<impl Health>,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
     let security = &agent.config().security;
-    let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dmar_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -371,23 +424,6 @@ async fn serve_control(agent: &Agent, l: TcpListener, shutdown: &CancellationTok
         }
         None => None,
     };
-    // AgentControl is SERVING while the ATS link is bound: ready to run workloads.
-    let link = agent.clone();
-    let stop = shutdown.clone();
-    agent.inner.tasks.spawn(async move {
-        let mut state = link.inner.link.clone();
-        loop {
-            if state.borrow_and_update().connected {
-                health.set_serving::<AgentControlServer<control::AgentControlService>>().await;
-            } else {
-                health.set_not_serving::<AgentControlServer<control::AgentControlService>>().await;
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                changed = state.changed() => if changed.is_err() { return },
-            }
-        }
-    });
     let refusals = Arc::new(Refusals::new(&metrics::handles()));
     let gate = ControlGate::new(security, refusals.clone());
     let service = control::AgentControlService::new(agent.clone(), refusals);
@@ -401,7 +437,8 @@ async fn serve_control(agent: &Agent, l: TcpListener, shutdown: &CancellationTok
         Some((config, limiter)) => {
             // dmar-auth's acceptor: handshakes off the accept loop, bounded, TCP_NODELAY,
             // each request carrying its peer's verified identity.
-            let incoming = dmar_auth::incoming(l, config, Some(limiter), AcceptConfig::default());
+            let refusals = metrics::handles().connection_refusals;
+            let incoming = dmar_auth::incoming_with(l, config, Some(limiter), AcceptConfig::default(), refusals);
             router.serve_with_incoming_shutdown(incoming, shutdown.cancelled()).await?;
         }
         None => {

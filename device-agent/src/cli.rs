@@ -45,6 +45,10 @@ pub struct Args {
     /// Prometheus /metrics listen address; "off" disables it.
     #[arg(long, env = "DMAR_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     pub metrics_listen: String,
+    /// A plaintext port answering only gRPC health, for probes that cannot do TLS
+    /// (dmar.v1.AgentControl is SERVING while the ATS link is bound); "off" disables it.
+    #[arg(long, env = "DMAR_HEALTH_LISTEN", default_value = "off")]
+    pub health_listen: String,
     /// Device TLB entries per function.
     #[arg(long, env = "DMAR_ATC_CAPACITY", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=MAX_CAPACITY as i64))]
     pub atc_capacity: u32,
@@ -392,6 +396,9 @@ mod tests {
         assert!(c.functions.iter().all(|f| f.eviction == EvictionPolicy::Fifo && !f.ats && f.atc_capacity == 64));
         assert_eq!(c.functions[0].page_request_capacity, 8);
         assert_eq!(listen_address(&a.metrics_listen), Ok(None));
+        assert_eq!(listen_address(&a.health_listen), Ok(None), "off by default");
+        let probe = Args::try_parse_from(["dmar-agent", "--health-listen", "127.0.0.1:50062"]).expect("flags");
+        assert_eq!(listen_address(&probe.health_listen), Ok(Some("127.0.0.1:50062".parse().expect("addr"))));
         assert!(Args::try_parse_from(["dmar-agent", "--functions", "00:20.0"]).is_err());
         assert!(Args::try_parse_from(["dmar-agent", "--eviction", "clock"]).is_err());
         assert!(Args::try_parse_from(["dmar-agent", "--invalidate-queue-depth", "33"]).is_err());

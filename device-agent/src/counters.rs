@@ -62,7 +62,8 @@ counters! {
     dma_failed,
     /// DMA requests sent untranslated.
     untranslated_dma,
-    /// Unary Control.Translate calls (baseline mode).
+    /// Baseline translations: unary Control.Translate calls (baseline mode), or link
+    /// requests of one access each (link baseline mode).
     baseline_calls,
     /// Accesses abandoned because the link went down.
     aborted,

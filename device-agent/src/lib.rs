@@ -7,13 +7,14 @@
 //! pipelined, coalesced per page and access, batched into link messages. Invalidation
 //! requests drop the covered entries and complete once no DMA still uses them; PRI page
 //! requests resolve not-present pages; a workload engine issues DMA in closed or open loop
-//! over uniform, Zipf, ring, strided or recorded streams, or runs the unary
-//! no-device-TLB baseline ([`workload`]). The load generator drives agents through the
+//! over uniform, Zipf, ring, strided or recorded streams, or runs a no-device-TLB
+//! baseline, unary (`Control.Translate`) or over the link ([`workload`]). The load generator drives agents through the
 //! `AgentControl` gRPC service and collects HdrHistogram reports.
 //!
 //! Embedding: [`Agent::start`] for direct access to the functions (tests, the load
-//! generator), [`run`] for the whole agent with its control and metrics ports (what the
-//! binary calls).
+//! generator), [`run`] for the whole agent with its control and metrics ports, and
+//! [`run_with_health`] with a plaintext health-only port beside them (what the binary
+//! calls).
 //!
 //! Security: with [`AgentSecurity`] holding [`AgentTls`], the link and the control port use
 //! mutual TLS and only trusted identities may drive the control port; without it both are
@@ -41,7 +42,7 @@ mod security;
 mod wire;
 pub mod workload;
 
-pub use agent::{Agent, AgentError, Listeners, run};
+pub use agent::{Agent, AgentError, Listeners, run, run_with_health};
 pub use config::{AgentConfig, ConfigError, FunctionConfig};
 pub use counters::Counters;
 /// The identity and TLS material types [`AgentSecurity`] is made of, so embedders need not

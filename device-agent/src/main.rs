@@ -1,8 +1,8 @@
 //! `dmar-agent`: emulated PCIe functions with ATS device TLBs.
 //!
 //! Parses flags (each also read from `DMAR_<FLAG>`), sets up tracing, checks the
-//! configuration and the plaintext rule, binds the sockets and calls [`dmar_agent::run`]
-//! until SIGINT or SIGTERM. A configuration that cannot run (a bad flag, unreadable TLS
+//! configuration and the plaintext rule, binds the sockets and calls
+//! [`dmar_agent::run_with_health`] until SIGINT or SIGTERM. A configuration that cannot run (a bad flag, unreadable TLS
 //! files, plaintext beyond loopback without `--insecure`) is one line on stderr and exit
 //! status 2; a failure while running is exit status 1.
 
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use dmar_agent::cli::{Args, listen_address};
-use dmar_agent::{AgentConfig, Listeners, check_plaintext, run};
+use dmar_agent::{AgentConfig, Listeners, check_plaintext, run_with_health};
 use dmar_process as process;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,7 @@ fn checked_config(args: &Args) -> Result<AgentConfig, String> {
     config.validate().map_err(|e| e.to_string())?;
     let control = listen_address(&args.control_listen).map_err(|e| format!("control address: {e}"))?;
     listen_address(&args.metrics_listen).map_err(|e| format!("metrics address: {e}"))?;
+    listen_address(&args.health_listen).map_err(|e| format!("health address: {e}"))?;
     check_plaintext(&config.security, &config.server_url(), control).map_err(|e| e.to_string())?;
     Ok(config)
 }
@@ -58,8 +59,9 @@ async fn main_async(args: Args, config: AgentConfig) -> anyhow::Result<()> {
         control: bind("control", &args.control_listen).await?,
         metrics: bind("metrics", &args.metrics_listen).await?,
     };
+    let health = bind("health", &args.health_listen).await?;
     let shutdown = CancellationToken::new();
     process::cancel_on_signal(shutdown.clone());
-    run(config, listeners, shutdown).await?;
+    run_with_health(config, listeners, health, shutdown).await?;
     Ok(())
 }

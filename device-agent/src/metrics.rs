@@ -2,7 +2,9 @@
 //! functions and the link touch.
 //!
 //! Naming follows `dmar_agent_<name>_<unit>`, counters end `_total`, base units, and labels
-//! are bounded enums, never requester ids (the scrape's `instance` names the agent).
+//! are bounded enums, never requester ids (the scrape's `instance` names the agent). The one
+//! exception is `dmar_auth_connection_refusals_total`, counted by `dmar-auth`'s accept loop
+//! under the same name in every process that uses it.
 //!
 //! The recorder is process-wide and built once (a `OnceLock`), but it is *not* installed
 //! as the global `metrics` recorder: the handles are registered on it directly. So several
@@ -50,6 +52,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "dmar_agent_link_batch_items",
     "dmar_agent_functions",
     "dmar_agent_control_refusals_total",
+    dmar_auth::CONNECTION_REFUSALS,
 ];
 
 /// The handles every function and link of the process share.
@@ -85,6 +88,8 @@ pub(crate) struct AgentMetrics {
     pub(crate) functions: Gauge,
     /// Refused control requests, indexed by [`Refusal`] (`reason` label).
     pub(crate) refusals: [Counter; Refusal::ALL.len()],
+    /// Connections the control and health ports closed unserved.
+    pub(crate) connection_refusals: dmar_auth::ConnectionRefusals,
 }
 
 struct Registry {
@@ -163,6 +168,7 @@ fn build() -> Registry {
         functions: r.register_gauge(&key("dmar_agent_functions", &[]), &meta()),
         refusals: Refusal::ALL
             .map(|reason| counter(r, "dmar_agent_control_refusals_total", &[("reason", reason.as_str())])),
+        connection_refusals: dmar_auth::ConnectionRefusals::on(r),
     };
     Registry { _recorder: recorder, handle, metrics }
 }
@@ -213,7 +219,11 @@ fn describe(r: &PrometheusRecorder) {
     );
     c("dmar_agent_page_requests_total", None, "PRI page requests, by result (sent, failed)");
     c("dmar_agent_dma_total", None, "DMA requests, by result and kind");
-    c("dmar_agent_baseline_calls_total", None, "Unary Control.Translate calls of the baseline mode");
+    c(
+        "dmar_agent_baseline_calls_total",
+        None,
+        "Baseline translations: unary Control.Translate calls, or link requests of one access each (link baseline)",
+    );
     g("dmar_agent_link_up", "ATS links of the process that are bound now");
     c("dmar_agent_link_connections_total", None, "Successful ATS link binds (reconnections included)");
     c("dmar_agent_link_messages_total", None, "ATS link messages, by direction");

@@ -209,6 +209,7 @@ fn mode(raw: i32) -> Result<Mode, WorkloadError> {
     match pb::WorkloadMode::try_from(raw) {
         Ok(pb::WorkloadMode::Unspecified | pb::WorkloadMode::Ats) => Ok(Mode::Ats),
         Ok(pb::WorkloadMode::Baseline) => Ok(Mode::Baseline),
+        Ok(pb::WorkloadMode::LinkBaseline) => Ok(Mode::LinkBaseline),
         Err(_) => Err(invalid(format!("unknown workload mode {raw}"))),
     }
 }
@@ -358,6 +359,7 @@ fn workload_mode(m: Mode) -> pb::WorkloadMode {
     match m {
         Mode::Ats => pb::WorkloadMode::Ats,
         Mode::Baseline => pb::WorkloadMode::Baseline,
+        Mode::LinkBaseline => pb::WorkloadMode::LinkBaseline,
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use dmar_vtd::PAGE_SIZE;
+use serde::Serialize;
 
 /// Measures how translation throughput and latency scale with concurrent devices, and
 /// what device TLBs buy over a no-device-TLB baseline.
@@ -25,7 +26,7 @@ pub struct Cli {
 pub enum Command {
     /// Step over the number of concurrent devices; ATS and baseline per step.
     Sweep,
-    /// Only the no-device-TLB baseline (one unary Translate call per access).
+    /// Only the no-device-TLB baseline (of the `--baseline` kind).
     Baseline,
     /// Unmap and remap pages while devices run, under strict and deferred flushing.
     Invalidate(InvalidateArgs),
@@ -50,6 +51,37 @@ pub enum Format {
     Json,
     /// CSV, one row per step.
     Csv,
+}
+
+/// How the no-device-TLB baseline translates each access.
+#[derive(ValueEnum, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BaselineKind {
+    /// One unary `Control.Translate` call per access (the vhost-IOTLB style). The agents'
+    /// identities need the server's operator role.
+    #[default]
+    Unary,
+    /// One ATS translation request over each device's own link per access, the device
+    /// TLB neither used nor filled. The device role suffices (compose).
+    Link,
+}
+
+impl BaselineKind {
+    /// The kind's name, as on the command line and in JSON and CSV.
+    pub fn label(self) -> &'static str {
+        match self {
+            BaselineKind::Unary => "unary",
+            BaselineKind::Link => "link",
+        }
+    }
+
+    /// What one baseline translation is, for a report's reader.
+    pub fn describe(self) -> &'static str {
+        match self {
+            BaselineKind::Unary => "one unary Control.Translate call per access",
+            BaselineKind::Link => "one ATS translation request over the link per access, device TLB unused",
+        }
+    }
 }
 
 /// Address patterns.
@@ -130,6 +162,11 @@ pub struct Common {
     /// Skip the baseline runs of a sweep.
     #[arg(long, global = true, env = "DMAR_NO_BASELINE")]
     pub no_baseline: bool,
+    /// The baseline's kind: `unary` (one Control.Translate call per access; the agents'
+    /// identities need the operator role) or `link` (one ATS translation request over the
+    /// device's link per access, device TLB unused; the device role suffices).
+    #[arg(long, global = true, env = "DMAR_BASELINE", value_enum, default_value_t = BaselineKind::Unary)]
+    pub baseline: BaselineKind,
     /// Output format.
     #[arg(long, global = true, env = "DMAR_FORMAT", value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -252,5 +289,9 @@ mod tests {
     fn no_arguments_is_a_valid_embedded_sweep() {
         let cli = Cli::try_parse_from(["dmar-loadgen"]).expect("parses");
         assert!(cli.command.is_none() && cli.common.server.is_none() && cli.common.agents.is_empty());
+        assert_eq!(cli.common.baseline, BaselineKind::Unary, "existing figures stay comparable");
+        let link = Cli::try_parse_from(["dmar-loadgen", "--baseline", "link"]).expect("parses");
+        assert_eq!(link.common.baseline, BaselineKind::Link);
+        assert!(Cli::try_parse_from(["dmar-loadgen", "--baseline", "control"]).is_err());
     }
 }

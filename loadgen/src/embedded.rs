@@ -72,7 +72,8 @@ fn dev_pki(agents: u32) -> anyhow::Result<DevPki> {
     // The baseline's unary Control.Translate goes from each agent under its own
     // certificate, and the server's table reserves Translate for operators: the embedded
     // agents hold the operator role too, so that the sweep can measure the baseline over
-    // TLS. (The compose deployment does not grant it; docs/DEPLOY.md.)
+    // TLS with the default `--baseline unary`. (The compose deployment does not grant it
+    // and runs `--baseline link`, which the device role suffices for; docs/DEPLOY.md.)
     let grants = pki.policy.iter().map(|(name, grant)| {
         let mut grant = grant.clone();
         if grant.has(Role::Device) {

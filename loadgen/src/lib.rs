@@ -1,7 +1,7 @@
 //! dmar-loadgen: sets up scenarios through the server's Control service, drives device
 //! agents through their AgentControl services, and reports how translation throughput and
 //! latency scale with concurrent devices, against a no-device-TLB baseline measured in the
-//! same run.
+//! same run (unary Control.Translate calls, or link requests that bypass the device TLB).
 //!
 //! A library with a thin `main.rs`: [`execute`] runs what the command line ([`args`]) asks
 //! for and returns an [`Outcome`] holding a [`report`], which [`Outcome::render`] formats
@@ -136,6 +136,10 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<Outcome> {
             pattern: format!("{:?}", c.pattern).to_lowercase(),
             write_fraction: c.write_fraction,
             translate_only: !c.dma,
+            baseline: match &cli.command {
+                None | Some(Command::Sweep) if c.no_baseline => None,
+                _ => Some(c.baseline),
+            },
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
         };
         match &cli.command {

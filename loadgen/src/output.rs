@@ -98,9 +98,12 @@ pub(crate) fn text(r: &SweepReport) -> String {
         );
     }
     if let Some(b) = r.steps.iter().filter_map(|s| s.baseline.as_ref()).next_back() {
+        let kind = s.baseline.unwrap_or_default();
         let _ = writeln!(
             out,
-            "baseline: one unary Translate per access; p50 {} p99 {} at {} devices",
+            "baseline ({}): {}; p50 {} p99 {} at {} devices",
+            kind.label(),
+            kind.describe(),
             ns(b.miss_latency.p50_ns),
             ns(b.miss_latency.p99_ns),
             b.devices
@@ -117,15 +120,16 @@ pub(crate) fn json(r: &impl Serialize) -> anyhow::Result<String> {
 /// CSV, one row per step.
 pub(crate) fn csv(r: &SweepReport) -> String {
     let mut out = String::from(
-        "devices,device_translations_per_s,server_translations_per_s,atc_hit_ratio,miss_p50_ns,miss_p90_ns,miss_p99_ns,miss_p999_ns,miss_max_ns,faults,server_cpu_ns_per_translation,lookups,atc_hits,atc_misses,coalesced_misses,translations_requested,baseline_translations_per_s,baseline_p50_ns,baseline_p99_ns,ats_over_baseline\n",
+        "devices,device_translations_per_s,server_translations_per_s,atc_hit_ratio,miss_p50_ns,miss_p90_ns,miss_p99_ns,miss_p999_ns,miss_max_ns,faults,server_cpu_ns_per_translation,lookups,atc_hits,atc_misses,coalesced_misses,translations_requested,baseline_translations_per_s,baseline_p50_ns,baseline_p99_ns,ats_over_baseline,baseline_kind\n",
     );
+    let kind = r.settings.baseline.map_or("", |k| k.label());
     for s in &r.steps {
         let a = &s.ats;
         let m = &a.miss_latency;
         let b = s.baseline.as_ref();
         let _ = writeln!(
             out,
-            "{},{:.1},{:.1},{:.6},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{:.1},{:.1},{:.6},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             s.devices,
             a.device_translations_per_s,
             a.server_translations_per_s,
@@ -146,6 +150,7 @@ pub(crate) fn csv(r: &SweepReport) -> String {
             b.map_or(String::new(), |b| b.miss_latency.p50_ns.to_string()),
             b.map_or(String::new(), |b| b.miss_latency.p99_ns.to_string()),
             s.ats_over_baseline.map_or(String::new(), |x| format!("{x:.2}")),
+            if b.is_some() { kind } else { "" },
         );
     }
     out

@@ -1,11 +1,12 @@
-//! The SVG chart: device-side translations/s (ATS and baseline, left axis, log scale) and
-//! p99 miss latency (right axis) against the number of devices.
+//! The SVG chart: device-side translations/s (ATS and baseline, its kind in the legend;
+//! left axis, log scale) and p99 miss latency (right axis) against the number of devices.
 
 use std::path::Path;
 
 use anyhow::anyhow;
 use plotters::prelude::*;
 
+use crate::args::BaselineKind;
 use crate::report::SweepReport;
 
 /// Draws `report` to `path`.
@@ -62,7 +63,10 @@ pub fn plot(report: &SweepReport, path: &Path) -> anyhow::Result<()> {
         chart
             .draw_series(LineSeries::new(base.clone(), RED.stroke_width(2)))
             .map_err(draw)?
-            .label("baseline (unary Translate, no device TLB)")
+            .label(match report.settings.baseline.unwrap_or_default() {
+                BaselineKind::Unary => "baseline (unary Translate, no device TLB)",
+                BaselineKind::Link => "baseline (link requests, no device TLB)",
+            })
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
         chart.draw_series(base.iter().map(|p| Circle::new(*p, 4, RED.filled()))).map_err(draw)?;
     }

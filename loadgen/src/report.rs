@@ -5,10 +5,12 @@
 //! per served translation from the server's counters over the whole run (CPU and served
 //! translations both include the warm-up).
 
-use dmar_proto::v1::{LatencySummary, Stats, WorkloadCounters, WorkloadReport};
+use dmar_proto::v1::{LatencySummary, Stats, WorkloadCounters, WorkloadMode, WorkloadReport};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::Deserializer;
 use serde::Serialize;
+
+use crate::args::BaselineKind;
 
 /// Latency percentiles in nanoseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -88,8 +90,11 @@ pub struct Counts {
     pub dma_ok: u64,
     /// DMA refused.
     pub dma_failed: u64,
-    /// Unary Translate calls (baseline).
+    /// Baseline translations: unary Translate calls, or link requests of one access each.
     pub baseline_calls: u64,
+    /// Accesses abandoned without a translation: the link went down, or a unary baseline
+    /// call failed (refused).
+    pub aborted: u64,
 }
 
 impl Counts {
@@ -106,6 +111,7 @@ impl Counts {
         self.dma_ok += c.dma_ok;
         self.dma_failed += c.dma_failed;
         self.baseline_calls += c.baseline_calls;
+        self.aborted += c.aborted;
     }
 
     /// Device-TLB lookups.
@@ -126,7 +132,7 @@ pub struct RunSummary {
     /// Summed counters.
     pub counts: Counts,
     /// Device-side translations per second: device-TLB hits plus misses (ATS runs), or
-    /// unary Translate calls (baseline runs).
+    /// baseline translations (unary Translate calls, or link requests of one access each).
     pub device_translations_per_s: f64,
     /// Translations the server served per second (requests the devices sent).
     pub server_translations_per_s: f64,
@@ -141,14 +147,15 @@ pub struct RunSummary {
 }
 
 impl RunSummary {
-    /// Aggregates the agents' reports and the server's counters around the run.
+    /// Aggregates the agents' reports and the server's counters around a run of `mode`.
     pub fn aggregate(
         devices: usize,
         reports: &[WorkloadReport],
         before: &Stats,
         after: &Stats,
-        baseline: bool,
+        mode: WorkloadMode,
     ) -> RunSummary {
+        let baseline = matches!(mode, WorkloadMode::Baseline | WorkloadMode::LinkBaseline);
         let mut counts = Counts::default();
         let mut rate = 0.0;
         let mut server_rate = 0.0;
@@ -164,7 +171,7 @@ impl RunSummary {
                 server_rate += (if baseline { c.baseline_calls } else { c.translations_requested }) as f64 / s;
             }
         }
-        let served = if baseline {
+        let served = if mode == WorkloadMode::Baseline {
             // Unary Translate calls are not link translations: use the unit's untranslated count.
             let field = |s: &Stats| {
                 s.unit.get("untranslated_ok").copied().unwrap_or(0)
@@ -198,7 +205,7 @@ pub struct Step {
     pub devices: usize,
     /// The ATS run (device TLBs on).
     pub ats: RunSummary,
-    /// The baseline run (no device TLB, one unary call per access).
+    /// The baseline run (no device TLB; its kind is `Settings::baseline`).
     pub baseline: Option<RunSummary>,
     /// Device-side translations/s of the ATS path over the baseline's, same run.
     pub ats_over_baseline: Option<f64>,
@@ -231,6 +238,8 @@ pub struct Settings {
     pub write_fraction: f64,
     /// Translate only (no DMA).
     pub translate_only: bool,
+    /// The baseline's kind (`unary` or `link`); `None` when no baseline ran.
+    pub baseline: Option<BaselineKind>,
     /// CPUs of the machine that ran the load generator.
     pub cpus: usize,
 }

@@ -88,6 +88,6 @@ pub(crate) async fn run(
         reports.push(w.await.context("report task")??);
     }
     let after = cluster.stats().await?;
-    let baseline = request.mode == WorkloadMode::Baseline as i32;
-    Ok((RunSummary::aggregate(devices.len(), &reports, &before, &after, baseline), reports))
+    let mode = WorkloadMode::try_from(request.mode).unwrap_or(WorkloadMode::Ats);
+    Ok((RunSummary::aggregate(devices.len(), &reports, &before, &after, mode), reports))
 }

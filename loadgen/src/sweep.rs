@@ -1,16 +1,24 @@
 //! The sweep: for each device count, the ATS workload and then the baseline (device
-//! TLBs off, one unary Translate call per access) on the same devices, so every step
-//! carries a ratio measured in the same run.
+//! TLBs off: one unary Translate call, or one link translation request, per access) on
+//! the same devices, so every step carries a ratio measured in the same run.
 
 use anyhow::bail;
 use dmar_proto::v1::WorkloadMode;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::Common;
+use crate::args::{BaselineKind, Common};
 use crate::cluster::Cluster;
 use crate::report::{Step, SweepReport};
 use crate::run::{run, workload};
 use crate::scenario;
+
+/// The workload mode of a baseline kind.
+pub(crate) fn baseline_mode(kind: BaselineKind) -> WorkloadMode {
+    match kind {
+        BaselineKind::Unary => WorkloadMode::Baseline,
+        BaselineKind::Link => WorkloadMode::LinkBaseline,
+    }
+}
 
 /// Runs the sweep over an already connected cluster.
 pub(crate) async fn sweep(
@@ -46,8 +54,22 @@ pub(crate) async fn sweep(
                 bar.inc(1);
             }
             if with_baseline {
-                bar.set_message(format!("{n} devices, baseline"));
-                let b = run(cluster, chosen, &workload(common, WorkloadMode::Baseline)).await?.0;
+                bar.set_message(format!("{n} devices, {} baseline", common.baseline.label()));
+                let b = run(cluster, chosen, &workload(common, baseline_mode(common.baseline))).await?.0;
+                if b.counts.accesses > 0 && b.counts.aborted == b.counts.accesses {
+                    bail!(
+                        "every access of the {} baseline was abandoned without a translation ({}); {}",
+                        common.baseline.label(),
+                        b.counts.aborted,
+                        match common.baseline {
+                            BaselineKind::Unary => {
+                                "its Control.Translate calls need the operator role for the agents' identities: \
+                                 try --baseline link"
+                            }
+                            BaselineKind::Link => "the agents' links are down",
+                        }
+                    );
+                }
                 if with_ats && b.device_translations_per_s > 0.0 {
                     step.ats_over_baseline = Some(step.ats.device_translations_per_s / b.device_translations_per_s);
                 }

@@ -72,21 +72,15 @@ async fn unreachable_addresses_are_an_error() {
     assert!(format!("{err:#}").contains("cannot reach"), "{err:#}");
 }
 
+/// A short embedded sweep of one step of two devices, with `extra` arguments.
+fn two_device_sweep(extra: &[&str]) -> Cli {
+    let args = ["--steps", "2", "--duration", "200ms", "--warmup", "50ms", "--footprint", "1M"];
+    Cli::try_parse_from(["dmar-loadgen"].iter().chain(extra).chain(&args)).expect("arguments")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_sweep_over_mutual_tls() {
-    let cli = Cli::try_parse_from([
-        "dmar-loadgen",
-        "--tls",
-        "--steps",
-        "2",
-        "--duration",
-        "200ms",
-        "--warmup",
-        "50ms",
-        "--footprint",
-        "1M",
-    ])
-    .expect("arguments");
+    let cli = two_device_sweep(&["--tls"]);
     let Outcome::Sweep(report) = execute(&cli).await.expect("sweep over tls") else { panic!("not a sweep") };
     assert!(report.settings.embedded && report.settings.tls);
     assert!(report.steps[0].ats.counts.accesses > 0);
@@ -100,4 +94,30 @@ async fn tls_is_for_the_embedded_system_only() {
         .expect("arguments");
     let err = execute(&cli).await.expect_err("--tls with --server");
     assert!(format!("{err:#}").contains("--tls-dir"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_baseline_is_labelled_in_every_rendering() {
+    let cli = two_device_sweep(&["--baseline", "link"]);
+    let Outcome::Sweep(report) = execute(&cli).await.expect("sweep") else { panic!("not a sweep") };
+    assert_eq!(report.settings.baseline, Some(dmar_loadgen::args::BaselineKind::Link));
+    let b = report.steps[0].baseline.as_ref().expect("baseline measured");
+    let c = &b.counts;
+    assert!(c.baseline_calls > 0 && c.faults == 0, "{c:?}");
+    // One link request per access, the device TLB untouched; the server served them.
+    assert_eq!(c.translations_requested, c.baseline_calls);
+    assert_eq!((c.atc_hits, c.atc_misses), (0, 0));
+    assert!(b.server_cpu_ns_per_translation.is_some(), "link translations served");
+    let outcome = Outcome::Sweep(report);
+    let render = |f| outcome.render(f).expect("render");
+    assert!(render(dmar_loadgen::args::Format::Text).contains("baseline (link): one ATS translation request"));
+    assert!(render(dmar_loadgen::args::Format::Json).contains("\"baseline\": \"link\""));
+    let csv = render(dmar_loadgen::args::Format::Csv);
+    assert!(csv.lines().next().is_some_and(|h| h.ends_with(",baseline_kind")), "{csv}");
+    assert!(csv.lines().nth(1).is_some_and(|row| row.ends_with(",link")), "{csv}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("sweep.svg");
+    let Outcome::Sweep(r) = &outcome else { unreachable!() };
+    dmar_loadgen::plot::plot(r, &svg).expect("plot");
+    assert!(std::fs::read_to_string(&svg).expect("svg").contains("baseline (link requests, no device TLB)"));
 }

@@ -21,7 +21,9 @@ Usage: checks.py GENERATED_STUBS_DIR CHECK [ARGS]
                                            and reports its ATS link bound to the operator
   dashboard-metrics DIR                    every dmar_* series the dashboards query
   expositions DIR SERVER_FILE AGENT_FILE.. every such series is on the live /metrics
-  sweep-report FILE [DEVICES]              a loadgen JSON sweep report measured something
+  sweep-report FILE [DEVICES] [BASELINE]   a loadgen JSON sweep report measured something;
+                                           with BASELINE (unary, link), every step also
+                                           measured a baseline of that kind
   prometheus URL DIR AGENTS                targets up (server + AGENTS agents), and every
                                            dashboard expression evaluates
   ite SERVER VICTIM CONTAINER METRICS OTHER..
@@ -214,7 +216,7 @@ def cmd_prometheus(url: str, folder: str, agents: str) -> None:
 # ------------------------------------------------------------------------ loadgen report
 
 
-def cmd_sweep_report(path: str, devices: str = "") -> None:
+def cmd_sweep_report(path: str, devices: str = "", baseline: str = "") -> None:
     r = json.loads(Path(path).read_text())
     steps = r.get("steps", [])
     if not steps:
@@ -226,6 +228,22 @@ def cmd_sweep_report(path: str, devices: str = "") -> None:
     if devices and [s["devices"] for s in steps] != [int(x) for x in devices.split(",")]:
         fail(f"{path}: steps {[s['devices'] for s in steps]}, wanted {devices}")
     summary = ", ".join(f"{s['devices']} dev {s['ats']['device_translations_per_s']:.0f} tr/s" for s in steps)
+    if baseline:
+        kind = r.get("settings", {}).get("baseline")
+        if kind != baseline:
+            fail(f"{path}: baseline kind {kind!r}, wanted {baseline!r}")
+        for s in steps:
+            b = s.get("baseline")
+            if not b:
+                fail(f"{path}: step {s['devices']}: no baseline column")
+            c = b["counts"]
+            if c["baseline_calls"] <= 0 or c["faults"] != 0 or c["aborted"] != 0:
+                fail(f"{path}: step {s['devices']}: {baseline} baseline: {c['baseline_calls']} translations, "
+                     f"{c['faults']} faults, {c['aborted']} aborted")
+            if not s.get("ats_over_baseline"):
+                fail(f"{path}: step {s['devices']}: no ATS/baseline ratio")
+        summary += "; " + ", ".join(
+            f"{baseline} baseline {s['baseline']['device_translations_per_s']:.0f} tr/s" for s in steps)
     ok(f"sweep measured every step without faults ({summary})")
 
 

@@ -3,7 +3,7 @@
 # deploy/dmar.sh certs, starts the server and three agents with Prometheus, every gRPC port
 # under mutual TLS with a certificate per agent, checks that plaintext and certificate-less
 # clients are refused and that each agent bound under its own identity, runs a short
-# sweep from the loadgen container (as the operator), checks
+# sweep with its link baseline from the loadgen container (as the operator), checks
 # that every series the dashboards query is on the live /metrics endpoints, validates the
 # expositions and prometheus.yml with promtool, evaluates every dashboard expression in the
 # live Prometheus, then pauses one agent while an invalidation it owes is pending and
@@ -109,17 +109,19 @@ compose up -d server "${agent_services[@]}" prometheus
 deadline=$((SECONDS + 120))
 while :; do
     state=$(docker inspect --format '{{.State.Health.Status}}' "$(compose ps -q server)")
-    running=$(for id in $(compose ps -q "${agent_services[@]}"); do
-        docker inspect --format '{{.State.Status}}' "$id"
-    done | grep -c '^running$' || true)
-    [ "$state" = healthy ] && [ "$running" = "$agents" ] && break
+    # An agent is healthy once its probe (its loopback health port) sees
+    # dmar.v1.AgentControl SERVING: its ATS link is bound.
+    healthy=$(for id in $(compose ps -q "${agent_services[@]}"); do
+        docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id"
+    done | grep -c '^healthy$' || true)
+    [ "$state" = healthy ] && [ "$healthy" = "$agents" ] && break
     [ "$SECONDS" -lt "$deadline" ] || {
-        echo "smoke: within 120 s: server $state, $running/$agents agents running" >&2
+        echo "smoke: within 120 s: server $state, $healthy/$agents agents healthy" >&2
         exit 1
     }
     sleep 1
 done
-echo "smoke: ok: server healthy (probe on its loopback health port) and $agents agents running"
+echo "smoke: ok: server healthy and $agents agents healthy (links bound; probes on their loopback health ports)"
 pass
 # The agents started only once the server was healthy (depends_on: service_healthy): the
 # engine's event log orders the server's first "healthy" before every agent's "start".
@@ -193,12 +195,11 @@ echo "smoke: ok: agent-0's certificate may not bind agent-1's 11:00.7 (refused: 
 pass
 
 step "sweep from the loadgen container (--steps $steps, agents found as agent:50061)"
-# --no-baseline: the baseline's unary Control.Translate comes from each agent under its
-# own certificate, and the server's policy gives agents the device role only (Translate
-# needs operator); docs/DEPLOY.md.
+# The baseline runs over each agent's own ATS link (DMAR_BASELINE=link in the compose
+# file): the agents hold the device role only, which may not call Control.Translate.
 compose --profile loadgen run --rm --no-deps loadgen --steps "$steps" --duration 1s --warmup 200ms \
-    --no-baseline --format json --output /out/sweep.json
-check sweep-report "$work/out/sweep.json" "$steps"
+    --format json --output /out/sweep.json
+check sweep-report "$work/out/sweep.json" "$steps" link
 pass
 
 step "live /metrics: every series the dashboards query; promtool check metrics"
@@ -236,8 +237,8 @@ pass
 step "the server keeps serving the others: sweep over the ${#others[@]} live agents while agent 1 is paused"
 others_list=$(IFS=,; echo "${others[*]/%/:50061}")
 compose --profile loadgen run --rm --no-deps loadgen --agents "$others_list" --steps 1,2 --duration 1s \
-    --warmup 200ms --no-baseline --format json --output /out/sweep-others.json
-check sweep-report "$work/out/sweep-others.json" 1,2
+    --warmup 200ms --format json --output /out/sweep-others.json
+check sweep-report "$work/out/sweep-others.json" 1,2 link
 pass
 
 step "unpause agent 1: it relinks"

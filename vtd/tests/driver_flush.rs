@@ -852,6 +852,9 @@ proptest! {
             for &p in probes.iter().chain(&edges) {
                 check(&model, &history, p)?;
             }
+            // The domain's frames are every table frame but the root and context tables,
+            // retired tables waiting for the flush included.
+            prop_assert_eq!(d.domain_frames(did), Ok(d.table_frames_in_use() - (baseline - 1)));
         }
         d.flush_deferred().expect("flush");
         for &p in &probes {

@@ -187,6 +187,9 @@ impl Harness {
     }
 
     fn check_all(&self, extra: &[u64]) -> Result<(), TestCaseError> {
+        // The domain holds every table frame but the root and context tables.
+        let frames = self.driver.table_frames_in_use() - (self.baseline_frames - 1);
+        prop_assert_eq!(self.driver.domain_frames(self.did), Ok(frames));
         for &(page, offset) in &self.probes {
             self.check(page, offset, false)?;
             self.check(page, offset, true)?;

@@ -8,10 +8,12 @@
 //! and PRI may help, a page request (`pri`) and a retry. A completion for a page an
 //! invalidation covered after the request went out may carry the removed translation: it
 //! is discarded and asked again. Baseline accesses replace the first steps with a unary
-//! translation ([`Effect::Baseline`]). PCIe ATS 10.2 (translation requests and
+//! translation ([`Effect::Baseline`]); link-baseline accesses with a translation request
+//! of their own whose completion serves that access only (no lookup, no coalescing,
+//! nothing cached, no page request). PCIe ATS 10.2 (translation requests and
 //! completions: R, W, U, the range size).
 
-use super::machine::{Effect, Machine, Miss, MissKey, TagUse};
+use super::machine::{Direct, Effect, Machine, Miss, MissKey, TagUse};
 use super::messages::{
     BaselineAnswer, Completion, DmaCompletion, DmaRequest, TranslationCompletion, TranslationRequest, Up,
 };
@@ -25,6 +27,7 @@ impl<T> Machine<T> {
         let Some(op) = self.ops.get(id) else { return };
         match op.mode {
             Mode::Baseline => self.baseline(id),
+            Mode::LinkBaseline => self.link_baseline(id),
             Mode::Ats if !self.cfg.ats => self.dispatch(id, Target::Untranslated, 0),
             Mode::Ats => self.lookup(id, true),
         }
@@ -76,17 +79,27 @@ impl<T> Machine<T> {
         if self.generation.is_none() {
             return self.fail_all(waiters, DmaResult::LinkDown);
         }
+        self.send_translation(key.page, key.write, TagUse::Translation(key));
+        self.misses.insert(key, Miss { waiters, stale: false });
+    }
+
+    /// Sends a translation request for `page`, its completion to go to `answer`.
+    fn send_translation(&mut self, page: u64, write: bool, answer: TagUse) {
         let tag = self.next_tag();
-        let req = TranslationRequest { tag, address: key.page << 12, no_write: !key.write };
+        let req = TranslationRequest { tag, address: page << 12, no_write: !write };
         self.effects.push_back(Effect::Send(Up::Translation(req)));
         self.counters.translations_requested += 1;
-        self.tags.insert(tag, TagUse::Translation(key));
-        self.misses.insert(key, Miss { waiters, stale: false });
+        self.tags.insert(tag, answer);
     }
 
     pub(super) fn on_completion(&mut self, c: TranslationCompletion) {
         let key = match self.tags.get(&c.tag) {
             Some(TagUse::Translation(k)) => *k,
+            Some(TagUse::Direct(d)) => {
+                let d = *d;
+                self.tags.remove(&c.tag);
+                return self.on_direct_completion(d, c.completion);
+            }
             _ => {
                 tracing::debug!(tag = c.tag, "completion for no outstanding translation request");
                 return;
@@ -99,44 +112,53 @@ impl<T> Machine<T> {
             self.counters.stale_completions += 1;
             return self.request_translation(key, miss.waiters);
         }
-        match c.completion {
+        match self.granted(key.page, c.completion) {
+            Ok(None) => {
+                for &w in &miss.waiters {
+                    self.record_miss(w);
+                    self.no_access(w);
+                }
+                self.recycle(miss.waiters);
+            }
+            Ok(Some(entry)) => {
+                // PCIe ATS 10.5.1.3: a function caches nothing below its STU.
+                if u32::from(entry.size_shift) < 12 + u32::from(self.cfg.smallest_translation_unit) {
+                    self.counters.stu_violations += 1;
+                } else if let Inserted::Evicted(_) = self.atc.insert(entry) {
+                    self.counters.evictions += 1;
+                }
+                for &w in &miss.waiters {
+                    self.record_miss(w);
+                    self.resolve(w, &entry);
+                }
+                self.recycle(miss.waiters);
+            }
+            Err(e) => self.fail_all(miss.waiters, DmaResult::Fault(e)),
+        }
+    }
+
+    /// What a completion for `page` grants: an entry, nothing (R=W=0: not present), or an
+    /// error (UR, CA, a malformed range; counted).
+    fn granted(&mut self, page: u64, completion: Completion) -> Result<Option<AtcEntry>, DmaError> {
+        match completion {
             Completion::Success(g) => {
                 let perms = Perms::new(g.read, g.write, g.untranslated_only);
                 if !perms.any() {
-                    for &w in &miss.waiters {
-                        self.record_miss(w);
-                        self.no_access(w);
-                    }
-                    return self.recycle(miss.waiters);
+                    return Ok(None);
                 }
-                match AtcEntry::from_completion(key.page << 12, g.translated, g.size_shift, perms) {
-                    Ok(entry) => {
-                        // PCIe ATS 10.5.1.3: a function caches nothing below its STU.
-                        if u32::from(entry.size_shift) < 12 + u32::from(self.cfg.smallest_translation_unit) {
-                            self.counters.stu_violations += 1;
-                        } else if let Inserted::Evicted(_) = self.atc.insert(entry) {
-                            self.counters.evictions += 1;
-                        }
-                        for &w in &miss.waiters {
-                            self.record_miss(w);
-                            self.resolve(w, &entry);
-                        }
-                        self.recycle(miss.waiters);
-                    }
-                    Err(err) => {
-                        tracing::debug!(error = %err, "malformed translation completion");
-                        self.counters.translation_errors += 1;
-                        self.fail_all(miss.waiters, DmaResult::Fault(DmaError::Malformed));
-                    }
-                }
+                AtcEntry::from_completion(page << 12, g.translated, g.size_shift, perms).map(Some).map_err(|err| {
+                    tracing::debug!(error = %err, "malformed translation completion");
+                    self.counters.translation_errors += 1;
+                    DmaError::Malformed
+                })
             }
             Completion::UnsupportedRequest => {
                 self.counters.translation_errors += 1;
-                self.fail_all(miss.waiters, DmaResult::Fault(DmaError::UnsupportedRequest));
+                Err(DmaError::UnsupportedRequest)
             }
             Completion::CompleterAbort => {
                 self.counters.translation_errors += 1;
-                self.fail_all(miss.waiters, DmaResult::Fault(DmaError::CompleterAbort));
+                Err(DmaError::CompleterAbort)
             }
         }
     }
@@ -221,6 +243,45 @@ impl<T> Machine<T> {
         self.counters.baseline_calls += 1;
         let key = AccessKey { op: id, serial: op.serial };
         self.effects.push_back(Effect::Baseline { key, iova: op.iova, write: op.write });
+    }
+
+    /// A link-baseline access: a translation request of its own, whatever the device TLB
+    /// holds (it is neither looked up nor filled).
+    fn link_baseline(&mut self, id: OpId) {
+        let Some(op) = self.ops.get_mut(id) else { return };
+        op.stage = Stage::Translation;
+        self.counters.baseline_calls += 1;
+        let direct =
+            Direct { key: AccessKey { op: id, serial: op.serial }, page: op.iova >> 12, write: op.write, stale: false };
+        self.request_direct(direct);
+    }
+
+    fn request_direct(&mut self, direct: Direct) {
+        if self.generation.is_none() {
+            return self.finish(direct.key.op, DmaResult::LinkDown);
+        }
+        self.send_translation(direct.page, direct.write, TagUse::Direct(direct));
+    }
+
+    /// The completion of a link-baseline access's request: used for that access only.
+    fn on_direct_completion(&mut self, d: Direct, completion: Completion) {
+        match self.ops.get(d.key.op) {
+            Some(op) if op.serial == d.key.serial && op.stage == Stage::Translation => {}
+            _ => return,
+        }
+        if d.stale {
+            // As for a miss: the completion may carry a translation the invalidation removed.
+            self.counters.stale_completions += 1;
+            return self.request_direct(Direct { stale: false, ..d });
+        }
+        let id = d.key.op;
+        self.record_miss(id);
+        match self.granted(d.page, completion) {
+            Ok(Some(entry)) => self.resolve(id, &entry),
+            // No page request: a retry would go through the device TLB.
+            Ok(None) => self.finish(id, DmaResult::Fault(DmaError::NoAccess)),
+            Err(e) => self.finish(id, DmaResult::Fault(e)),
+        }
     }
 
     pub(super) fn on_baseline(&mut self, key: AccessKey, answer: BaselineAnswer) {

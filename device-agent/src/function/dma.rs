@@ -14,8 +14,12 @@ pub enum Mode {
     #[default]
     Ats,
     /// No device TLB: one unary `Control.Translate` call per access (the vhost-IOTLB
-    /// style baseline).
+    /// style baseline). Needs the server's operator role.
     Baseline,
+    /// No device TLB, over the link: one ATS translation request per access, neither
+    /// looked up in nor inserted into the device TLB and not coalesced with others (a
+    /// function with its ATC disabled). The baseline a device identity can run.
+    LinkBaseline,
 }
 
 /// Largest DMA of one access: one page, so that one translation always covers it.
@@ -55,6 +59,11 @@ impl Dma {
     /// The same access in the baseline mode.
     pub const fn baseline(self) -> Self {
         Self { mode: Mode::Baseline, ..self }
+    }
+
+    /// The same access in the link baseline mode.
+    pub const fn link_baseline(self) -> Self {
+        Self { mode: Mode::LinkBaseline, ..self }
     }
 
     /// Checks the length rules.

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use dmar_vtd::ats::MAX_QUEUE_DEPTH;
 
-use super::machine::{Effect, Machine};
+use super::machine::{Effect, Machine, TagUse};
 use super::messages::InvalidationRequest;
 use crate::atc::InvalidationRange;
 
@@ -95,6 +95,13 @@ impl<T> Machine<T> {
         for (key, miss) in &mut self.misses {
             if range.overlaps(key.page << 12, 4096) {
                 miss.stale = true;
+            }
+        }
+        for tag in self.tags.values_mut() {
+            if let TagUse::Direct(d) = tag
+                && range.overlaps(d.page << 12, 4096)
+            {
+                d.stale = true;
             }
         }
         let itag = req.itag as usize;

@@ -14,7 +14,7 @@
 //! (`dmar_vtd::unit`), it can be driven by hand: its tests need no runtime and no network.
 //!
 //! Files: this one (inputs, outputs, the end of an access), `access` (hits, misses,
-//! coalescing, completions, DMA, the baseline path), `invalidation` (drain-before-ack),
+//! coalescing, completions, DMA, the baseline paths), `invalidation` (drain-before-ack),
 //! `pri` (page requests). Not here: channels, tasks, the wire format, the workload's
 //! pacing (`task`, `wire`, `workload`).
 
@@ -60,7 +60,19 @@ pub(super) struct Miss {
 #[derive(Debug, Clone, Copy)]
 pub(super) enum TagUse {
     Translation(MissKey),
+    /// The translation request of one link-baseline access (no device TLB, no coalescing).
+    Direct(Direct),
     Dma(OpId),
+}
+
+/// A link-baseline access's outstanding translation request.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Direct {
+    pub(super) key: AccessKey,
+    pub(super) page: u64,
+    pub(super) write: bool,
+    /// An invalidation covered the page after the request was sent.
+    pub(super) stale: bool,
 }
 
 /// Who gets an access's outcome.

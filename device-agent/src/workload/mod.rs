@@ -203,6 +203,11 @@ impl WorkloadSpec {
                     "function {sid} has no ATS: it cannot translate without DMA (use baseline mode or DMA)"
                 )));
             }
+            if self.mode == Mode::LinkBaseline && !f.ats {
+                return Err(WorkloadError::invalid(format!(
+                    "function {sid} has no ATS: the link baseline sends ATS translation requests"
+                )));
+            }
             stream.validate(self.dma_bytes)?;
         }
         Ok(())
@@ -280,6 +285,9 @@ mod tests {
         let no_ats = SourceId::new(0, 1, 1);
         let s = WorkloadSpec { streams: vec![(no_ats, StreamSpec::uniform(0, 4096))], translate_only: true, ..spec() };
         assert!(matches!(bad(s), WorkloadError::Invalid(m) if m.contains("no ATS")));
+        let s =
+            WorkloadSpec { streams: vec![(no_ats, StreamSpec::uniform(0, 4096))], mode: Mode::LinkBaseline, ..spec() };
+        assert!(matches!(bad(s), WorkloadError::Invalid(m) if m.contains("link baseline")));
         let sid = SourceId::new(0, 1, 0);
         let stream = |pattern, base, footprint| WorkloadSpec {
             streams: vec![(sid, StreamSpec { pattern, base, footprint })],

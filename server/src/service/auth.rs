@@ -1,7 +1,8 @@
 //! Who may call what: the server's one authorisation table ([`RPC_TABLE`]), the gate that
 //! applies it to every request before a service sees it ([`Gate`]), and the per-identity
 //! ledger behind the checks a role alone cannot make ([`Access`]): requester-id ownership
-//! on the ATS link, links per identity, domains per identity and who owns each domain.
+//! on the ATS link, links per identity, domains per identity and who owns each domain, and
+//! the page-table frames those domains hold ([`frames`]).
 //!
 //! Identities come from the TLS acceptor ([`dmar_auth::incoming`]), which verifies the client
 //! certificate against the CA and attaches a [`PeerInfo`] to every request of the
@@ -179,17 +180,19 @@ impl Refusal {
 /// A quota that refused a call: the label set of `dmar_server_quota_refusals_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Quota {
-    MaxLinks,
-    MaxDomains,
+    Links,
+    Domains,
+    Frames,
 }
 
 impl Quota {
-    const ALL: [Quota; 2] = [Quota::MaxLinks, Quota::MaxDomains];
+    const ALL: [Quota; 3] = [Quota::Links, Quota::Domains, Quota::Frames];
 
     const fn label(self) -> &'static str {
         match self {
-            Quota::MaxLinks => "max_links",
-            Quota::MaxDomains => "max_domains",
+            Quota::Links => "max_links",
+            Quota::Domains => "max_domains",
+            Quota::Frames => "max_frames",
         }
     }
 }
@@ -269,6 +272,8 @@ pub(crate) struct Access {
     grants: HashMap<Identity, Arc<Grant>>,
     insecure: Caller,
     ledger: Mutex<Ledger>,
+    /// One lock per identity, taken by calls that charge page-table frames ([`frames`]).
+    budget_locks: frames::BudgetLocks,
     refusals: [Limited; Refusal::ALL.len()],
     quotas: [Limited; Quota::ALL.len()],
 }
@@ -290,11 +295,13 @@ impl Access {
             quotas: dmar_auth::Quotas::DEFAULT,
         };
         let insecure = Caller { identity: Identity::insecure(), grant: Arc::new(grant) };
+        let budget_locks = grants.keys().map(|id| (id.clone(), Arc::default())).collect();
         Self {
             enforcing,
             grants,
             insecure,
             ledger: Mutex::new(Ledger::default()),
+            budget_locks,
             refusals: Refusal::ALL.map(|r| Limited::new(counter!(AUTH_REFUSALS, "reason" => r.label()))),
             quotas: Quota::ALL.map(|q| Limited::new(counter!(QUOTA_REFUSALS, "quota" => q.label()))),
         }
@@ -305,8 +312,14 @@ impl Access {
         status
     }
 
-    fn over_quota(&self, quota: Quota, identity: &Identity, limit: u64) -> Status {
-        let status = Status::resource_exhausted(format!("{identity} reached its {} quota of {limit}", quota.label()));
+    /// The refusal of a call past `quota`, with an optional `detail` (ours, not the
+    /// client's) after the quota.
+    fn over_quota(&self, quota: Quota, identity: &Identity, limit: u64, detail: &str) -> Status {
+        let mut message = format!("{identity} reached its {} quota of {limit}", quota.label());
+        if !detail.is_empty() {
+            message = format!("{message}: {detail}");
+        }
+        let status = Status::resource_exhausted(message);
         self.quotas[quota as usize].record(quota.label(), Some(identity), &status);
         status
     }
@@ -379,7 +392,7 @@ impl Access {
         let links = ledger.links.get(id).copied().unwrap_or(0);
         if links >= max {
             drop(ledger);
-            return Err(self.over_quota(Quota::MaxLinks, id, u64::from(max)));
+            return Err(self.over_quota(Quota::Links, id, u64::from(max), ""));
         }
         ledger.links.insert(id.clone(), links + 1);
         for sid in &sids {
@@ -421,7 +434,7 @@ impl Access {
         let held = ledger.domains.get(id).copied().unwrap_or(0);
         if held >= max {
             drop(ledger);
-            return Err(self.over_quota(Quota::MaxDomains, id, u64::from(max)));
+            return Err(self.over_quota(Quota::Domains, id, u64::from(max), ""));
         }
         ledger.domains.insert(id.clone(), held + 1);
         Ok(DomainSlot { access: Some(self.clone()), identity: id.clone() })
@@ -555,5 +568,6 @@ where
     }
 }
 
+mod frames;
 #[cfg(test)]
 mod tests;

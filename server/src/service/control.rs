@@ -67,8 +67,14 @@ impl Control for ControlService {
         let aw = wire::address_width(r.address_width)?;
         let slot = self.state.access.reserve_domain(&caller)?;
         let driver = self.state.driver.clone();
+        // A paging domain's top-level table is a frame of the caller's `max_frames`.
+        let mut budget = self.state.access.frame_budget(&caller, None, &driver).await;
+        if kind == dmar_vtd::driver::DomainKind::Paging {
+            budget.reserve_one()?;
+        }
         let did = blocking(move || driver.create_domain(kind, aw).map_err(status::driver)).await?;
         slot.commit(did);
+        drop(budget);
         Ok(Response::new(CreateDomainResponse { domain_id: u32::from(did.0) }))
     }
 
@@ -102,20 +108,23 @@ impl Control for ControlService {
     }
 
     async fn map(&self, r: Request<MapRequest>) -> Result<Response<MapResponse>, Status> {
+        let caller = auth::caller(&r)?;
         let r = r.into_inner();
         let did = wire::domain_id(r.domain_id)?;
         check_ranges(r.ranges.len(), "map")?;
         let driver = self.state.driver.clone();
+        // The domain owner's `max_frames`: each range maps within what is left of it.
+        let mut budget = self.state.access.frame_budget(&caller, Some(did), &driver).await;
         let mapped = blocking(move || {
             let mut done: Vec<(Iova, u64)> = Vec::with_capacity(r.ranges.len());
             for (i, m) in r.ranges.iter().enumerate() {
                 let perm = wire::permissions(m.permissions);
-                if let Err(e) = driver.map(did, Iova(m.iova), Hpa(m.hpa), m.length, perm) {
+                if let Err(e) = budget.map(&driver, did, Iova(m.iova), Hpa(m.hpa), m.length, perm) {
                     // All or nothing: undo this request's earlier ranges.
                     for (iova, len) in done {
                         let _ = driver.unmap_with(did, iova, len, DriverFlush::Strict);
                     }
-                    return Err(status::driver_in_range(i, e));
+                    return Err(status::in_range(i, budget.status(e)));
                 }
                 done.push((Iova(m.iova), m.length));
             }

@@ -62,6 +62,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "dmar_link_reply_budget_waits_total",
     "dmar_server_auth_refusals_total",
     "dmar_server_quota_refusals_total",
+    dmar_auth::CONNECTION_REFUSALS,
 ];
 
 /// Why the server refused a peer's request: the `reason` label of

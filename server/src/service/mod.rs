@@ -208,16 +208,9 @@ pub async fn serve_with_health(
     health.set_serving::<AtsLinkServer<link::LinkService>>().await;
     let accept = config.security.accept;
     if let Some(listener) = health_listener {
-        let addr = listener.local_addr().ok();
-        tracing::info!(?addr, "health-only plaintext port serving");
-        let probes = tonic::transport::Server::builder()
-            .add_service(health_service.clone())
-            .serve_with_incoming_shutdown(dmar_auth::plaintext(listener, accept), shutdown.clone().cancelled_owned());
-        tasks.spawn(async move {
-            if let Err(e) = probes.await {
-                tracing::warn!(error = %e, "health port stopped");
-            }
-        });
+        let refusals = dmar_auth::ConnectionRefusals::global();
+        let stop = shutdown.clone().cancelled_owned();
+        tasks.spawn(dmar_auth::serve_health_only(listener, health_service.clone(), accept, refusals, stop));
     }
     let addr = listeners.grpc.local_addr().ok();
 

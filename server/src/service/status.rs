@@ -33,7 +33,7 @@ pub(crate) fn driver(e: DriverError) -> Status {
         | E::QueueDisabled
         | E::InterruptRemappingDisabled
         | E::PageRequestsDisabled => Status::failed_precondition(msg),
-        E::DomainIdsExhausted | E::OutOfTableMemory => Status::resource_exhausted(msg),
+        E::DomainIdsExhausted | E::OutOfTableMemory | E::FrameLimit { .. } => Status::resource_exhausted(msg),
         E::DeviceTlbTimeout { .. } => Status::deadline_exceeded(msg),
         // The client's values: fix the request.
         E::Unaligned { .. }
@@ -54,7 +54,12 @@ pub(crate) fn driver(e: DriverError) -> Status {
 /// Maps a driver error on range `index` of a map or unmap request: the same code, the
 /// message prefixed with the range.
 pub(crate) fn driver_in_range(index: usize, e: DriverError) -> Status {
-    let s = driver(e);
+    in_range(index, driver(e))
+}
+
+/// A refusal `s` of range `index` of a map or unmap request: its message prefixed with the
+/// range.
+pub(crate) fn in_range(index: usize, s: Status) -> Status {
     Status::new(s.code(), format!("range {index}: {}", s.message()))
 }
 

@@ -61,6 +61,11 @@ impl PendingFlush {
         self.ranges.len()
     }
 
+    /// Table frames the pending unmaps retired: the domain still holds them.
+    pub(crate) fn frames(&self) -> usize {
+        self.frames.len()
+    }
+
     /// True when nothing is pending.
     pub(crate) fn is_empty(&self) -> bool {
         self.ranges.is_empty()
@@ -194,7 +199,12 @@ impl Driver {
         let mut first = Ok(());
         for did in dids {
             let r = match self.domain(did) {
-                Ok(domain) => self.flush_pending(did, &mut domain.state.lock()),
+                Ok(domain) => {
+                    let mut state = domain.state.lock();
+                    let r = self.flush_pending(did, &mut state);
+                    domain.settle(&state);
+                    r
+                }
                 Err(_) => {
                     self.deferred.forget(did); // destroyed meanwhile (destroy flushed it)
                     Ok(())

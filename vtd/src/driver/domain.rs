@@ -8,9 +8,16 @@
 //! (whose device TLBs every unmap must invalidate, Linux `domain->devices` walked by
 //! `iommu_flush_dev_iotlb`) and its deferred unmaps, both under the domain's lock so that
 //! an attach cannot slip between an unmap and its invalidation.
+//!
+//! It also owns the count of table frames each domain holds ([`Domain::frames`]): the
+//! tables linked into its tree, the top-level one included, plus the tables its deferred
+//! unmaps retired and have not freed yet. The count is published after every change under
+//! the domain's lock and read without it, so an owner charging frames to a tenant (a quota)
+//! never waits behind a domain's invalidation.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -35,6 +42,14 @@ pub(crate) struct DomainState {
     pub(crate) pending: PendingFlush,
 }
 
+impl DomainState {
+    /// Table frames the domain holds now: its tree and the retired tables waiting for a
+    /// deferred flush.
+    pub(crate) fn frames(&self) -> usize {
+        self.tables.as_ref().map_or(0, PageTable::frames) + self.pending.frames()
+    }
+}
+
 /// One protection domain.
 #[derive(Debug)]
 pub(crate) struct Domain {
@@ -44,14 +59,18 @@ pub(crate) struct Domain {
     /// point at it.
     pub(crate) top: Option<Hpa>,
     pub(crate) state: Mutex<DomainState>,
+    /// [`DomainState::frames`] as of the last change, readable without the lock.
+    frames: AtomicUsize,
 }
 
 impl Domain {
     pub(crate) fn new(kind: DomainKind, aw: AddressWidth, tables: Option<PageTable>) -> Self {
+        let frames = AtomicUsize::new(tables.as_ref().map_or(0, PageTable::frames));
         Self {
             kind,
             aw,
             top: tables.as_ref().map(PageTable::top),
+            frames,
             state: Mutex::new(DomainState {
                 alive: true,
                 tables,
@@ -59,6 +78,16 @@ impl Domain {
                 pending: PendingFlush::default(),
             }),
         }
+    }
+
+    /// Publishes the frame count of `state` (this domain's, under its lock) after a change.
+    pub(crate) fn settle(&self, state: &DomainState) {
+        self.frames.store(state.frames(), Ordering::Release);
+    }
+
+    /// The table frames the domain held after its last change (see the module doc).
+    pub(crate) fn frames(&self) -> usize {
+        self.frames.load(Ordering::Acquire)
     }
 }
 

@@ -85,6 +85,15 @@ pub enum DriverError {
     /// The page-table region has no free 4 KiB frame left.
     #[error("the page-table region is exhausted")]
     OutOfTableMemory,
+    /// A map would allocate more page-table frames than its caller allowed
+    /// ([`super::Driver::map_within`], e.g. a tenant's quota); nothing was written.
+    #[error("the map needs {needed} new page-table frames; {limit} allowed")]
+    FrameLimit {
+        /// New table frames the map would allocate.
+        needed: usize,
+        /// The frames the caller allowed.
+        limit: usize,
+    },
     /// An unmap range covers only part of a superpage; nothing was changed.
     #[error("range covers only part of the superpage at {iova}")]
     PartialSuperpage {

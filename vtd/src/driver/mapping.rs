@@ -3,7 +3,8 @@
 //! page tables, and the invalidation an unmap needs under its flush policy.
 //!
 //! Rules:
-//! - A map is all or nothing, needs no invalidation (CAP.CM = 0: not-present entries are
+//! - A map is all or nothing (a refusal, a frame limit included, writes nothing; a
+//!   failure part way is rolled back), needs no invalidation (CAP.CM = 0: not-present entries are
 //!   never cached, VT-d 6.1), except over a range a deferred unmap left stale: the domain's
 //!   deferred unmaps are flushed first.
 //! - A strict unmap invalidates the IOTLB page-selectively (domain-selectively above
@@ -23,6 +24,15 @@ use super::error::{AddressField, DriverError};
 use super::invalidate::{DeviceTlbRange, IotlbScope, page_scope, with_device_tlbs};
 use crate::ids::{DomainId, Hpa, Iova, PAGE_SIZE};
 use crate::unit::tables::AddressWidth;
+
+/// The addresses and permissions of one map request.
+#[derive(Clone, Copy, Debug)]
+struct MapArgs {
+    iova: Iova,
+    hpa: Hpa,
+    len: u64,
+    perm: Perm,
+}
 
 /// Checks a map/unmap range: non-empty, page aligned, no 64-bit overflow. Returns its end.
 fn check_range(iova: Iova, len: u64) -> Result<u64, DriverError> {
@@ -58,6 +68,38 @@ impl Driver {
     /// mapping, so the domain's deferred unmaps are flushed first (if that fails, nothing
     /// is mapped).
     pub fn map(&self, did: DomainId, iova: Iova, hpa: Hpa, len: u64, perm: Perm) -> Result<(), DriverError> {
+        self.map_inner(did, MapArgs { iova, hpa, len, perm }, None).map(|_| ())
+    }
+
+    /// [`Driver::map`] allocating at most `frame_limit` new page-table frames: an owner
+    /// that charges a domain's frames to a tenant (a quota) passes what the tenant has
+    /// left. A map that would need more is refused with [`DriverError::FrameLimit`] before
+    /// anything is written or flushed, so a refused call leaves no partial mapping and no
+    /// tables behind. Returns the frames the domain gained (at most `frame_limit`).
+    pub fn map_within(
+        &self,
+        did: DomainId,
+        iova: Iova,
+        hpa: Hpa,
+        len: u64,
+        perm: Perm,
+        frame_limit: usize,
+    ) -> Result<usize, DriverError> {
+        self.map_inner(did, MapArgs { iova, hpa, len, perm }, Some(frame_limit))
+    }
+
+    /// Page-table frames domain `did` holds (see `domain`): its tables, the top-level one
+    /// included, and the tables its deferred unmaps retired and have not freed yet. They
+    /// go up on a map that needs new tables, down on an unmap that empties tables (once
+    /// they are freed: at once under the strict policy, at the flush under the deferred
+    /// one), and to nothing when the domain is destroyed. Non-paging domains hold none.
+    /// Read without waiting for the domain's lock.
+    pub fn domain_frames(&self, did: DomainId) -> Result<usize, DriverError> {
+        Ok(self.domain(did)?.frames())
+    }
+
+    fn map_inner(&self, did: DomainId, args: MapArgs, frame_limit: Option<usize>) -> Result<usize, DriverError> {
+        let MapArgs { iova, hpa, len, perm } = args;
         let end = check_range(iova, len)?;
         if !hpa.is_page_aligned() {
             return Err(DriverError::Unaligned { field: AddressField::Hpa, value: hpa.0 });
@@ -87,16 +129,40 @@ impl Driver {
         if let Some(found) = tables.first_mapped(&self.memory, iova.0, end)? {
             return Err(DriverError::Overlap { iova: Iova(found) });
         }
-        if state.pending.overlaps(iova.0, end) {
+        if let Some(limit) = frame_limit {
+            let needed = tables.frames_needed(&self.memory, iova.0, hpa.0, len, self.caps.max_leaf_level)?;
+            if needed > limit {
+                return Err(DriverError::FrameLimit { needed, limit });
+            }
+        }
+        let before = tables.frames();
+        let result = self.map_locked(did, state, iova.0, hpa.0, end, perm);
+        domain.settle(state);
+        result?;
+        Ok(state.tables.as_ref().map_or(0, |t| t.frames().saturating_sub(before)))
+    }
+
+    /// Flushes the deferred unmaps the range overlaps and writes the range; rolls a
+    /// failed write back.
+    fn map_locked(
+        &self,
+        did: DomainId,
+        state: &mut DomainState,
+        iova: u64,
+        hpa: u64,
+        end: u64,
+        perm: Perm,
+    ) -> Result<(), DriverError> {
+        if state.pending.overlaps(iova, end) {
             self.flush_pending(did, state)?;
         }
         let tables = state.tables.as_mut().ok_or(DriverError::NotPaging(did))?;
-        let mapped = tables.map(&self.memory, &self.frames, iova.0, hpa.0, len, perm, self.caps.max_leaf_level);
+        let mapped = tables.map(&self.memory, &self.frames, iova, hpa, end - iova, perm, self.caps.max_leaf_level);
         if let Err(e) = mapped {
             // All or nothing: take back what was written (the range was empty before).
             // Devices may already have used the partial mapping, so this is a full unmap
             // with its flush.
-            self.unmap_locked(did, state, iova.0, end, FlushPolicy::Strict)?;
+            self.unmap_locked(did, state, iova, end, FlushPolicy::Strict)?;
             return Err(e);
         }
         Ok(())
@@ -133,7 +199,9 @@ impl Driver {
         }
         let tables = state.tables.as_ref().ok_or(DriverError::NotPaging(did))?;
         tables.check_unmap(&self.memory, iova.0, end)?;
-        self.unmap_locked(did, &mut state, iova.0, end, policy)
+        let result = self.unmap_locked(did, &mut state, iova.0, end, policy);
+        domain.settle(&state);
+        result
     }
 
     /// Clears `[start, end)`, invalidates or queues per `policy`, frees the retired tables

@@ -3,11 +3,12 @@
 //! `dma_pte_clear_range` / `dma_pte_free_pagetable`.
 //!
 //! This module owns the table walk on the software side: choosing 4 KiB, 2 MiB or 1 GiB
-//! leaves, allocating intermediate tables on map, clearing leaves and retiring tables that
-//! became empty on unmap, and a software lookup. It does not validate requests (that is
-//! `driver`), does not lock (the caller holds the domain's lock), and does not invalidate:
-//! it reports what it changed, and the caller flushes and only then frees the retired
-//! frames.
+//! leaves, allocating intermediate tables on map (and counting, without writing, how many
+//! a map would allocate), clearing leaves and retiring tables that became empty on unmap,
+//! the count of table frames linked into the tree, and a software lookup. It does not
+//! validate requests (that is `driver`), does not lock (the caller holds the domain's
+//! lock), and does not invalidate: it reports what it changed, and the caller flushes and
+//! only then frees the retired frames.
 
 use super::Perm;
 use super::error::DriverError;
@@ -32,6 +33,34 @@ fn entry_addr(table: Hpa, iova: u64, level: u32) -> Hpa {
 /// A present entry ends the walk at level 1, or where PS is set (levels 2 and 3).
 fn is_leaf(pte: SlPte, level: u32) -> bool {
     level == 1 || pte.superpage()
+}
+
+/// Whether a map places a superpage leaf at `level` for `iova` (to `hpa`, with `remaining`
+/// bytes of the range left from `iova`) instead of descending to a smaller one.
+///
+/// VT-d 3.6.1 / 9.8: PS=1 at level 2 maps 2 MiB, at level 3 1 GiB; the input address, the
+/// output address and the rest of the range must all be aligned to it, and the unit must
+/// support the size (CAP.SSLPS, `max_leaf_level`).
+fn superpage_fits(level: u32, max_leaf_level: u32, iova: u64, hpa: u64, remaining: u64) -> bool {
+    let size = level_size(level);
+    level <= max_leaf_level && iova.is_multiple_of(size) && hpa.is_multiple_of(size) && remaining >= size
+}
+
+/// One map request as the leaf choice sees it: `[iova, end)` to `hpa` with leaves up to
+/// `max_leaf_level`.
+#[derive(Clone, Copy, Debug)]
+struct MapShape {
+    iova: u64,
+    hpa: u64,
+    end: u64,
+    max_leaf_level: u32,
+}
+
+impl MapShape {
+    /// Whether the map places a superpage at `level` for `at` (see [`superpage_fits`]).
+    fn superpage_at(&self, level: u32, at: u64) -> bool {
+        superpage_fits(level, self.max_leaf_level, at, self.hpa + (at - self.iova), self.end - at)
+    }
 }
 
 /// What an unmap changed, for the invalidation that must follow.
@@ -77,12 +106,35 @@ impl UnmapOutcome {
 pub(crate) struct PageTable {
     top: Hpa,
     aw: AddressWidth,
+    /// Table frames linked into the tree, the top included (retired ones are the caller's).
+    frames: usize,
 }
 
 impl PageTable {
     /// A tree with an empty top-level table.
     pub(crate) fn new(frames: &FrameAllocator, aw: AddressWidth) -> Result<Self, DriverError> {
-        Ok(Self { top: frames.alloc()?, aw })
+        Ok(Self { top: frames.alloc()?, aw, frames: 1 })
+    }
+
+    /// Table frames linked into the tree, the top-level table included: what the domain
+    /// holds besides the tables its unmaps retired and have not been freed yet.
+    pub(crate) fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// How many table frames [`Self::map`] of `[iova, iova + len)` to `hpa` would allocate,
+    /// counted by the same leaf choices without writing anything. The caller has checked
+    /// that the range is unmapped (over a mapped page the map fails, whatever this says).
+    pub(crate) fn frames_needed(
+        &self,
+        mem: &HostMemory,
+        iova: u64,
+        hpa: u64,
+        len: u64,
+        max_leaf_level: u32,
+    ) -> Result<usize, MemoryError> {
+        let shape = MapShape { iova, hpa, end: iova + len, max_leaf_level };
+        needed_in(mem, Some(self.top), self.aw.levels(), iova, shape.end, &shape)
     }
 
     /// The top-level table (the context entry's SLPTPTR).
@@ -112,45 +164,36 @@ impl PageTable {
         perm: Perm,
         max_leaf_level: u32,
     ) -> Result<(), DriverError> {
-        let end = iova + len;
+        let shape = MapShape { iova, hpa, end: iova + len, max_leaf_level };
         let mut cur = iova;
-        let mut pa = hpa;
-        while cur < end {
-            let n = self.map_chunk(mem, frames, cur, pa, end - cur, perm, max_leaf_level)?;
-            cur += n;
-            pa += n;
+        while cur < shape.end {
+            cur += self.map_chunk(mem, frames, cur, perm, &shape)?;
         }
         Ok(())
     }
 
     /// Maps one leaf (or a run of 4 KiB leaves in one last-level table) at `iova`, walking
     /// from the top. Returns the bytes mapped.
-    #[allow(clippy::too_many_arguments)]
     fn map_chunk(
         &mut self,
         mem: &HostMemory,
         frames: &FrameAllocator,
         iova: u64,
-        hpa: u64,
-        remaining: u64,
         perm: Perm,
-        max_leaf_level: u32,
+        shape: &MapShape,
     ) -> Result<u64, DriverError> {
+        let hpa = shape.hpa + (iova - shape.iova);
+        let remaining = shape.end - iova;
         let mut table = self.top;
         let mut level = self.aw.levels();
         while level > 1 {
             let slot = entry_addr(table, iova, level);
             let pte = SlPte(mem.read_u64(slot)?);
-            let size = level_size(level);
             if !pte.present() {
-                // VT-d 3.6.1 / 9.8: PS=1 at level 2 maps 2 MiB, at level 3 1 GiB; the
-                // input address, output address and the rest of the range must all be
-                // aligned to it.
-                if level <= max_leaf_level && iova.is_multiple_of(size) && hpa.is_multiple_of(size) && remaining >= size
-                {
+                if shape.superpage_at(level, iova) {
                     let leaf = SlPte::leaf(Hpa(hpa), perm.read, perm.write, true);
                     mem.write_u64(slot, leaf.to_bits())?;
-                    return Ok(size);
+                    return Ok(level_size(level));
                 }
                 let next = frames.alloc()?;
                 // The zeroed table is complete before the entry that publishes it is
@@ -159,6 +202,7 @@ impl PageTable {
                     frames.free(next);
                     return Err(e.into());
                 }
+                self.frames += 1;
                 table = next;
             } else if pte.superpage() {
                 return Err(DriverError::Overlap { iova: Iova(iova) });
@@ -230,8 +274,10 @@ impl PageTable {
         retired: &mut Vec<Hpa>,
     ) -> Result<UnmapOutcome, DriverError> {
         let mut out = UnmapOutcome::default();
-        unmap_in(mem, self.top, self.aw.levels(), start, end, retired, &mut out)?;
-        Ok(out)
+        let result = unmap_in(mem, self.top, self.aw.levels(), start, end, retired, &mut out);
+        // Count what was unlinked even if the walk stopped part way.
+        self.frames = self.frames.saturating_sub(out.tables_freed);
+        result.map(|()| out)
     }
 
     /// Software walk: the host address `iova` maps to, its permissions and the size of
@@ -266,6 +312,42 @@ fn first_mapped_in(mem: &HostMemory, table: Hpa, level: u32, start: u64, end: u6
         a = chunk_end;
     }
     Ok(None)
+}
+
+/// The tables a map of `[start, end)` allocates below `table` (a table at `level`; `None`
+/// for one the map itself would allocate, so still empty), making the choices
+/// [`PageTable::map_chunk`] makes.
+fn needed_in(
+    mem: &HostMemory,
+    table: Option<Hpa>,
+    level: u32,
+    start: u64,
+    end: u64,
+    shape: &MapShape,
+) -> Result<usize, MemoryError> {
+    if level == 1 {
+        return Ok(0);
+    }
+    let size = level_size(level);
+    let mut needed = 0;
+    let mut a = start;
+    while a < end {
+        let chunk_end = ((a & !(size - 1)) + size).min(end);
+        let pte = match table {
+            Some(t) => SlPte(mem.read_u64(entry_addr(t, a, level))?),
+            None => SlPte(0),
+        };
+        if !pte.present() {
+            if !shape.superpage_at(level, a) {
+                needed += 1 + needed_in(mem, None, level - 1, a, chunk_end, shape)?;
+            }
+        } else if !pte.superpage() {
+            needed += needed_in(mem, Some(pte.addr()), level - 1, a, chunk_end, shape)?;
+        }
+        // A present superpage: the map fails with an overlap and allocates nothing here.
+        a = chunk_end;
+    }
+    Ok(needed)
 }
 
 fn unmap_in(
@@ -374,8 +456,16 @@ mod tests {
             let pt = PageTable::new(&frames, aw).unwrap();
             Self { mem, frames, pt }
         }
+        /// Maps, checking that the dry-run count matches what the map allocated.
         fn map(&mut self, iova: u64, hpa: u64, len: u64, perm: Perm, max_leaf: u32) -> Result<(), DriverError> {
-            self.pt.map(&self.mem, &self.frames, iova, hpa, len, perm, max_leaf)
+            let needed = self.pt.frames_needed(&self.mem, iova, hpa, len, max_leaf).unwrap();
+            let before = self.frames.in_use();
+            let result = self.pt.map(&self.mem, &self.frames, iova, hpa, len, perm, max_leaf);
+            if result.is_ok() {
+                assert_eq!(self.frames.in_use() - before, needed, "map of {iova:#x}+{len:#x} to {hpa:#x}");
+            }
+            assert_eq!(self.pt.frames(), self.frames.in_use());
+            result
         }
         fn unmap(&mut self, start: u64, end: u64) -> Result<UnmapOutcome, DriverError> {
             self.pt.check_unmap(&self.mem, start, end)?;
@@ -383,6 +473,7 @@ mod tests {
             let out = self.pt.unmap(&self.mem, start, end, &mut retired)?;
             assert_eq!(retired.len(), out.tables_freed);
             self.frames.free_all(retired);
+            assert_eq!(self.pt.frames(), self.frames.in_use());
             Ok(out)
         }
         fn lookup(&self, iova: u64) -> Option<(Hpa, Perm, u64)> {
@@ -474,6 +565,46 @@ mod tests {
         // nothing left: unmapping holes changes nothing
         let out = f.unmap(0, 1 << 57).unwrap();
         assert_eq!(out, UnmapOutcome::default());
+    }
+
+    #[test]
+    fn counts_the_frames_a_map_needs_without_writing() {
+        let mut f = Fixture::new(AddressWidth::Aw48);
+        let needed = |f: &Fixture, iova: u64, hpa: u64, len: u64, max_leaf: u32| {
+            f.pt.frames_needed(&f.mem, iova, hpa, len, max_leaf).unwrap()
+        };
+        // an empty tree: L3 + L2 + L1 for one page, nothing written by the count
+        assert_eq!(needed(&f, 0, 0, 4096, 3), 3);
+        assert_eq!(f.frames.in_use(), 1);
+        assert_eq!(f.pt.first_mapped(&f.mem, 0, 1 << 48).unwrap(), None);
+        // one 1 GiB leaf: only the L3 table
+        assert_eq!(needed(&f, GIB, GIB, GIB, 3), 1);
+        // without superpages: L3, L2 and 512 L1 tables
+        assert_eq!(needed(&f, GIB, GIB, GIB, 1), 2 + 512);
+        // 4 KiB pages straddling a 2 MiB boundary: two L1 tables
+        assert_eq!(needed(&f, 2 * MIB - 4096, 0, 2 * 4096, 3), 2 + 2);
+        f.map(0, 0, 4096, RW, 3).unwrap();
+        // the tables are there now: the neighbour needs none, the far side of the
+        // boundary one L1
+        assert_eq!(needed(&f, 4096, 0, 4096, 3), 0);
+        assert_eq!(needed(&f, 2 * MIB - 4096, 0, 2 * 4096, 3), 1);
+        assert_eq!(needed(&f, 512 * GIB, 0, 4096, 3), 3);
+    }
+
+    proptest::proptest! {
+        /// The dry-run count and the frames a map allocates agree, whatever the tree holds
+        /// (checked inside `Fixture::map`).
+        #[test]
+        fn the_count_matches_the_map(
+            maps in proptest::collection::vec((0u64..64, 0u64..8, 1u64..1100, 1u32..=3), 1..12),
+        ) {
+            let mut f = Fixture::new(AddressWidth::Aw48);
+            for (slot, hpa_pages, pages, max_leaf) in maps {
+                // iovas on 2 MiB + 1 GiB boundaries, lengths across them
+                let iova = (slot % 8) * GIB + (slot / 8) * 2 * MIB + if slot % 3 == 0 { 0 } else { 4096 * slot };
+                let _ = f.map(iova, hpa_pages * 2 * MIB, pages * 4096 * (1 + u64::from(max_leaf == 3) * 511), RW, max_leaf);
+            }
+        }
     }
 
     #[test]

@@ -214,3 +214,71 @@ fn domains_map_in_parallel() {
     }
     assert_eq!(d.table_frames_in_use(), 1);
 }
+
+#[test]
+fn each_domain_counts_the_table_frames_it_holds() {
+    let d = driver();
+    let a = d.create_domain(DomainKind::Paging, AddressWidth::Aw48).unwrap();
+    let b = d.create_domain(DomainKind::Paging, AddressWidth::Aw48).unwrap();
+    let identity = d.create_domain(DomainKind::Identity, AddressWidth::Aw48).unwrap();
+    let unit_frames = d.table_frames_in_use();
+    assert_eq!((d.domain_frames(a), d.domain_frames(b), d.domain_frames(identity)), (Ok(1), Ok(1), Ok(0)));
+    // one 4 KiB page: the top table plus a level-3, level-2 and level-1 table
+    d.map(a, Iova(0), Hpa(0), 4096, Perm::RW).unwrap();
+    assert_eq!(d.domain_frames(a), Ok(4));
+    // its neighbour uses the same tables; a 2 MiB leaf needs no level-1 table
+    d.map(a, Iova(4096), Hpa(4096), 4096, Perm::RW).unwrap();
+    d.map(a, Iova(2 * MIB), Hpa(2 * MIB), 2 * MIB, Perm::RW).unwrap();
+    assert_eq!(d.domain_frames(a), Ok(4));
+    assert_eq!(d.domain_frames(b), Ok(1), "domains do not share frames");
+    assert_eq!(d.table_frames_in_use(), unit_frames + 3);
+    // an unmap that empties tables gives them back (strict: at once)
+    assert_eq!(d.unmap(a, Iova(0), 2 * 4096), Ok(2 * 4096));
+    assert_eq!(d.domain_frames(a), Ok(3), "the level-1 table went");
+    assert_eq!(d.unmap(a, Iova(0), 4 * MIB), Ok(2 * MIB));
+    assert_eq!(d.domain_frames(a), Ok(1));
+    // deferred: the retired tables are held until the flush
+    d.map(a, Iova(GIB), Hpa(0), 4096, Perm::RW).unwrap();
+    assert_eq!(d.unmap_with(a, Iova(GIB), 4096, FlushPolicy::DEFERRED), Ok(4096));
+    assert_eq!(d.domain_frames(a), Ok(4));
+    d.flush_deferred().unwrap();
+    assert_eq!(d.domain_frames(a), Ok(1));
+    // destroying gives every frame back, retired ones included
+    d.map(a, Iova(GIB), Hpa(0), 4096, Perm::RW).unwrap();
+    d.map(a, Iova(2 * GIB), Hpa(0), 4096, Perm::RW).unwrap();
+    assert_eq!(d.unmap_with(a, Iova(GIB), 4096, FlushPolicy::DEFERRED), Ok(4096));
+    assert_eq!(d.domain_frames(a), Ok(6));
+    d.destroy_domain(a).unwrap();
+    assert_eq!(d.domain_frames(a), Err(DriverError::UnknownDomain(a)));
+    assert_eq!(d.table_frames_in_use(), unit_frames - 1);
+}
+
+#[test]
+fn a_map_past_its_frame_limit_writes_nothing() {
+    let d = driver();
+    let did = d.create_domain(DomainKind::Paging, AddressWidth::Aw48).unwrap();
+    d.attach(SID, did, false).unwrap();
+    d.map(did, Iova(0), Hpa(0), 4096, Perm::RW).unwrap();
+    let (frames, unit_frames) = (d.domain_frames(did).unwrap(), d.table_frames_in_use());
+    let flushes = d.unit().stats().iotlb_invalidations;
+    // 4 KiB pages across a 1 GiB boundary: a level-2 and two level-1 tables
+    let (iova, len) = (GIB - 4 * 4096, 8 * 4096);
+    assert_eq!(
+        d.map_within(did, Iova(iova), Hpa(MIB), len, Perm::RW, 2),
+        Err(DriverError::FrameLimit { needed: 3, limit: 2 })
+    );
+    assert_eq!((d.domain_frames(did), d.table_frames_in_use()), (Ok(frames), unit_frames));
+    for page in [iova, GIB - 4096, GIB, iova + len - 4096] {
+        assert_eq!(d.lookup(did, Iova(page)), None);
+        assert_eq!(translate(&d, SID, page, Direction::Read), blocked(FaultReason::NoRead));
+    }
+    assert_eq!(d.unit().stats().iotlb_invalidations, flushes, "no rollback flush was needed");
+    // enough room: it maps, and says what it took
+    assert_eq!(d.map_within(did, Iova(iova), Hpa(MIB), len, Perm::RW, 3), Ok(3));
+    assert_eq!(d.domain_frames(did), Ok(frames + 3));
+    assert_eq!(translate(&d, SID, GIB, Direction::Write), Ok(Hpa(MIB + 4 * 4096)));
+    // a map into tables that exist needs nothing, so a limit of zero passes it
+    assert_eq!(d.map_within(did, Iova(4096), Hpa(0), 4096, Perm::RW, 0), Ok(0));
+    // an overlap is still an overlap, whatever the limit
+    assert_eq!(d.map_within(did, Iova(0), Hpa(0), 4096, Perm::RW, 0), Err(DriverError::Overlap { iova: Iova(0) }));
+}

@@ -631,6 +631,68 @@ fn baseline_accesses_use_the_unary_answer() {
 }
 
 #[test]
+fn link_baseline_accesses_ask_the_link_each_time_and_cache_nothing() {
+    let mut r = rig(config());
+    r.cache(0x1000, 0x9000);
+    let before = *r.m.counters();
+    // A cached page is asked for all the same; two accesses to one page send two requests.
+    let a = r.access(Dma::read(0x1000).translate_only().link_baseline());
+    let b = r.access(Dma::read(0x1040).translate_only().link_baseline());
+    let sent = r.sent();
+    let [Up::Translation(ta), Up::Translation(tb)] = sent.as_slice() else { panic!("{sent:?}") };
+    assert_eq!((ta.address, tb.address), (0x1000, 0x1000));
+    r.complete(ta.tag, rw(0x7000, 12));
+    assert_eq!(r.outcome(a).expect("translated").translated, Some(0x7000), "this completion, not the cache");
+    assert!(r.outcome(b).is_none(), "b waits for its own completion");
+    r.complete(tb.tag, rw(0x7000, 12));
+    assert_eq!(r.outcome(b).expect("translated").translated, Some(0x7040));
+    // With DMA: translated DMA from the completion; nothing was cached.
+    let c = r.access(Dma::write(0x2000).link_baseline());
+    let t = r.translation();
+    r.complete(t.tag, rw(0x8000, 12));
+    let d = r.dma();
+    assert_eq!((d.translated, d.address, d.write), (true, 0x8000, true));
+    r.dma_done(d.tag, true);
+    assert!(r.outcome(c).expect("done").is_ok());
+    assert_eq!(r.m.atc_len(), 1, "only the page cached before");
+    let n = *r.m.counters();
+    assert_eq!(n.baseline_calls - before.baseline_calls, 3);
+    assert_eq!(n.translations_requested - before.translations_requested, 3);
+    assert_eq!((n.atc_hits - before.atc_hits, n.atc_misses - before.atc_misses), (0, 0));
+    assert_eq!(r.translated.len(), 4, "every access's translation is timed (and the cache fill)");
+
+    // A completion overtaken by an invalidation is asked again, as for a miss.
+    let e = r.access(Dma::read(0x5000).translate_only().link_baseline());
+    let t = r.translation();
+    r.invalidate(3, 0x5000);
+    assert_eq!(r.completions(), [3], "nothing in flight used the page");
+    r.complete(t.tag, rw(0x6000, 12));
+    assert!(r.outcome(e).is_none(), "the stale translation is not used");
+    let again = r.translation();
+    r.complete(again.tag, rw(0x6000, 12));
+    assert!(r.outcome(e).expect("translated").is_ok());
+    assert_eq!(r.m.counters().stale_completions, 1);
+
+    // Not present, UR: faults, and no page request even with PRI.
+    let mut r = rig(FunctionConfig { page_request_capacity: 4, ..config() });
+    let f = r.access(Dma::read(0x3000).translate_only().link_baseline());
+    let t = r.translation();
+    r.complete(t.tag, Grant { read: false, write: false, ..rw(0, 12) });
+    assert_eq!(r.outcome(f).expect("faulted").result, DmaResult::Fault(DmaError::NoAccess));
+    let g = r.access(Dma::read(0x3000).translate_only().link_baseline());
+    let t = r.translation();
+    r.complete_with(t.tag, Completion::UnsupportedRequest);
+    assert_eq!(r.outcome(g).expect("faulted").result, DmaResult::Fault(DmaError::UnsupportedRequest));
+    assert!(r.sent().is_empty(), "no page request");
+    // The link goes down under one: it fails like any access that waits on the link.
+    let h = r.access(Dma::read(0x3000).translate_only().link_baseline());
+    r.translation();
+    r.m.disconnected(1, r.now);
+    r.collect();
+    assert_eq!(r.outcome(h).expect("failed").result, DmaResult::LinkDown);
+}
+
+#[test]
 fn workload_accesses_report_to_their_run_from_their_intended_start() {
     let mut r = rig(config());
     let intended = r.now;
