@@ -31,6 +31,7 @@ mod cache;
 mod event;
 mod fault;
 mod fault_reason;
+mod field;
 pub mod interrupt;
 pub mod invalidation;
 pub mod memory;
