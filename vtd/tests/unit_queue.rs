@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use common::Rig;
 use dmar_vtd::clock::{Clock, ManualClock};
-use dmar_vtd::unit::invalidation::descriptor::{IecInvalidationDesc, WaitDesc, encode};
+use dmar_vtd::unit::interrupt::IecInvalidation;
+use dmar_vtd::unit::invalidation::descriptor::{WaitDesc, encode};
+use dmar_vtd::unit::prq::{PageGroupResponse, ResponseCode};
 use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::{AddressWidth, SlPte, TranslationType};
 use dmar_vtd::unit::{ContextInvalidation, IotlbInvalidation};
 use dmar_vtd::unit::{
-    DeviceInvalidation, DevicePort, Direction, InvalidationDoorbell, PageResponse, UnexpectedCompletion, UnitConfig,
-    UnitEvents,
+    DeviceInvalidation, DevicePort, Direction, InvalidationDoorbell, UnexpectedCompletion, UnitConfig, UnitEvents,
 };
 use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
 use parking_lot::Mutex;
@@ -29,14 +30,14 @@ const STATUS: Hpa = Hpa(0x80_0000);
 #[derive(Debug, Default)]
 struct Recorder {
     invalidations: Mutex<Vec<DeviceInvalidation>>,
-    responses: Mutex<Vec<PageResponse>>,
+    responses: Mutex<Vec<PageGroupResponse>>,
 }
 
 impl DevicePort for Recorder {
     fn invalidate(&self, request: DeviceInvalidation) {
         self.invalidations.lock().push(request);
     }
-    fn page_response(&self, response: PageResponse) {
+    fn page_response(&self, response: PageGroupResponse) {
         self.responses.lock().push(response);
     }
 }
@@ -84,7 +85,7 @@ fn cache_invalidation_descriptors_and_wait() {
     rig.submit(&[
         encode::context(ContextInvalidation::Device { did: DomainId(5), sid: SID, function_mask: 0 }),
         encode::iotlb(IotlbInvalidation::Page { did: DomainId(5), addr: Iova(0x1000), am: 0, ih: false }),
-        encode::iec(IecInvalidationDesc::Global),
+        encode::iec(IecInvalidation::Global),
         wait(0xabcd),
     ]);
     assert_eq!(status(&rig), 0xabcd, "wait status written");
@@ -280,7 +281,7 @@ fn page_group_responses_are_routed_to_the_function() {
     let qw0 = 9 | (0xf << 12) | (u64::from(SID.0) << 16);
     let qw1 = (0x1a5 << 3) | (1 << 2);
     rig.submit(&[(qw0, qw1), wait(1)]);
-    assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 0x1a5, code: 0xf }]);
+    assert_eq!(*port.responses.lock(), vec![PageGroupResponse { sid: SID, prgi: 0x1a5, code: ResponseCode::Failure }]);
     // An undefined response code is a malformed descriptor.
     rig.submit(&[(9 | (5 << 12) | (u64::from(SID.0) << 16), 0)]);
     assert_ne!(fsts(&rig) & fsts::IQE, 0);
@@ -289,7 +290,7 @@ fn page_group_responses_are_routed_to_the_function() {
 mod page_requests {
     use super::*;
     use dmar_vtd::unit::PageRequestOutcome;
-    use dmar_vtd::unit::prq::{PageGroupResponse, PageRequest, ResponseCode};
+    use dmar_vtd::unit::prq::PageRequest;
     use dmar_vtd::unit::regs::prs;
 
     fn request(prgi: u16, page: u64, last: bool) -> PageRequest {
@@ -348,7 +349,7 @@ mod page_requests {
         assert_eq!(drained, vec![request(7, 0x40, false), request(7, 0x41, true)]);
         let [qw0, qw1] = PageGroupResponse { sid: SID, prgi: 7, code: ResponseCode::Success }.to_descriptor();
         rig.submit(&[(qw0, qw1), wait(1)]);
-        assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 7, code: 0 }]);
+        assert_eq!(*port.responses.lock(), vec![PageGroupResponse { sid: SID, prgi: 7, code: ResponseCode::Success }]);
         // A function whose context does not enable device TLBs may not send page requests.
         let other = PageRequest { sid: SourceId::new(9, 0, 0), ..request(1, 1, true) };
         assert!(rig.unit.page_request(other).is_err());
@@ -362,7 +363,11 @@ mod page_requests {
         }
         assert_eq!(rig.unit.page_request(request(200, 999, true)), Ok(PageRequestOutcome::Dropped));
         assert_ne!(rig.unit.read32(regs::PRS).expect("prs") & prs::PRO, 0, "PRO");
-        assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 200, code: 0 }], "auto success");
+        assert_eq!(
+            *port.responses.lock(),
+            vec![PageGroupResponse { sid: SID, prgi: 200, code: ResponseCode::Success }],
+            "auto success"
+        );
         let (drained, overflow_cleared) = drain(&rig);
         assert_eq!(drained.len(), 127);
         assert!(overflow_cleared);

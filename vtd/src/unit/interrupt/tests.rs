@@ -440,10 +440,10 @@ fn reset_forgets_everything() {
 
 #[test]
 fn iec_descriptor_decoding() {
-    use crate::unit::invalidation::descriptor::{Descriptor, IecInvalidationDesc, decode};
-    assert_eq!(decode(0x4, 0), Ok(Descriptor::Iec(IecInvalidationDesc::Global)));
+    use crate::unit::invalidation::descriptor::{Descriptor, decode};
+    assert_eq!(decode(0x4, 0), Ok(Descriptor::Iec(IecInvalidation::Global)));
     let qw0 = 0x4 | 1 << 4 | 5 << 27 | 0x1234 << 32;
-    assert_eq!(decode(qw0, 0), Ok(Descriptor::Iec(IecInvalidationDesc::Index { index: 0x1234, index_mask: 5 })));
+    assert_eq!(decode(qw0, 0), Ok(Descriptor::Iec(IecInvalidation::Index { index: 0x1234, index_mask: 5 })));
 }
 
 /// An invalidation that has returned must never be undone by a remap that read the table
