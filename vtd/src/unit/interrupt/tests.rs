@@ -49,8 +49,7 @@ fn fault(reason: FaultReason, index: Option<u16>, fpd: bool) -> Result<Remapped,
 
 #[test]
 fn remapper_is_send_and_sync() {
-    fn check<T: Send + Sync>() {}
-    check::<InterruptRemapper>();
+    crate::testing::assert_send_sync::<InterruptRemapper>();
 }
 
 #[test]
