@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
 use dmar_test_support::{Boot, Link, Server, config, function, http_get, map, paging_domain, strict_unmap};
 use tonic::Code;
+use tonic::transport::Channel;
 
 const SID: u32 = 0x0108; // 01:01.0
 
@@ -20,17 +22,24 @@ async fn open(server: &Server, sids: &[u32]) -> Result<Link, tonic::Status> {
     Link::open(server.addr, "test", sids.iter().map(|s| function(*s)).collect()).await
 }
 
+/// A server (device-TLB time-out `timeout`) with `SID` attached to a paging domain that maps
+/// the page at `iova` to `hpa`, read-write, and a link bound for `SID`.
+async fn one_page(timeout: Duration, iova: u64, hpa: u64) -> (Server, ControlClient<Channel>, u32, Link) {
+    let server = boot(timeout).await;
+    let mut c = server.control().await;
+    let did = paging_domain(&mut c, &[SID]).await;
+    map(&mut c, did, iova, hpa, 0x1000, true).await;
+    let link = open(&server, &[SID]).await.expect("link");
+    (server, c, did, link)
+}
+
 fn rw() -> Option<Permissions> {
     Some(Permissions { read: true, write: true })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn map_translate_over_the_link_and_strict_unmap_waits_for_the_device() {
-    let server = boot(Duration::from_secs(5)).await;
-    let mut c = server.control().await;
-    let did = paging_domain(&mut c, &[SID]).await;
-    map(&mut c, did, 0x10_0000, 0x20_0000, 0x1000, true).await;
-    let mut link = open(&server, &[SID]).await.expect("link");
+    let (server, c, did, mut link) = one_page(Duration::from_secs(5), 0x10_0000, 0x20_0000).await;
     let done = link.translate(SID, 0x10_0123).await;
     assert_eq!(done.status, CompletionStatus::Success as i32);
     let e = done.entry.expect("entry");
@@ -156,11 +165,7 @@ async fn bad_requests_get_useful_statuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_exposes_every_metric() {
-    let server = boot(Duration::from_secs(1)).await;
-    let mut c = server.control().await;
-    let did = paging_domain(&mut c, &[SID]).await;
-    map(&mut c, did, 0, 0x80_0000, 0x1000, true).await;
-    let mut link = open(&server, &[SID]).await.expect("link");
+    let (server, _c, _did, mut link) = one_page(Duration::from_secs(1), 0, 0x80_0000).await;
     link.translate(SID, 0).await;
     let body = http_get(server.metrics_addr(), "/metrics").await;
     for name in dmar_server::service::metrics::METRIC_NAMES {
