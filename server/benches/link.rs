@@ -10,14 +10,13 @@
 //! Run: `cargo bench -p dmar-server --bench link` (env `DMAR_BENCH_SECS` sets the measured
 //! time per batch size, default 3).
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dmar_proto::v1::ats_link_client::AtsLinkClient;
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use dmar_test_support::{Link, attach, create_domain, function, map};
 
 const LINKS: u32 = 2;
 const WINDOW: usize = 32;
@@ -40,15 +39,9 @@ async fn cpu_ns(c: &mut ControlClient<tonic::transport::Channel>) -> u64 {
 }
 
 /// Drives one link for `secs`, returns the translations completed.
-async fn drive(addr: String, sid: u32, batch: usize, until: Instant) -> u64 {
-    let mut client = AtsLinkClient::connect(addr).await.expect("connect");
-    let (tx, rx) = mpsc::channel(WINDOW * 2);
-    let f = Function { source_id: sid, invalidate_queue_depth: 32, page_request_capacity: 0 };
-    tx.send(LinkUp { bind: Some(Bind { functions: vec![f], agent: "bench".into() }), ..Default::default() })
-        .await
-        .expect("bind");
-    let mut down = client.open(ReceiverStream::new(rx)).await.expect("open").into_inner();
-    down.message().await.expect("bound").expect("bound");
+async fn drive(addr: SocketAddr, sid: u32, batch: usize, until: Instant) -> u64 {
+    let f = Function { invalidate_queue_depth: 32, page_request_capacity: 0, ..function(sid) };
+    let mut link = Link::open(addr, "bench", vec![f]).await.expect("bind");
     let mut tag = 0u64;
     let mut next = |n: usize| {
         let translations = (0..n)
@@ -60,15 +53,15 @@ async fn drive(addr: String, sid: u32, batch: usize, until: Instant) -> u64 {
         LinkUp { translations, ..Default::default() }
     };
     for _ in 0..WINDOW {
-        tx.send(next(batch)).await.expect("send");
+        link.send(next(batch)).await;
     }
     let mut done = 0u64;
-    while let Some(m) = down.message().await.expect("link") {
+    while let Some(m) = link.message().await.expect("link") {
         done += m.completions.len() as u64;
         if Instant::now() >= until {
             break;
         }
-        tx.send(next(batch)).await.expect("send");
+        link.send(next(batch)).await;
     }
     done
 }
@@ -88,37 +81,29 @@ fn main() {
     );
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async move {
-        let addr = format!("http://127.0.0.1:{port}");
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut c = loop {
-            match ControlClient::connect(addr.clone()).await {
+            match ControlClient::connect(format!("http://{addr}")).await {
                 Ok(c) => break c,
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
-        let did = c
-            .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
-            .await
-            .expect("domain")
-            .into_inner()
-            .domain_id;
-        let perms = Some(Permissions { read: true, write: true });
-        c.map(MapRequest { domain_id: did, ranges: vec![MapRange { iova: 0, hpa: 0x100_1000, length: PAGES << 12, permissions: perms }] })
-            .await
-            .expect("map");
+        let did = create_domain(&mut c, DomainKind::Paging).await;
+        map(&mut c, did, 0, 0x100_1000, PAGES << 12, true).await;
         println!("ATS link throughput, {LINKS} links, window {WINDOW} messages, {secs} s per batch size, server in its own process");
         println!("{:>6} {:>16} {:>22}", "batch", "translations/s", "server CPU/translation");
         for (round, batch) in [1usize, 16, 64, 256].into_iter().enumerate() {
             let sids: Vec<u32> = (0..LINKS).map(|l| 0x0100 + (round as u32) * 8 + l).collect();
             for sid in &sids {
-                c.attach(AttachRequest { source_id: *sid, domain_id: did, ats: true }).await.expect("attach");
+                attach(&mut c, did, *sid, true).await;
             }
             // Warm-up, then the measured run.
             let warm = Instant::now() + Duration::from_millis(500);
-            let _ = futures_join(sids.iter().map(|s| drive(addr.clone(), *s, batch, warm)).collect()).await;
+            let _ = futures_join(sids.iter().map(|s| drive(addr, *s, batch, warm)).collect()).await;
             let cpu0 = cpu_ns(&mut c).await;
             let start = Instant::now();
             let until = start + Duration::from_secs(secs);
-            let done: u64 = futures_join(sids.iter().map(|s| drive(addr.clone(), *s, batch, until)).collect()).await.iter().sum();
+            let done: u64 = futures_join(sids.iter().map(|s| drive(addr, *s, batch, until)).collect()).await.iter().sum();
             let elapsed = start.elapsed().as_secs_f64();
             let cpu = cpu_ns(&mut c).await.saturating_sub(cpu0);
             println!("{batch:>6} {:>16.0} {:>19.3} µs", done as f64 / elapsed, cpu as f64 / 1000.0 / done.max(1) as f64);

@@ -7,18 +7,14 @@
 //! they run one at a time.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::Duration;
 
-use dmar_proto::v1::ats_link_client::AtsLinkClient;
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
-use dmar_server::service::{Listeners, ServerConfig, serve};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use dmar_server::service::ServerConfig;
+use dmar_test_support::{Boot, Link, Server, attach, create_domain, function, paging_domain};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -69,99 +65,27 @@ fn log_text() -> String {
 
 // ---- the server and a raw link ----
 
-struct Booted {
-    addr: SocketAddr,
-    metrics: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Booted {
-    async fn control(&self) -> ControlClient<Channel> {
-        ControlClient::connect(format!("http://{}", self.addr)).await.expect("connect")
-    }
-
-    async fn metric(&self, line_start: &str) -> f64 {
-        let body = http_get(self.metrics, "/metrics").await;
-        body.lines()
-            .find_map(|l| l.strip_prefix(line_start))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{line_start} missing from /metrics"))
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("stops").expect("join");
-    }
-}
-
-async fn boot() -> Booted {
+/// A server on small memory with a `/metrics` listener, logging into the capture.
+async fn boot() -> Server {
     capture_log();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (addr, metrics_addr) = (grpc.local_addr().expect("addr"), metrics.local_addr().expect("addr"));
-    let config = ServerConfig { memory_size: MEMORY, ..ServerConfig::default() };
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        serve(config, Listeners { grpc, metrics: Some(metrics) }, s).await.expect("serve");
-    });
-    Booted { addr, metrics: metrics_addr, shutdown, task }
+    Boot::new(ServerConfig { memory_size: MEMORY, ..ServerConfig::default() }).with_metrics().start().await
 }
 
-/// An agent's end of a link, with tonic's default limits (4 MiB decode).
-struct Link {
-    tx: mpsc::Sender<LinkUp>,
-    rx: tonic::Streaming<LinkDown>,
-}
-
-impl Link {
-    async fn open(addr: SocketAddr, agent: &str, capacity: u32) -> Result<Link, tonic::Status> {
-        let mut client = AtsLinkClient::connect(format!("http://{addr}")).await.expect("connect");
-        let (tx, rx) = mpsc::channel(16);
-        let functions = vec![Function { source_id: SID, invalidate_queue_depth: 8, page_request_capacity: capacity }];
-        tx.send(LinkUp { bind: Some(Bind { functions, agent: agent.into() }), ..Default::default() })
-            .await
-            .expect("send");
-        let mut rx = client.open(ReceiverStream::new(rx)).await?.into_inner();
-        let first = rx.message().await?.expect("bound");
-        assert!(first.bound.is_some());
-        Ok(Link { tx, rx })
-    }
-
-    async fn send(&self, m: LinkUp) {
-        self.tx.send(m).await.expect("send");
-    }
-
-    async fn next(&mut self) -> LinkDown {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
-            .await
-            .expect("in time")
-            .expect("a message the client can decode")
-            .expect("message")
-    }
+/// A link binding `SID` as `agent`, with room for `capacity` outstanding page requests, and
+/// tonic's default limits (4 MiB decode).
+async fn open(server: &Server, agent: &str, capacity: u32) -> Result<Link, tonic::Status> {
+    Link::open(server.addr, agent, vec![Function { page_request_capacity: capacity, ..function(SID) }]).await
 }
 
 /// Attaches `SID` to a pass-through domain (DMA reads host memory as is).
 async fn pass_through(c: &mut ControlClient<Channel>) {
-    let did = c
-        .create_domain(CreateDomainRequest { kind: DomainKind::Identity as i32, address_width: 48 })
-        .await
-        .expect("domain")
-        .into_inner()
-        .domain_id;
-    c.attach(AttachRequest { source_id: SID, domain_id: did, ats: false }).await.expect("attach");
+    let did = create_domain(c, DomainKind::Identity).await;
+    attach(c, did, SID, false).await;
 }
 
 /// Attaches `SID` with ATS (and so PRI) to a paging domain.
 async fn with_pri(c: &mut ControlClient<Channel>) {
-    let did = c
-        .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
-        .await
-        .expect("domain")
-        .into_inner()
-        .domain_id;
-    c.attach(AttachRequest { source_id: SID, domain_id: did, ats: true }).await.expect("attach");
+    paging_domain(c, &[SID]).await;
 }
 
 /// One link message of the most DMA reads of the most bytes: 256 MiB of replies.
@@ -206,15 +130,6 @@ fn rss_bytes() -> u64 {
     kb << 10
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
-}
-
 // ---- the tests ----
 
 /// The bound on what a link that never reads makes the server hold: its reply budget
@@ -227,7 +142,7 @@ async fn a_link_that_does_not_read_costs_only_its_reply_budget() {
     let server = boot().await;
     let mut c = server.control().await;
     pass_through(&mut c).await;
-    let link = Link::open(server.addr, "silent", 0).await.expect("link");
+    let link = open(&server, "silent", 0).await.expect("link");
     let before = rss_bytes();
     // 1 GiB of replies asked for; none read.
     for m in 0..4u64 {
@@ -257,7 +172,7 @@ async fn replies_too_big_for_one_message_are_split_for_a_default_client() {
     c.write_memory(WriteMemoryRequest { address: 0x10_0000, data: vec![0xa5; DMA_BYTES as usize] })
         .await
         .expect("write");
-    let mut link = Link::open(server.addr, "reader", 0).await.expect("link");
+    let mut link = open(&server, "reader", 0).await.expect("link");
     link.send(big_reads(0)).await;
     let (mut tags, mut messages) = (Vec::new(), 0);
     while tags.len() < ITEMS {
@@ -285,7 +200,7 @@ async fn page_requests_past_capacity_are_refused_counted_and_logged_once_a_secon
     let server = boot().await;
     let mut c = server.control().await;
     with_pri(&mut c).await;
-    let link = Link::open(server.addr, "flooder", 4).await.expect("link");
+    let link = open(&server, "flooder", 4).await.expect("link");
     let refused_before = server.metric("dmar_server_refusals_total{reason=\"page_request_capacity\"} ").await;
     let log_before = LOG_BYTES.load(Ordering::Relaxed);
     // The capacity, outstanding (nobody answers them) ...
@@ -319,7 +234,7 @@ async fn a_long_agent_name_with_a_newline_cannot_forge_or_flood_the_log() {
     let server = boot().await;
     let name = format!("evil\nINFO forged: line{}", "x".repeat(3 << 20));
     let log_before = LOG_BYTES.load(Ordering::Relaxed);
-    let link = Link::open(server.addr, &name, 0).await.expect("bound: the name is only logged");
+    let link = open(&server, &name, 0).await.expect("bound: the name is only logged");
     drop(link);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let logged = LOG_BYTES.load(Ordering::Relaxed) - log_before;
@@ -342,7 +257,7 @@ async fn a_page_group_response_needs_an_outstanding_group() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("not outstanding"), "{}", err.message());
     let mut events = c.watch_page_requests(WatchRequest {}).await.expect("watch").into_inner();
-    let mut link = Link::open(server.addr, "pri", 4).await.expect("link");
+    let mut link = open(&server, "pri", 4).await.expect("link");
     link.send(LinkUp {
         page_requests: vec![PageRequest {
             source_id: SID,

@@ -9,15 +9,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use dmar_auth::{AgentSpec, CertKind, DevPki, DevPkiSpec, Identity, Policy, TlsFiles, TlsMaterial};
-use dmar_proto::v1::ats_link_client::AtsLinkClient;
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
-use dmar_server::service::{Listeners, Security, ServerConfig, serve_with_health};
+use dmar_server::service::{Security, ServerConfig};
+use dmar_test_support::{Boot, Link, function};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Mutex;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -30,12 +28,12 @@ const SID_02_0: u32 = 2 << 3;
 const SID_02_1: u32 = (2 << 3) | 1;
 const SID_03_0: u32 = 3 << 3;
 
+/// A server with a health port, and the PKI whose files it loaded.
 struct Server {
     addr: SocketAddr,
     health: SocketAddr,
     pki: DevPki,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    running: dmar_test_support::Server,
     _dir: tempfile::TempDir,
 }
 
@@ -67,16 +65,9 @@ async fn boot_with(security: impl FnOnce(&std::path::Path) -> Result<Security>) 
     let dir = tempfile::tempdir()?;
     pki.write_to(dir.path(), false)?;
     let security = security(dir.path())?;
-    let grpc = TcpListener::bind("127.0.0.1:0").await?;
-    let health = TcpListener::bind("127.0.0.1:0").await?;
-    let (addr, health_addr) = (grpc.local_addr()?, health.local_addr()?);
     let config = ServerConfig { memory_size: 1 << 30, security, ..ServerConfig::default() };
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        serve_with_health(config, Listeners { grpc, metrics: None }, Some(health), s).await.expect("serve");
-    });
-    Ok(Server { addr, health: health_addr, pki, shutdown, task, _dir: dir })
+    let running = Boot::new(config).with_health().start().await;
+    Ok(Server { addr: running.addr, health: running.health_addr(), pki, running, _dir: dir })
 }
 
 /// The server as `dmar-server --tls-dir DIR` runs it: files from the directory.
@@ -111,8 +102,7 @@ impl Server {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("stops").expect("join");
+        self.running.stop().await;
     }
 }
 
@@ -120,24 +110,11 @@ fn endpoint(addr: SocketAddr, tls: ClientTlsConfig) -> Result<Endpoint> {
     Ok(Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?.connect_timeout(Duration::from_secs(5)))
 }
 
-/// An agent's end of a link.
-#[derive(Debug)]
-struct Link {
-    _tx: mpsc::Sender<LinkUp>,
-    _rx: tonic::Streaming<LinkDown>,
-}
-
+/// A link over `channel` binding `sids` as `agent` (no PRI, an invalidate queue depth of 4).
 async fn open_link(channel: Channel, agent: &str, sids: &[u32]) -> Result<Link, tonic::Status> {
-    let (tx, rx) = mpsc::channel(4);
     let functions =
-        sids.iter().map(|s| Function { source_id: *s, invalidate_queue_depth: 4, page_request_capacity: 0 }).collect();
-    tx.send(LinkUp { bind: Some(Bind { functions, agent: agent.into() }), ..Default::default() })
-        .await
-        .map_err(|_| tonic::Status::internal("send"))?;
-    let mut down = AtsLinkClient::new(channel).open(ReceiverStream::new(rx)).await?.into_inner();
-    let first = down.message().await?.ok_or_else(|| tonic::Status::internal("no bound message"))?;
-    assert!(first.bound.is_some());
-    Ok(Link { _tx: tx, _rx: down })
+        sids.iter().map(|s| Function { invalidate_queue_depth: 4, page_request_capacity: 0, ..function(*s) }).collect();
+    Link::open_on(channel, agent, functions).await
 }
 
 async fn health_check(channel: Channel) -> Result<(), tonic::Status> {

@@ -2,117 +2,35 @@
 //! by real clients, including the strict-unmap chain through a link that must complete
 //! its invalidation, a link that never answers (ITE), and bad requests.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use dmar_proto::v1::ats_link_client::AtsLinkClient;
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
-use dmar_server::service::{Listeners, ServerConfig, serve};
-use dmar_vtd::unit::UnitConfig;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use dmar_test_support::{Boot, Link, Server, config, function, http_get, map, paging_domain, strict_unmap};
 use tonic::Code;
 use tonic::transport::Channel;
 
-struct Booted {
-    addr: SocketAddr,
-    metrics: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Booted {
-    async fn control(&self) -> ControlClient<Channel> {
-        ControlClient::connect(format!("http://{}", self.addr)).await.expect("connect")
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("stops").expect("join");
-    }
-}
-
-async fn boot(timeout: Duration) -> Booted {
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = grpc.local_addr().expect("addr");
-    let metrics_addr = metrics.local_addr().expect("addr");
-    let config = ServerConfig {
-        memory_size: 1 << 30,
-        unit: UnitConfig::default().with_device_tlb_timeout(timeout),
-        ..ServerConfig::default()
-    };
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        serve(config, Listeners { grpc, metrics: Some(metrics) }, s).await.expect("serve");
-    });
-    Booted { addr, metrics: metrics_addr, shutdown, task }
-}
-
-/// An agent's end of a link: send batches, receive what the server pushes.
-struct Link {
-    tx: mpsc::Sender<LinkUp>,
-    rx: tonic::Streaming<LinkDown>,
-}
-
-impl Link {
-    async fn open(addr: SocketAddr, sids: &[u32]) -> Result<Link, tonic::Status> {
-        let mut client = AtsLinkClient::connect(format!("http://{addr}")).await.expect("connect");
-        let (tx, rx) = mpsc::channel(16);
-        let functions = sids
-            .iter()
-            .map(|s| Function { source_id: *s, invalidate_queue_depth: 8, page_request_capacity: 4 })
-            .collect();
-        tx.send(LinkUp { bind: Some(Bind { functions, agent: "test".into() }), ..Default::default() })
-            .await
-            .expect("send");
-        let mut rx = client.open(ReceiverStream::new(rx)).await?.into_inner();
-        let first = rx.message().await?.expect("bound");
-        assert!(first.bound.is_some());
-        Ok(Link { tx, rx })
-    }
-
-    async fn send(&self, m: LinkUp) {
-        self.tx.send(m).await.expect("send");
-    }
-
-    async fn next(&mut self) -> LinkDown {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
-            .await
-            .expect("in time")
-            .expect("ok")
-            .expect("message")
-    }
-
-    async fn translate(&mut self, sid: u32, address: u64) -> TranslationCompletion {
-        self.send(LinkUp {
-            translations: vec![TranslationRequest { tag: address, source_id: sid, address, no_write: false }],
-            ..Default::default()
-        })
-        .await;
-        loop {
-            let m = self.next().await;
-            if let Some(c) = m.completions.into_iter().next() {
-                return c;
-            }
-        }
-    }
-}
-
 const SID: u32 = 0x0108; // 01:01.0
 
-async fn paging_domain_with(c: &mut ControlClient<Channel>, sid: u32) -> u32 {
-    let did = c
-        .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
-        .await
-        .expect("domain")
-        .into_inner()
-        .domain_id;
-    c.attach(AttachRequest { source_id: sid, domain_id: did, ats: true }).await.expect("attach");
-    did
+/// A server with a `/metrics` listener whose device-TLB invalidations time out after `timeout`.
+async fn boot(timeout: Duration) -> Server {
+    Boot::new(config(timeout)).with_metrics().start().await
+}
+
+/// A link binding `sids` as the agent "test".
+async fn open(server: &Server, sids: &[u32]) -> Result<Link, tonic::Status> {
+    Link::open(server.addr, "test", sids.iter().map(|s| function(*s)).collect()).await
+}
+
+/// A server (device-TLB time-out `timeout`) with `SID` attached to a paging domain that maps
+/// the page at `iova` to `hpa`, read-write, and a link bound for `SID`.
+async fn one_page(timeout: Duration, iova: u64, hpa: u64) -> (Server, ControlClient<Channel>, u32, Link) {
+    let server = boot(timeout).await;
+    let mut c = server.control().await;
+    let did = paging_domain(&mut c, &[SID]).await;
+    map(&mut c, did, iova, hpa, 0x1000, true).await;
+    let link = open(&server, &[SID]).await.expect("link");
+    (server, c, did, link)
 }
 
 fn rw() -> Option<Permissions> {
@@ -121,16 +39,7 @@ fn rw() -> Option<Permissions> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn map_translate_over_the_link_and_strict_unmap_waits_for_the_device() {
-    let server = boot(Duration::from_secs(5)).await;
-    let mut c = server.control().await;
-    let did = paging_domain_with(&mut c, SID).await;
-    c.map(MapRequest {
-        domain_id: did,
-        ranges: vec![MapRange { iova: 0x10_0000, hpa: 0x20_0000, length: 0x1000, permissions: rw() }],
-    })
-    .await
-    .expect("map");
-    let mut link = Link::open(server.addr, &[SID]).await.expect("link");
+    let (server, c, did, mut link) = one_page(Duration::from_secs(5), 0x10_0000, 0x20_0000).await;
     let done = link.translate(SID, 0x10_0123).await;
     assert_eq!(done.status, CompletionStatus::Success as i32);
     let e = done.entry.expect("entry");
@@ -138,20 +47,8 @@ async fn map_translate_over_the_link_and_strict_unmap_waits_for_the_device() {
 
     // Strict unmap: the link receives the invalidation and must complete it.
     let mut c2 = c.clone();
-    let unmap = tokio::spawn(async move {
-        c2.unmap(UnmapRequest {
-            domain_id: did,
-            ranges: vec![UnmapRange { iova: 0x10_0000, length: 0x1000 }],
-            policy: FlushPolicy::Strict as i32,
-        })
-        .await
-    });
-    let inv = loop {
-        let m = link.next().await;
-        if let Some(i) = m.invalidations.into_iter().next() {
-            break i;
-        }
-    };
+    let unmap = tokio::spawn(async move { strict_unmap(&mut c2, did, 0x10_0000, 0x1000).await });
+    let inv = link.invalidation().await;
     assert_eq!(inv.source_id, SID);
     assert_eq!(inv.address & !0xfff, 0x10_0000);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -161,8 +58,8 @@ async fn map_translate_over_the_link_and_strict_unmap_waits_for_the_device() {
         ..Default::default()
     })
     .await;
-    let r = unmap.await.expect("join").expect("unmap");
-    assert_eq!(r.into_inner().unmapped_bytes, 0x1000);
+    let r = unmap.await.expect("join");
+    assert_eq!(r.unmapped_bytes, 0x1000);
     let after = link.translate(SID, 0x10_0123).await;
     let e = after.entry.expect("entry");
     assert!(!e.read && !e.write, "not present after the unmap");
@@ -174,18 +71,13 @@ async fn a_link_that_never_answers_yields_ite_and_others_keep_working() {
     let server = boot(Duration::from_millis(200)).await;
     let mut c = server.control().await;
     let other = 0x0110;
-    let did = paging_domain_with(&mut c, SID).await;
-    let did2 = paging_domain_with(&mut c, other).await;
+    let did = paging_domain(&mut c, &[SID]).await;
+    let did2 = paging_domain(&mut c, &[other]).await;
     for d in [did, did2] {
-        c.map(MapRequest {
-            domain_id: d,
-            ranges: vec![MapRange { iova: 0, hpa: 0x40_0000, length: 0x2000, permissions: rw() }],
-        })
-        .await
-        .expect("map");
+        map(&mut c, d, 0, 0x40_0000, 0x2000, true).await;
     }
-    let _silent = Link::open(server.addr, &[SID]).await.expect("link");
-    let mut healthy = Link::open(server.addr, &[other]).await.expect("link");
+    let _silent = open(&server, &[SID]).await.expect("link");
+    let mut healthy = open(&server, &[other]).await.expect("link");
     let err = c
         .unmap(UnmapRequest {
             domain_id: did,
@@ -198,22 +90,15 @@ async fn a_link_that_never_answers_yields_ite_and_others_keep_working() {
     // The other link is still served, and its own strict unmaps complete.
     assert_eq!(healthy.translate(other, 0x1000).await.status, CompletionStatus::Success as i32);
     let mut c2 = c.clone();
-    let unmap = tokio::spawn(async move {
-        c2.unmap(UnmapRequest { domain_id: did2, ranges: vec![UnmapRange { iova: 0, length: 0x1000 }], policy: 1 })
-            .await
-    });
-    let inv = loop {
-        if let Some(i) = healthy.next().await.invalidations.into_iter().next() {
-            break i;
-        }
-    };
+    let unmap = tokio::spawn(async move { strict_unmap(&mut c2, did2, 0, 0x1000).await });
+    let inv = healthy.invalidation().await;
     healthy
         .send(LinkUp {
             invalidation_completions: vec![InvalidationCompletion { source_id: other, itag: inv.itag }],
             ..Default::default()
         })
         .await;
-    unmap.await.expect("join").expect("unmap");
+    unmap.await.expect("join");
     let stats = c.get_stats(GetStatsRequest {}).await.expect("stats").into_inner();
     assert!(stats.unit["device_tlb_timeouts"] >= 1);
     assert_eq!(stats.live_links, 2);
@@ -234,7 +119,7 @@ async fn bad_requests_get_useful_statuses() {
             }
         }
     };
-    let did = paging_domain_with(&mut c, SID).await;
+    let did = paging_domain(&mut c, &[SID]).await;
     let map = |did, iova, len| MapRequest {
         domain_id: did,
         ranges: vec![MapRange { iova, hpa: 0x80_0000, length: len, permissions: rw() }],
@@ -261,56 +146,32 @@ async fn bad_requests_get_useful_statuses() {
         Code::InvalidArgument
     );
     // Links: double bind and unbound requester ids.
-    let mut link = Link::open(server.addr, &[SID]).await.expect("link");
-    let again = Link::open(server.addr, &[SID]).await.err().expect("refused");
+    let mut link = open(&server, &[SID]).await.expect("link");
+    let again = open(&server, &[SID]).await.expect_err("refused");
     assert_eq!(again.code(), Code::AlreadyExists);
     link.send(LinkUp {
         translations: vec![TranslationRequest { tag: 1, source_id: 0x0200, address: 0, no_write: true }],
         ..Default::default()
     })
     .await;
-    let err = loop {
-        match link.rx.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("closed without a status"),
-            Err(s) => break s,
-        }
-    };
+    let err = link.closed_with().await;
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("not bound"), "{}", err.message());
     // The server is still healthy and the requester id is free again once the link closed.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(Link::open(server.addr, &[SID]).await.is_ok());
+    assert!(open(&server, &[SID]).await.is_ok());
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_exposes_every_metric() {
-    let server = boot(Duration::from_secs(1)).await;
-    let mut c = server.control().await;
-    let did = paging_domain_with(&mut c, SID).await;
-    c.map(MapRequest {
-        domain_id: did,
-        ranges: vec![MapRange { iova: 0, hpa: 0x80_0000, length: 0x1000, permissions: rw() }],
-    })
-    .await
-    .expect("map");
-    let mut link = Link::open(server.addr, &[SID]).await.expect("link");
+    let (server, _c, _did, mut link) = one_page(Duration::from_secs(1), 0, 0x80_0000).await;
     link.translate(SID, 0).await;
-    let body = http_get(server.metrics, "/metrics").await;
+    let body = http_get(server.metrics_addr(), "/metrics").await;
     for name in dmar_server::service::metrics::METRIC_NAMES {
         assert!(body.contains(name), "{name} missing from /metrics");
     }
     // Servers of concurrent tests share the process-wide recorder: check shape, not value.
     assert!(body.lines().any(|l| l.starts_with("dmar_link_messages_total{kind=\"translation\"}")), "{body}");
     server.stop().await;
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
 }

@@ -316,19 +316,15 @@ def cmd_agents_linked(*addrs: str) -> None:
                 code = expect_refused(
                     grpc, lambda: rpc.AgentControlStub(ch).GetAgentInfo(pb.GetAgentInfoRequest(), timeout=5),
                     (grpc.StatusCode.UNAUTHENTICATED,), f"agent {addr} GetAgentInfo without a client certificate")
-        while True:
-            try:
-                with channel(addr, peer="agent", identity=None) as ch:
-                    h = health_pb2_grpc.HealthStub(ch).Check(
-                        health_pb2.HealthCheckRequest(service="dmar.v1.AgentControl"), timeout=5)
-                info = agent_info(grpc, pb, rpc, addr)
-                if h.status == health_pb2.HealthCheckResponse.SERVING and info.connected:
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                fail(f"agent {addr} has no ATS link bound after 60 s")
-            time.sleep(1)
+
+        def linked():
+            with channel(addr, peer="agent", identity=None) as ch:
+                h = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service="dmar.v1.AgentControl"), timeout=5)
+            info = agent_info(grpc, pb, rpc, addr)
+            return info if h.status == health_pb2.HealthCheckResponse.SERVING and info.connected else None
+
+        info = wait_for(grpc, deadline, f"agent {addr} has no ATS link bound after 60 s", linked)
         fns = ",".join(f.name for f in info.functions)
         extra = f"; GetAgentInfo without a certificate: {code}" if certs() is not None else ""
         ok(f"agent {addr} ({info.agent}: {fns}) linked; health SERVING without a certificate{extra}")
@@ -347,6 +343,21 @@ def scrape(url: str, name: str) -> float:
 def agent_info(grpc, pb, rpc, addr: str):
     with channel(addr, peer="agent") as ch:
         return rpc.AgentControlStub(ch).GetAgentInfo(pb.GetAgentInfoRequest(), timeout=10)
+
+
+def wait_for(grpc, deadline: float, failure: str, check):
+    """Calls `check` once a second until it returns a result (an RPC error counts as not
+    yet) and returns it; fails with `failure` once the monotonic `deadline` has passed."""
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            fail(failure)
+        time.sleep(1)
 
 
 def cmd_ite(server: str, victim: str, container: str, metrics_url: str, *others: str) -> None:
@@ -431,18 +442,13 @@ def cmd_ite(server: str, victim: str, container: str, metrics_url: str, *others:
 
 def cmd_link_recovered(addr: str) -> None:
     grpc, pb, rpc = stubs()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            info = agent_info(grpc, pb, rpc, addr)
-            if info.connected:
-                ok(f"agent {addr} is linked again after being unpaused ({info.connections} binds since start)")
-                return
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            fail(f"agent {addr} did not relink within 60 s of being unpaused")
-        time.sleep(1)
+
+    def connected():
+        info = agent_info(grpc, pb, rpc, addr)
+        return info if info.connected else None
+
+    info = wait_for(grpc, time.monotonic() + 60, f"agent {addr} did not relink within 60 s of being unpaused", connected)
+    ok(f"agent {addr} is linked again after being unpaused ({info.connections} binds since start)")
 
 
 def main() -> None:

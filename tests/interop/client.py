@@ -40,16 +40,24 @@ def main() -> int:
         grpc.channel_ready_future(ch).result(timeout=30)
         return ch
 
+    def refused(what: str, call, code) -> bool:
+        """Whether `call` fails with status `code`; if not, says what it did instead."""
+        try:
+            call()
+        except grpc.RpcError as e:
+            if e.code() == code:
+                return True
+            print(f"interop: {what} gave {e.code()}", file=sys.stderr)
+            return False
+        print(f"interop: {what} was accepted", file=sys.stderr)
+        return False
+
     # Without a client certificate the handshake completes (health answers probes), but
     # every dmar call is refused.
-    try:
-        rpc.ControlStub(channel_as(None)).GetStats(pb.GetStatsRequest(), timeout=10)
-        print("interop: a call without a client certificate was accepted", file=sys.stderr)
+    if not refused("a call without a client certificate",
+                   lambda: rpc.ControlStub(channel_as(None)).GetStats(pb.GetStatsRequest(), timeout=10),
+                   grpc.StatusCode.UNAUTHENTICATED):
         return 1
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.UNAUTHENTICATED:
-            print(f"interop: a call without a client certificate gave {e.code()}", file=sys.stderr)
-            return 1
 
     control = rpc.ControlStub(channel_as("operator"))
     sid = (2 << 8) | (3 << 3) | 1  # 02:03.1
@@ -57,17 +65,12 @@ def main() -> int:
     did = control.CreateDomain(pb.CreateDomainRequest(kind=pb.DOMAIN_KIND_PAGING, address_width=48)).domain_id
     control.Attach(pb.AttachRequest(source_id=sid, domain_id=did, ats=True))
     perms = pb.Permissions(read=True, write=False)
-    control.Map(pb.MapRequest(domain_id=did, ranges=[pb.MapRange(iova=0x7000_0000, hpa=0x1234_5000, length=0x1000, permissions=perms)]))
+    mapping = pb.MapRequest(domain_id=did, ranges=[pb.MapRange(iova=0x7000_0000, hpa=0x1234_5000, length=0x1000, permissions=perms)])
+    control.Map(mapping)
 
     # A bad request gets a status, not a crash.
-    try:
-        control.Map(pb.MapRequest(domain_id=did, ranges=[pb.MapRange(iova=0x7000_0000, hpa=0x1234_5000, length=0x1000, permissions=perms)]))
-        print("interop: overlapping map was accepted", file=sys.stderr)
+    if not refused("overlapping map", lambda: control.Map(mapping), grpc.StatusCode.ALREADY_EXISTS):
         return 1
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.ALREADY_EXISTS:
-            print(f"interop: overlapping map gave {e.code()}", file=sys.stderr)
-            return 1
 
     outbound: "queue.Queue[pb.LinkUp]" = queue.Queue()
     outbound.put(pb.LinkUp(bind=pb.Bind(agent="python-interop", functions=[pb.Function(source_id=sid, invalidate_queue_depth=4)])))

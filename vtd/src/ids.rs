@@ -101,6 +101,13 @@ impl SourceId {
     }
 }
 
+/// The requester id as the wire carries it (a `u32` field holding the 16 bits).
+impl From<SourceId> for u32 {
+    fn from(sid: SourceId) -> u32 {
+        u32::from(sid.0)
+    }
+}
+
 impl fmt::Display for SourceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:02x}:{:02x}.{:x}", self.bus(), self.dev(), self.func())

@@ -23,4 +23,7 @@ pub mod driver;
 pub mod ids;
 pub mod unit;
 
+#[cfg(test)]
+mod testing;
+
 pub use ids::{DomainId, Hpa, ITag, Iova, PAGE_SHIFT, PAGE_SIZE, Pasid, SourceId};

@@ -17,6 +17,16 @@ fn hpa(rig: &Rig, iova: u64, access: Direction) -> Option<Hpa> {
     rig.unit.translate(SID, Iova(iova), access).ok().map(|t| t.hpa)
 }
 
+/// A rig with `SID` attached to domain 7, the page at 0x1000 mapped read-write to 0x30_0000,
+/// and one translation of it done, so that the caches hold it.
+fn cached_page() -> Rig {
+    let mut rig = Rig::new();
+    let top = rig.attach(SID, 7, TranslationType::Untranslated, AW);
+    rig.map(top, AW, Iova(0x1000), Hpa(0x30_0000), 1, true, true);
+    assert!(hpa(&rig, 0x1000, Direction::Read).is_some());
+    rig
+}
+
 #[test]
 fn stale_iotlb_entry_is_served_until_invalidated() {
     let mut rig = Rig::new();
@@ -44,10 +54,7 @@ fn stale_iotlb_entry_is_served_until_invalidated() {
 
 #[test]
 fn stale_context_entry_is_served_until_invalidated() {
-    let mut rig = Rig::new();
-    let top = rig.attach(SID, 7, TranslationType::Untranslated, AW);
-    rig.map(top, AW, Iova(0x1000), Hpa(0x30_0000), 1, true, true);
-    assert!(hpa(&rig, 0x1000, Direction::Read).is_some());
+    let mut rig = cached_page();
     // Detach without invalidating: the cached context (and IOTLB) still translate.
     rig.set_context(SID, ContextEntry::default());
     assert!(hpa(&rig, 0x1000, Direction::Read).is_some());
@@ -91,10 +98,7 @@ fn register_invalidation_completes_and_reports_granularity() {
 
 #[test]
 fn invalidation_hint_keeps_paging_structure_caches() {
-    let mut rig = Rig::new();
-    let top = rig.attach(SID, 7, TranslationType::Untranslated, AW);
-    rig.map(top, AW, Iova(0x1000), Hpa(0x30_0000), 1, true, true);
-    assert!(hpa(&rig, 0x1000, Direction::Read).is_some());
+    let rig = cached_page();
     let occupied = rig.unit.cache_occupancy();
     assert_eq!((occupied.iotlb, occupied.paging), (1, 3), "leaf + the three tables below the top");
     // PSI with IH=1: only the leaf goes.

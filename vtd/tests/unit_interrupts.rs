@@ -9,10 +9,11 @@ mod common;
 use std::sync::Arc;
 
 use common::Rig;
+use dmar_vtd::unit::interrupt::IecInvalidation;
 use dmar_vtd::unit::interrupt::{
     ApicMode, Irta, Irte, Remapped, SourceQualifier, SourceValidation, msi_compatibility, msi_remappable,
 };
-use dmar_vtd::unit::invalidation::descriptor::{IecInvalidationDesc, encode};
+use dmar_vtd::unit::invalidation::descriptor::encode;
 use dmar_vtd::unit::regs::{self, gcmd};
 use dmar_vtd::unit::{DmaError, FaultReason, UnitConfig, UnitEvents};
 use dmar_vtd::{Hpa, Iova, SourceId};
@@ -114,6 +115,6 @@ fn interrupt_entry_cache_is_invalidated_by_queued_invalidation() {
     // Software changes the entry: the cached one is used until invalidated.
     set_irte(&rig, table, 1, Irte::remapped(0x51, 1, ApicMode::XApic));
     assert_eq!(rig.unit.msi_write(SID, addr, data).map(|r| r.vector), Ok(0x50));
-    rig.submit(&[encode::iec(IecInvalidationDesc::Index { index: 1, index_mask: 0 })]);
+    rig.submit(&[encode::iec(IecInvalidation::Index { index: 1, index_mask: 0 })]);
     assert_eq!(rig.unit.msi_write(SID, addr, data).map(|r| r.vector), Ok(0x51));
 }

@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use common::Rig;
 use dmar_vtd::clock::{Clock, ManualClock};
-use dmar_vtd::unit::invalidation::descriptor::{IecInvalidationDesc, WaitDesc, encode};
+use dmar_vtd::unit::interrupt::IecInvalidation;
+use dmar_vtd::unit::invalidation::descriptor::{WaitDesc, encode};
+use dmar_vtd::unit::prq::{PageGroupResponse, ResponseCode};
 use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::{AddressWidth, SlPte, TranslationType};
 use dmar_vtd::unit::{ContextInvalidation, IotlbInvalidation};
 use dmar_vtd::unit::{
-    DeviceInvalidation, DevicePort, Direction, InvalidationDoorbell, PageResponse, UnexpectedCompletion, UnitConfig,
-    UnitEvents,
+    DeviceInvalidation, DevicePort, Direction, InvalidationDoorbell, UnexpectedCompletion, UnitConfig, UnitEvents,
 };
 use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
 use parking_lot::Mutex;
@@ -29,16 +30,23 @@ const STATUS: Hpa = Hpa(0x80_0000);
 #[derive(Debug, Default)]
 struct Recorder {
     invalidations: Mutex<Vec<DeviceInvalidation>>,
-    responses: Mutex<Vec<PageResponse>>,
+    responses: Mutex<Vec<PageGroupResponse>>,
 }
 
 impl DevicePort for Recorder {
     fn invalidate(&self, request: DeviceInvalidation) {
         self.invalidations.lock().push(request);
     }
-    fn page_response(&self, response: PageResponse) {
+    fn page_response(&self, response: PageGroupResponse) {
         self.responses.lock().push(response);
     }
+}
+
+/// A recorder bound as the device port of `sid` with invalidate queue depth `depth`.
+fn bound(rig: &Rig, sid: SourceId, depth: u8) -> Arc<Recorder> {
+    let port = Arc::new(Recorder::default());
+    rig.unit.bind_device_port(sid, port.clone(), depth).expect("bind");
+    port
 }
 
 #[derive(Debug, Default)]
@@ -84,7 +92,7 @@ fn cache_invalidation_descriptors_and_wait() {
     rig.submit(&[
         encode::context(ContextInvalidation::Device { did: DomainId(5), sid: SID, function_mask: 0 }),
         encode::iotlb(IotlbInvalidation::Page { did: DomainId(5), addr: Iova(0x1000), am: 0, ih: false }),
-        encode::iec(IecInvalidationDesc::Global),
+        encode::iec(IecInvalidation::Global),
         wait(0xabcd),
     ]);
     assert_eq!(status(&rig), 0xabcd, "wait status written");
@@ -165,10 +173,7 @@ fn device_tlb_invalidations_reach_the_port_and_the_wait_waits_for_them() {
     let mut rig = Rig::new();
     rig.enable_queue();
     let ports: Vec<(SourceId, Arc<Recorder>)> =
-        (0..3).map(|i| (SourceId::new(1, i, 0), Arc::new(Recorder::default()))).collect();
-    for (sid, p) in &ports {
-        rig.unit.bind_device_port(*sid, p.clone(), 8).expect("bind");
-    }
+        (0..3).map(|i| SourceId::new(1, i, 0)).map(|sid| (sid, bound(&rig, sid, 8))).collect();
     let mut descs: Vec<(u64, u64)> =
         ports.iter().map(|(sid, _)| encode::device_tlb(*sid, 0, Iova(0x4000_0000), 4)).collect();
     descs.push(wait(9));
@@ -196,8 +201,7 @@ fn device_tlb_invalidations_reach_the_port_and_the_wait_waits_for_them() {
 fn itags_are_bounded_by_the_queue_depth() {
     let mut rig = Rig::new();
     rig.enable_queue();
-    let port = Arc::new(Recorder::default());
-    rig.unit.bind_device_port(SID, port.clone(), 2).expect("bind");
+    let port = bound(&rig, SID, 2);
     rig.submit(&[
         encode::device_tlb(SID, 0, Iova(0x1000), 0),
         encode::device_tlb(SID, 0, Iova(0x2000), 0),
@@ -224,11 +228,9 @@ fn a_device_that_never_answers_yields_ite_and_the_queue_recovers() {
     let mut rig =
         Rig::with_clock(UnitConfig::default().with_device_tlb_timeout(Duration::from_millis(50)), clock.clone());
     rig.enable_queue();
-    let silent = Arc::new(Recorder::default());
-    let healthy = Arc::new(Recorder::default());
     let other = SourceId::new(0, 9, 0);
-    rig.unit.bind_device_port(SID, silent.clone(), 4).expect("bind");
-    rig.unit.bind_device_port(other, healthy.clone(), 4).expect("bind");
+    let silent = bound(&rig, SID, 4);
+    let healthy = bound(&rig, other, 4);
     rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 0), encode::device_tlb(other, 0, Iova(0), 0), wait(5)]);
     rig.unit.device_tlb_completed(other, healthy.invalidations.lock()[0].itag).expect("complete");
     assert_eq!(status(&rig), 0);
@@ -257,8 +259,7 @@ fn a_device_that_never_answers_yields_ite_and_the_queue_recovers() {
 fn unexpected_completions_set_ice_and_unbinding_completes_outstanding_work() {
     let mut rig = Rig::new();
     rig.enable_queue();
-    let port = Arc::new(Recorder::default());
-    rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
+    let port = bound(&rig, SID, 4);
     assert!(rig.unit.bind_device_port(SID, port.clone(), 4).is_err(), "one port per requester id");
     assert!(rig.unit.bind_device_port(SourceId(1), port.clone(), 33).is_err());
     assert_eq!(rig.unit.device_tlb_completed(SID, ITag(3)), Err(UnexpectedCompletion { sid: SID, itag: ITag(3) }));
@@ -275,12 +276,11 @@ fn unexpected_completions_set_ice_and_unbinding_completes_outstanding_work() {
 fn page_group_responses_are_routed_to_the_function() {
     let mut rig = Rig::new();
     rig.enable_queue();
-    let port = Arc::new(Recorder::default());
-    rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
+    let port = bound(&rig, SID, 4);
     let qw0 = 9 | (0xf << 12) | (u64::from(SID.0) << 16);
     let qw1 = (0x1a5 << 3) | (1 << 2);
     rig.submit(&[(qw0, qw1), wait(1)]);
-    assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 0x1a5, code: 0xf }]);
+    assert_eq!(*port.responses.lock(), vec![PageGroupResponse { sid: SID, prgi: 0x1a5, code: ResponseCode::Failure }]);
     // An undefined response code is a malformed descriptor.
     rig.submit(&[(9 | (5 << 12) | (u64::from(SID.0) << 16), 0)]);
     assert_ne!(fsts(&rig) & fsts::IQE, 0);
@@ -289,7 +289,7 @@ fn page_group_responses_are_routed_to_the_function() {
 mod page_requests {
     use super::*;
     use dmar_vtd::unit::PageRequestOutcome;
-    use dmar_vtd::unit::prq::{PageGroupResponse, PageRequest, ResponseCode};
+    use dmar_vtd::unit::prq::PageRequest;
     use dmar_vtd::unit::regs::prs;
 
     fn request(prgi: u16, page: u64, last: bool) -> PageRequest {
@@ -331,8 +331,7 @@ mod page_requests {
         rig.unit.write32(regs::PEDATA, 0x51).expect("pedata");
         rig.unit.write32(regs::PEADDR, 0xfee0_0000).expect("peaddr");
         rig.unit.write32(regs::PECTL, 0).expect("unmask");
-        let port = Arc::new(Recorder::default());
-        rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
+        let port = bound(&rig, SID, 4);
         (rig, port)
     }
 
@@ -348,7 +347,7 @@ mod page_requests {
         assert_eq!(drained, vec![request(7, 0x40, false), request(7, 0x41, true)]);
         let [qw0, qw1] = PageGroupResponse { sid: SID, prgi: 7, code: ResponseCode::Success }.to_descriptor();
         rig.submit(&[(qw0, qw1), wait(1)]);
-        assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 7, code: 0 }]);
+        assert_eq!(*port.responses.lock(), vec![PageGroupResponse { sid: SID, prgi: 7, code: ResponseCode::Success }]);
         // A function whose context does not enable device TLBs may not send page requests.
         let other = PageRequest { sid: SourceId::new(9, 0, 0), ..request(1, 1, true) };
         assert!(rig.unit.page_request(other).is_err());
@@ -362,7 +361,11 @@ mod page_requests {
         }
         assert_eq!(rig.unit.page_request(request(200, 999, true)), Ok(PageRequestOutcome::Dropped));
         assert_ne!(rig.unit.read32(regs::PRS).expect("prs") & prs::PRO, 0, "PRO");
-        assert_eq!(*port.responses.lock(), vec![PageResponse { sid: SID, prgi: 200, code: 0 }], "auto success");
+        assert_eq!(
+            *port.responses.lock(),
+            vec![PageGroupResponse { sid: SID, prgi: 200, code: ResponseCode::Success }],
+            "auto success"
+        );
         let (drained, overflow_cleared) = drain(&rig);
         assert_eq!(drained.len(), 127);
         assert!(overflow_cleared);
@@ -388,8 +391,7 @@ fn the_doorbell_rings_when_a_wait_completes_or_the_queue_stops() {
     let weak: Weak<dyn InvalidationDoorbell> = Arc::downgrade(&bell) as Weak<Bell>;
     rig.unit.subscribe_invalidation_doorbell(weak);
     let rings = || bell.0.load(Ordering::SeqCst);
-    let port = Arc::new(Recorder::default());
-    rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
+    let port = bound(&rig, SID, 4);
     rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 0), wait(1)]);
     assert_eq!(rings(), 0, "the wait is held back by the device");
     let itag = port.invalidations.lock()[0].itag;

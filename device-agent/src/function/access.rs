@@ -23,6 +23,15 @@ use crate::atc::{AtcEntry, Inserted, Lookup, Perms};
 use crate::function::handle::HeldInfo;
 
 impl<T> Machine<T> {
+    /// Takes `tag` off the outstanding tags if `pick` accepts what it is outstanding for (a
+    /// translation request, or a DMA); otherwise leaves the tags as they are.
+    #[inline]
+    fn answered<U>(&mut self, tag: u64, pick: impl FnOnce(TagUse) -> Option<U>) -> Option<U> {
+        let found = self.tags.get(&tag).copied().and_then(pick)?;
+        self.tags.remove(&tag);
+        Some(found)
+    }
+
     pub(super) fn begin(&mut self, id: OpId) {
         let Some(op) = self.ops.get(id) else { return };
         match op.mode {
@@ -93,19 +102,15 @@ impl<T> Machine<T> {
     }
 
     pub(super) fn on_completion(&mut self, c: TranslationCompletion) {
-        let key = match self.tags.get(&c.tag) {
-            Some(TagUse::Translation(k)) => *k,
-            Some(TagUse::Direct(d)) => {
-                let d = *d;
-                self.tags.remove(&c.tag);
-                return self.on_direct_completion(d, c.completion);
-            }
+        let answer = self.answered(c.tag, |u| (!matches!(u, TagUse::Dma(_))).then_some(u));
+        let key = match answer {
+            Some(TagUse::Translation(k)) => k,
+            Some(TagUse::Direct(d)) => return self.on_direct_completion(d, c.completion),
             _ => {
                 tracing::debug!(tag = c.tag, "completion for no outstanding translation request");
                 return;
             }
         };
-        self.tags.remove(&c.tag);
         let Some(miss) = self.misses.remove(&key) else { return };
         if miss.stale {
             // The completion may carry a translation the invalidation removed.
@@ -220,14 +225,10 @@ impl<T> Machine<T> {
     }
 
     pub(super) fn on_dma(&mut self, c: DmaCompletion) {
-        let id = match self.tags.get(&c.tag) {
-            Some(TagUse::Dma(id)) => *id,
-            _ => {
-                tracing::debug!(tag = c.tag, "DMA completion for no outstanding DMA");
-                return;
-            }
+        let Some(id) = self.answered(c.tag, |u| if let TagUse::Dma(id) = u { Some(id) } else { None }) else {
+            tracing::debug!(tag = c.tag, "DMA completion for no outstanding DMA");
+            return;
         };
-        self.tags.remove(&c.tag);
         if c.ok {
             self.counters.dma_ok += 1;
             self.finish(id, DmaResult::Ok);

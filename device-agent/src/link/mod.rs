@@ -200,27 +200,21 @@ impl Router {
         Some(&mut self.scratch[i])
     }
 
+    /// Adds each of `items` to the batch of the function its requester id (`sid`) names.
+    #[inline]
+    fn spread<T>(&mut self, items: Vec<T>, sid: impl Fn(&T) -> u32, list: impl Fn(&mut FunctionDown) -> &mut Vec<T>) {
+        for x in items {
+            if let Some(d) = self.slot(sid(&x)) {
+                list(d).push(x);
+            }
+        }
+    }
+
     fn route(&mut self, m: LinkDown) {
-        for x in m.invalidations {
-            if let Some(d) = self.slot(x.source_id) {
-                d.invalidations.push(x);
-            }
-        }
-        for x in m.completions {
-            if let Some(d) = self.slot(x.source_id) {
-                d.completions.push(x);
-            }
-        }
-        for x in m.dma {
-            if let Some(d) = self.slot(x.source_id) {
-                d.dma.push(x);
-            }
-        }
-        for x in m.page_responses {
-            if let Some(d) = self.slot(x.source_id) {
-                d.page_responses.push(x);
-            }
-        }
+        self.spread(m.invalidations, |x| x.source_id, |d| &mut d.invalidations);
+        self.spread(m.completions, |x| x.source_id, |d| &mut d.completions);
+        self.spread(m.dma, |x| x.source_id, |d| &mut d.dma);
+        self.spread(m.page_responses, |x| x.source_id, |d| &mut d.page_responses);
         for i in self.touched.drain(..) {
             let batch = std::mem::take(&mut self.scratch[i]);
             // A closed inbox means the function task has stopped (shutdown).

@@ -62,7 +62,8 @@ use super::page_groups::PageGroups;
 use super::wire::{self, MAX_DMA_BYTES, MAX_LINK_MESSAGE_BYTES, MAX_REPLY_ITEM_BYTES};
 use super::{State, auth, status};
 use dmar_vtd::ids::{Hpa, Iova, SourceId};
-use dmar_vtd::unit::{DeviceInvalidation, DevicePort, PageRequestOutcome, PageResponse};
+use dmar_vtd::unit::prq::PageGroupResponse;
+use dmar_vtd::unit::{DeviceInvalidation, DevicePort, PageRequestOutcome};
 
 /// Outbound messages buffered per link before the reader waits.
 const OUTBOUND_DEPTH: usize = 16;
@@ -99,7 +100,7 @@ impl DevicePort for LinkPort {
         }
     }
 
-    fn page_response(&self, r: PageResponse) {
+    fn page_response(&self, r: PageGroupResponse) {
         // Software's response or the unit's own (an overflowed queue): either way the
         // group is answered.
         self.groups.answered(r.sid, r.prgi);

@@ -18,10 +18,10 @@ use dmar_vtd::ats::{MAX_PRG_INDEX, MAX_QUEUE_DEPTH, PRG_INDEX_BITS};
 use dmar_vtd::driver::{DomainKind, FlushPolicy, Perm};
 use dmar_vtd::ids::{DomainId, ITag, Iova, SourceId};
 use dmar_vtd::unit::interrupt::{DestinationMode, Remapped, Trigger};
-use dmar_vtd::unit::prq::{PageRequest, ResponseCode};
+use dmar_vtd::unit::prq::{PageGroupResponse, PageRequest, ResponseCode};
 use dmar_vtd::unit::tables::AddressWidth;
 use dmar_vtd::unit::{
-    AtsCompletion, Blocked, DeviceInvalidation, Direction, DmaError, FaultRecord, PageResponse, Translation, UnitStats,
+    AtsCompletion, Blocked, DeviceInvalidation, Direction, DmaError, FaultRecord, Translation, UnitStats,
 };
 use tonic::Status;
 
@@ -247,8 +247,12 @@ pub(crate) fn invalidation_request(r: &DeviceInvalidation) -> pb::InvalidationRe
 }
 
 /// A page group response on its way to a function (PCIe 10.4.2).
-pub(crate) fn page_group_response(r: &PageResponse) -> pb::PageGroupResponse {
-    pb::PageGroupResponse { source_id: u32::from(r.sid.0), group_index: u32::from(r.prgi), code: i32::from(r.code) }
+pub(crate) fn page_group_response(r: &PageGroupResponse) -> pb::PageGroupResponse {
+    pb::PageGroupResponse {
+        source_id: u32::from(r.sid.0),
+        group_index: u32::from(r.prgi),
+        code: i32::from(r.code.code()),
+    }
 }
 
 /// The answer to a page request the unit refused (the function may not use PRI): a

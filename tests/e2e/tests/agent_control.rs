@@ -2,17 +2,13 @@
 //! workloads in closed and open loop, translate-only and baseline, progress and reports
 //! with mergeable histograms, input validation, health and metrics.
 
-mod common;
-
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
 use dmar_agent::workload::decode_histogram;
-use dmar_agent::{FunctionConfig, Listeners, SourceId};
+use dmar_agent::{FunctionConfig, SourceId};
+use dmar_e2e::*;
 use dmar_proto::v1::agent_control_client::AgentControlClient;
 use dmar_proto::v1::*;
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -21,21 +17,17 @@ const FOOTPRINT: u64 = 1 << 20;
 
 struct Booted {
     server: Option<Server>,
-    control: SocketAddr,
-    metrics: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    agent: RunningAgent,
     functions: Vec<SourceId>,
 }
 
 impl Booted {
     async fn client(&self) -> AgentControlClient<Channel> {
-        AgentControlClient::connect(format!("http://{}", self.control)).await.expect("connect")
+        self.agent.client().await
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(PATIENCE, self.task).await.expect("agent stops").expect("join");
+        self.agent.stop().await;
         if let Some(server) = self.server {
             server.stop().await;
         }
@@ -50,22 +42,10 @@ async fn boot_agent() -> Booted {
     let did = paging_domain(&mut c, &functions).await;
     map(&mut c, did, BASE, 0x20_0000, FOOTPRINT, true).await;
     let config = agent_config(&server, functions.iter().map(|s| FunctionConfig::new(*s)).collect());
-    let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (control_addr, metrics_addr) = (control.local_addr().expect("addr"), metrics.local_addr().expect("addr"));
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        dmar_agent::run(config, Listeners { control: Some(control), metrics: Some(metrics) }, s).await.expect("run");
-    });
-    let booted =
-        Booted { server: Some(server), control: control_addr, metrics: metrics_addr, shutdown, task, functions };
+    let agent = RunningAgent::start(config).await;
+    agent.connected().await;
+    let booted = Booted { server: Some(server), agent, functions };
     let mut client = booted.client().await;
-    eventually("the agent's link is bound", || {
-        let mut client = client.clone();
-        async move { client.get_agent_info(GetAgentInfoRequest {}).await.expect("info").into_inner().connected }
-    })
-    .await;
     let info = client.get_agent_info(GetAgentInfoRequest {}).await.expect("info").into_inner();
     assert_eq!(info.functions.len(), 2);
     assert_eq!(info.functions[0].name, "00:06.0");
@@ -278,7 +258,8 @@ async fn bad_requests_get_clear_statuses_and_runs_can_be_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_are_served() {
     let b = boot_agent().await;
-    let channel = Channel::from_shared(format!("http://{}", b.control)).expect("url").connect().await.expect("connect");
+    let channel =
+        Channel::from_shared(format!("http://{}", b.agent.control)).expect("url").connect().await.expect("connect");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
         .check(tonic_health::pb::HealthCheckRequest { service: "dmar.v1.AgentControl".into() })
@@ -292,16 +273,16 @@ async fn health_and_metrics_are_served() {
     watch(&mut client, run).await;
     // Counters reach the registry on the functions' 100 ms tick.
     eventually("the metrics carry the run", || async {
-        http_get(b.metrics, "/metrics").await.contains("dmar_agent_atc_lookups_total{result=\"hit\"}")
+        http_get(b.agent.metrics, "/metrics").await.contains("dmar_agent_atc_lookups_total{result=\"hit\"}")
     })
     .await;
-    let body = http_get(b.metrics, "/metrics").await;
+    let body = http_get(b.agent.metrics, "/metrics").await;
     for name in dmar_agent::metrics::METRIC_NAMES {
         assert!(body.contains(name), "{name} missing from /metrics");
     }
     assert!(body.contains("dmar_agent_translation_duration_seconds_bucket"), "explicit buckets");
     assert!(!body.contains("00:06"), "no per-device labels");
-    assert!(http_get(b.metrics, "/nothing").await.starts_with("HTTP/1.1 404"));
+    assert!(http_get(b.agent.metrics, "/nothing").await.starts_with("HTTP/1.1 404"));
 
     // Without its link the agent cannot run workloads: NOT_SERVING until it is back.
     let mut b = b;

@@ -10,17 +10,15 @@
 //! Trace files are tested against a real plaintext server: only files inside the trace
 //! directory, bounded, with errors that never echo a file's content.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use dmar_agent::{AgentConfig, AgentSecurity, AgentTls, FunctionConfig, Identity, Listeners};
 use dmar_auth::accept::{AcceptConfig, PeerInfo};
 use dmar_auth::{ClientAuth, DevPki, DevPkiSpec, TlsMaterial};
+use dmar_e2e::*;
 use dmar_proto::v1::agent_control_client::AgentControlClient;
 use dmar_proto::v1::ats_link_server::{AtsLink, AtsLinkServer};
 use dmar_proto::v1::*;
@@ -35,41 +33,12 @@ use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 
-/// An agent served by `dmar_agent::run` on loopback ports.
-struct Running {
-    control: SocketAddr,
-    metrics: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn start(config: AgentConfig) -> Running {
-        let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let (c, m) = (control.local_addr().expect("addr"), metrics.local_addr().expect("addr"));
-        let shutdown = CancellationToken::new();
-        let s = shutdown.clone();
-        let task = tokio::spawn(async move {
-            dmar_agent::run(config, Listeners { control: Some(control), metrics: Some(metrics) }, s)
-                .await
-                .expect("run");
-        });
-        Running { control: c, metrics: m, shutdown, task }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(PATIENCE, self.task).await.expect("agent stops").expect("join");
-    }
-
-    /// A refusal counter's value on `/metrics` (the registry is process-wide: other tests
-    /// add to it too, so compare with at least).
-    async fn refusals(&self, reason: &str) -> u64 {
-        let body = http_get(self.metrics, "/metrics").await;
-        let series = format!("dmar_agent_control_refusals_total{{reason=\"{reason}\"}} ");
-        body.lines().find_map(|l| l.strip_prefix(series.as_str())).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-    }
+/// A refusal counter's value on the agent's `/metrics` (the registry is process-wide: other
+/// tests add to it too, so compare with at least).
+async fn refusals(agent: &RunningAgent, reason: &str) -> u64 {
+    let body = http_get(agent.metrics, "/metrics").await;
+    let series = format!("dmar_agent_control_refusals_total{{reason=\"{reason}\"}} ");
+    sample(&body, &series).unwrap_or(0)
 }
 
 /// A loopback address nothing listens on.
@@ -134,7 +103,7 @@ async fn the_tls_control_port_serves_trusted_identities_only() {
         reconnect_max: Duration::from_millis(200),
         ..AgentConfig::new(format!("https://{}", closed_port().await), vec![FunctionConfig::new(sid("00:07.0"))])
     };
-    let agent = Running::start(config).await;
+    let agent = RunningAgent::start(config).await;
     let port = agent.control.port();
     let ca = pki.ca_cert_pem.as_str();
 
@@ -154,7 +123,7 @@ async fn the_tls_control_port_serves_trusted_identities_only() {
     reflection(operator_channel.clone()).await.expect("reflection for the operator");
 
     // A verified identity the agent does not trust: PERMISSION_DENIED, on every call.
-    let before_untrusted = agent.refusals("untrusted_identity").await;
+    let before_untrusted = refusals(&agent, "untrusted_identity").await;
     let observer = pki.tls_material("observer").expect("observer");
     assert_eq!(info(tls_channel(port, ca, Some(&observer)).await).await, (Code::PermissionDenied, None));
     let mallory = pki.issue(&Identity::new("mallory").expect("name"), dmar_auth::CertKind::Client, &[]).expect("issue");
@@ -170,7 +139,7 @@ async fn the_tls_control_port_serves_trusted_identities_only() {
     assert_eq!(info(tls_channel(port, ca, Some(&agent_cert)).await).await.0, Code::PermissionDenied);
 
     // No certificate: UNAUTHENTICATED, but health answers, and reflection is closed.
-    let before_anonymous = agent.refusals("no_certificate").await;
+    let before_anonymous = refusals(&agent, "no_certificate").await;
     let anonymous = tls_channel(port, ca, None).await.expect("a probe completes the handshake");
     assert_eq!(info(Ok(anonymous.clone())).await, (Code::Unauthenticated, None));
     let mut health = HealthClient::new(anonymous.clone());
@@ -213,8 +182,8 @@ async fn the_tls_control_port_serves_trusted_identities_only() {
 
     // The trusted identity still gets in, and every refusal was counted.
     assert_eq!(info(Ok(operator_channel)).await.0, Code::Ok);
-    assert!(agent.refusals("untrusted_identity").await >= before_untrusted + 5);
-    assert!(agent.refusals("no_certificate").await >= before_anonymous + 2);
+    assert!(refusals(&agent, "untrusted_identity").await >= before_untrusted + 5);
+    assert!(refusals(&agent, "no_certificate").await >= before_anonymous + 2);
 
     // With TLS the agent refuses trace files it has no directory for.
     let mut operator_client = AgentControlClient::new(tls_channel(port, ca, Some(&operator)).await.expect("channel"));
@@ -311,15 +280,11 @@ async fn trace_files_stay_inside_the_trace_dir_and_never_echo_content() {
         max_trace_bytes: 4096,
         ..agent_config(&server, functions.iter().map(|s| FunctionConfig::new(*s)).collect())
     };
-    let agent = Running::start(config).await;
-    let mut client = AgentControlClient::connect(format!("http://{}", agent.control)).await.expect("connect");
-    eventually("the agent's link is bound", || {
-        let mut client = client.clone();
-        async move { client.get_agent_info(GetAgentInfoRequest {}).await.expect("info").into_inner().connected }
-    })
-    .await;
-    let before_path = agent.refusals("trace_path").await;
-    let before_size = agent.refusals("trace_size").await;
+    let agent = RunningAgent::start(config).await;
+    agent.connected().await;
+    let mut client = agent.client().await;
+    let before_path = refusals(&agent, "trace_path").await;
+    let before_size = refusals(&agent, "trace_size").await;
 
     let secrets = tmp.path().join("secrets").join("passwd");
     let mut refused = vec![
@@ -355,8 +320,8 @@ async fn trace_files_stay_inside_the_trace_dir_and_never_echo_content() {
     let report = client.get_report(GetReportRequest { run_id: run.run_id, wait: true }).await.expect("report");
     assert!(report.into_inner().totals.expect("totals").accesses > 0);
 
-    assert!(agent.refusals("trace_path").await >= before_path + refused.len() as u64);
-    assert!(agent.refusals("trace_size").await > before_size);
+    assert!(refusals(&agent, "trace_path").await >= before_path + refused.len() as u64);
+    assert!(refusals(&agent, "trace_size").await > before_size);
     agent.stop().await;
     server.stop().await;
 }

@@ -2,12 +2,10 @@
 //! permissions, invalidation after unmap, DMA in flight delaying an invalidation, a
 //! server restart, and PRI with a control-plane subscriber.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use dmar_agent::{Dma, DmaError, DmaResult, FunctionConfig, PageRequestFailure};
+use dmar_e2e::*;
 use dmar_proto::v1::{GetStatsRequest, PageResponseCode, RespondPageRequestRequest, WatchRequest};
 
 const LONG: Duration = Duration::from_secs(60);

@@ -3,14 +3,12 @@
 //! the container probe (`dmar_agent::run_with_health`); and the baseline such an agent can
 //! run (over its link, not through Control).
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{PATIENCE, eventually, sid};
 use dmar_agent::{AgentConfig, AgentSecurity, AgentTls, FunctionConfig, Listeners};
 use dmar_auth::{DevPki, DevPkiSpec};
+use dmar_e2e::{PATIENCE, eventually, sid};
 use dmar_proto::v1::agent_control_client::AgentControlClient;
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;

@@ -10,8 +10,9 @@ use super::Driver;
 use super::error::DriverError;
 use super::invalidate::Invalidation;
 use crate::ids::Hpa;
+use crate::unit::interrupt::IecInvalidation;
 use crate::unit::interrupt::{ApicMode, Irta};
-use crate::unit::invalidation::descriptor::{IecInvalidationDesc, encode};
+use crate::unit::invalidation::descriptor::encode;
 use crate::unit::regs::{self, gcmd};
 
 /// Entries in the driver's interrupt remapping table.
@@ -22,20 +23,12 @@ impl Driver {
     /// the interrupt entry cache globally (SIRTP does not flush it: CAP.ESIRTPS = 0) and
     /// turns remapping on (GCMD.IRE). Needs queued invalidation (VT-d 6.5.2.7).
     pub fn enable_interrupt_remapping(&self) -> Result<(), DriverError> {
-        if !self.invalidator.is_queued() {
-            return Err(DriverError::QueueDisabled);
-        }
-        let mut irt = self.irt.lock();
-        if irt.is_some() {
-            return Ok(());
-        }
-        let table = self.frames.alloc()?;
-        self.regs.write64(regs::IRTA, Irta::new(table, 7, ApicMode::XApic).to_bits())?;
-        self.regs.global_command(gcmd::SIRTP, "set interrupt remapping table pointer")?;
-        self.invalidator.run(&self.regs, &[Invalidation::Raw(encode::iec(IecInvalidationDesc::Global).0, 0)])?;
-        self.regs.global_command(gcmd::IRE, "interrupt remapping enable")?;
-        *irt = Some(table);
-        Ok(())
+        self.enable_once(&self.irt, |table| {
+            self.regs.write64(regs::IRTA, Irta::new(table, 7, ApicMode::XApic).to_bits())?;
+            self.regs.global_command(gcmd::SIRTP, "set interrupt remapping table pointer")?;
+            self.invalidator.run(&self.regs, &[Invalidation::Raw(encode::iec(IecInvalidation::Global).0, 0)])?;
+            self.regs.global_command(gcmd::IRE, "interrupt remapping enable")
+        })
     }
 
     /// Writes interrupt remapping table entry `index` (the raw 128-bit IRTE, VT-d 9.10) and
@@ -50,7 +43,7 @@ impl Driver {
         // seen half-written (the unit reads 64-bit words).
         self.memory.write_u64(Hpa(at.0 + 8), hi)?;
         self.memory.write_u64(at, lo)?;
-        let (qw0, qw1) = encode::iec(IecInvalidationDesc::Index { index, index_mask: 0 });
+        let (qw0, qw1) = encode::iec(IecInvalidation::Index { index, index_mask: 0 });
         self.invalidator.run(&self.regs, &[Invalidation::Raw(qw0, qw1)])
     }
 }

@@ -222,15 +222,7 @@ impl Registers {
             }
         };
         let _g = self.lock();
-        self.write64(regs::CCMD, cmd)?;
-        let done = self.poll64(regs::CCMD, "context-cache invalidation", |v| v & ccmd::ICC == 0)?;
-        // CAIG=0: the unit refused the request (Linux only logs this; here it is an error,
-        // since a refused flush leaves stale entries behind).
-        if (done >> ccmd::CAIG_SHIFT) & ccmd::GRANULARITY_MASK == 0 {
-            warn!(?scope, "context-cache invalidation refused");
-            return Err(DriverError::Hardware(format!("context-cache invalidation {scope:?} refused")));
-        }
-        Ok(())
+        self.command(&CONTEXT_COMMAND, cmd, &scope)
     }
 
     /// Invalidates the IOTLB (and, unless the hint says otherwise, the paging-structure
@@ -261,16 +253,53 @@ impl Registers {
         if let Some(iva) = iva {
             self.write64(regs::IVA, iva)?;
         }
-        self.write64(regs::IOTLB, cmd)?;
-        let done = self.poll64(regs::IOTLB, "IOTLB invalidation", |v| v & iotlb::IVT == 0)?;
-        // IAIG=0: refused (VT-d 10.4.8.1), e.g. a mask above MAMV.
-        if (done >> iotlb::IAIG_SHIFT) & iotlb::GRANULARITY_MASK == 0 {
-            warn!(?scope, "IOTLB invalidation refused");
-            return Err(DriverError::Hardware(format!("IOTLB invalidation {scope:?} refused")));
+        self.command(&IOTLB_COMMAND, cmd, &scope)
+    }
+
+    /// Writes `cmd` (its busy bit set) to `register`, waits for the unit to clear the busy
+    /// bit, and fails if the actual granularity reads 0: the unit refused the request, e.g.
+    /// a mask above MAMV (VT-d 10.4.7, 10.4.8.1). Linux only logs a refusal; here it is an
+    /// error, since a refused flush leaves stale entries behind. The caller holds the
+    /// register lock.
+    fn command(&self, register: &CommandRegister, cmd: u64, scope: &dyn std::fmt::Debug) -> Result<(), DriverError> {
+        let CommandRegister { offset, busy, actual_shift, actual_mask, what } = *register;
+        self.write64(offset, cmd)?;
+        let done = self.poll64(offset, what, |v| v & busy == 0)?;
+        if (done >> actual_shift) & actual_mask == 0 {
+            warn!(?scope, "{what} refused");
+            return Err(DriverError::Hardware(format!("{what} {scope:?} refused")));
         }
         Ok(())
     }
 }
+
+/// A register-based invalidation command register: where it is, its busy bit, and where
+/// the unit reports the granularity it actually performed.
+#[derive(Clone, Copy)]
+struct CommandRegister {
+    offset: u64,
+    busy: u64,
+    actual_shift: u32,
+    actual_mask: u64,
+    what: &'static str,
+}
+
+/// CCMD: ICC, CAIG (VT-d 10.4.7).
+const CONTEXT_COMMAND: CommandRegister = CommandRegister {
+    offset: regs::CCMD,
+    busy: ccmd::ICC,
+    actual_shift: ccmd::CAIG_SHIFT,
+    actual_mask: ccmd::GRANULARITY_MASK,
+    what: "context-cache invalidation",
+};
+/// IOTLB_REG: IVT, IAIG (VT-d 10.4.8.1).
+const IOTLB_COMMAND: CommandRegister = CommandRegister {
+    offset: regs::IOTLB,
+    busy: iotlb::IVT,
+    actual_shift: iotlb::IAIG_SHIFT,
+    actual_mask: iotlb::GRANULARITY_MASK,
+    what: "IOTLB invalidation",
+};
 
 #[cfg(test)]
 mod tests {

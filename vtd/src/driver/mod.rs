@@ -202,4 +202,26 @@ impl Driver {
     pub(crate) fn ats_supported(&self) -> bool {
         self.caps.device_tlb && self.invalidator.is_queued()
     }
+
+    /// Sets up, once, a structure that lives in one frame and needs queued invalidation
+    /// (the interrupt remapping table, the page request queue; VT-d 6.5.2): `program`
+    /// gets the frame and points the unit at it. A later call finds `slot` filled and
+    /// returns at once.
+    pub(crate) fn enable_once(
+        &self,
+        slot: &Mutex<Option<Hpa>>,
+        program: impl FnOnce(Hpa) -> Result<(), DriverError>,
+    ) -> Result<(), DriverError> {
+        if !self.invalidator.is_queued() {
+            return Err(DriverError::QueueDisabled);
+        }
+        let mut slot = slot.lock();
+        if slot.is_some() {
+            return Ok(());
+        }
+        let frame = self.frames.alloc()?;
+        program(frame)?;
+        *slot = Some(frame);
+        Ok(())
+    }
 }

@@ -44,23 +44,15 @@ impl Driver {
     /// `intel_iommu_enable_prq` does: PQH = PQT = 0, then PQA. Needs queued invalidation,
     /// which carries the responses.
     pub fn enable_page_requests(&self, vector: u32) -> Result<(), DriverError> {
-        if !self.invalidator.is_queued() {
-            return Err(DriverError::QueueDisabled);
-        }
-        let mut prq = self.prq.lock();
-        if prq.is_some() {
-            return Ok(());
-        }
-        let queue = self.frames.alloc()?;
-        let pqa = QueueAddress::new(queue, PQS).map_err(|e| DriverError::PageRequestQueue(e.to_string()))?;
-        self.regs.write64(regs::PQH, 0)?;
-        self.regs.write64(regs::PQT, 0)?;
-        self.regs.write64(regs::PQA, pqa.to_bits())?;
-        self.regs.write32(regs::PEDATA, vector)?;
-        self.regs.write32(regs::PEADDR, INTERRUPT_RANGE_BASE as u32)?;
-        self.regs.write32(regs::PECTL, 0)?;
-        *prq = Some(queue);
-        Ok(())
+        self.enable_once(&self.prq, |queue| {
+            let pqa = QueueAddress::new(queue, PQS).map_err(|e| DriverError::PageRequestQueue(e.to_string()))?;
+            self.regs.write64(regs::PQH, 0)?;
+            self.regs.write64(regs::PQT, 0)?;
+            self.regs.write64(regs::PQA, pqa.to_bits())?;
+            self.regs.write32(regs::PEDATA, vector)?;
+            self.regs.write32(regs::PEADDR, INTERRUPT_RANGE_BASE as u32)?;
+            self.regs.write32(regs::PECTL, 0)
+        })
     }
 
     /// Takes every request waiting in the page request queue, oldest first (Linux

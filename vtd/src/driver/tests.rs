@@ -31,8 +31,7 @@ fn translate(d: &Driver, sid: SourceId, iova: u64, access: Direction) -> Result<
 
 #[test]
 fn driver_is_send_and_sync() {
-    fn check<T: Send + Sync>() {}
-    check::<Driver>();
+    crate::testing::assert_send_sync::<Driver>();
 }
 
 #[test]

@@ -63,6 +63,41 @@ impl std::fmt::Debug for HostMemory {
     }
 }
 
+/// One 64-bit word a byte range touches.
+struct Word {
+    /// The word's address (8-byte aligned).
+    addr: u64,
+    /// The range's first byte inside the word.
+    skip: usize,
+    /// How many of the word's bytes the range covers.
+    take: usize,
+    /// How many bytes of the range come before this word.
+    done: usize,
+}
+
+/// The words `len` bytes from `addr` touch, in address order.
+#[inline]
+fn words(addr: u64, len: usize) -> impl Iterator<Item = Word> {
+    let (mut a, mut done) = (addr, 0);
+    std::iter::from_fn(move || {
+        (done < len).then(|| {
+            let word = a & !7;
+            let skip = (a - word) as usize;
+            let take = (8 - skip).min(len - done);
+            let w = Word { addr: word, skip, take, done };
+            done += take;
+            a += take as u64;
+            w
+        })
+    })
+}
+
+/// The index in its page of the word at `addr`.
+#[inline]
+const fn word_index(addr: u64) -> usize {
+    ((addr & (PAGE_SIZE - 1)) >> 3) as usize
+}
+
 impl HostMemory {
     /// Creates a memory of `size` bytes of address space; nothing is allocated until written.
     pub fn new(size: u64) -> Result<Self, InvalidMemorySize> {
@@ -114,7 +149,7 @@ impl HostMemory {
             return Err(MemoryError::Misaligned(addr));
         }
         self.check(addr, 8)?;
-        Ok(self.page(addr.pfn()).map_or(0, |p| p[(addr.page_offset() >> 3) as usize].load(Ordering::Acquire)))
+        Ok(self.page(addr.pfn()).map_or(0, |p| p[word_index(addr.0)].load(Ordering::Acquire)))
     }
 
     /// Stores one naturally aligned 64-bit word (release).
@@ -126,25 +161,16 @@ impl HostMemory {
         if value == 0 && self.page(addr.pfn()).is_none() {
             return Ok(()); // already zero; stay sparse
         }
-        self.page_or_alloc(addr.pfn())[(addr.page_offset() >> 3) as usize].store(value, Ordering::Release);
+        self.page_or_alloc(addr.pfn())[word_index(addr.0)].store(value, Ordering::Release);
         Ok(())
     }
 
     /// Reads `buf.len()` bytes starting at `addr` (any alignment).
     pub fn read(&self, addr: Hpa, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.check(addr, buf.len() as u64)?;
-        let mut a = addr.0;
-        let mut done = 0;
-        while done < buf.len() {
-            let word_addr = a & !7;
-            let skip = (a - word_addr) as usize;
-            let take = (8 - skip).min(buf.len() - done);
-            let word = self
-                .page(word_addr >> PAGE_SHIFT)
-                .map_or(0, |p| p[((word_addr & (PAGE_SIZE - 1)) >> 3) as usize].load(Ordering::Acquire));
+        for Word { addr, skip, take, done } in words(addr.0, buf.len()) {
+            let word = self.page(addr >> PAGE_SHIFT).map_or(0, |p| p[word_index(addr)].load(Ordering::Acquire));
             buf[done..done + take].copy_from_slice(&word.to_le_bytes()[skip..skip + take]);
-            done += take;
-            a += take as u64;
         }
         Ok(())
     }
@@ -153,13 +179,8 @@ impl HostMemory {
     /// atomically, so concurrent writers to other bytes of the same word are not lost.
     pub fn write(&self, addr: Hpa, data: &[u8]) -> Result<(), MemoryError> {
         self.check(addr, data.len() as u64)?;
-        let mut a = addr.0;
-        let mut done = 0;
-        while done < data.len() {
-            let word_addr = a & !7;
-            let skip = (a - word_addr) as usize;
-            let take = (8 - skip).min(data.len() - done);
-            let word = &self.page_or_alloc(word_addr >> PAGE_SHIFT)[((word_addr & (PAGE_SIZE - 1)) >> 3) as usize];
+        for Word { addr, skip, take, done } in words(addr.0, data.len()) {
+            let word = &self.page_or_alloc(addr >> PAGE_SHIFT)[word_index(addr)];
             if take == 8 {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&data[done..done + 8]);
@@ -174,8 +195,6 @@ impl HostMemory {
                 // fetch_update never fails with a closure that always returns Some.
                 let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| Some((old & !mask) | val));
             }
-            done += take;
-            a += take as u64;
         }
         Ok(())
     }

@@ -31,6 +31,7 @@ mod cache;
 mod event;
 mod fault;
 mod fault_reason;
+mod field;
 pub mod interrupt;
 pub mod invalidation;
 pub mod memory;
@@ -54,8 +55,8 @@ pub use cache::{CacheGeometry, InvalidGeometry};
 pub use fault::{Direction, FaultRecord, NoEvents, RequestKind, UnitEvents, WALK_SAMPLE_PERIOD};
 pub use fault_reason::FaultReason;
 pub use invalidation::{
-    ContextInvalidation, DeviceInvalidation, DevicePort, InvalidationDoorbell, IotlbInvalidation, PageResponse,
-    PortError, UnexpectedCompletion,
+    ContextInvalidation, DeviceInvalidation, DevicePort, InvalidationDoorbell, IotlbInvalidation, PortError,
+    UnexpectedCompletion,
 };
 pub use memory::{HostMemory, MemoryError};
 pub use mmio::MmioError;

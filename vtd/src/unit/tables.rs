@@ -6,6 +6,7 @@
 //! memory or decide what a request may do (that is `walk`).
 
 use crate::ids::{DomainId, Hpa, Iova};
+use crate::unit::field::field_enum;
 
 /// Host address width the unit implements: physical addresses above it are reserved bits
 /// in every entry (VT-d 9.x "HAW").
@@ -48,53 +49,34 @@ impl RootEntry {
     }
 }
 
-/// Context-entry translation type (VT-d 9.3, TT field).
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
-#[repr(u8)]
-pub enum TranslationType {
-    /// 00b: untranslated requests are remapped; translation requests and translated
-    /// requests are blocked.
-    Untranslated = 0,
-    /// 01b: as 00b, plus ATS translation requests and translated requests (device-TLB).
-    DeviceTlb = 1,
-    /// 10b: untranslated requests pass through (output = input address).
-    PassThrough = 2,
-}
-
-impl TranslationType {
-    /// Decodes the 2-bit field; 11b is reserved.
-    pub const fn from_bits(v: u64) -> Option<Self> {
-        match v {
-            0 => Some(Self::Untranslated),
-            1 => Some(Self::DeviceTlb),
-            2 => Some(Self::PassThrough),
-            _ => None,
-        }
+field_enum! {
+    /// Context-entry translation type (VT-d 9.3, `TT[3:2]`; 11b is reserved).
+    pub enum TranslationType(u64; to_bits, from_bits) {
+        /// 00b: untranslated requests are remapped; translation requests and translated
+        /// requests are blocked.
+        Untranslated = 0,
+        /// 01b: as 00b, plus ATS translation requests and translated requests (device-TLB).
+        DeviceTlb = 1,
+        /// 10b: untranslated requests pass through (output = input address).
+        PassThrough = 2,
     }
 }
 
-/// Second-stage paging depth, encoded as the context entry's AW field (VT-d 9.3).
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum AddressWidth {
-    /// AW=1: 39-bit, 3-level tables.
-    Aw39 = 1,
-    /// AW=2: 48-bit, 4-level tables.
-    Aw48 = 2,
-    /// AW=3: 57-bit, 5-level tables.
-    Aw57 = 3,
+field_enum! {
+    /// Second-stage paging depth, encoded as the context entry's AW field (VT-d 9.3,
+    /// `AW[2:0]`; 0 and 4+ are reserved or unsupported).
+    #[derive(PartialOrd, Ord)]
+    pub enum AddressWidth(u64; to_bits, from_bits) {
+        /// AW=1: 39-bit, 3-level tables.
+        Aw39 = 1,
+        /// AW=2: 48-bit, 4-level tables.
+        Aw48 = 2,
+        /// AW=3: 57-bit, 5-level tables.
+        Aw57 = 3,
+    }
 }
 
 impl AddressWidth {
-    /// Decodes the AW field (0 and 4+ are reserved or unsupported).
-    pub const fn from_bits(v: u64) -> Option<Self> {
-        match v {
-            1 => Some(Self::Aw39),
-            2 => Some(Self::Aw48),
-            3 => Some(Self::Aw57),
-            _ => None,
-        }
-    }
     /// Number of page-table levels (2 + AW).
     pub const fn levels(self) -> u32 {
         2 + self as u32
@@ -130,8 +112,8 @@ impl ContextEntry {
     }
     /// A present entry. `table` is ignored by hardware for pass-through but still encoded.
     pub const fn new(did: DomainId, tt: TranslationType, aw: AddressWidth, table: Hpa, fpd: bool) -> Self {
-        let lo = (table.0 & ADDR_MASK) | ((tt as u64) << 2) | ((fpd as u64) << 1) | 1;
-        let hi = ((did.0 as u64) << 8) | aw as u64;
+        let lo = (table.0 & ADDR_MASK) | (tt.to_bits() << 2) | ((fpd as u64) << 1) | 1;
+        let hi = ((did.0 as u64) << 8) | aw.to_bits();
         Self { lo, hi }
     }
     /// P.

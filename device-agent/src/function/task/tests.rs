@@ -8,7 +8,7 @@ use std::time::Duration;
 use dmar_proto::v1::{CompletionStatus, InvalidationRequest, TranslationCompletion, TranslationEntry};
 
 use super::*;
-use crate::function::{DmaResult, FunctionHandle};
+use crate::function::{AccessError, DmaOutcome, DmaResult, FunctionHandle};
 use crate::link::{PrioItem, UpItem};
 use crate::metrics;
 
@@ -66,6 +66,12 @@ impl Rig {
         self.inbox.send(Inbound::Down(FunctionDown { completions: vec![c], ..Default::default() })).expect("inbox");
     }
 
+    /// Starts a read of `address` through the handle, answered whenever the task answers.
+    fn read_in_background(&self, address: u64) -> tokio::task::JoinHandle<Result<DmaOutcome, AccessError>> {
+        let h = self.handle.clone();
+        tokio::spawn(async move { h.access(Dma::read(address)).await })
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(PATIENCE, self.task).await.expect("stops").expect("join");
@@ -112,8 +118,7 @@ async fn a_turn_is_one_batch_and_completions_take_the_priority_path() {
 #[tokio::test]
 async fn requests_queued_before_a_reconnection_keep_the_old_connection_stamp() {
     let mut r = start();
-    let h = r.handle.clone();
-    let access = tokio::spawn(async move { h.access(Dma::read(0x1000)).await });
+    let access = r.read_in_background(0x1000);
     let tag = translations(&r.batch().await, r.sid)[0];
     // One burst: the completion queues a DMA, then the connection is replaced. The DMA
     // leaves stamped with connection 1, which the link's next writer drops.
@@ -132,8 +137,7 @@ async fn requests_queued_before_a_reconnection_keep_the_old_connection_stamp() {
 #[tokio::test]
 async fn shutdown_answers_every_access_still_waiting() {
     let mut r = start();
-    let h = r.handle.clone();
-    let access = tokio::spawn(async move { h.access(Dma::read(0x1000)).await });
+    let access = r.read_in_background(0x1000);
     r.batch().await;
     let handle = r.handle.clone();
     r.stop().await;

@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use super::{CacheGeometry, CacheKey, Inserted, SetAssoc, mix};
+use super::{CacheGeometry, CacheKey, Inserted, RegionKey, SetAssoc, mix};
 use crate::ids::{DomainId, Hpa, Iova};
 use crate::unit::tables::level_shift;
 
@@ -32,9 +32,14 @@ impl IotlbKey {
     pub(crate) fn new(did: DomainId, iova: Iova, level: u32) -> Self {
         Self { did, level: level as u8, pasid: 0, vpn: iova.0 >> level_shift(level) }
     }
+}
 
-    /// First input address the entry covers, and its size in bytes.
-    fn range(&self) -> (u64, u64) {
+impl RegionKey for IotlbKey {
+    fn did(&self) -> DomainId {
+        self.did
+    }
+
+    fn region(&self) -> (u64, u64) {
         let shift = level_shift(u32::from(self.level));
         (self.vpn << shift, 1u64 << shift)
     }
@@ -162,10 +167,7 @@ impl Iotlb {
             }
             return n;
         }
-        self.retain_counted(|k| {
-            let (start, size) = k.range();
-            k.did != did || start >= end || start.saturating_add(size) <= base
-        })
+        self.retain_counted(|k| k.outside(did, base, end))
     }
 
     pub(crate) fn len(&self) -> usize {

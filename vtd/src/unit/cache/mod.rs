@@ -21,6 +21,8 @@ pub(crate) mod paging;
 
 use parking_lot::Mutex;
 
+use crate::ids::DomainId;
+
 /// Geometry of one cache: `sets × ways` entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheGeometry {
@@ -63,6 +65,25 @@ pub struct InvalidGeometry(pub CacheGeometry);
 pub(crate) trait CacheKey: Copy + Eq {
     /// A well-mixed 64-bit hash; the top bits select the set.
     fn hash64(&self) -> u64;
+}
+
+/// A key that covers one naturally aligned region of one domain's input addresses: what
+/// the IOTLB and the paging-structure cache have in common for page-selective invalidation.
+pub(crate) trait RegionKey {
+    /// The domain the entry belongs to.
+    fn did(&self) -> DomainId;
+
+    /// First input address the entry covers, and its size in bytes.
+    fn region(&self) -> (u64, u64);
+
+    /// Whether a page-selective invalidation of `[base, end)` in `did` spares this entry:
+    /// it belongs to another domain or its region does not overlap the range (VT-d
+    /// 6.5.1.2: every entry that overlaps goes, whatever its page size).
+    #[inline]
+    fn outside(&self, did: DomainId, base: u64, end: u64) -> bool {
+        let (start, size) = self.region();
+        self.did() != did || start >= end || start.saturating_add(size) <= base
+    }
 }
 
 /// Fibonacci hashing: spreads sequential page numbers over all sets.

@@ -6,7 +6,7 @@
 //! global, domain-selective and (unless the invalidation hint is set) page-selective IOTLB
 //! invalidations, which is what the spec requires of them (VT-d 6.5.1.2, IH).
 
-use super::{CacheGeometry, CacheKey, SetAssoc, mix};
+use super::{CacheGeometry, CacheKey, RegionKey, SetAssoc, mix};
 use crate::ids::{DomainId, Hpa, Iova};
 use crate::unit::tables::level_shift;
 
@@ -24,8 +24,14 @@ impl PagingKey {
     pub(crate) fn new(did: DomainId, iova: Iova, level: u32) -> Self {
         Self { did, level: level as u8, tag: iova.0 >> level_shift(level + 1) }
     }
+}
 
-    fn range(&self) -> (u64, u64) {
+impl RegionKey for PagingKey {
+    fn did(&self) -> DomainId {
+        self.did
+    }
+
+    fn region(&self) -> (u64, u64) {
         let shift = level_shift(u32::from(self.level) + 1);
         (self.tag.checked_shl(shift).unwrap_or(u64::MAX), 1u64.checked_shl(shift).unwrap_or(u64::MAX))
     }
@@ -79,10 +85,7 @@ impl PagingCache {
     /// Every entry of `did` whose region overlaps `[base, base + len)`.
     pub(crate) fn invalidate_range(&self, did: DomainId, base: u64, len: u64) -> usize {
         let end = base.saturating_add(len);
-        self.cache.retain(|k, _| {
-            let (start, size) = k.range();
-            k.did != did || start >= end || start.saturating_add(size) <= base
-        })
+        self.cache.retain(|k, _| k.outside(did, base, end))
     }
 
     pub(crate) fn len(&self) -> usize {

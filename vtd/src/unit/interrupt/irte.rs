@@ -8,6 +8,7 @@
 //! (that is the remapper in the parent module).
 
 use crate::ids::{Hpa, SourceId};
+use crate::unit::field::field_enum;
 use crate::unit::regs::irta;
 
 /// Size of one IRTE in bytes.
@@ -22,42 +23,22 @@ pub enum ApicMode {
     X2Apic,
 }
 
-/// Delivery mode (IRTE `DLM[7:5]`; the same encoding as the compatibility-format MSI data
-/// bits 10:8). 011b and 110b are reserved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum DeliveryMode {
-    /// 000b: deliver the vector to the destination.
-    Fixed = 0,
-    /// 001b: deliver to the lowest-priority processor among the destinations.
-    LowestPriority = 1,
-    /// 010b: system management interrupt; the vector is ignored.
-    Smi = 2,
-    /// 100b: non-maskable interrupt; the vector is ignored.
-    Nmi = 4,
-    /// 101b: INIT; the vector is ignored.
-    Init = 5,
-    /// 111b: external interrupt (8259-style); the vector comes from the PIC.
-    ExtInt = 7,
-}
-
-impl DeliveryMode {
-    /// Decodes the 3-bit field; reserved encodings give `None`.
-    pub const fn from_bits(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Self::Fixed),
-            1 => Some(Self::LowestPriority),
-            2 => Some(Self::Smi),
-            4 => Some(Self::Nmi),
-            5 => Some(Self::Init),
-            7 => Some(Self::ExtInt),
-            _ => None,
-        }
-    }
-
-    /// The 3-bit encoding.
-    pub const fn bits(self) -> u8 {
-        self as u8
+field_enum! {
+    /// Delivery mode (IRTE `DLM[7:5]`; the same encoding as the compatibility-format MSI
+    /// data bits 10:8). 011b and 110b are reserved.
+    pub enum DeliveryMode(u8; to_bits, from_bits) {
+        /// 000b: deliver the vector to the destination.
+        Fixed = 0,
+        /// 001b: deliver to the lowest-priority processor among the destinations.
+        LowestPriority = 1,
+        /// 010b: system management interrupt; the vector is ignored.
+        Smi = 2,
+        /// 100b: non-maskable interrupt; the vector is ignored.
+        Nmi = 4,
+        /// 101b: INIT; the vector is ignored.
+        Init = 5,
+        /// 111b: external interrupt (8259-style); the vector comes from the PIC.
+        ExtInt = 7,
     }
 }
 
@@ -206,7 +187,7 @@ impl Irte {
 
     /// Sets the delivery mode.
     pub const fn with_delivery_mode(mut self, mode: DeliveryMode) -> Self {
-        self.lo = (self.lo & !(0b111 << DLM_SHIFT)) | ((mode.bits() as u64) << DLM_SHIFT);
+        self.lo = (self.lo & !(0b111 << DLM_SHIFT)) | ((mode.to_bits() as u64) << DLM_SHIFT);
         self
     }
 
@@ -475,7 +456,7 @@ mod tests {
             assert!(Irte::from_bits(good.lo | dlm << 5, 0).reserved_bits(ApicMode::XApic), "DLM {dlm}");
         }
         for dlm in [0u8, 1, 2, 4, 5, 7] {
-            assert_eq!(DeliveryMode::from_bits(dlm).map(DeliveryMode::bits), Some(dlm));
+            assert_eq!(DeliveryMode::from_bits(dlm).map(DeliveryMode::to_bits), Some(dlm));
         }
     }
 

@@ -147,9 +147,10 @@ impl IrFault {
     }
 }
 
-/// An interrupt entry cache invalidation (IEC descriptor, VT-d 6.5.2.7).
+/// An interrupt entry cache invalidation (IEC descriptor, VT-d 6.5.2.7): what the queued
+/// invalidation's type-4 descriptor carries, and what the remapper drops for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum IecInvalidation {
+pub enum IecInvalidation {
     /// G = 0: every cached entry.
     Global,
     /// G = 1: 2^`index_mask` entries from `index` rounded down to that alignment.

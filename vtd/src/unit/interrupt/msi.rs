@@ -128,7 +128,7 @@ pub const fn msi_compatibility(
         Trigger::Level => DATA_TRIGGER_LEVEL,
     };
     let addr = INTERRUPT_RANGE_BASE | ((destination as u64) << DEST_SHIFT) | dm;
-    let data = vector as u32 | ((delivery_mode.bits() as u32) << DATA_DLM_SHIFT) | DATA_LEVEL_ASSERT | tm;
+    let data = vector as u32 | ((delivery_mode.to_bits() as u32) << DATA_DLM_SHIFT) | DATA_LEVEL_ASSERT | tm;
     (addr, data)
 }
 

@@ -30,6 +30,13 @@ fn put(mem: &HostMemory, index: u16, e: Irte) {
     put_at(mem, TABLE, index, e);
 }
 
+/// Memory holding `e` at `index` of the table at [`TABLE`], and a [`remapper`] over it.
+fn with_entry(mode: ApicMode, index: u16, e: Irte) -> (HostMemory, InterruptRemapper) {
+    let mem = memory();
+    put(&mem, index, e);
+    (mem, remapper(mode))
+}
+
 /// A remapper with IRE on over a 256-entry table at [`TABLE`].
 fn remapper(mode: ApicMode) -> InterruptRemapper {
     let ir = InterruptRemapper::default();
@@ -49,8 +56,7 @@ fn fault(reason: FaultReason, index: Option<u16>, fpd: bool) -> Result<Remapped,
 
 #[test]
 fn remapper_is_send_and_sync() {
-    fn check<T: Send + Sync>() {}
-    check::<InterruptRemapper>();
+    crate::testing::assert_send_sync::<InterruptRemapper>();
 }
 
 #[test]
@@ -86,9 +92,7 @@ fn remaps_through_the_irte_in_xapic_mode() {
 
 #[test]
 fn x2apic_mode_delivers_the_full_destination() {
-    let mem = memory();
-    let ir = remapper(ApicMode::X2Apic);
-    put(&mem, 1, Irte::remapped(0x30, 0x0001_0203, ApicMode::X2Apic));
+    let (mem, ir) = with_entry(ApicMode::X2Apic, 1, Irte::remapped(0x30, 0x0001_0203, ApicMode::X2Apic));
     assert_eq!(remap(&ir, &mem, dev(), 1).map(|r| r.destination), Ok(0x0001_0203));
     // The same entry read in xAPIC mode has reserved DST bits set.
     let xapic = remapper(ApicMode::XApic);
@@ -101,9 +105,7 @@ fn x2apic_mode_delivers_the_full_destination() {
 
 #[test]
 fn subhandle_is_added_with_shv() {
-    let mem = memory();
-    let ir = remapper(ApicMode::XApic);
-    put(&mem, 8, Irte::remapped(0x80, 1, ApicMode::XApic));
+    let (mem, ir) = with_entry(ApicMode::XApic, 8, Irte::remapped(0x80, 1, ApicMode::XApic));
     put(&mem, 11, Irte::remapped(0x83, 1, ApicMode::XApic));
     let (addr, data) = msi_remappable(8, true);
     assert_eq!(ir.remap(&mem, dev(), addr, data | 3).map(|r| (r.vector, r.index)), Ok((0x83, Some(11))));
@@ -115,9 +117,7 @@ fn subhandle_is_added_with_shv() {
 
 #[test]
 fn fault_0x20_reserved_request_fields() {
-    let mem = memory();
-    let ir = remapper(ApicMode::XApic);
-    put(&mem, 4, Irte::remapped(0x20, 1, ApicMode::XApic));
+    let (mem, ir) = with_entry(ApicMode::XApic, 4, Irte::remapped(0x20, 1, ApicMode::XApic));
     let (addr, data) = msi_remappable(4, true);
     assert_eq!(ir.remap(&mem, dev(), addr, data | 0x1_0000), fault(FaultReason::IrRequestReserved, Some(4), false));
     assert_eq!(ir.remap(&mem, dev(), addr | 1 << 32, data), fault(FaultReason::IrRequestReserved, None, false));
@@ -128,9 +128,7 @@ fn fault_0x20_reserved_request_fields() {
 
 #[test]
 fn fault_0x21_index_beyond_the_table() {
-    let mem = memory();
-    let ir = remapper(ApicMode::XApic);
-    put(&mem, 255, Irte::remapped(0x20, 1, ApicMode::XApic));
+    let (mem, ir) = with_entry(ApicMode::XApic, 255, Irte::remapped(0x20, 1, ApicMode::XApic));
     assert!(remap(&ir, &mem, dev(), 255).is_ok());
     assert_eq!(remap(&ir, &mem, dev(), 256), fault(FaultReason::IrIndexOverflow, Some(256), false));
     // handle + subhandle counts: 250 + 6 = 256.
@@ -273,9 +271,11 @@ fn fault_0x26_and_requester_id_checks_for_every_qualifier() {
 
 #[test]
 fn no_source_validation_admits_everyone() {
-    let mem = memory();
-    let ir = remapper(ApicMode::XApic);
-    put(&mem, 7, Irte::remapped(0x50, 1, ApicMode::XApic).with_source_validation(SourceValidation::None));
+    let (mem, ir) = with_entry(
+        ApicMode::XApic,
+        7,
+        Irte::remapped(0x50, 1, ApicMode::XApic).with_source_validation(SourceValidation::None),
+    );
     for sid in [SourceId(0), SourceId(0xffff), dev()] {
         assert!(remap(&ir, &mem, sid, 7).is_ok());
     }
@@ -374,9 +374,7 @@ fn index_selective_invalidation_honours_the_mask() {
 
 #[test]
 fn new_table_needs_a_global_invalidation() {
-    let mem = memory();
-    let ir = remapper(ApicMode::XApic);
-    put(&mem, 1, Irte::remapped(0x30, 1, ApicMode::XApic));
+    let (mem, ir) = with_entry(ApicMode::XApic, 1, Irte::remapped(0x30, 1, ApicMode::XApic));
     assert_eq!(remap(&ir, &mem, dev(), 1).map(|r| r.vector), Ok(0x30));
     let other = Hpa(0x20_0000);
     put_at(&mem, other, 1, Irte::remapped(0x40, 1, ApicMode::XApic));
@@ -409,9 +407,7 @@ fn cache_capacity_is_bounded() {
 
 #[test]
 fn counters_add_up() {
-    let mem = memory();
-    let ir = remapper(ApicMode::XApic);
-    put(&mem, 1, Irte::remapped(0x30, 1, ApicMode::XApic));
+    let (mem, ir) = with_entry(ApicMode::XApic, 1, Irte::remapped(0x30, 1, ApicMode::XApic));
     for _ in 0..3 {
         assert!(remap(&ir, &mem, dev(), 1).is_ok());
     }
@@ -440,10 +436,10 @@ fn reset_forgets_everything() {
 
 #[test]
 fn iec_descriptor_decoding() {
-    use crate::unit::invalidation::descriptor::{Descriptor, IecInvalidationDesc, decode};
-    assert_eq!(decode(0x4, 0), Ok(Descriptor::Iec(IecInvalidationDesc::Global)));
+    use crate::unit::invalidation::descriptor::{Descriptor, decode};
+    assert_eq!(decode(0x4, 0), Ok(Descriptor::Iec(IecInvalidation::Global)));
     let qw0 = 0x4 | 1 << 4 | 5 << 27 | 0x1234 << 32;
-    assert_eq!(decode(qw0, 0), Ok(Descriptor::Iec(IecInvalidationDesc::Index { index: 0x1234, index_mask: 5 })));
+    assert_eq!(decode(qw0, 0), Ok(Descriptor::Iec(IecInvalidation::Index { index: 0x1234, index_mask: 5 })));
 }
 
 /// An invalidation that has returned must never be undone by a remap that read the table

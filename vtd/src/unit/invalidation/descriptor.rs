@@ -7,6 +7,7 @@
 
 use super::caches::{ContextInvalidation, IotlbInvalidation};
 use crate::ids::{DomainId, Iova, SourceId};
+use crate::unit::interrupt::IecInvalidation;
 
 /// Type 1: context-cache invalidation (VT-d 6.5.2.1).
 pub const CONTEXT_TYPE: u64 = 1;
@@ -39,20 +40,6 @@ pub enum QueueErrorCode {
     ReservedFields = 4,
     /// 5: 256-bit descriptors requested (IQA.DW) without scalable mode.
     InvalidWidth = 5,
-}
-
-/// An interrupt-entry-cache invalidation (VT-d 6.5.2.7).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IecInvalidationDesc {
-    /// Every entry.
-    Global,
-    /// `2^index_mask` entries from `index` (aligned down).
-    Index {
-        /// IIDX.
-        index: u16,
-        /// IM.
-        index_mask: u8,
-    },
 }
 
 /// A device-TLB invalidation (VT-d 6.5.2.5): forwarded to the device as an ATS
@@ -92,7 +79,7 @@ pub enum Descriptor {
     /// Type 3.
     DeviceTlb(DeviceTlbInvalidationDesc),
     /// Type 4.
-    Iec(IecInvalidationDesc),
+    Iec(IecInvalidation),
     /// Type 5.
     Wait(WaitDesc),
     /// Type 9, kept raw: the page-request layer decodes it.
@@ -156,12 +143,9 @@ pub fn decode(qw0: u64, qw1: u64) -> Result<Descriptor, QueueErrorCode> {
         IEC_TYPE => {
             rsvd(IEC_RSVD)?;
             Ok(Descriptor::Iec(if qw0 & (1 << 4) == 0 {
-                IecInvalidationDesc::Global
+                IecInvalidation::Global
             } else {
-                IecInvalidationDesc::Index {
-                    index: ((qw0 >> 32) & 0xffff) as u16,
-                    index_mask: ((qw0 >> 27) & 0x1f) as u8,
-                }
+                IecInvalidation::Index { index: ((qw0 >> 32) & 0xffff) as u16, index_mask: ((qw0 >> 27) & 0x1f) as u8 }
             }))
         }
         WAIT_TYPE => {
@@ -222,10 +206,10 @@ pub mod encode {
     }
 
     /// Type 4.
-    pub fn iec(inv: IecInvalidationDesc) -> (u64, u64) {
+    pub fn iec(inv: IecInvalidation) -> (u64, u64) {
         match inv {
-            IecInvalidationDesc::Global => (4, 0),
-            IecInvalidationDesc::Index { index, index_mask } => {
+            IecInvalidation::Global => (4, 0),
+            IecInvalidation::Index { index, index_mask } => {
                 (4 | (1 << 4) | (u64::from(index_mask & 0x1f) << 27) | (u64::from(index) << 32), 0)
             }
         }
@@ -253,7 +237,7 @@ mod tests {
             encode::context(ContextInvalidation::Device { did: DomainId(7), sid: SourceId(0x1234), function_mask: 2 }),
             encode::iotlb(IotlbInvalidation::Page { did: DomainId(3), addr: Iova(0x4000_0000), am: 9, ih: true }),
             encode::device_tlb(SourceId(0x0100), 8, Iova(0x20_0000), 9),
-            encode::iec(IecInvalidationDesc::Index { index: 0x40, index_mask: 2 }),
+            encode::iec(IecInvalidation::Index { index: 0x40, index_mask: 2 }),
             encode::wait(WaitDesc {
                 interrupt: true,
                 status_write: true,

@@ -33,11 +33,12 @@ use std::time::Duration;
 
 pub use caches::{ContextInvalidation, IotlbInvalidation};
 pub use doorbell::InvalidationDoorbell;
-pub use ports::{DeviceInvalidation, DevicePort, PageResponse, PortError, UnexpectedCompletion};
+pub use ports::{DeviceInvalidation, DevicePort, PortError, UnexpectedCompletion};
 pub(crate) use queue::QueueState;
 
 use super::Unit;
 use super::event::Message;
+use super::prq::PageGroupResponse;
 
 /// Work to do once the queue lock is released: calls into ports and event subscribers
 /// never happen under it, so a port may complete synchronously.
@@ -46,7 +47,7 @@ pub(crate) enum Effect {
     /// Send an ATS invalidation request to a device.
     Invalidate(Arc<dyn DevicePort>, DeviceInvalidation),
     /// Send a page group response to a device.
-    PageResponse(Arc<dyn DevicePort>, PageResponse),
+    PageResponse(Arc<dyn DevicePort>, PageGroupResponse),
     /// Send the invalidation completion event's message.
     Interrupt(Message),
     /// A device-TLB invalidation completed after this long.

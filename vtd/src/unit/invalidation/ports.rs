@@ -28,6 +28,7 @@ use crate::ats::MAX_QUEUE_DEPTH;
 use crate::ats::range as srange;
 use crate::ids::{ITag, Iova, SourceId};
 use crate::unit::Unit;
+use crate::unit::prq::PageGroupResponse;
 
 /// An ATS invalidation request for one function's device TLB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,23 +48,12 @@ impl DeviceInvalidation {
     }
 }
 
-/// A page group response on its way to a function (PCIe PRI).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageResponse {
-    /// The function.
-    pub sid: SourceId,
-    /// Page request group index.
-    pub prgi: u16,
-    /// Response code: 0 success, 1 invalid request, 0xF response failure.
-    pub code: u8,
-}
-
 /// Where a function's device-side traffic from the unit goes.
 pub trait DevicePort: Send + Sync + std::fmt::Debug {
     /// Delivers an invalidation request. Must not block.
     fn invalidate(&self, request: DeviceInvalidation);
     /// Delivers a page group response. Must not block.
-    fn page_response(&self, _response: PageResponse) {}
+    fn page_response(&self, _response: PageGroupResponse) {}
 }
 
 /// A port could not be bound.

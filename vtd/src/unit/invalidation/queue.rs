@@ -26,12 +26,11 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::descriptor::{self, Descriptor, QueueErrorCode, decode};
-use super::ports::{DeviceInvalidation, PageResponse, PortState};
+use super::ports::{DeviceInvalidation, PortState};
 use super::{Effect, Effects};
 use crate::ids::{Hpa, SourceId};
 use crate::unit::Unit;
 use crate::unit::event::EventControl;
-use crate::unit::interrupt::IecInvalidation;
 use crate::unit::prq::PageGroupResponse;
 use crate::unit::regs::{self, Iqercd, fsts, iq};
 
@@ -179,12 +178,7 @@ impl Unit {
                     self.counters.qi_device_tlb.inc();
                 }
                 Descriptor::Iec(inv) => {
-                    self.interrupts.invalidate(match inv {
-                        descriptor::IecInvalidationDesc::Global => IecInvalidation::Global,
-                        descriptor::IecInvalidationDesc::Index { index, index_mask } => {
-                            IecInvalidation::Index { index, index_mask }
-                        }
-                    });
+                    self.interrupts.invalidate(inv);
                     self.counters.qi_iec.inc();
                 }
                 Descriptor::Wait(w) => {
@@ -210,8 +204,7 @@ impl Unit {
                         if let Some(r) = resp
                             && let Some(p) = q.ports.get(&r.sid)
                         {
-                            let response = PageResponse { sid: r.sid, prgi: r.prgi, code: r.code.code() };
-                            effects.push(Effect::PageResponse(p.port.clone(), response));
+                            effects.push(Effect::PageResponse(p.port.clone(), r));
                         }
                         self.counters.qi_page_response.inc();
                     }

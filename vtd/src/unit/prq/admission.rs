@@ -10,7 +10,6 @@
 use super::PageRequest;
 use crate::ids::SourceId;
 use crate::unit::Unit;
-use crate::unit::invalidation::PageResponse;
 use crate::unit::tables::TranslationType;
 
 /// Why a page request was not accepted from a device.
@@ -48,7 +47,7 @@ impl Unit {
         if let Some(r) = submitted.response()
             && let Some(port) = self.device_port(r.sid)
         {
-            port.page_response(PageResponse { sid: r.sid, prgi: r.prgi, code: r.code.code() });
+            port.page_response(r);
         }
         Ok(if submitted.is_queued() { PageRequestOutcome::Queued } else { PageRequestOutcome::Dropped })
     }

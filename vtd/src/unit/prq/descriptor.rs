@@ -7,6 +7,7 @@
 
 use crate::ats::MAX_PRG_INDEX;
 use crate::ids::{Iova, SourceId};
+use crate::unit::field::field_enum;
 use crate::unit::invalidation::descriptor::descriptor_type;
 
 /// TYPE of a page request descriptor (qw0 bits 7:0).
@@ -146,32 +147,17 @@ pub enum DescriptorError {
     Reserved(u64),
 }
 
-/// The response code of a page group response (PCIe 10.4.2.1; Linux `QI_RESP_*`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ResponseCode {
-    /// Every page of the group is now present: the device retries its translations.
-    Success = 0,
-    /// A page cannot be made present with the requested access: the device reports an
-    /// error for the access instead of retrying.
-    Invalid = 1,
-    /// A catastrophic error: the device disables its page request interface.
-    Failure = 0xf,
-}
-
-impl ResponseCode {
-    /// The 4-bit code.
-    pub const fn code(self) -> u8 {
-        self as u8
-    }
-
-    /// The code for a 4-bit value, or `None` for the values PCIe reserves.
-    pub const fn from_code(code: u8) -> Option<Self> {
-        match code {
-            0 => Some(Self::Success),
-            1 => Some(Self::Invalid),
-            0xf => Some(Self::Failure),
-            _ => None,
-        }
+field_enum! {
+    /// The 4-bit response code of a page group response (PCIe 10.4.2.1; Linux `QI_RESP_*`);
+    /// the other values are reserved.
+    pub enum ResponseCode(u8; code, from_code) {
+        /// Every page of the group is now present: the device retries its translations.
+        Success = 0,
+        /// A page cannot be made present with the requested access: the device reports an
+        /// error for the access instead of retrying.
+        Invalid = 1,
+        /// A catastrophic error: the device disables its page request interface.
+        Failure = 0xf,
     }
 }
 

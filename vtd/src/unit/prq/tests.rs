@@ -99,8 +99,7 @@ const MSG: Option<(u64, u32)> = Some((PEADDR as u64, PEDATA));
 
 #[test]
 fn queue_is_send_and_sync() {
-    fn check<T: Send + Sync>() {}
-    check::<PageRequestQueue>();
+    crate::testing::assert_send_sync::<PageRequestQueue>();
 }
 
 #[test]
