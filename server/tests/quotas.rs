@@ -3,17 +3,14 @@
 //! counted in `dmar_server_quota_refusals_total{quota="max_frames"}`, one identity at its
 //! quota leaving another's room untouched.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Result;
 use dmar_auth::{DevPki, DevPkiSpec, Identity, Policy};
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
-use dmar_server::service::{Listeners, Security, ServerConfig, serve};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use dmar_server::service::{Security, ServerConfig};
+use dmar_test_support::{Boot, Server, http_get, sample};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
@@ -22,14 +19,6 @@ use tonic::transport::{Channel, Endpoint};
 const A_MAX_FRAMES: u64 = 5;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-struct Server {
-    addr: SocketAddr,
-    metrics: SocketAddr,
-    pki: DevPki,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
 
 /// operator-a may hold [`A_MAX_FRAMES`] frames; operator-b has the default quotas.
 fn pki() -> Result<DevPki> {
@@ -49,45 +38,26 @@ fn pki() -> Result<DevPki> {
     Ok(pki)
 }
 
-async fn boot() -> Result<Server> {
+/// A server behind mutual TLS with that policy, and a `/metrics` listener.
+async fn boot(pki: &DevPki) -> Result<Server> {
     dmar_auth::tls::install_default_crypto_provider();
-    let pki = pki()?;
     let security = Security::mutual_tls(pki.tls_material("dmar-server")?, pki.policy.clone());
-    let grpc = TcpListener::bind("127.0.0.1:0").await?;
-    let metrics = TcpListener::bind("127.0.0.1:0").await?;
-    let (addr, metrics_addr) = (grpc.local_addr()?, metrics.local_addr()?);
     let config = ServerConfig { memory_size: 1 << 30, security, ..ServerConfig::default() };
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        serve(config, Listeners { grpc, metrics: Some(metrics) }, s).await.expect("serve");
-    });
-    Ok(Server { addr, metrics: metrics_addr, pki, shutdown, task })
+    Ok(Boot::new(config).with_metrics().start().await)
 }
 
-impl Server {
-    async fn control(&self, name: &str) -> Result<ControlClient<Channel>> {
-        let tls = self.pki.tls_material(name)?.tonic_client_config("localhost");
-        let endpoint = Endpoint::from_shared(format!("https://{}", self.addr))?
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(5));
-        Ok(ControlClient::new(endpoint.connect().await?))
-    }
+async fn control(server: &Server, pki: &DevPki, name: &str) -> Result<ControlClient<Channel>> {
+    let tls = pki.tls_material(name)?.tonic_client_config("localhost");
+    let endpoint = Endpoint::from_shared(format!("https://{}", server.addr))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5));
+    Ok(ControlClient::new(endpoint.connect().await?))
+}
 
-    /// `dmar_server_quota_refusals_total{quota="max_frames"}` (0 before the first).
-    async fn frame_refusals(&self) -> Result<f64> {
-        let mut s = TcpStream::connect(self.metrics).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await?;
-        let line = "dmar_server_quota_refusals_total{quota=\"max_frames\"} ";
-        Ok(body.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0))
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("stops").expect("join");
-    }
+/// `dmar_server_quota_refusals_total{quota="max_frames"}` (0 before the first).
+async fn frame_refusals(server: &Server) -> f64 {
+    let body = http_get(server.metrics_addr(), "/metrics").await;
+    sample(&body, "dmar_server_quota_refusals_total{quota=\"max_frames\"} ").unwrap_or(0.0)
 }
 
 fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, contains: &str) {
@@ -111,9 +81,10 @@ async fn map(c: &mut ControlClient<Channel>, domain_id: u32, ranges: Vec<MapRang
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_at_its_frame_quota_cannot_grow_its_tables() -> Result<()> {
-    let server = boot().await?;
-    let refusals = server.frame_refusals().await?;
-    let (mut a, mut b) = (server.control("operator-a").await?, server.control("operator-b").await?);
+    let pki = pki()?;
+    let server = boot(&pki).await?;
+    let refusals = frame_refusals(&server).await;
+    let (mut a, mut b) = (control(&server, &pki, "operator-a").await?, control(&server, &pki, "operator-b").await?);
     let quota = format!("operator-a reached its max_frames quota of {A_MAX_FRAMES}");
 
     // 1 (top) + 3 (the tables under the first page) of 5.
@@ -156,7 +127,7 @@ async fn an_identity_at_its_frame_quota_cannot_grow_its_tables() -> Result<()> {
     map(&mut a, da, vec![range(GIB, 0, 4096)]).await?;
 
     // Four refusals, each counted.
-    assert_eq!(server.frame_refusals().await? - refusals, 4.0);
+    assert_eq!(frame_refusals(&server).await - refusals, 4.0);
     server.stop().await;
     Ok(())
 }
