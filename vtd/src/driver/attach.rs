@@ -9,6 +9,12 @@
 //! - Attaching an ATS device (TT=01b) invalidates its device TLB before the entry is
 //!   written, so it starts empty, and records it among the domain's ATS devices first, so
 //!   every later unmap invalidates its TLB too.
+//! - Translated-request checking ([`AttachOptions::with_check_translated`], a dmar
+//!   extension) is switched on in the unit before the TT=01b entry is written, so no
+//!   completion escapes it, and off after detach's invalidations, so it covers the device
+//!   until its device TLB is empty. This is the driver's one call into the unit outside
+//!   registers and memory besides the doorbell: emulator configuration, which no VT-d
+//!   register holds.
 //!
 //! Not here: the table layout and write order of context entries (`context`).
 
@@ -21,6 +27,40 @@ use super::error::DriverError;
 use super::invalidate::{ContextScope, DeviceTlbRange, Invalidation, IotlbScope};
 use crate::ids::{DomainId, Hpa, SourceId};
 use crate::unit::tables::{ContextEntry, TranslationType};
+
+/// How a device is attached, beyond its domain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttachOptions {
+    ats: bool,
+    check_translated: bool,
+}
+
+impl AttachOptions {
+    /// A device that uses ATS (`ats`) or not, with translated-request checking off.
+    pub const fn new(ats: bool) -> Self {
+        Self { ats, check_translated: false }
+    }
+
+    /// Turns translated-request checking on or off for the device: with it on, the unit
+    /// accepts the device's translated requests only inside ranges it completed for it
+    /// and has not invalidated since ([`crate::unit::Unit::set_translated_check`]).
+    /// Meaningful only for an ATS device in a paging domain (any other device may send no
+    /// translated request at all, TT≠01b); ignored otherwise.
+    pub const fn with_check_translated(mut self, on: bool) -> Self {
+        self.check_translated = on;
+        self
+    }
+
+    /// Whether the device uses ATS.
+    pub const fn ats(&self) -> bool {
+        self.ats
+    }
+
+    /// Whether translated-request checking is asked for.
+    pub const fn check_translated(&self) -> bool {
+        self.check_translated
+    }
+}
 
 /// What detaching a device did.
 #[derive(Clone, Copy, Debug)]
@@ -42,16 +82,25 @@ impl Driver {
     /// ([`DriverError::AtsUnsupported`]). The device's TLB is invalidated before its TT=01b
     /// entry is written; if the device does not answer
     /// ([`DriverError::DeviceTlbTimeout`]) it is left detached.
+    ///
+    /// Translated-request checking stays off; [`Driver::attach_with`] turns it on.
     pub fn attach(&self, sid: SourceId, did: DomainId, ats: bool) -> Result<(), DriverError> {
+        self.attach_with(sid, did, AttachOptions::new(ats))
+    }
+
+    /// As [`Driver::attach`], with `options`: translated-request checking is switched on in
+    /// the unit before an ATS device's TT=01b entry is written.
+    pub fn attach_with(&self, sid: SourceId, did: DomainId, options: AttachOptions) -> Result<(), DriverError> {
         let mut ctx = self.context.lock();
         // Looked up under the context lock: destroy holds it too, so the domain cannot go
         // away between here and the entry write.
         let domain = self.domain(did)?;
-        let wanted = Attachment { did, ats };
+        let uses_ats = options.ats && domain.kind == DomainKind::Paging;
+        let check_translated = uses_ats && options.check_translated;
+        let wanted = Attachment { did, ats: options.ats, check_translated };
         if ctx.devices.get(&sid) == Some(&wanted) {
             return Ok(());
         }
-        let uses_ats = ats && domain.kind == DomainKind::Paging;
         if uses_ats && !self.ats_supported() {
             return Err(DriverError::AtsUnsupported(sid));
         }
@@ -77,15 +126,21 @@ impl Driver {
             // Before the entry is written: from then on every unmap of the domain also
             // invalidates this device's TLB.
             domain.state.lock().ats_devices.insert(sid);
+            // Before the entry is written too: every completion the unit gives the device
+            // is recorded (detach switched it off).
+            if check_translated {
+                self.unit.set_translated_check(sid, true);
+            }
         }
         if let Some(entry) = entry
             && let Err(e) = ctx.install(&self.memory, &self.frames, sid, entry)
         {
             domain.state.lock().ats_devices.remove(&sid);
+            self.unit.set_translated_check(sid, false);
             return Err(e);
         }
         ctx.devices.insert(sid, wanted);
-        debug!(sid = %sid, domain = did.0, ats = uses_ats, "device attached");
+        debug!(sid = %sid, domain = did.0, ats = uses_ats, check_translated, "device attached");
         Ok(())
     }
 
@@ -122,9 +177,13 @@ impl Driver {
             }
             result = self.invalidate(&batch);
         }
-        // Only now: unmaps that ran meanwhile still invalidated this device's TLB.
+        // Only now: unmaps that ran meanwhile still invalidated this device's TLB, and its
+        // translated requests were checked until its device TLB was flushed.
         if let Ok(domain) = self.domain(att.did) {
             domain.state.lock().ats_devices.remove(&sid);
+        }
+        if att.check_translated {
+            self.unit.set_translated_check(sid, false);
         }
         debug!(sid = %sid, domain = att.did.0, "device detached");
         result.map(|()| Some(Detached { did: att.did, device_tlb_flushed }))

@@ -22,6 +22,9 @@ pub(crate) struct Attachment {
     /// The device asked for ATS (TT=01b in a paging domain): its device TLB is invalidated
     /// with the domain's IOTLB (the domain keeps the set of such devices).
     pub(crate) ats: bool,
+    /// Translated-request checking is on for it in the unit (only with ATS in a paging
+    /// domain).
+    pub(crate) check_translated: bool,
 }
 
 /// Root table, context tables and attachments; the driver keeps it behind one lock.

@@ -13,9 +13,11 @@
 //!
 //! It talks to the unit only through registers and host memory, exactly as a real driver
 //! would, so whatever it gets wrong shows up as faults or stale translations in the unit.
-//! The one exception is documented in `doorbell`: while waiting for the invalidation
-//! queue it sleeps on the unit's invalidation doorbell, a stand-in for the invalidation
-//! completion event, and still learns what happened from the status word and registers.
+//! The exceptions are documented where they happen: in `doorbell`, while waiting for the
+//! invalidation queue it sleeps on the unit's invalidation doorbell, a stand-in for the
+//! invalidation completion event, and still learns what happened from the status word and
+//! registers; in `attach`, it switches the unit's translated-request checking (a dmar
+//! extension no register holds) for the devices the operator asked it for.
 //! Time (the age of deferred unmaps) is read from the unit's clock.
 //!
 //! It does not translate DMA (the unit does), does not know about the network, and does not
@@ -83,6 +85,7 @@ use crate::ids::{DomainId, Hpa};
 use crate::unit::Unit;
 use crate::unit::memory::HostMemory;
 
+pub use self::attach::AttachOptions;
 pub use self::config::{DomainKind, DriverConfig, FlushPolicy, MAX_TABLE_REGION, Perm};
 pub use self::error::{AddressField, DriverError};
 pub use self::interrupts::IRT_ENTRIES;

@@ -11,6 +11,8 @@
 //!   invalidations ([`invalidation`]);
 //! - fault recording and the fault event (`fault`, with the reasons in `fault_reason`);
 //! - interrupt remapping ([`interrupt`]) and the page request queue ([`prq`]);
+//! - translated-request checking, a dmar extension hardware does not have: the ranges
+//!   each checked function was granted by translation completions (`grants`);
 //! - its counters (`stats`).
 //!
 //! Tables live in [`HostMemory`] ([`memory`]), in the binary formats of [`tables`]; the unit
@@ -32,6 +34,7 @@ mod event;
 mod fault;
 mod fault_reason;
 mod field;
+mod grants;
 pub mod interrupt;
 pub mod invalidation;
 pub mod memory;
@@ -54,6 +57,7 @@ use crate::clock::{Clock, SystemClock};
 pub use cache::{CacheGeometry, InvalidGeometry};
 pub use fault::{Direction, FaultRecord, NoEvents, RequestKind, UnitEvents, WALK_SAMPLE_PERIOD};
 pub use fault_reason::FaultReason;
+pub use grants::DEFAULT_GRANTS_PER_FUNCTION;
 pub use invalidation::{
     ContextInvalidation, DeviceInvalidation, DevicePort, InvalidationDoorbell, IotlbInvalidation, PortError,
     UnexpectedCompletion,
@@ -69,6 +73,7 @@ use cache::context::ContextCache;
 use cache::iotlb::Iotlb;
 use cache::paging::PagingCache;
 use fault::FaultRecorder;
+use grants::GrantTable;
 use stats::Counters;
 
 /// Construction-time parameters of a unit: cache sizes and diagnostics.
@@ -80,11 +85,13 @@ pub struct UnitConfig {
     interrupt_cache: CacheGeometry,
     stale_detection: bool,
     device_tlb_timeout: Duration,
+    translated_grants: usize,
 }
 
 impl Default for UnitConfig {
     /// IOTLB 256×8, context cache 64×4, paging-structure cache 128×4, stale detection on,
-    /// device-TLB invalidation time-out 1 s.
+    /// device-TLB invalidation time-out 1 s, [`DEFAULT_GRANTS_PER_FUNCTION`] grants per
+    /// function for translated-request checking.
     fn default() -> Self {
         Self {
             iotlb: CacheGeometry::new(256, 8),
@@ -93,6 +100,7 @@ impl Default for UnitConfig {
             interrupt_cache: interrupt::DEFAULT_IEC_GEOMETRY,
             stale_detection: true,
             device_tlb_timeout: Duration::from_secs(1),
+            translated_grants: DEFAULT_GRANTS_PER_FUNCTION,
         }
     }
 }
@@ -129,6 +137,15 @@ impl UnitConfig {
     /// Sets the time after which an unanswered device-TLB invalidation sets ITE.
     pub fn with_device_tlb_timeout(mut self, timeout: Duration) -> Self {
         self.device_tlb_timeout = timeout;
+        self
+    }
+
+    /// Sets how many grants (merged ranges) one function may hold when translated-request
+    /// checking is on for it (at least 1); past it the oldest is evicted, and counted in
+    /// [`UnitStats::translated_check_evictions`]. The bound keeps what a device can make
+    /// the unit remember finite: about 150 bytes per grant.
+    pub fn with_translated_grants(mut self, per_function: usize) -> Self {
+        self.translated_grants = per_function.max(1);
         self
     }
 }
@@ -168,6 +185,8 @@ pub struct Unit {
     doorbells: Mutex<Vec<std::sync::Weak<dyn invalidation::InvalidationDoorbell>>>,
     prq: prq::PageRequestQueue,
     interrupts: interrupt::InterruptRemapper,
+    /// Translated-request checking: the switch per function and what each was granted.
+    grants: GrantTable,
     counters: Counters,
     clock: Arc<dyn Clock>,
 }
@@ -251,6 +270,7 @@ impl Unit {
             interrupts: interrupt::InterruptRemapper::new(config.interrupt_cache)
                 .unwrap_or_default()
                 .with_stale_detection(config.stale_detection),
+            grants: GrantTable::new(config.translated_grants),
             counters: Counters::default(),
             clock,
         }

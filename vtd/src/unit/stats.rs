@@ -113,6 +113,16 @@ counters! {
     translated_ok,
     /// Translated requests blocked.
     translated_blocked,
+    /// Translated requests refused by translated-request checking (no grant covered them
+    /// with the permission needed); also counted in `translated_blocked`.
+    translated_check_refusals,
+    /// Translation completions recorded as grants for translated-request checking.
+    translated_check_grants,
+    /// Grants evicted because a function reached its bound.
+    translated_check_evictions,
+    /// Translations computed again because an invalidation for the function ran while
+    /// they were in flight.
+    translated_check_retries,
     /// Context-cache hits.
     context_hits,
     /// Context-cache misses (root and context entries read from memory).

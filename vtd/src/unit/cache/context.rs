@@ -59,19 +59,26 @@ impl ContextCache {
     /// domains may be dropped too; invalidating more than asked is always allowed
     /// (VT-d 6.5.1.1).
     pub(crate) fn invalidate_device(&self, sid: SourceId, function_mask: u8) -> usize {
-        let mask: u16 = match function_mask & 3 {
-            0 => 0,
-            1 => 0b100,
-            2 => 0b110,
-            _ => 0b111,
-        };
-        let base = sid.0 & !mask;
-        (0..=mask).filter(|f| f & !mask == 0).filter(|f| self.cache.remove(&SourceId(base | f))).count()
+        masked_functions(sid, function_mask).filter(|s| self.cache.remove(s)).count()
     }
 
     pub(crate) fn len(&self) -> usize {
         self.cache.len()
     }
+}
+
+/// The source ids a device-selective context invalidation of `sid` with function mask
+/// `function_mask` names (VT-d 6.5.1.1, CCMD.FM / descriptor FM: 0 ignores no function
+/// bit, 1 bit 2, 2 bits 2:1, 3 bits 2:0).
+pub(crate) fn masked_functions(sid: SourceId, function_mask: u8) -> impl Iterator<Item = SourceId> {
+    let mask: u16 = match function_mask & 3 {
+        0 => 0,
+        1 => 0b100,
+        2 => 0b110,
+        _ => 0b111,
+    };
+    let base = sid.0 & !mask;
+    (0..=mask).filter(move |f| f & !mask == 0).map(move |f| SourceId(base | f))
 }
 
 #[cfg(test)]

@@ -83,6 +83,9 @@ impl Unit {
                 (self.context_cache.invalidate_device(sid, function_mask), Performed::Selective)
             }
         };
+        // Translated-request checking: what the named functions were granted under their
+        // old context entries goes with them.
+        self.grants.context_invalidated(inv);
         self.counters.context_invalidations.inc();
         self.counters.entries_invalidated.add(n as u64);
         performed

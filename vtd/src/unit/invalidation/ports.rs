@@ -155,12 +155,14 @@ impl Unit {
     }
 
     /// Unbinds the port for `sid`; its outstanding invalidations count as completed (the
-    /// function's device TLB is gone). Returns whether a port was bound.
+    /// function's device TLB is gone, so are its translated-request grants). Returns
+    /// whether a port was bound.
     pub fn unbind_device_port(&self, sid: SourceId) -> bool {
         let mut effects = Effects::default();
         let found = {
             let mut q = self.queue.lock();
             let found = q.ports.remove(&sid).is_some();
+            self.grants.clear(sid);
             self.process(&mut q, self.clock.now(), &mut effects);
             found
         };

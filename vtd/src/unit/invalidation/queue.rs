@@ -13,7 +13,9 @@
 //!   stays on the offending descriptor and the queue stops until software clears IQE
 //!   (VT-d 6.5.2.10).
 //! - A device-TLB descriptor goes out through the function's device port (`ports`), or
-//!   completes at once for a function with no bound port (it has no device TLB).
+//!   completes at once for a function with no bound port (it has no device TLB). Either
+//!   way it revokes the range from the function's translated-request grants
+//!   (`crate::unit::grants`) when it is processed.
 //! - A wait descriptor completes only once every earlier descriptor has, device-TLB ones
 //!   included (VT-d 6.5.2.8): status write, then IWC and the invalidation event.
 //! - IQE, ICE and ITE each stop fetching until software clears them; the first one set
@@ -175,6 +177,11 @@ impl Unit {
                         let request = DeviceInvalidation { sid: d.sid, itag, addr_s: d.addr_s };
                         effects.push(Effect::Invalidate(p.port.clone(), request));
                     }
+                    // Translated-request checking: from the moment the descriptor is
+                    // processed, the function may no longer rely on the range.
+                    let (base, len) = crate::ats::range::decode(d.addr_s);
+                    let evicted = self.grants.revoke(d.sid, base.0, len);
+                    self.counters.translated_check_evictions.add(evicted as u64);
                     self.counters.qi_device_tlb.inc();
                 }
                 Descriptor::Iec(inv) => {
