@@ -39,7 +39,9 @@ async fn main() -> anyhow::Result<()> {
         .into_inner()
         .domain_id;
     for sid in &sids {
-        control.attach(AttachRequest { source_id: u32::from(sid.0), domain_id: did, ats: true }).await?;
+        control
+            .attach(AttachRequest { source_id: u32::from(sid.0), domain_id: did, ats: true, check_translated: false })
+            .await?;
     }
     let rw = Some(Permissions { read: true, write: true });
     control

@@ -153,6 +153,11 @@ pub struct Common {
     /// dominate every access.
     #[arg(long, global = true, env = "DMAR_DMA")]
     pub dma: bool,
+    /// Attach every device with translated-request checking (dmar's extension: the server
+    /// accepts a device's translated DMA only inside ranges it completed for it), to
+    /// measure what the check costs; with `--dma` the DMA is checked too.
+    #[arg(long, global = true, env = "DMAR_CHECK_TRANSLATED")]
+    pub check_translated: bool,
     /// Device TLB entries per function (embedded agents).
     #[arg(long, global = true, env = "DMAR_ATC_CAPACITY", default_value_t = 2048)]
     pub atc_capacity: usize,

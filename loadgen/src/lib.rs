@@ -140,6 +140,7 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<Outcome> {
                 None | Some(Command::Sweep) if c.no_baseline => None,
                 _ => Some(c.baseline),
             },
+            check_translated: c.check_translated,
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
         };
         match &cli.command {

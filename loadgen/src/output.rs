@@ -35,7 +35,7 @@ pub(crate) fn text(r: &SweepReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "dmar sweep: {} agents{}{}, {:.1} s per run after {:.1} s warm-up, {} in flight per device{}, {} KiB {} footprint, {} pattern, {:.0}% writes{}",
+        "dmar sweep: {} agents{}{}, {:.1} s per run after {:.1} s warm-up, {} in flight per device{}, {} KiB {} footprint, {} pattern, {:.0}% writes{}{}",
         s.agents,
         if s.embedded { " (embedded)" } else { "" },
         if s.tls { " over mutual TLS" } else { "" },
@@ -52,6 +52,7 @@ pub(crate) fn text(r: &SweepReport) -> String {
         s.pattern,
         s.write_fraction * 100.0,
         if s.translate_only { ", translate only" } else { ", with DMA" },
+        if s.check_translated { ", translated requests checked" } else { "" },
     );
     if s.embedded {
         let _ = writeln!(

@@ -240,6 +240,8 @@ pub struct Settings {
     pub translate_only: bool,
     /// The baseline's kind (`unary` or `link`); `None` when no baseline ran.
     pub baseline: Option<BaselineKind>,
+    /// Devices attached with translated-request checking.
+    pub check_translated: bool,
     /// CPUs of the machine that ran the load generator.
     pub cpus: usize,
 }

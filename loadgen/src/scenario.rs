@@ -48,28 +48,38 @@ pub(crate) fn ranges(footprint: u64, mix: PageMix) -> Vec<MapRange> {
     }
 }
 
-/// Creates a 48-bit paging domain for `sid` and attaches it with ATS; nothing is mapped.
-pub(crate) async fn attach(control: &mut ControlClient<Channel>, sid: u32) -> anyhow::Result<Prepared> {
+/// Creates a 48-bit paging domain for `sid` and attaches it with ATS, and with
+/// translated-request checking if `check_translated`; nothing is mapped.
+pub(crate) async fn attach(
+    control: &mut ControlClient<Channel>,
+    sid: u32,
+    check_translated: bool,
+) -> anyhow::Result<Prepared> {
     let domain = control
         .create_domain(CreateDomainRequest { kind: DomainKind::Paging as i32, address_width: 48 })
         .await
         .context("CreateDomain")?
         .into_inner()
         .domain_id;
-    control.attach(AttachRequest { source_id: sid, domain_id: domain, ats: true }).await.context("Attach")?;
+    control
+        .attach(AttachRequest { source_id: sid, domain_id: domain, ats: true, check_translated })
+        .await
+        .context("Attach")?;
     Ok(Prepared { sid, domain })
 }
 
-/// Creates a domain per device, attaches it with ATS and maps its footprint.
+/// Creates a domain per device, attaches it with ATS (and translated-request checking if
+/// `check_translated`) and maps its footprint.
 pub(crate) async fn prepare(
     control: &mut ControlClient<Channel>,
     sids: &[u32],
     footprint: u64,
     mix: PageMix,
+    check_translated: bool,
 ) -> anyhow::Result<Vec<Prepared>> {
     let mut out = Vec::with_capacity(sids.len());
     for &sid in sids {
-        let Prepared { domain, .. } = attach(control, sid).await?;
+        let Prepared { domain, .. } = attach(control, sid, check_translated).await?;
         control
             .map(MapRequest { domain_id: domain, ranges: ranges(footprint, mix) })
             .await

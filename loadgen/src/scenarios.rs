@@ -54,7 +54,9 @@ pub(crate) async fn invalidate(cluster: &Cluster, common: &Common, devices: usiz
     let chosen = all[..devices].to_vec();
     let sids: Vec<u32> = chosen.iter().map(|d| d.sid).collect();
     let mut control = cluster.control.clone();
-    let prepared = scenario::prepare(&mut control, &sids, common.footprint, crate::args::PageMix::Small).await?;
+    let prepared =
+        scenario::prepare(&mut control, &sids, common.footprint, crate::args::PageMix::Small, common.check_translated)
+            .await?;
     let mut report = InvalidateReport::default();
     let pages = common.footprint / PAGE_SIZE;
     let result: anyhow::Result<()> = async {
@@ -152,7 +154,7 @@ pub(crate) async fn demand_paging(cluster: &Cluster, common: &Common) -> anyhow:
     let mut control = cluster.control.clone();
     let mut prepared = Vec::new();
     for d in &chosen {
-        prepared.push(scenario::attach(&mut control, d.sid).await?);
+        prepared.push(scenario::attach(&mut control, d.sid, common.check_translated).await?);
     }
     let mut watch = control.watch_page_requests(WatchRequest {}).await.context("WatchPageRequests")?.into_inner();
     let stop = tokio_util::sync::CancellationToken::new();

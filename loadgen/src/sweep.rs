@@ -35,7 +35,8 @@ pub(crate) async fn sweep(
     }
     let sids: Vec<u32> = devices[..largest].iter().map(|d| d.sid).collect();
     let mut control = cluster.control.clone();
-    let prepared = scenario::prepare(&mut control, &sids, common.footprint, common.page_mix).await?;
+    let prepared =
+        scenario::prepare(&mut control, &sids, common.footprint, common.page_mix, common.check_translated).await?;
     let runs = steps.len() as u64 * (u64::from(with_ats) + u64::from(with_baseline));
     let bar = ProgressBar::new(runs);
     bar.set_style(

@@ -94,9 +94,10 @@ impl Control for ControlService {
     async fn attach(&self, r: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
         let r = r.into_inner();
         let (sid, did) = (wire::source_id(r.source_id)?, wire::domain_id(r.domain_id)?);
+        let options = wire::attach_options(&r);
         let driver = self.state.driver.clone();
-        blocking(move || driver.attach(sid, did, r.ats).map_err(status::driver)).await?;
-        tracing::info!(%sid, domain = did.0, ats = r.ats, "device attached");
+        blocking(move || driver.attach_with(sid, did, options).map_err(status::driver)).await?;
+        tracing::info!(%sid, domain = did.0, ats = r.ats, check_translated = r.check_translated, "device attached");
         Ok(Response::new(AttachResponse {}))
     }
 

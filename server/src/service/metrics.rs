@@ -51,6 +51,9 @@ pub const METRIC_NAMES: &[&str] = &[
     "dmar_unit_invalidation_queue_errors_total",
     "dmar_unit_device_tlb_invalidation_duration_seconds",
     "dmar_unit_device_tlb_timeouts_total",
+    "dmar_unit_translated_check_refusals_total",
+    "dmar_unit_translated_check_grants_total",
+    "dmar_unit_translated_check_evictions_total",
     "dmar_link_connections",
     "dmar_link_bound_functions",
     "dmar_link_messages_total",
@@ -115,6 +118,18 @@ fn describe() {
         "Round trip of device-TLB invalidations to their function"
     );
     describe_counter!("dmar_unit_device_tlb_timeouts_total", "Device-TLB invalidations abandoned by a time-out (ITE)");
+    describe_counter!(
+        "dmar_unit_translated_check_refusals_total",
+        "Translated requests refused by translated-request checking (outside what the unit completed for the function)"
+    );
+    describe_counter!(
+        "dmar_unit_translated_check_grants_total",
+        "Translation completions recorded as grants for translated-request checking"
+    );
+    describe_counter!(
+        "dmar_unit_translated_check_evictions_total",
+        "Grants evicted because a function reached its bound (translated-request checking)"
+    );
     describe_gauge!("dmar_link_connections", "Live ATS links");
     describe_gauge!("dmar_link_bound_functions", "Functions bound on live ATS links");
     describe_counter!("dmar_link_messages_total", "ATS link items, by kind");
@@ -151,6 +166,7 @@ pub(crate) struct Metrics {
     descriptors: [Mirrored; 6],
     queue_errors: Counter,
     devtlb_timeouts: Counter,
+    translated_check: [Mirrored; 3],
     cpu: Gauge,
     pub(crate) walk_duration: Histogram,
     pub(crate) devtlb_duration: Histogram,
@@ -227,6 +243,11 @@ impl Metrics {
             ],
             queue_errors: counter!("dmar_unit_invalidation_queue_errors_total"),
             devtlb_timeouts: counter!("dmar_unit_device_tlb_timeouts_total"),
+            translated_check: [
+                (counter!("dmar_unit_translated_check_refusals_total"), |s| s.translated_check_refusals),
+                (counter!("dmar_unit_translated_check_grants_total"), |s| s.translated_check_grants),
+                (counter!("dmar_unit_translated_check_evictions_total"), |s| s.translated_check_evictions),
+            ],
             cpu: gauge!("dmar_server_cpu_used_seconds"),
             walk_duration: histogram!("dmar_unit_walk_duration_seconds"),
             devtlb_duration: histogram!("dmar_unit_device_tlb_invalidation_duration_seconds"),
@@ -262,6 +283,7 @@ impl Metrics {
             .chain(&self.stale)
             .chain(&self.dropped)
             .chain(&self.descriptors)
+            .chain(&self.translated_check)
         {
             c.absolute(f(s));
         }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use dmar_proto::v1 as pb;
 use dmar_vtd::ats::{MAX_PRG_INDEX, MAX_QUEUE_DEPTH, PRG_INDEX_BITS};
-use dmar_vtd::driver::{DomainKind, FlushPolicy, Perm};
+use dmar_vtd::driver::{AttachOptions, DomainKind, FlushPolicy, Perm};
 use dmar_vtd::ids::{DomainId, ITag, Iova, SourceId};
 use dmar_vtd::unit::interrupt::{DestinationMode, Remapped, Trigger};
 use dmar_vtd::unit::prq::{PageGroupResponse, PageRequest, ResponseCode};
@@ -123,6 +123,11 @@ pub(crate) fn address_width(raw: u32) -> Result<AddressWidth, Status> {
         57 => Ok(AddressWidth::Aw57),
         other => Err(Status::invalid_argument(format!("address width {other} is not 39, 48 or 57"))),
     }
+}
+
+/// How an attach request attaches its function: ATS, and translated-request checking.
+pub(crate) fn attach_options(r: &pb::AttachRequest) -> AttachOptions {
+    AttachOptions::new(r.ats).with_check_translated(r.check_translated)
 }
 
 /// A mapping's permissions; absent means the driver's default.

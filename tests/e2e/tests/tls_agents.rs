@@ -207,7 +207,7 @@ async fn a_device_identity_runs_the_link_baseline() {
     control.map(MapRequest { domain_id, ranges: vec![range] }).await.expect("map");
     for name in ["00:01.0", "00:01.1"] {
         let source_id = u32::from(sid(name).0);
-        control.attach(AttachRequest { source_id, domain_id, ats: true }).await.expect("attach");
+        control.attach(AttachRequest { source_id, domain_id, ats: true, ..Default::default() }).await.expect("attach");
     }
     let served_before = control.get_stats(GetStatsRequest {}).await.expect("stats").into_inner().link_translations;
 

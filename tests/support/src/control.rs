@@ -28,7 +28,7 @@ pub async fn paging_domain<S: Copy + Into<u32>>(c: &mut ControlClient<Channel>, 
 
 /// Attaches `sid` to `did`, with or without ATS.
 pub async fn attach(c: &mut ControlClient<Channel>, did: u32, sid: u32, ats: bool) {
-    c.attach(AttachRequest { source_id: sid, domain_id: did, ats }).await.expect("attach");
+    c.attach(AttachRequest { source_id: sid, domain_id: did, ats, ..Default::default() }).await.expect("attach");
 }
 
 /// Maps `length` bytes at `iova` to `hpa`, readable, and writable if `write`.

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 
 use dmar_proto::v1::ats_link_client::AtsLinkClient;
 use dmar_proto::v1::{
-    Bind, Function, InvalidationRequest, LinkDown, LinkUp, TranslationCompletion, TranslationRequest,
+    Bind, DmaCompletion, DmaRequest, Function, InvalidationRequest, LinkDown, LinkUp, TranslationCompletion,
+    TranslationRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -91,6 +92,16 @@ impl Link {
         .await;
         loop {
             if let Some(c) = self.next().await.completions.into_iter().next() {
+                return c;
+            }
+        }
+    }
+
+    /// Sends one DMA request and waits for the first DMA completion.
+    pub async fn dma(&mut self, request: DmaRequest) -> DmaCompletion {
+        self.send(LinkUp { dma: vec![request], ..Default::default() }).await;
+        loop {
+            if let Some(c) = self.next().await.dma.into_iter().next() {
                 return c;
             }
         }
