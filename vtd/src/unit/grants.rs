@@ -42,6 +42,7 @@
 //! a device port), and the driver's attach that turns checking on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
@@ -52,10 +53,12 @@ use super::invalidation::ContextInvalidation;
 use super::request::{AtsEntry, overlaps_interrupt_range};
 use crate::ids::{DomainId, Iova, SourceId};
 
-/// Grants a function may hold at once unless the unit is configured otherwise: twice the
-/// default device TLB of dmar's agent (2048 entries), so that a device whose TLB holds
-/// fewer translations than this is never refused one it still holds. Each grant costs
-/// about 150 bytes, so one function's table stays under 1 MiB.
+/// Grants a function may hold at once unless the unit is configured otherwise. Devices
+/// drop translations silently, so grants outlive them until an invalidation, and the
+/// oldest (by its last completion) is evicted first; a device that still holds an evicted
+/// translation is refused when it uses it. Twice the default device TLB of dmar's agent
+/// (2048 entries) keeps that rare, and merging makes a linearly mapped range one grant.
+/// Each grant costs about 150 bytes, so one function's table stays under 1 MiB.
 pub const DEFAULT_GRANTS_PER_FUNCTION: usize = 4096;
 
 /// Shards of the per-function tables; a function's shard is its source id modulo this.
@@ -94,7 +97,7 @@ struct Grant {
     translated: u64,
     read: bool,
     write: bool,
-    /// When it was granted (per function, increasing): the oldest is evicted first.
+    /// When it was last completed (per function, increasing): the oldest is evicted first.
     seq: u64,
 }
 
@@ -130,6 +133,9 @@ struct FunctionGrants {
     /// (seq, first untranslated address) of every grant: the eviction order.
     age: BTreeSet<(u64, u64)>,
     next_seq: u64,
+    /// Reused by `adjust`: the segments it replaces and their boundaries.
+    scratch_old: Vec<(u64, Cover)>,
+    scratch_points: Vec<u64>,
 }
 
 impl FunctionGrants {
@@ -138,6 +144,18 @@ impl FunctionGrants {
     /// Returns how many were evicted.
     fn grant(&mut self, iova: u64, len: u64, translated: u64, read: bool, write: bool, capacity: usize) -> usize {
         let end = iova.saturating_add(len);
+        // Granted exactly so already (the device asked again): only its age changes.
+        if let Some((&at, g)) = self.grants.range_mut(..=iova).next_back()
+            && g.end >= end
+            && (g.read, g.write) == (read, write)
+            && g.translated.checked_add(iova - at) == Some(translated)
+        {
+            let old = std::mem::replace(&mut g.seq, self.next_seq);
+            self.age.remove(&(old, at));
+            self.age.insert((self.next_seq, at));
+            self.next_seq += 1;
+            return 0;
+        }
         self.revoke(iova, end);
         self.adjust(translated, translated.saturating_add(len), read, write, true);
         let mut g = Grant { end, translated, read, write, seq: self.next_seq };
@@ -190,10 +208,15 @@ impl FunctionGrants {
     /// overlap it are cut to what lies outside. Returns whether anything was revoked.
     fn revoke(&mut self, start: u64, end: u64) -> bool {
         // Disjoint and sorted: the overlapping grants are the last ones starting before
-        // `end`, back to the first that ends after `start`.
-        let hit: Vec<(u64, Grant)> =
-            self.grants.range(..end).rev().take_while(|(_, g)| g.end > start).map(|(k, g)| (*k, *g)).collect();
-        for &(at, g) in &hit {
+        // `end`, back to the first that ends after `start`. What is put back lies outside
+        // `[start, end)`, at `at` or above, so the search below `at` never meets it.
+        let mut below = end;
+        let mut hit = false;
+        while let Some((&at, &g)) = self.grants.range(..below).next_back()
+            && g.end > start
+        {
+            below = at;
+            hit = true;
             self.drop_entry(at, g.seq);
             let (cut_start, cut_end) = (at.max(start), g.end.min(end));
             let cut_translated = g.translated + (cut_start - at);
@@ -208,7 +231,7 @@ impl FunctionGrants {
                 self.age.insert((g.seq, cut_end));
             }
         }
-        !hit.is_empty()
+        hit
     }
 
     /// Adds (or, with `add` false, removes) one grant's `read`/`write` over the translated
@@ -225,11 +248,15 @@ impl FunctionGrants {
             Some((&k, c)) if c.end >= start => k,
             _ => start,
         };
-        let old: Vec<(u64, Cover)> = self.cover.range(first..=end).map(|(k, c)| (*k, *c)).collect();
+        // Scratch buffers kept between calls: recording a grant allocates nothing once
+        // they have grown.
+        let (mut old, mut points) = (std::mem::take(&mut self.scratch_old), std::mem::take(&mut self.scratch_points));
+        old.clear();
+        points.clear();
+        old.extend(self.cover.range(first..=end).map(|(k, c)| (*k, *c)));
         for (k, _) in &old {
             self.cover.remove(k);
         }
-        let mut points: Vec<u64> = Vec::with_capacity(2 * old.len() + 2);
         points.extend([start, end]);
         for (k, c) in &old {
             points.extend([*k, c.end]);
@@ -272,6 +299,7 @@ impl FunctionGrants {
         if let Some((ps, p)) = pending {
             self.cover.insert(ps, p);
         }
+        (self.scratch_old, self.scratch_points) = (old, points);
     }
 
     /// Whether every byte of `[addr, addr + len)` is covered by a grant allowing `access`.
@@ -282,16 +310,19 @@ impl FunctionGrants {
             return false;
         }
         let mut at = first.end;
+        if at >= end {
+            return true;
+        }
         for (&k, c) in self.cover.range(at..) {
-            if at >= end {
-                break;
-            }
             if k != at || !c.allows(access) {
                 return false;
             }
             at = c.end;
+            if at >= end {
+                return true;
+            }
         }
-        at >= end
+        false
     }
 
     fn is_empty(&self) -> bool {
@@ -299,12 +330,41 @@ impl FunctionGrants {
     }
 }
 
+/// Hashes a source id with one multiplication (Fibonacci hashing): the keys are 16-bit
+/// requester ids the operator attached, not attacker-chosen strings, and the default
+/// hasher cost more than the rest of a lookup.
+#[derive(Debug, Default)]
+struct SidHasher(u64);
+
+impl Hasher for SidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// Per shard, the functions with grants.
+type Functions = HashMap<SourceId, FunctionGrants, BuildHasherDefault<SidHasher>>;
+
 /// One shard: the tables of the functions whose source id falls in it, and the generation
 /// every revocation in it bumps.
 #[derive(Debug, Default)]
 struct Shard {
     generation: AtomicU64,
-    functions: RwLock<HashMap<SourceId, FunctionGrants>>,
+    functions: RwLock<Functions>,
 }
 
 /// Every function's grants and the per-function switch.

@@ -12,7 +12,7 @@
 //! - a completion for an ITag that is not outstanding sets ICE with ICESID; a late one for an
 //!   abandoned ITag is ignored;
 //! - unbinding a port completes its outstanding invalidations: a function that comes back
-//!   starts with an empty device TLB.
+//!   starts with an empty device TLB (and no translated-request grants, `unit::grants`).
 //!
 //! Not here: fetching descriptors and the FSTS/IQERCD registers (`queue`). The network
 //! layer implements [`DevicePort`] for each bound function; tests implement it in process.
