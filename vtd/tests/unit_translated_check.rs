@@ -8,9 +8,11 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 use common::Rig;
+use dmar_vtd::clock::{Clock, ManualClock};
 use dmar_vtd::driver::{AttachOptions, DomainKind, Driver, DriverConfig, Perm};
 use dmar_vtd::unit::invalidation::descriptor::{WaitDesc, encode};
 use dmar_vtd::unit::regs::{self, ccmd, fsts};
@@ -19,8 +21,8 @@ use dmar_vtd::unit::{
     AtsCompletion, DmaError, FaultReason, FaultRecord, HostMemory, IotlbInvalidation, RequestKind, Unit, UnitConfig,
     UnitEvents,
 };
-use dmar_vtd::unit::{Direction, NoEvents};
-use dmar_vtd::{DomainId, Hpa, Iova, SourceId};
+use dmar_vtd::unit::{DeviceInvalidation, DevicePort, Direction, NoEvents};
+use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
 
 const SID: SourceId = SourceId::new(0x21, 4, 0);
 const DID: u16 = 9;
@@ -39,7 +41,11 @@ fn wait() -> (u64, u64) {
 
 /// A unit with the queue on, `SID` attached with TT=01b, and the mappings above.
 fn rig_with(events: Arc<dyn UnitEvents>) -> (Rig, Hpa) {
-    let mut rig = Rig::with_events(UnitConfig::default(), events);
+    set_up(Rig::with_events(UnitConfig::default(), events))
+}
+
+/// `rig` with the queue on, `SID` attached with TT=01b, and the mappings above.
+fn set_up(mut rig: Rig) -> (Rig, Hpa) {
     rig.enable_queue();
     let top = rig.attach(SID, DID, TranslationType::DeviceTlb, AW);
     rig.map(top, AW, Iova(0x1000), Hpa(FRAME), 1, true, true);
@@ -133,6 +139,8 @@ fn with_checking_on_only_completed_ranges_are_reachable() {
     assert_eq!(s.translated_blocked, 7, "refusals are blocked translated requests, with the context fault");
 }
 
+/// Without a device port the function has no device TLB: the invalidation ends, and
+/// revokes, as it is processed.
 #[test]
 fn a_device_tlb_invalidation_revokes_its_range_when_processed() {
     let rig = rig();
@@ -161,6 +169,107 @@ fn a_device_tlb_invalidation_revokes_its_range_when_processed() {
     // Another function's invalidation leaves SID's grants alone.
     rig.submit(&[encode::device_tlb(SourceId::new(0x21, 4, 1), 0, Iova(0x1000), 0), wait()]);
     assert_eq!(read(&rig, FRAME), Ok(()));
+}
+
+/// A device port that records the invalidations it receives; the test answers them.
+#[derive(Debug, Default)]
+struct Port(Mutex<Vec<DeviceInvalidation>>);
+
+impl DevicePort for Port {
+    fn invalidate(&self, request: DeviceInvalidation) {
+        self.0.lock().expect("port").push(request);
+    }
+}
+
+impl Port {
+    fn last_itag(&self) -> ITag {
+        self.0.lock().expect("port").last().expect("an invalidation was sent").itag
+    }
+}
+
+/// The device-TLB invalidation time-out, on a clock the test moves.
+const DEVTLB_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The unit of `rig()` on a manual clock, with checking on for `SID`, `SID`'s device port
+/// bound, and 0x1000, 0x2000 and 0x5000 translated (two grants: 0x1000-0x2fff and 0x5000).
+fn bound_rig() -> (Rig, Arc<Port>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new());
+    let config = UnitConfig::default().with_device_tlb_timeout(DEVTLB_TIMEOUT);
+    let (rig, _) = set_up(Rig::with_parts(config, Arc::new(NoEvents), clock.clone()));
+    let port = Arc::new(Port::default());
+    rig.unit.bind_device_port(SID, port.clone(), 4).expect("bind");
+    rig.unit.set_translated_check(SID, true);
+    for iova in [0x1000, 0x2000, 0x5000] {
+        success(rig.unit.ats_translate(SID, Iova(iova), false));
+    }
+    assert_eq!(rig.unit.translated_grants(SID), 2);
+    (rig, port, clock)
+}
+
+fn status(rig: &Rig) -> u64 {
+    rig.mem.read_u64(STATUS).expect("status")
+}
+
+#[test]
+fn a_device_tlb_invalidation_revokes_its_range_when_the_device_acknowledges_it() {
+    let (rig, port, _) = bound_rig();
+    rig.submit(&[encode::device_tlb(SID, 0, Iova(0x1000), 0), wait()]);
+    assert_eq!(port.0.lock().expect("port").len(), 1, "sent to the device");
+    assert_eq!(status(&rig), 0, "the wait waits for the device");
+    // Processed, not yet acknowledged: the device may still use its translation (PCIe 10.3).
+    assert_eq!(read(&rig, FRAME), Ok(()));
+    assert_eq!(write(&rig, FRAME + 0x10), Ok(()));
+    rig.unit.device_tlb_completed(SID, port.last_itag()).expect("ack");
+    assert_eq!(status(&rig), 1);
+    // Acknowledged: the page goes, its neighbour stays.
+    assert_eq!(read(&rig, FRAME), refused(FRAME, FaultReason::NoRead));
+    last_fault_is(&rig, FaultReason::NoRead, FRAME, Direction::Read);
+    assert_eq!(read(&rig, FRAME + 0x1000), Ok(()));
+    assert_eq!(read(&rig, RO_FRAME), Ok(()));
+
+    // The whole space likewise: everything goes at the acknowledgement.
+    rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 52), wait()]);
+    assert_eq!(read(&rig, RO_FRAME), Ok(()));
+    rig.unit.device_tlb_completed(SID, port.last_itag()).expect("ack");
+    assert_eq!(read(&rig, FRAME + 0x1000), refused(FRAME + 0x1000, FaultReason::NoRead));
+    assert_eq!(read(&rig, RO_FRAME), refused(RO_FRAME, FaultReason::NoRead));
+    assert_eq!(rig.unit.translated_grants(SID), 0);
+}
+
+#[test]
+fn a_translation_completed_before_the_acknowledgement_survives_it() {
+    let (rig, port, _) = bound_rig();
+    rig.submit(&[encode::device_tlb(SID, 0, Iova(0), 52), wait()]);
+    // The device translates 0x1000 again after the descriptor was processed: a fresh
+    // translation, which the invalidation does not cover.
+    assert_eq!(success(rig.unit.ats_translate(SID, Iova(0x1000), false)), (FRAME, true, true));
+    assert_eq!(read(&rig, RO_FRAME), Ok(()), "not acknowledged yet");
+    rig.unit.device_tlb_completed(SID, port.last_itag()).expect("ack");
+    assert_eq!(status(&rig), 1);
+    assert_eq!(read(&rig, FRAME), Ok(()), "recorded after the descriptor");
+    assert_eq!(write(&rig, FRAME + 0xff8), Ok(()));
+    assert_eq!(read(&rig, FRAME + 0x1000), refused(FRAME + 0x1000, FaultReason::NoRead), "recorded before");
+    assert_eq!(read(&rig, RO_FRAME), refused(RO_FRAME, FaultReason::NoRead), "recorded before");
+    assert_eq!(rig.unit.translated_grants(SID), 1);
+}
+
+#[test]
+fn an_invalidation_that_times_out_revokes_its_range() {
+    let (rig, port, clock) = bound_rig();
+    rig.submit(&[encode::device_tlb(SID, 0, Iova(0x1000), 0), wait()]);
+    clock.advance(DEVTLB_TIMEOUT - Duration::from_millis(1));
+    rig.unit.poll(clock.now());
+    assert_eq!(rig.unit.read32(regs::FSTS).expect("fsts") & fsts::ITE, 0, "not yet");
+    assert_eq!(read(&rig, FRAME), Ok(()));
+    clock.advance(Duration::from_millis(1));
+    rig.unit.poll(clock.now());
+    assert_ne!(rig.unit.read32(regs::FSTS).expect("fsts") & fsts::ITE, 0, "ITE");
+    assert_eq!(read(&rig, FRAME), refused(FRAME, FaultReason::NoRead));
+    assert_eq!(read(&rig, FRAME + 0x1000), Ok(()), "outside the range");
+    // The late answer changes nothing.
+    rig.unit.device_tlb_completed(SID, port.last_itag()).expect("late answer");
+    assert_eq!(read(&rig, FRAME + 0x1000), Ok(()));
+    assert_eq!(read(&rig, FRAME), refused(FRAME, FaultReason::NoRead));
 }
 
 #[test]

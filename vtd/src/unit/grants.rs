@@ -28,18 +28,50 @@
 //!   `2 * cap + 1` segments, so nothing a device does grows the table without bound;
 //! - revocation: removing exactly the invalidated untranslated pages (a grant partly
 //!   covered is cut, the rest stays), clearing a function, a domain's functions or all;
-//! - the race between a translation and an invalidation: a generation per shard, bumped by
-//!   every revocation before it touches the grants. A translation reads it before it
-//!   starts (a [`Ticket`]) and records its grant only if it is unchanged, under the shard's
-//!   lock; otherwise the unit translates again. This is the idea of the unit's
-//!   invalidation epoch (no cache fill outlives an invalidation that completed after the
-//!   walk read the tables), per shard so that other functions' invalidations rarely force
-//!   a retry.
+//! - the window of a device-TLB invalidation ([`PendingRevocation`]): revocation in two
+//!   steps, [`GrantTable::revoke_later`] when the unit processes the descriptor and
+//!   [`GrantTable::end_revocation`] when the invalidation ends (the function's Invalidation
+//!   Completion or the time-out, `invalidation::ports`). PCIe 10.3 lets a function use a
+//!   translation until it has processed the Invalidate Request, and software reuses the
+//!   memory only after the wait descriptor that waits for the completion (VT-d 6.5.2.8):
+//!   in between, the function's DMA is legitimate. The end revokes only grants recorded
+//!   before the descriptor was processed: each grant carries a stamp, the shard generation
+//!   it was recorded under (below), and the descriptor remembers the generation it moved
+//!   to (`before`). A grant recorded since (the function translated again after the
+//!   descriptor) survives. Merged grants keep the older stamp, and grants a pending
+//!   `before` falls between are not merged (nor is an old grant merely refreshed by a new
+//!   completion), so a revocation takes neither more nor less than the model of
+//!   independent pages would; the table stays bounded by the per-function bound;
+//! - the race between a translation and an invalidation: a generation per shard, moved by
+//!   every revocation (for a device-TLB invalidation, when its descriptor is processed)
+//!   under the shard's lock. A translation reads it before it starts (a [`Ticket`]) and
+//!   records its grant only if it is unchanged, under the shard's lock, stamped with it;
+//!   otherwise the unit translates again. This is the idea of the unit's invalidation
+//!   epoch (no cache fill outlives an invalidation that completed after the walk read the
+//!   tables), per shard so that other functions' invalidations rarely force a retry.
+//!   With the window it still holds: a translation computed before the descriptor was
+//!   processed took its ticket before the generation moved. If it records first (the lock
+//!   orders the two), its stamp is below `before` and the end revokes it; if it records
+//!   after, its ticket is stale and it is computed again, by a walk that starts after the
+//!   descriptor, so after the IOTLB invalidation software queued before it, and that
+//!   reads the new tables. A grant stamped `before` or later thus comes from such a walk.
+//!   Ending a revocation moves no generation: a translation in flight then either took its
+//!   ticket after the descriptor (fresh) or before it (already stale).
+//!
+//! Revoked at once, with no window: context-cache invalidations (VT-d 6.5.1.1), unbinding
+//! the device port and switching the check. None is an ATS invalidation: nothing is sent
+//! to the function and nothing acknowledges it. A context-cache invalidation says the
+//! function's context entry changed, after which VT-d itself checks its translated
+//! requests against the new entry (VT-d 4.2.4) whatever its device TLB holds, so no
+//! device can count on DMA across it; without a port the function has no device TLB; the
+//! switch is configuration. A whole-range device-TLB
+//! invalidation is an ATS invalidation like any other and has the same window.
 //!
 //! Not here: when grants are recorded (`request`, [`Unit::ats_translate`]) and checked
-//! (`request`, [`Unit::check_translated`]), when they are revoked (the invalidation queue's
-//! device-TLB descriptor, context-cache invalidations in `invalidation::caches`, unbinding
-//! a device port), and the driver's attach that turns checking on.
+//! (`request`, [`Unit::check_translated`]), when revocations start and end (the
+//! invalidation queue's device-TLB descriptor and the device ports' completions and
+//! time-outs), the context-cache invalidations in `invalidation::caches`, unbinding a
+//! device port, and the driver's attach that turns checking on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -87,6 +119,19 @@ pub(crate) enum Recorded {
     Raced,
 }
 
+/// A device-TLB invalidation the unit has processed for a function and that has not ended
+/// yet: what it will revoke when the function acknowledges it or it times out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PendingRevocation {
+    sid: SourceId,
+    /// The invalidated untranslated range, `[start, end)`.
+    start: u64,
+    end: u64,
+    /// The shard generation right after the descriptor was processed: grants stamped
+    /// before it are revoked, grants recorded since are not.
+    before: u64,
+}
+
 /// One grant: an untranslated range (its first address is the map key) completed to a
 /// translated range of the same size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +144,10 @@ struct Grant {
     write: bool,
     /// When it was last completed (per function, increasing): the oldest is evicted first.
     seq: u64,
+    /// The shard generation it was recorded under, the oldest of the completions merged
+    /// into it: a pending device-TLB invalidation revokes it only if this predates the
+    /// descriptor.
+    stamp: u64,
 }
 
 /// A segment of translated addresses (its first address is the map key) and how many
@@ -132,6 +181,10 @@ struct FunctionGrants {
     cover: BTreeMap<u64, Cover>,
     /// (seq, first untranslated address) of every grant: the eviction order.
     age: BTreeSet<(u64, u64)>,
+    /// The `before` of each device-TLB invalidation processed for the function and not yet
+    /// ended ([`PendingRevocation`]): grants whose stamps fall on different sides of one
+    /// of them do not merge.
+    pending: BTreeSet<u64>,
     next_seq: u64,
     /// Reused by `adjust`: the segments it replaces and their boundaries.
     scratch_old: Vec<(u64, Cover)>,
@@ -139,16 +192,35 @@ struct FunctionGrants {
 }
 
 impl FunctionGrants {
+    /// Whether a pending invalidation would revoke a grant stamped `a` and not one stamped
+    /// `b`, or the reverse: such grants must stay apart.
+    fn separated(pending: &BTreeSet<u64>, a: u64, b: u64) -> bool {
+        let (lo, hi) = (a.min(b), a.max(b));
+        lo != hi && pending.range(lo + 1..=hi).next().is_some()
+    }
+
     /// Grants `[iova, iova + len)` → `[translated, translated + len)` with `read`/`write`,
-    /// superseding what overlapped it, and evicts the oldest grants past `capacity`.
-    /// Returns how many were evicted.
-    fn grant(&mut self, iova: u64, len: u64, translated: u64, read: bool, write: bool, capacity: usize) -> usize {
+    /// recorded under generation `stamp`, superseding what overlapped it, and evicts the
+    /// oldest grants past `capacity`. Returns how many were evicted.
+    #[allow(clippy::too_many_arguments)]
+    fn grant(
+        &mut self,
+        iova: u64,
+        len: u64,
+        translated: u64,
+        read: bool,
+        write: bool,
+        stamp: u64,
+        capacity: usize,
+    ) -> usize {
         let end = iova.saturating_add(len);
-        // Granted exactly so already (the device asked again): only its age changes.
+        // Granted exactly so already (the device asked again): only its age changes, unless
+        // a pending invalidation would revoke the old grant and not this completion.
         if let Some((&at, g)) = self.grants.range_mut(..=iova).next_back()
             && g.end >= end
             && (g.read, g.write) == (read, write)
             && g.translated.checked_add(iova - at) == Some(translated)
+            && !Self::separated(&self.pending, g.stamp, stamp)
         {
             let old = std::mem::replace(&mut g.seq, self.next_seq);
             self.age.remove(&(old, at));
@@ -158,26 +230,32 @@ impl FunctionGrants {
         }
         self.revoke(iova, end);
         self.adjust(translated, translated.saturating_add(len), read, write, true);
-        let mut g = Grant { end, translated, read, write, seq: self.next_seq };
+        let mut g = Grant { end, translated, read, write, seq: self.next_seq, stamp };
         self.next_seq += 1;
         let mut start = iova;
-        // Merge with the left neighbour when it continues into this range in both spaces.
+        // Merge with the left neighbour when it continues into this range in both spaces
+        // and no pending invalidation tells them apart; the merged grant keeps the older
+        // stamp.
         if let Some((&ls, l)) = self.grants.range(..iova).next_back()
             && l.end == iova
             && (l.read, l.write) == (read, write)
             && l.translated.checked_add(iova - ls) == Some(translated)
+            && !Self::separated(&self.pending, l.stamp, stamp)
         {
             let l = *l;
             self.drop_entry(ls, l.seq);
             start = ls;
             g.translated = l.translated;
+            g.stamp = g.stamp.min(l.stamp);
         }
         if let Some(r) = self.grants.get(&end).copied()
             && (r.read, r.write) == (read, write)
             && translated.checked_add(len) == Some(r.translated)
+            && !Self::separated(&self.pending, r.stamp, stamp)
         {
             self.drop_entry(end, r.seq);
             g.end = r.end;
+            g.stamp = g.stamp.min(r.stamp);
         }
         self.grants.insert(start, g);
         self.age.insert((g.seq, start));
@@ -207,6 +285,12 @@ impl FunctionGrants {
     /// Revokes the untranslated range `[start, end)`: grants inside it go, grants that
     /// overlap it are cut to what lies outside. Returns whether anything was revoked.
     fn revoke(&mut self, start: u64, end: u64) -> bool {
+        self.revoke_before(start, end, u64::MAX)
+    }
+
+    /// Revokes the untranslated range `[start, end)` from the grants stamped before
+    /// `before`, as [`Self::revoke`] does; younger grants stay whole.
+    fn revoke_before(&mut self, start: u64, end: u64, before: u64) -> bool {
         // Disjoint and sorted: the overlapping grants are the last ones starting before
         // `end`, back to the first that ends after `start`. What is put back lies outside
         // `[start, end)`, at `at` or above, so the search below `at` never meets it.
@@ -216,6 +300,9 @@ impl FunctionGrants {
             && g.end > start
         {
             below = at;
+            if g.stamp >= before {
+                continue;
+            }
             hit = true;
             self.drop_entry(at, g.seq);
             let (cut_start, cut_end) = (at.max(start), g.end.min(end));
@@ -450,7 +537,7 @@ impl GrantTable {
         let f = functions.entry(sid).or_default();
         f.did = Some(did);
         let base = iova.0 & !(len - 1);
-        let evicted = f.grant(base, len, entry.translated.0, entry.read, entry.write, self.capacity);
+        let evicted = f.grant(base, len, entry.translated.0, entry.read, entry.write, ticket.0, self.capacity);
         Recorded::Granted { evicted }
     }
 
@@ -459,22 +546,43 @@ impl GrantTable {
         self.shard(sid).functions.read().get(&sid).is_some_and(|f| f.permits(addr, len, access))
     }
 
-    /// Revokes the untranslated range `[start, start + len)` of `sid` (a device-TLB
-    /// invalidation). The generation moves first, whether or not checking is on, so a
-    /// translation in flight cannot record what this revoked. Cutting a grant in two can
-    /// take a function past its bound: returns how many grants were evicted for it.
+    /// Revokes the untranslated range `[start, start + len)` of `sid` now (a device-TLB
+    /// invalidation for a function without a device TLB). Cutting a grant in two can take
+    /// a function past its bound: returns how many grants were evicted for it.
     pub(crate) fn revoke(&self, sid: SourceId, start: u64, len: u64) -> usize {
+        self.revoke_later(sid, start, len).map_or(0, |p| self.end_revocation(p))
+    }
+
+    /// A device-TLB invalidation of `[start, start + len)` was processed for `sid`: moves
+    /// the generation, whether or not checking is on, so that a translation in flight is
+    /// computed again, and returns what [`Self::end_revocation`] revokes when the
+    /// invalidation ends (`None` with checking off). Nothing is revoked yet.
+    pub(crate) fn revoke_later(&self, sid: SourceId, start: u64, len: u64) -> Option<PendingRevocation> {
         let shard = self.shard(sid);
-        shard.generation.fetch_add(1, Ordering::SeqCst);
-        if !self.checks(sid) {
-            return 0;
-        }
         let mut functions = shard.functions.write();
-        let Some(f) = functions.get_mut(&sid) else { return 0 };
-        f.revoke(start, start.saturating_add(len));
+        let before = shard.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        if !self.checks(sid) {
+            return None;
+        }
+        // A function with no table now gets one only from grants stamped `before` or later,
+        // which this never separates.
+        if let Some(f) = functions.get_mut(&sid) {
+            f.pending.insert(before);
+        }
+        Some(PendingRevocation { sid, start, end: start.saturating_add(len), before })
+    }
+
+    /// The invalidation `p` ended (the function acknowledged it, or it timed out): revokes
+    /// its range from the grants recorded before it was processed. Returns how many grants
+    /// were evicted by the bound after cutting.
+    pub(crate) fn end_revocation(&self, p: PendingRevocation) -> usize {
+        let mut functions = self.shard(p.sid).functions.write();
+        let Some(f) = functions.get_mut(&p.sid) else { return 0 };
+        f.pending.remove(&p.before);
+        f.revoke_before(p.start, p.end, p.before);
         let evicted = f.evict_past(self.capacity);
         if f.is_empty() {
-            functions.remove(&sid);
+            functions.remove(&p.sid);
         }
         evicted
     }
@@ -521,10 +629,10 @@ impl Unit {
     /// A dmar extension, not VT-d: hardware lets a TT=01b function send translated requests
     /// anywhere outside the interrupt range (VT-d 4.2.4). With checking on, a translated
     /// request must fall inside a range this unit completed for `sid` with the permission it
-    /// needs, not revoked since by a device-TLB invalidation, a context-cache invalidation
-    /// naming `sid`, or unbinding its device port; otherwise it is refused and recorded as
-    /// a fault (no read 0x06 or no write 0x05, address type translated). Either way the
-    /// function's grants are dropped. The driver calls this at attach and detach; it is
+    /// needs, not revoked since by a device-TLB invalidation (once the function acknowledged
+    /// it or it timed out), a context-cache invalidation naming `sid`, or unbinding its
+    /// device port; otherwise it is refused and recorded as a fault (no read 0x06 or no
+    /// write 0x05, address type translated). Either way the function's grants are dropped. The driver calls this at attach and detach; it is
     /// emulator configuration, kept out of the context entry.
     pub fn set_translated_check(&self, sid: SourceId, on: bool) {
         self.grants.set(sid, on);
@@ -657,6 +765,60 @@ mod tests {
     }
 
     #[test]
+    fn a_pending_revocation_spares_grants_recorded_after_the_descriptor() {
+        let t = on(&[A], 16);
+        let linear = |p: u64| entry(0x10_0000 + p * PAGE, 12, true, true);
+        for p in 0..8u64 {
+            grant(&t, A, p * PAGE, linear(p));
+        }
+        assert_eq!(t.len(A), 1);
+        // Pages 2..=8 invalidated: nothing goes while the invalidation is pending.
+        let pending = t.revoke_later(A, 2 * PAGE, 7 * PAGE).expect("checking is on");
+        assert!(t.permits(A, 0x10_0000, 8 * PAGE, Direction::Read));
+        // Translated again meanwhile: page 3 (granted already) and page 8 (new, adjacent).
+        grant(&t, A, 3 * PAGE, linear(3));
+        grant(&t, A, 8 * PAGE, linear(8));
+        assert_eq!(t.len(A), 4, "old and new grants stay apart: 0-2, 3, 4-7, 8");
+        assert_eq!(t.end_revocation(pending), 0);
+        assert!(t.permits(A, 0x10_0000, 2 * PAGE, Direction::Read), "outside the range");
+        assert!(!t.permits(A, 0x10_2000, 1, Direction::Read), "recorded before: revoked");
+        assert!(t.permits(A, 0x10_3000, PAGE, Direction::Write), "recorded after: kept");
+        assert!(!t.permits(A, 0x10_4000, 1, Direction::Read));
+        assert!(!t.permits(A, 0x10_7000, 1, Direction::Read));
+        assert!(t.permits(A, 0x10_8000, PAGE, Direction::Read), "recorded after: kept");
+        assert_eq!(t.len(A), 3);
+        // With none pending, old and new merge again.
+        grant(&t, A, 2 * PAGE, linear(2));
+        assert_eq!(t.len(A), 2, "0-3 and 8");
+    }
+
+    #[test]
+    fn a_translation_computed_before_the_descriptor_is_revoked_at_its_end() {
+        let t = on(&[A], 16);
+        // Recorded before the descriptor: revoked when the invalidation ends.
+        let ticket = t.ticket(A);
+        assert!(matches!(
+            t.record(A, ticket, DomainId(1), Iova(0), &entry(0x10_0000, 12, true, true)),
+            Recorded::Granted { .. }
+        ));
+        let pending = t.revoke_later(A, 0, PAGE).expect("on");
+        assert!(t.permits(A, 0x10_0000, 1, Direction::Read));
+        // Computed before the descriptor, recorded after: computed again.
+        let stale = t.ticket(A);
+        let again = t.revoke_later(A, 0, PAGE).expect("on");
+        assert_eq!(t.record(A, stale, DomainId(1), Iova(0), &entry(0x10_0000, 12, true, true)), Recorded::Raced);
+        t.end_revocation(pending);
+        assert!(!t.permits(A, 0x10_0000, 1, Direction::Read));
+        // Computed after both descriptors: survives them.
+        assert!(matches!(grant(&t, A, 0, entry(0x10_0000, 12, true, true)), Recorded::Granted { .. }));
+        t.end_revocation(again);
+        assert!(t.permits(A, 0x10_0000, 1, Direction::Read));
+        // Checking off: nothing to end.
+        t.set(A, false);
+        assert_eq!(t.revoke_later(A, 0, PAGE), None);
+    }
+
+    #[test]
     fn nothing_is_recorded_with_checking_off() {
         let t = GrantTable::new(16);
         assert_eq!(grant(&t, A, 0, entry(0x10_0000, 12, true, true)), Recorded::Nothing);
@@ -698,10 +860,39 @@ mod tests {
     /// and touch often.
     #[derive(Clone, Debug)]
     enum Op {
-        Grant { sid: usize, iova_page: u64, pages_log2: u32, hpa_page: u64, read: bool, write: bool },
-        Revoke { sid: usize, page: u64, pages: u64 },
-        Clear { sid: usize },
-        Check { sid: usize, hpa_page: u64, offset: u64, len: u64, write: bool },
+        Grant {
+            sid: usize,
+            iova_page: u64,
+            pages_log2: u32,
+            hpa_page: u64,
+            read: bool,
+            write: bool,
+        },
+        Revoke {
+            sid: usize,
+            page: u64,
+            pages: u64,
+        },
+        /// A device-TLB descriptor processed: revokes when an `End` picks it.
+        Begin {
+            sid: usize,
+            page: u64,
+            pages: u64,
+        },
+        /// Ends one of the pending revocations (an index into them, modulo their number).
+        End {
+            pick: usize,
+        },
+        Clear {
+            sid: usize,
+        },
+        Check {
+            sid: usize,
+            hpa_page: u64,
+            offset: u64,
+            len: u64,
+            write: bool,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -715,18 +906,21 @@ mod tests {
                 }
             ),
             2 => (0..2usize, 0..32u64, 1..8u64).prop_map(|(sid, page, pages)| Op::Revoke { sid, page, pages }),
+            2 => (0..2usize, 0..32u64, 1..8u64).prop_map(|(sid, page, pages)| Op::Begin { sid, page, pages }),
+            2 => (0..8usize).prop_map(|pick| Op::End { pick }),
             1 => (0..2usize).prop_map(|sid| Op::Clear { sid }),
             4 => (0..2usize, 0..34u64, 0..PAGE, 1..3 * PAGE, any::<bool>())
                 .prop_map(|(sid, hpa_page, offset, len, write)| Op::Check { sid, hpa_page, offset, len, write }),
         ]
     }
 
-    /// The reference: per function, untranslated page → (translated page, R, W).
-    type Model = Vec<Map<u64, (u64, bool, bool)>>;
+    /// The reference: per function, untranslated page → (translated page, R, W, the
+    /// number of descriptors processed before it was completed).
+    type Model = Vec<Map<u64, (u64, bool, bool, u64)>>;
 
-    fn model_permits(m: &Map<u64, (u64, bool, bool)>, addr: u64, len: u64, write: bool) -> bool {
+    fn model_permits(m: &Map<u64, (u64, bool, bool, u64)>, addr: u64, len: u64, write: bool) -> bool {
         (addr / PAGE..=(addr + len - 1) / PAGE)
-            .all(|p| m.values().any(|&(h, r, w)| h == p && if write { w } else { r }))
+            .all(|p| m.values().any(|&(h, r, w, _)| h == p && if write { w } else { r }))
     }
 
     /// Runs `ops` on a table with room for `capacity` grants and on the model; returns
@@ -736,6 +930,10 @@ mod tests {
         let t = on(&sids, capacity);
         let mut model: Model = vec![Map::new(); 2];
         let mut evicted_any = false;
+        // Descriptors processed so far, and the pending ones: the table's, with the
+        // function, its pages and the count they were processed at in the model.
+        let mut processed = 0u64;
+        let mut pending: Vec<(PendingRevocation, usize, std::ops::Range<u64>, u64)> = Vec::new();
         for op in ops {
             match *op {
                 Op::Grant { sid, iova_page, pages_log2, hpa_page, read, write } => {
@@ -744,7 +942,7 @@ mod tests {
                     let r = grant(&t, sids[sid], iova + 0x123, entry(hpa, 12 + pages_log2, read, write));
                     if read || write {
                         for i in 0..n {
-                            model[sid].insert(iova / PAGE + i, (hpa / PAGE + i, read, write));
+                            model[sid].insert(iova / PAGE + i, (hpa / PAGE + i, read, write, processed));
                         }
                         let Recorded::Granted { evicted } = r else {
                             return Err(TestCaseError::fail(format!("{r:?}")));
@@ -757,6 +955,18 @@ mod tests {
                 Op::Revoke { sid, page, pages } => {
                     evicted_any |= t.revoke(sids[sid], page * PAGE, pages * PAGE) > 0;
                     model[sid].retain(|p, _| !(page..page + pages).contains(p));
+                }
+                Op::Begin { sid, page, pages } => {
+                    processed += 1;
+                    let p = t.revoke_later(sids[sid], page * PAGE, pages * PAGE).expect("checking is on");
+                    pending.push((p, sid, page..page + pages, processed));
+                }
+                Op::End { pick } => {
+                    if !pending.is_empty() {
+                        let (p, sid, pages, before) = pending.remove(pick % pending.len());
+                        evicted_any |= t.end_revocation(p) > 0;
+                        model[sid].retain(|p, v| !(pages.contains(p) && v.3 < before));
+                    }
                 }
                 Op::Clear { sid } => {
                     t.clear(sids[sid]);
@@ -790,10 +1000,12 @@ mod tests {
                         pages.insert(at / PAGE + p, (g.translated / PAGE + p, g.read, g.write));
                     }
                 }
+                let model_pages: Map<u64, (u64, bool, bool)> =
+                    model[i].iter().map(|(p, &(h, r, w, _))| (*p, (h, r, w))).collect();
                 if evicted_any {
-                    prop_assert!(pages.iter().all(|(p, v)| model[i].get(p) == Some(v)), "evicted table grants more");
+                    prop_assert!(pages.iter().all(|(p, v)| model_pages.get(p) == Some(v)), "evicted table grants more");
                 } else {
-                    prop_assert_eq!(&pages, &model[i]);
+                    prop_assert_eq!(&pages, &model_pages);
                 }
             }
         }

@@ -3,7 +3,8 @@
 //! ITag accounting and the invalidation time-out (ITE, VT-d 6.5.2.10).
 //!
 //! Owns the binding of a function to its [`DevicePort`], its invalidate queue depth, which
-//! of its ITags are outstanding or abandoned and when each was sent, and the rules:
+//! of its ITags are outstanding or abandoned, when each was sent and what each revokes from
+//! the translated-request grants when it ends, and the rules:
 //! - a function takes at most the lesser of its queue depth and the descriptor's MIP
 //!   (1..=[`MAX_QUEUE_DEPTH`]) ITags; a function with none free stalls the queue;
 //! - an ITag outstanding longer than the configured time-out sets ITE with the function's
@@ -11,6 +12,15 @@
 //!   device-TLB invalidation and aborts a wait the queue was stalled on;
 //! - a completion for an ITag that is not outstanding sets ICE with ICESID; a late one for an
 //!   abandoned ITag is ignored;
+//! - translated-request checking (`unit::grants`): the range of a device-TLB invalidation is
+//!   revoked from the grants recorded before the descriptor was processed when the
+//!   invalidation ends, at the function's Invalidation Completion for its ITag or at the
+//!   time-out that abandons it, not before. PCIe 10.3 (Invalidate Request, Invalidate
+//!   Completion and the completion semantics) lets the function use its translations
+//!   until it has processed the Invalidate Request, and it completes it only once no
+//!   request using them is outstanding; software reuses the memory only after the wait
+//!   descriptor that follows, which waits for the completion (VT-d 6.5.2.8). Revoking
+//!   earlier would refuse DMA a correct device issued in that window;
 //! - unbinding a port completes its outstanding invalidations: a function that comes back
 //!   starts with an empty device TLB (and no translated-request grants, `unit::grants`).
 //!
@@ -28,6 +38,7 @@ use crate::ats::MAX_QUEUE_DEPTH;
 use crate::ats::range as srange;
 use crate::ids::{ITag, Iova, SourceId};
 use crate::unit::Unit;
+use crate::unit::grants::{GrantTable, PendingRevocation};
 use crate::unit::prq::PageGroupResponse;
 
 /// An ATS invalidation request for one function's device TLB.
@@ -89,6 +100,8 @@ pub(crate) struct PortState {
     abandoned: u32,
     /// When each outstanding ITag was sent.
     sent_at: [Option<Instant>; MAX_QUEUE_DEPTH as usize],
+    /// What each outstanding ITag revokes from the function's grants when it ends.
+    revocations: [Option<PendingRevocation>; MAX_QUEUE_DEPTH as usize],
 }
 
 impl PortState {
@@ -99,7 +112,13 @@ impl PortState {
             in_use: 0,
             abandoned: 0,
             sent_at: [None; MAX_QUEUE_DEPTH as usize],
+            revocations: [None; MAX_QUEUE_DEPTH as usize],
         }
+    }
+
+    /// Remembers what the invalidation just sent with `itag` revokes when it ends.
+    pub(crate) fn revoke_at_end(&mut self, itag: ITag, revocation: Option<PendingRevocation>) {
+        self.revocations[usize::from(itag.0)] = revocation;
     }
 
     /// Takes the lowest free ITag, if fewer than `mip` (the descriptor's queue depth, 0
@@ -129,12 +148,16 @@ impl PortState {
         self.sent_at.iter().flatten().min().copied()
     }
 
-    /// A time-out abandons every outstanding ITag; returns how many.
-    fn abandon_all(&mut self) -> u32 {
+    /// A time-out abandons every outstanding ITag; returns how many, and ends their
+    /// revocations in `grants`, adding the grants evicted to `evicted`.
+    fn abandon_all(&mut self, grants: &GrantTable, evicted: &mut usize) -> u32 {
         let n = self.in_use.count_ones();
         self.abandoned |= self.in_use;
         self.in_use = 0;
         self.sent_at = [None; MAX_QUEUE_DEPTH as usize];
+        for r in self.revocations.iter_mut().filter_map(Option::take) {
+            *evicted += grants.end_revocation(r);
+        }
         n
     }
 }
@@ -186,6 +209,10 @@ impl Unit {
             let outcome = match q.ports.get_mut(&sid) {
                 Some(p) if bit != 0 && p.in_use & bit != 0 => {
                     p.in_use &= !bit;
+                    if let Some(r) = p.revocations[usize::from(itag.0)].take() {
+                        let evicted = self.grants.end_revocation(r);
+                        self.counters.translated_check_evictions.add(evicted as u64);
+                    }
                     if let Some(sent) = p.sent_at[usize::from(itag.0)].take() {
                         let latency = now.saturating_duration_since(sent);
                         self.counters.device_tlb_latency_ns.add(latency.as_nanos() as u64);
@@ -227,8 +254,10 @@ impl Unit {
                 .min();
             let Some((_, sid)) = expired else { return };
             self.stop_queue(&mut q, QueueError::TimedOut(sid), &mut effects);
-            let abandoned: u32 = q.ports.values_mut().map(PortState::abandon_all).sum();
+            let mut evicted = 0;
+            let abandoned: u32 = q.ports.values_mut().map(|p| p.abandon_all(&self.grants, &mut evicted)).sum();
             self.counters.device_tlb_timeouts.add(u64::from(abandoned));
+            self.counters.translated_check_evictions.add(evicted as u64);
             // A wait the queue is stalled on is aborted: it will never write its status.
             if self.stalled_on_wait(&q) {
                 q.skip_head();

@@ -15,7 +15,8 @@
 //! - A device-TLB descriptor goes out through the function's device port (`ports`), or
 //!   completes at once for a function with no bound port (it has no device TLB). Either
 //!   way it revokes the range from the function's translated-request grants
-//!   (`crate::unit::grants`) when it is processed.
+//!   (`crate::unit::grants`) recorded before it was processed, when it ends: at once
+//!   without a port, else when the function acknowledges it or it times out (`ports`).
 //! - A wait descriptor completes only once every earlier descriptor has, device-TLB ones
 //!   included (VT-d 6.5.2.8): status write, then IWC and the invalidation event.
 //! - IQE, ICE and ITE each stop fetching until software clears them; the first one set
@@ -170,18 +171,22 @@ impl Unit {
                     self.counters.qi_iotlb.inc();
                 }
                 Descriptor::DeviceTlb(d) => {
+                    let (base, len) = crate::ats::range::decode(d.addr_s);
                     if let Some(p) = q.ports.get_mut(&d.sid) {
                         let Some(itag) = p.take(d.queue_depth, now) else {
                             return; // stalled until one of the function's ITags completes
                         };
+                        // Translated-request checking: the function may use the range
+                        // until it acknowledges the invalidation (or it times out); the
+                        // grants recorded until now go then (`ports`).
+                        p.revoke_at_end(itag, self.grants.revoke_later(d.sid, base.0, len));
                         let request = DeviceInvalidation { sid: d.sid, itag, addr_s: d.addr_s };
                         effects.push(Effect::Invalidate(p.port.clone(), request));
+                    } else {
+                        // No device TLB: the invalidation ends as it is processed.
+                        let evicted = self.grants.revoke(d.sid, base.0, len);
+                        self.counters.translated_check_evictions.add(evicted as u64);
                     }
-                    // Translated-request checking: from the moment the descriptor is
-                    // processed, the function may no longer rely on the range.
-                    let (base, len) = crate::ats::range::decode(d.addr_s);
-                    let evicted = self.grants.revoke(d.sid, base.0, len);
-                    self.counters.translated_check_evictions.add(evicted as u64);
                     self.counters.qi_device_tlb.inc();
                 }
                 Descriptor::Iec(inv) => {
