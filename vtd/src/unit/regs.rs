@@ -230,10 +230,25 @@ pub mod frcd {
     pub const FI_MASK: u64 = !0xfff;
     /// High quadword: SID, bits 79:64 of the register.
     pub const SID_SHIFT: u32 = 0;
+    /// SID is 16 bits wide.
+    pub const SID_MASK: u64 = 0xffff;
+    /// High quadword: PP, a PASID is present, bit 95 of the register.
+    pub const PP: u64 = 1 << 31;
     /// High quadword: FR, the fault reason, bits 103:96 of the register.
     pub const FR_SHIFT: u32 = 32;
+    /// FR is 8 bits wide.
+    pub const FR_MASK: u64 = 0xff;
+    /// High quadword: PV, the PASID value, bits 123:104 of the register.
+    pub const PV_SHIFT: u32 = 40;
+    /// PV is 20 bits wide.
+    pub const PV_MASK: u64 = 0xf_ffff;
     /// High quadword: AT, the address type, bits 125:124 of the register.
     pub const AT_SHIFT: u32 = 60;
+    /// AT is 2 bits wide.
+    pub const AT_MASK: u64 = 3;
+    /// Offset of the register's top doubleword, the one holding F: software clears F with
+    /// one 32-bit write there (Linux `dmar_fault`).
+    pub const F_DWORD: u64 = 12;
     /// High quadword: T, 1 for reads, bit 126 of the register.
     pub const T: u64 = 1 << 62;
     /// High quadword: F, the fault bit, bit 127 of the register; write 1 to clear.
