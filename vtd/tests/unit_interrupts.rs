@@ -118,3 +118,36 @@ fn interrupt_entry_cache_is_invalidated_by_queued_invalidation() {
     rig.submit(&[encode::iec(IecInvalidation::Index { index: 1, index_mask: 0 })]);
     assert_eq!(rig.unit.msi_write(SID, addr, data).map(|r| r.vector), Ok(0x51));
 }
+
+#[test]
+fn a_multi_vector_block_is_remapped_by_subhandle_and_invalidated_at_once() {
+    let (mut rig, table) = rig(Arc::new(Delivered::default()));
+    rig.enable_queue();
+    // Software sizes blocks by ECAP.MHMV (Linux `alloc_irte` refuses a mask above it).
+    let ecap = rig.unit.read64(regs::ECAP).expect("ecap");
+    let mhmv = (ecap >> regs::ecap::MHMV_SHIFT) & regs::ecap::MHMV_MASK;
+    assert!(mhmv >= 3, "ECAP.MHMV {mhmv}: an 8-vector block must be allowed");
+    // An 8-vector MSI: IRTEs 16..=23, the device programmed with handle 16 and SHV, and
+    // one entry outside the block.
+    for i in 16..=24u64 {
+        set_irte(&rig, table, i, Irte::remapped(0x40 + i as u8, 1, ApicMode::XApic));
+    }
+    let (addr, data) = msi_remappable(16, true);
+    let raise = |sub: u32| rig.unit.msi_write(SID, addr, data | sub).map(|r| (r.vector, r.index));
+    // VT-d 5.1.3: with SHV the interrupt index is handle + subhandle.
+    for s in 0..8u32 {
+        assert_eq!(raise(s), Ok((0x50 + s as u8, Some(16 + s as u16))), "subhandle {s}");
+    }
+    assert_eq!(raise(8).map(|(_, i)| i), Ok(Some(24)));
+    // Software retargets every vector of the block: the cached entries are served until
+    // one invalidation with IM = 3 drops all eight, and only them.
+    for i in 16..=24u64 {
+        set_irte(&rig, table, i, Irte::remapped(0xa0 + i as u8, 2, ApicMode::XApic));
+    }
+    assert_eq!(raise(5).map(|(v, _)| v), Ok(0x55), "stale until invalidated");
+    rig.submit(&[encode::iec(IecInvalidation::Index { index: 19, index_mask: 3 })]);
+    for s in 0..8u32 {
+        assert_eq!(raise(s), Ok((0xb0 + s as u8, Some(16 + s as u16))), "subhandle {s}");
+    }
+    assert_eq!(raise(8).map(|(v, _)| v), Ok(0x58), "entry 24 is outside the block: still cached");
+}

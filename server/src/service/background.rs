@@ -1,6 +1,9 @@
 //! The server's own tasks, the ones no client call drives: the ticker, which lets time
-//! pass for the unit and runs the deferred flushes that came due, and the page request
-//! pump, which drains the page request queue to watchers.
+//! pass for the unit and runs the deferred flushes that came due, the page request pump,
+//! which drains the page request queue to watchers, and the fault pump, which services the
+//! fault recording registers (the driver's fault interrupt handler, Linux `dmar_fault`)
+//! and hands the faults to watchers. Each pump waits for its event from the hub
+//! ([`super::events`]) and calls the driver on the blocking pool.
 //!
 //! The driver does not run due deferred flushes by itself: the ticker is the one place
 //! that does (Linux `fq_flush_timeout`), on the blocking pool like every driver call. Its
@@ -13,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::{State, wire};
-use dmar_vtd::driver::FlushPolicy;
+use dmar_vtd::driver::{DriverError, FlushPolicy};
 
 /// The longest tick. Besides deferred flushes, a tick expires device-TLB invalidations
 /// older than the time-out (ITE) when no driver call is waiting to notice it (a waiting
@@ -43,6 +46,12 @@ pub(super) async fn ticker(state: Arc<State>, period: Duration) {
             _ = tick.tick() => {}
         }
         state.unit.poll(state.unit.clock().now());
+        // VT-d 7.3: a fault recorded while PPF or PFO was set raised no event. The fault
+        // pump services until a pass finds nothing, so this only catches a fault that
+        // landed after its last look (a register read in place, never a wait).
+        if state.driver.faults_pending().unwrap_or(false) {
+            state.hub.wake_fault_pump();
+        }
         // A cheap check (atomics) in place; the flush itself waits for devices.
         if state.driver.deferred_due() {
             let driver = state.driver.clone();
@@ -76,6 +85,43 @@ pub(super) async fn page_request_pump(state: Arc<State>, notify: Arc<Notify>) {
             Err(e) => tracing::warn!(error = %e, "page request queue drain task failed"),
         }
     }
+}
+
+/// Services the fault recording registers whenever the unit raises its fault event (or
+/// the ticker finds faults pending), and hands the faults to watchers. A pass reads at
+/// most every register once, and faults recorded during a pass raise no event, so passes
+/// repeat, on the blocking pool without going back to the runtime in between, until one
+/// finds nothing. Faults the unit could not record (the registers full: FSTS.PFO) are lost
+/// as on hardware; the unit counts them (`faults_overflowed`).
+pub(super) async fn fault_pump(state: Arc<State>, notify: Arc<Notify>) {
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            () = notify.notified() => {}
+        }
+        let s = state.clone();
+        match tokio::task::spawn_blocking(move || service_faults(&s)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "fault servicing failed"),
+            Err(e) => tracing::warn!(error = %e, "fault servicing task failed"),
+        }
+    }
+}
+
+/// Services the fault recording registers until a pass finds nothing (or the server shuts
+/// down), broadcasting each fault as it is read.
+fn service_faults(state: &State) -> Result<(), DriverError> {
+    while !state.shutdown.is_cancelled() {
+        let reports = state.driver.service_faults()?;
+        if reports.is_empty() {
+            break;
+        }
+        for r in &reports {
+            // No watcher is not an error.
+            let _ = state.hub.faults.send(wire::fault_event(r));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,9 +20,10 @@ use std::sync::atomic::Ordering;
 
 use dmar_proto::v1::control_server::Control;
 use dmar_proto::v1::*;
-use tokio::sync::broadcast;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::wire::{self, MAX_MEMORY_BYTES, MAX_RANGES};
@@ -38,16 +39,50 @@ pub(crate) struct ControlService {
     pub(crate) state: Arc<State>,
 }
 
-/// A watcher's stream of the events `sender` broadcasts; a watcher that falls behind loses
-/// the oldest events (logged), it never slows the unit down.
-fn watch<T: Clone + Send + 'static>(sender: &broadcast::Sender<T>, what: &'static str) -> EventStream<T> {
-    Box::pin(BroadcastStream::new(sender.subscribe()).filter_map(move |e| match e {
-        Ok(event) => Some(Ok(event)),
-        Err(lagged) => {
-            tracing::warn!(%lagged, "{what} watcher fell behind");
-            None
+/// Events queued per watcher between its forwarder and the transport. A slow watcher's
+/// backlog builds up in the broadcast channel (`EVENT_BUFFER` events), not here.
+const WATCH_DEPTH: usize = 64;
+
+/// A watcher's stream of the events `sender` broadcasts, fed by a forwarder task (tracked,
+/// so shutdown waits for it). A watcher that falls behind loses the oldest events (counted
+/// in `dropped`, and logged); it never slows the unit down. The stream ends with
+/// UNAVAILABLE when the server shuts down, as links do, so a watcher never holds shutdown
+/// up.
+fn watch<T: Clone + Send + 'static>(
+    state: &State,
+    sender: &broadcast::Sender<T>,
+    what: &'static str,
+    dropped: metrics::Counter,
+) -> EventStream<T> {
+    let mut events = sender.subscribe();
+    let (tx, rx) = mpsc::channel(WATCH_DEPTH);
+    let shutdown = state.shutdown.clone();
+    state.tasks.spawn(async move {
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => {
+                    let _ = tx.try_send(Err(Status::unavailable("server shutting down")));
+                    return;
+                }
+                // The watcher is gone.
+                () = tx.closed() => return,
+                e = events.recv() => match e {
+                    Ok(event) => event,
+                    Err(RecvError::Lagged(lost)) => {
+                        dropped.increment(lost);
+                        tracing::warn!(lost, "{what} watcher fell behind");
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                sent = tx.send(Ok(event)) => if sent.is_err() { return },
+            }
         }
-    }))
+    });
+    Box::pin(ReceiverStream::new(rx))
 }
 
 /// Refuses a map or unmap request with more than [`MAX_RANGES`] ranges.
@@ -245,7 +280,8 @@ impl Control for ControlService {
     type WatchFaultsStream = EventStream<FaultEvent>;
 
     async fn watch_faults(&self, _r: Request<WatchRequest>) -> Result<Response<Self::WatchFaultsStream>, Status> {
-        Ok(Response::new(watch(&self.state.hub.faults, "fault")))
+        let dropped = self.state.metrics.faults_watch_dropped.clone();
+        Ok(Response::new(watch(&self.state, &self.state.hub.faults, "fault", dropped)))
     }
 
     type WatchInterruptsStream = EventStream<InterruptEvent>;
@@ -254,7 +290,8 @@ impl Control for ControlService {
         &self,
         _r: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchInterruptsStream>, Status> {
-        Ok(Response::new(watch(&self.state.hub.interrupts, "interrupt")))
+        let dropped = self.state.metrics.interrupts_watch_dropped.clone();
+        Ok(Response::new(watch(&self.state, &self.state.hub.interrupts, "interrupt", dropped)))
     }
 
     type WatchPageRequestsStream = EventStream<PageRequestEvent>;
@@ -263,7 +300,8 @@ impl Control for ControlService {
         &self,
         _r: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchPageRequestsStream>, Status> {
-        Ok(Response::new(watch(&self.state.hub.page_requests, "page request")))
+        let dropped = self.state.metrics.page_requests_watch_dropped.clone();
+        Ok(Response::new(watch(&self.state, &self.state.hub.page_requests, "page request", dropped)))
     }
 
     async fn respond_page_request(

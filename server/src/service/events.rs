@@ -3,13 +3,17 @@
 //! the unit's sampled timings go to the metrics.
 //!
 //! A watcher that falls more than [`EVENT_BUFFER`] events behind loses the oldest ones
-//! (and is told how many in the log); the unit never blocks on a slow watcher.
+//! (counted in `dmar_server_watch_events_dropped_total` and logged); the unit never blocks
+//! on a slow watcher.
 //!
 //! The unit calls the hub synchronously, from whichever thread made the unit act, so
-//! nothing here waits or calls back into the unit or the driver. Page requests are not
-//! broadcast from here: the hub only wakes the page request pump
-//! ([`super::background`]), which drains the queue through the driver. Events are
-//! encoded by [`super::wire`].
+//! nothing here waits or calls back into the unit or the driver. Faults and page requests
+//! are not broadcast from here: they reach software through registers and memory, as on
+//! hardware. The hub tells the two events apart by their message data ([`FAULT_VECTOR`],
+//! [`PAGE_REQUEST_VECTOR`], which the driver programs) and wakes the matching pump
+//! ([`super::background`]), which services the fault recording registers or drains the
+//! page request queue through the driver and broadcasts what it read. Events are encoded
+//! by [`super::wire`].
 //!
 //! The hub also holds the page groups outstanding per bound function
 //! ([`super::page_groups::PageGroups`]): the links admit and release them, and the Control
@@ -33,6 +37,10 @@ use dmar_vtd::unit::{FaultReason, FaultRecord, UnitEvents};
 /// recognises the event by it.
 pub(crate) const PAGE_REQUEST_VECTOR: u32 = 0x5052;
 
+/// The fault event's message data: the driver programs FEDATA with it, and the hub
+/// recognises the event by it.
+pub(crate) const FAULT_VECTOR: u32 = 0x4645;
+
 /// Events buffered per stream before slow watchers start losing them.
 pub(crate) const EVENT_BUFFER: usize = 4096;
 
@@ -46,10 +54,12 @@ pub(crate) struct EventHub {
     pub(crate) page_groups: Arc<PageGroups>,
     metrics: Metrics,
     page_request_event: Arc<Notify>,
+    fault_event: Arc<Notify>,
 }
 
 impl EventHub {
-    pub(crate) fn new(metrics: Metrics, page_request_event: Arc<Notify>) -> Self {
+    /// A hub that wakes `page_request_event` and `fault_event` when the unit raises them.
+    pub(crate) fn new(metrics: Metrics, page_request_event: Arc<Notify>, fault_event: Arc<Notify>) -> Self {
         Self {
             faults: broadcast::channel(EVENT_BUFFER).0,
             interrupts: broadcast::channel(EVENT_BUFFER).0,
@@ -57,22 +67,29 @@ impl EventHub {
             page_groups: Arc::default(),
             metrics,
             page_request_event,
+            fault_event,
         }
+    }
+
+    /// Wakes the fault pump as the fault event would: for the ticker, which finds faults
+    /// pending that raised no event (VT-d 7.3: none is raised while PPF or PFO is set).
+    pub(crate) fn wake_fault_pump(&self) {
+        self.fault_event.notify_one();
     }
 }
 
 impl UnitEvents for EventHub {
     fn fault_recorded(&self, record: &FaultRecord) {
         self.metrics.faults[usize::from(record.reason.code())].increment(1);
-        // No watcher is not an error.
-        let _ = self.faults.send(wire::fault_event(record));
     }
 
     fn fault_dropped(&self, _reason: FaultReason, _overflow: bool) {}
 
     fn interrupt_message(&self, _addr: u64, data: u32) {
-        if data == PAGE_REQUEST_VECTOR {
-            self.page_request_event.notify_one();
+        match data {
+            PAGE_REQUEST_VECTOR => self.page_request_event.notify_one(),
+            FAULT_VECTOR => self.fault_event.notify_one(),
+            _ => {}
         }
     }
 

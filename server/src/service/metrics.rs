@@ -65,6 +65,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "dmar_link_reply_budget_waits_total",
     "dmar_server_auth_refusals_total",
     "dmar_server_quota_refusals_total",
+    "dmar_server_watch_events_dropped_total",
     dmar_auth::CONNECTION_REFUSALS,
 ];
 
@@ -146,6 +147,10 @@ fn describe() {
         "Peer requests refused with a status or a PCIe failure response, by reason"
     );
     describe_counter!(
+        "dmar_server_watch_events_dropped_total",
+        "Events a watcher lost by falling more than 4096 behind its stream, by stream"
+    );
+    describe_counter!(
         "dmar_link_reply_budget_waits_total",
         "Times a link stopped reading until the agent took the replies it owed (reply byte budget full)"
     );
@@ -185,6 +190,10 @@ pub(crate) struct Metrics {
     pub(crate) irq_blocked: Counter,
     refusals: [Counter; Refusal::ALL.len()],
     pub(crate) reply_budget_waits: Counter,
+    /// Events lost by slow watchers of WatchFaults, WatchInterrupts, WatchPageRequests.
+    pub(crate) faults_watch_dropped: Counter,
+    pub(crate) interrupts_watch_dropped: Counter,
+    pub(crate) page_requests_watch_dropped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -205,6 +214,7 @@ impl Metrics {
             None => Counter::noop(),
         });
         let m = |kind: &'static str| counter!("dmar_link_messages_total", "kind" => kind);
+        let w = |stream: &'static str| counter!("dmar_server_watch_events_dropped_total", "stream" => stream);
         Self {
             translations: [
                 (t("untranslated", "ok"), |s| s.untranslated_ok),
@@ -266,6 +276,9 @@ impl Metrics {
             irq_blocked: counter!("dmar_interrupt_remapped_total", "result" => "blocked"),
             refusals: Refusal::ALL.map(|r| counter!("dmar_server_refusals_total", "reason" => r.name())),
             reply_budget_waits: counter!("dmar_link_reply_budget_waits_total"),
+            faults_watch_dropped: w("faults"),
+            interrupts_watch_dropped: w("interrupts"),
+            page_requests_watch_dropped: w("page_requests"),
         }
     }
 

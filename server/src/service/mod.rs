@@ -5,7 +5,7 @@
 //! encodes, and maps errors ([`status`]). This module owns the process-level wiring:
 //! building the unit and its driver from a [`ServerConfig`], starting the background
 //! tasks ([`background`]: the ticker that lets time pass for the unit and runs due
-//! deferred flushes, the page request pump), and graceful shutdown.
+//! deferred flushes, the page request pump, the fault pump), and graceful shutdown.
 //!
 //! Security ([`auth`]): with mutual TLS every request but health passes the one
 //! authorisation table before a service sees it, and the link and domain calls consult the
@@ -158,7 +158,8 @@ pub async fn serve_with_health(
     let metrics = Metrics::new();
     let access = Arc::new(Access::new(&config.security));
     let page_requests = Arc::new(Notify::new());
-    let hub = Arc::new(EventHub::new(metrics.clone(), page_requests.clone()));
+    let faults = Arc::new(Notify::new());
+    let hub = Arc::new(EventHub::new(metrics.clone(), page_requests.clone(), faults.clone()));
     let memory = Arc::new(HostMemory::new(config.memory_size)?);
     let unit = Arc::new(Unit::with_events(config.unit, memory, hub.clone()));
     let driver_config = DriverConfig { flush: config.default_flush, ..DriverConfig::for_memory(config.memory_size) };
@@ -166,6 +167,7 @@ pub async fn serve_with_health(
     let driver = Arc::new(Driver::new(unit.clone(), driver_config)?);
     driver.enable_interrupt_remapping()?;
     driver.enable_page_requests(events::PAGE_REQUEST_VECTOR)?;
+    driver.enable_fault_events(events::FAULT_VECTOR)?;
     let tasks = TaskTracker::new();
     let state = Arc::new(State {
         unit,
@@ -184,6 +186,7 @@ pub async fn serve_with_health(
 
     tasks.spawn(background::ticker(state.clone(), background::tick_period(&[config.default_flush, config.deferred])));
     tasks.spawn(background::page_request_pump(state.clone(), page_requests));
+    tasks.spawn(background::fault_pump(state.clone(), faults));
     if let (Some(listener), Some(handle)) = (listeners.metrics, handle) {
         let s = state.clone();
         let render: dmar_process::Render = Arc::new(move || {

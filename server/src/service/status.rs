@@ -45,7 +45,8 @@ pub(crate) fn driver(e: DriverError) -> Status {
         | E::NoAccess
         | E::UnsupportedWidth(_)
         | E::InvalidDescriptor { .. }
-        | E::InterruptIndex { .. } => Status::invalid_argument(msg),
+        | E::InterruptIndex { .. }
+        | E::InterruptMask { .. } => Status::invalid_argument(msg),
         // The server's own state: its configuration, its queues, its tables.
         E::InvalidTableRegion { .. } | E::PageRequestQueue(_) | E::Hardware(_) | E::Memory(_) => Status::internal(msg),
     }

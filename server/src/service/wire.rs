@@ -15,14 +15,12 @@ use std::collections::HashMap;
 
 use dmar_proto::v1 as pb;
 use dmar_vtd::ats::{MAX_PRG_INDEX, MAX_QUEUE_DEPTH, PRG_INDEX_BITS};
-use dmar_vtd::driver::{AttachOptions, DomainKind, FlushPolicy, Perm};
+use dmar_vtd::driver::{AttachOptions, DomainKind, FaultReport, FlushPolicy, Perm};
 use dmar_vtd::ids::{DomainId, ITag, Iova, SourceId};
 use dmar_vtd::unit::interrupt::{DestinationMode, Remapped, Trigger};
 use dmar_vtd::unit::prq::{PageGroupResponse, PageRequest, ResponseCode};
 use dmar_vtd::unit::tables::AddressWidth;
-use dmar_vtd::unit::{
-    AtsCompletion, Blocked, DeviceInvalidation, Direction, DmaError, FaultRecord, Translation, UnitStats,
-};
+use dmar_vtd::unit::{AtsCompletion, Blocked, DeviceInvalidation, Direction, DmaError, Translation, UnitStats};
 use tonic::Status;
 
 /// Most ranges per map or unmap request: bounds the work (and the undo) of one call.
@@ -275,8 +273,10 @@ pub(crate) fn bound(sids: &[SourceId]) -> pb::Bound {
     pb::Bound { source_ids: sids.iter().map(|s| u32::from(s.0)).collect() }
 }
 
-/// A recorded fault (VT-d 7.2.1: reason, requester, address, access, address type).
-pub(crate) fn fault_event(record: &FaultRecord) -> pb::FaultEvent {
+/// A fault the driver read from a fault recording register (VT-d 7.2.1: reason,
+/// requester, address, access, address type, PASID).
+pub(crate) fn fault_event(report: &FaultReport) -> pb::FaultEvent {
+    let record = &report.record;
     pb::FaultEvent {
         reason: u32::from(record.reason.code()),
         reason_name: record.reason.name().to_owned(),
@@ -284,6 +284,7 @@ pub(crate) fn fault_event(record: &FaultRecord) -> pb::FaultEvent {
         address: record.addr,
         write: record.access == Direction::Write,
         address_type: record.kind as u32,
+        pasid: report.pasid.map(|p| p.0),
     }
 }
 

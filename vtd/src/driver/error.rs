@@ -180,6 +180,15 @@ pub enum DriverError {
         /// Table size.
         entries: u32,
     },
+    /// A block of interrupt remapping table entries larger than one interrupt entry cache
+    /// invalidation can cover (2^`mask` entries with `mask` above ECAP.MHMV, VT-d 6.5.2.7).
+    #[error("a block of 2^{mask} interrupt entries exceeds the unit's handle mask limit of {max}")]
+    InterruptMask {
+        /// The block's index mask.
+        mask: u8,
+        /// ECAP.MHMV.
+        max: u8,
+    },
     /// Page requests have not been set up by the driver.
     #[error("the page request queue is not enabled")]
     PageRequestsDisabled,

@@ -8,8 +8,8 @@
 //! (`mapping`), and the invalidation each change needs (`invalidate`), carried out through
 //! the invalidation queue (`queue`) when the unit has one (ECAP.QI) or through the register
 //! interface (`registers`) otherwise, and deferred when the flush policy says so
-//! (`deferred`). Interrupt remapping (`interrupts`) and page requests (`page_requests`)
-//! complete it.
+//! (`deferred`). Interrupt remapping (`interrupts`), page requests (`page_requests`) and
+//! the fault event with the fault recording registers (`faults`) complete it.
 //!
 //! It talks to the unit only through registers and host memory, exactly as a real driver
 //! would, so whatever it gets wrong shows up as faults or stale translations in the unit.
@@ -56,6 +56,7 @@ mod deferred;
 mod domain;
 mod doorbell;
 mod error;
+mod faults;
 mod frames;
 mod interrupts;
 mod invalidate;
@@ -88,6 +89,7 @@ use crate::unit::memory::HostMemory;
 pub use self::attach::AttachOptions;
 pub use self::config::{DomainKind, DriverConfig, FlushPolicy, MAX_TABLE_REGION, Perm};
 pub use self::error::{AddressField, DriverError};
+pub use self::faults::FaultReport;
 pub use self::interrupts::IRT_ENTRIES;
 
 /// The driver for one remapping unit.

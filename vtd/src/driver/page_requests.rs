@@ -21,6 +21,7 @@ use crate::ats::MAX_PRG_INDEX;
 use crate::ids::{Hpa, SourceId};
 use crate::unit::INTERRUPT_RANGE_BASE;
 use crate::unit::IotlbInvalidation;
+use crate::unit::interrupt::IecInvalidation;
 use crate::unit::invalidation::descriptor::{Descriptor, QueueErrorCode, decode};
 use crate::unit::prq::{DESCRIPTOR_SIZE, PageGroupResponse, PageRequest, QueueAddress, ResponseCode};
 use crate::unit::regs::{self, MAMV, prs};
@@ -128,6 +129,12 @@ impl Driver {
                 Descriptor::Iotlb(IotlbInvalidation::Page { am, .. }) if u64::from(am) > MAMV => {
                     return Err(invalid(format!("address mask {am} exceeds MAMV {MAMV}")));
                 }
+                // VT-d 6.5.2.7: IM must not exceed ECAP.MHMV.
+                Descriptor::Iec(IecInvalidation::Index { index_mask, .. })
+                    if index_mask > self.caps.max_handle_mask =>
+                {
+                    return Err(invalid(format!("index mask {index_mask} exceeds MHMV {}", self.caps.max_handle_mask)));
+                }
                 Descriptor::PageGroupResponse(..) => {
                     PageGroupResponse::from_descriptor([qw0, qw1]).map_err(|e| invalid(e.to_string()))?;
                 }
@@ -144,17 +151,16 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::driver::{DomainKind, DriverConfig};
+    use crate::driver::DomainKind;
     use crate::unit::prq::PageRequest;
     use crate::unit::tables::AddressWidth;
-    use crate::unit::{HostMemory, PageRequestOutcome, Unit, UnitConfig};
+    use crate::unit::{NoEvents, PageRequestOutcome};
 
     const MEMORY: u64 = 64 << 20;
     const SID: SourceId = SourceId::new(0, 3, 0);
 
     fn driver() -> Driver {
-        let unit = Arc::new(Unit::new(UnitConfig::default(), Arc::new(HostMemory::new(MEMORY).unwrap())));
-        let d = Driver::new(unit, DriverConfig::for_memory(MEMORY)).unwrap();
+        let d = crate::testing::driver(MEMORY, Arc::new(NoEvents));
         d.enable_page_requests(0x60).unwrap();
         let did = d.create_domain(DomainKind::Paging, AddressWidth::Aw48).unwrap();
         d.attach(SID, did, true).unwrap();
@@ -245,8 +251,7 @@ mod tests {
 
     #[test]
     fn page_requests_need_enabling() {
-        let unit = Arc::new(Unit::new(UnitConfig::default(), Arc::new(HostMemory::new(MEMORY).unwrap())));
-        let d = Driver::new(unit, DriverConfig::for_memory(MEMORY)).unwrap();
+        let d = crate::testing::driver(MEMORY, Arc::new(NoEvents));
         assert_eq!(d.drain_page_requests(), Err(DriverError::PageRequestsDisabled));
         assert_eq!(d.respond_page_request(SID, 1, ResponseCode::Success), Err(DriverError::PageRequestsDisabled));
     }

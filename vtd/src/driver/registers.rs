@@ -46,6 +46,16 @@ pub(crate) struct Capabilities {
     pub(crate) queued_invalidation: bool,
     /// ECAP.DT: context entries may use TT=01b, so devices may cache translations (ATS).
     pub(crate) device_tlb: bool,
+    /// ECAP.MHMV: the largest index mask (IM) an interrupt entry cache invalidation may
+    /// carry, so the largest block of IRTEs one invalidation covers is 2^MHMV (VT-d
+    /// 6.5.2.7; Linux `ecap_max_handle_mask`).
+    pub(crate) max_handle_mask: u8,
+    /// CAP.FRO × 16: where the fault recording registers start (Linux
+    /// `cap_fault_reg_offset`).
+    pub(crate) fault_record_offset: u64,
+    /// CAP.NFR + 1: how many fault recording registers there are (Linux
+    /// `cap_num_fault_regs`).
+    pub(crate) fault_records: usize,
 }
 
 impl Capabilities {
@@ -70,6 +80,9 @@ impl Capabilities {
             pass_through: ecap_reg & ecap::PT != 0,
             queued_invalidation: ecap_reg & ecap::QI != 0,
             device_tlb: ecap_reg & ecap::DT != 0,
+            max_handle_mask: ((ecap_reg >> ecap::MHMV_SHIFT) & ecap::MHMV_MASK) as u8,
+            fault_record_offset: ((cap_reg >> cap::FRO_SHIFT) & cap::FRO_MASK) * 16,
+            fault_records: ((cap_reg >> cap::NFR_SHIFT) & cap::NFR_MASK) as usize + 1,
         }
     }
 
@@ -212,11 +225,14 @@ mod tests {
         assert!(caps.page_selective && caps.pass_through);
         assert!(caps.read_drain && caps.write_drain);
         assert!(caps.queued_invalidation && caps.device_tlb);
+        assert_eq!(u64::from(caps.max_handle_mask), regs::MHMV);
+        assert_eq!((caps.fault_record_offset, caps.fault_records), (regs::FRCD_BASE, regs::NUM_FAULT_RECORDS));
 
         let bare = Capabilities::decode(1 << 10, 0);
         assert!(!bare.supports(AddressWidth::Aw39) && bare.supports(AddressWidth::Aw48));
         assert_eq!(bare.max_leaf_level, 1);
         assert!(!bare.pass_through && !bare.page_selective && !bare.queued_invalidation && !bare.device_tlb);
+        assert_eq!(bare.max_handle_mask, 0);
         assert_eq!(Capabilities::decode(1 << 34, 0).max_leaf_level, 2);
     }
 }

@@ -5,7 +5,8 @@
 //! register block (FECTL, FEDATA, FEADDR, FEUADDR; VT-d 10.4.10-10.4.13, an
 //! [`EventControl`]). The queue error bits of FSTS belong to the invalidation queue; they
 //! only hold fault events back. Later layers subscribe to recorded faults and fault-event
-//! interrupts through [`UnitEvents`].
+//! interrupts through [`UnitEvents`]; software reads and clears the records through the
+//! registers (the driver's fault handler decodes them with [`FaultRecord::from_frcd`]).
 
 use parking_lot::Mutex;
 
@@ -37,6 +38,32 @@ pub enum RequestKind {
     Translated = 2,
 }
 
+impl RequestKind {
+    /// The kind an AT value names; `None` for AT=11, which PCIe reserves.
+    pub const fn from_at(at: u8) -> Option<Self> {
+        match at {
+            0 => Some(Self::Untranslated),
+            1 => Some(Self::TranslationRequest),
+            2 => Some(Self::Translated),
+            _ => None,
+        }
+    }
+}
+
+/// Why the contents of a fault recording register are not a fault record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrcdError {
+    /// F is clear: the register holds no fault.
+    #[error("the fault recording register holds no fault (F clear)")]
+    Empty,
+    /// FR is a code no fault reason has.
+    #[error("fault reason {0:#04x} is not defined")]
+    UnknownReason(u8),
+    /// AT is 11b, which PCIe reserves.
+    #[error("address type 3 is reserved")]
+    ReservedAddressType,
+}
+
 /// One recorded fault, as held in a fault recording register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultRecord {
@@ -64,6 +91,27 @@ impl FaultRecord {
             | t
             | frcd::F;
         (lo, hi)
+    }
+
+    /// Decodes a fault recording register as software reads it, low and high quadword
+    /// (VT-d 10.4.14; Linux `dma_frcd_*`): the inverse of [`FaultRecord::to_frcd`]. The
+    /// PASID fields (PP, PV) are not part of a record; a reader takes them from
+    /// [`frcd::PP`] and [`frcd::PV_SHIFT`] itself.
+    pub fn from_frcd(lo: u64, hi: u64) -> Result<Self, FrcdError> {
+        if hi & frcd::F == 0 {
+            return Err(FrcdError::Empty);
+        }
+        let code = ((hi >> frcd::FR_SHIFT) & frcd::FR_MASK) as u8;
+        let reason = FaultReason::from_code(code).ok_or(FrcdError::UnknownReason(code))?;
+        let at = ((hi >> frcd::AT_SHIFT) & frcd::AT_MASK) as u8;
+        let kind = RequestKind::from_at(at).ok_or(FrcdError::ReservedAddressType)?;
+        Ok(Self {
+            reason,
+            sid: SourceId(((hi >> frcd::SID_SHIFT) & frcd::SID_MASK) as u16),
+            addr: lo & frcd::FI_MASK,
+            access: if hi & frcd::T != 0 { Direction::Read } else { Direction::Write },
+            kind,
+        })
     }
 }
 
@@ -325,5 +373,27 @@ mod tests {
         assert_eq!((hi >> 60) & 3, 2);
         assert_eq!((hi >> 62) & 1, 0, "T=0 for writes");
         assert_eq!(hi >> 63, 1, "F");
+        assert_eq!(FaultRecord::from_frcd(lo, hi), Ok(FaultRecord { addr: 0x1234_5000, ..r }), "FI is a page");
+    }
+
+    #[test]
+    fn frcd_decoding_round_trips_and_refuses_what_is_no_record() {
+        let ir = FaultRecord {
+            reason: FaultReason::IrEntryNotPresent,
+            sid: SourceId::new(0xff, 0x1f, 7),
+            addr: 0x00ff_0000_0000_0000,
+            access: Direction::Write,
+            kind: RequestKind::Untranslated,
+        };
+        let r = rec(0xfedc_b000);
+        for record in [r, ir] {
+            let (lo, hi) = record.to_frcd();
+            assert_eq!(FaultRecord::from_frcd(lo, hi), Ok(record));
+        }
+        let (lo, hi) = r.to_frcd();
+        assert_eq!(FaultRecord::from_frcd(lo | 0xfff, hi), Ok(r), "FI bits 11:0 are not the address");
+        assert_eq!(FaultRecord::from_frcd(lo, hi & !frcd::F), Err(FrcdError::Empty));
+        assert_eq!(FaultRecord::from_frcd(lo, hi & !(0xff << 32)), Err(FrcdError::UnknownReason(0)));
+        assert_eq!(FaultRecord::from_frcd(lo, hi | (3 << 60)), Err(FrcdError::ReservedAddressType));
     }
 }

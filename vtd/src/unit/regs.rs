@@ -230,10 +230,25 @@ pub mod frcd {
     pub const FI_MASK: u64 = !0xfff;
     /// High quadword: SID, bits 79:64 of the register.
     pub const SID_SHIFT: u32 = 0;
+    /// SID is 16 bits wide.
+    pub const SID_MASK: u64 = 0xffff;
+    /// High quadword: PP, a PASID is present, bit 95 of the register.
+    pub const PP: u64 = 1 << 31;
     /// High quadword: FR, the fault reason, bits 103:96 of the register.
     pub const FR_SHIFT: u32 = 32;
+    /// FR is 8 bits wide.
+    pub const FR_MASK: u64 = 0xff;
+    /// High quadword: PV, the PASID value, bits 123:104 of the register.
+    pub const PV_SHIFT: u32 = 40;
+    /// PV is 20 bits wide.
+    pub const PV_MASK: u64 = 0xf_ffff;
     /// High quadword: AT, the address type, bits 125:124 of the register.
     pub const AT_SHIFT: u32 = 60;
+    /// AT is 2 bits wide.
+    pub const AT_MASK: u64 = 3;
+    /// Offset of the register's top doubleword, the one holding F: software clears F with
+    /// one 32-bit write there (Linux `dmar_fault`).
+    pub const F_DWORD: u64 = 12;
     /// High quadword: T, 1 for reads, bit 126 of the register.
     pub const T: u64 = 1 << 62;
     /// High quadword: F, the fault bit, bit 127 of the register; write 1 to clear.
@@ -409,6 +424,11 @@ pub mod ecap {
     pub const IRO_SHIFT: u32 = 8;
     /// IRO is 10 bits wide.
     pub const IRO_MASK: u64 = 0x3ff;
+    /// MHMV: maximum handle mask value, bits 23:20: the largest IM an interrupt entry
+    /// cache invalidation may carry (VT-d 6.5.2.7).
+    pub const MHMV_SHIFT: u32 = 20;
+    /// MHMV is 4 bits wide.
+    pub const MHMV_MASK: u64 = 0xf;
     /// PRS: page requests.
     pub const PRS: u64 = 1 << 29;
 }
@@ -416,6 +436,14 @@ pub mod ecap {
 /// Largest page-selective invalidation the unit accepts, as an address-mask value
 /// (CAP.MAMV; QEMU and Linux use 18, i.e. 1 GiB).
 pub const MAMV: u64 = 18;
+
+/// Largest index mask an interrupt-entry-cache invalidation may carry (ECAP.MHMV): one
+/// invalidation covers up to 2^15 entries, so a multi-vector MSI's block of IRTEs (a
+/// handle plus subhandles, VT-d 5.1.2.2) is invalidated at once. Linux refuses multi-vector
+/// MSI under interrupt remapping when the block's mask exceeds it (`alloc_irte`, so
+/// MHMV = 0 means single vectors only); QEMU advertises 15 (`VTD_ECAP_MHMV`). The unit
+/// honours any IM (16 and above cover every index).
+pub const MHMV: u64 = 15;
 
 /// The CAP value dmar advertises: exactly what the model implements.
 ///
@@ -442,11 +470,18 @@ pub const fn cap_value() -> u64 {
 }
 
 /// The ECAP value dmar advertises: queued invalidation (QI), device-TLB (DT), interrupt
-/// remapping with x2APIC mode (IR, EIM), pass-through (PT) and page requests (PRS), with
-/// the IOTLB registers at IRO.
+/// remapping with x2APIC mode (IR, EIM) and index-masked entry cache invalidation up to
+/// [`MHMV`], pass-through (PT) and page requests (PRS), with the IOTLB registers at IRO.
 pub const fn ecap_value() -> u64 {
     let iro = IVA / 16;
-    ecap::QI | ecap::DT | ecap::IR | ecap::EIM | ecap::PT | (iro << ecap::IRO_SHIFT) | ecap::PRS
+    ecap::QI
+        | ecap::DT
+        | ecap::IR
+        | ecap::EIM
+        | ecap::PT
+        | (iro << ecap::IRO_SHIFT)
+        | (MHMV << ecap::MHMV_SHIFT)
+        | ecap::PRS
 }
 
 #[cfg(test)]
@@ -471,6 +506,7 @@ mod tests {
         assert_ne!(ecap & 0b10, 0, "QI");
         assert_ne!(ecap & 0b1000, 0, "IR");
         assert_ne!(ecap & (1 << 29), 0, "PRS");
+        assert_eq!((ecap >> 20) & 0xf, 15, "MHMV: IEC invalidations of up to 2^15 entries, as QEMU");
     }
 
     #[test]

@@ -37,7 +37,9 @@
 //!
 //! Caching (VT-d "Interrupt Entry Cache"; invalidation VT-d 6.5.2.7): only present,
 //! reserved-clean IRTEs are cached, so a fault never needs an invalidation to clear. A
-//! changed IRTE stays invisible until software invalidates its index. A new table latched
+//! changed IRTE stays invisible until software invalidates its index, or the aligned block
+//! of 2^IM indices holding it: the unit advertises ECAP.MHMV = 15 (`regs::MHMV`), so the
+//! block of a multi-vector MSI (handle plus subhandles, step 4) goes in one descriptor. A new table latched
 //! by SIRTP does not flush the cache either (this unit reports CAP.ESIRTPS = 0): software
 //! must follow SIRTP with a global IEC invalidation, as Linux does. With
 //! `InterruptRemapper::with_stale_detection` every hit re-reads the IRTE and counts

@@ -211,11 +211,10 @@ impl Unit {
                     effects.ring();
                 }
                 Descriptor::PageGroupResponse(qw0, qw1) => match PageGroupResponse::from_descriptor([qw0, qw1]) {
-                    Ok(resp) => {
-                        // A response without LPIG carries nothing for the device.
-                        if let Some(r) = resp
-                            && let Some(p) = q.ports.get(&r.sid)
-                        {
+                    Ok(r) => {
+                        // VT-d 7.6.1: the response completes group PRGI of RID, whatever
+                        // the former LPIG bit (reserved since VT-d 4.0) holds.
+                        if let Some(p) = q.ports.get(&r.sid) {
                             effects.push(Effect::PageResponse(p.port.clone(), r));
                         }
                         self.counters.qi_page_response.inc();

@@ -37,10 +37,13 @@ const PR_PRGI_SHIFT: u32 = 3;
 const RESP_PP: u64 = 1 << 4;
 const RESP_RC_SHIFT: u32 = 12;
 const RESP_RID_SHIFT: u32 = 16;
-const RESP_LPIG: u64 = 1 << 2;
 const RESP_PRGI_SHIFT: u32 = 3;
 /// QEMU's reserved masks (`VTD_INV_DESC_PGRESP_RSVD_*`): qw0 bits 8:5 (PDP among them: no private data) and
-/// 63:52; qw1 bits 1:0 and 63:12.
+/// 63:52; qw1 bits 1:0 and 63:12. Qw1 bit 2 (descriptor bit 66) is not in the mask: it was
+/// LPIG before VT-d 4.0 and is reserved since, and hardware ignores it (Linux commit
+/// 4402e8f39d0b "iommu/vt-d: Remove LPIG from page group response descriptor": "existing
+/// hardware all treats bit 66 ... as ignored"), so a response from an older driver that
+/// still sets it is accepted.
 const RESP_QW0_RESERVED: u64 = 0xfff0_0000_0000_01e0;
 const RESP_QW1_RESERVED: u64 = 0xffff_ffff_ffff_f003;
 
@@ -175,14 +178,15 @@ pub struct PageGroupResponse {
 }
 
 impl PageGroupResponse {
-    /// The type-9 invalidation descriptor that sends this response (VT-d 7.6.1), as Linux
-    /// builds it (`QI_PGRP_*`): LPIG set, no PASID, no private data. In 256-bit mode qw2
-    /// and qw3 are zero.
+    /// The type-9 invalidation descriptor that sends this response (VT-d 7.6.1), as current
+    /// Linux builds it (`intel_iommu_page_response`, `QI_PGRP_*`): RID, RC and PRGI, no
+    /// PASID, no private data, and qw1 bit 2 clear (VT-d 4.0 made the former LPIG bit
+    /// reserved). In 256-bit mode qw2 and qw3 are zero.
     pub fn to_descriptor(&self) -> [u64; 2] {
         let qw0 = u64::from(PAGE_GROUP_RESPONSE_TYPE)
             | (u64::from(self.code.code()) << RESP_RC_SHIFT)
             | (u64::from(self.sid.0) << RESP_RID_SHIFT);
-        let qw1 = RESP_LPIG | (u64::from(self.prgi & PRGI_MASK) << RESP_PRGI_SHIFT);
+        let qw1 = u64::from(self.prgi & PRGI_MASK) << RESP_PRGI_SHIFT;
         [qw0, qw1]
     }
 
@@ -190,11 +194,10 @@ impl PageGroupResponse {
     /// queue engine checks that qw2/qw3 are zero in 256-bit mode, VT-d 6.5.2). An error is an
     /// invalid descriptor: the invalidation queue reports it as IQE.
     ///
-    /// `Ok(None)` is a well-formed response with LPIG clear. Such a response answers a
-    /// request with private data that was not last in its group; PCIe responses answer
-    /// whole groups and this unit accepts no private data, so nothing is sent to the device
-    /// (dmar policy, rather than inventing a group response).
-    pub fn from_descriptor(desc: [u64; 2]) -> Result<Option<Self>, ResponseError> {
+    /// A well-formed response answers the whole group `prgi` of the requester `sid`
+    /// whatever qw1 bit 2 holds: VT-d 7.6.1 (since 4.0) has no LPIG in the response, and a
+    /// PCIe PRG response always completes its group (PCIe 10.4.2).
+    pub fn from_descriptor(desc: [u64; 2]) -> Result<Self, ResponseError> {
         let [qw0, qw1] = desc;
         let ty = descriptor_type(qw0) as u8;
         if ty != PAGE_GROUP_RESPONSE_TYPE {
@@ -211,14 +214,11 @@ impl PageGroupResponse {
         }
         let rc = ((qw0 >> RESP_RC_SHIFT) & 0xf) as u8;
         let code = ResponseCode::from_code(rc).ok_or(ResponseError::UnknownCode(rc))?;
-        if qw1 & RESP_LPIG == 0 {
-            return Ok(None);
-        }
-        Ok(Some(Self {
+        Ok(Self {
             sid: SourceId((qw0 >> RESP_RID_SHIFT) as u16),
             prgi: ((qw1 >> RESP_PRGI_SHIFT) as u16) & PRGI_MASK,
             code,
-        }))
+        })
     }
 }
 
@@ -352,8 +352,9 @@ mod tests {
         assert_eq!((qw0 >> 12) & 0xf, 1, "RC[15:12]");
         assert_eq!((qw0 >> 16) & 0xffff, u64::from(SourceId::new(1, 2, 3).0), "RID[31:16]");
         assert_eq!(qw0 & (1 << 4), 0, "PP");
-        assert_eq!(qw1, (1 << 2) | (0x155 << 3), "LPIG 2, PRGI[11:3]");
-        assert_eq!(PageGroupResponse::from_descriptor([qw0, qw1]), Ok(Some(r)));
+        // Current Linux (since the VT-d 4.0 change) leaves bit 2, the former LPIG, clear.
+        assert_eq!(qw1, 0x155 << 3, "PRGI[11:3], bit 2 clear");
+        assert_eq!(PageGroupResponse::from_descriptor([qw0, qw1]), Ok(r));
     }
 
     #[test]
@@ -390,9 +391,12 @@ mod tests {
         assert_eq!(PageGroupResponse::from_descriptor(d), Err(ResponseError::PasidPresent));
         // Without PP the PASID field is ignored, as QEMU's mask allows it (Linux fills it).
         let d = [good[0] | (0x12345 << 32), good[1]];
-        assert!(matches!(PageGroupResponse::from_descriptor(d), Ok(Some(_))));
-        let d = [good[0], good[1] & !(1 << 2)];
-        assert_eq!(PageGroupResponse::from_descriptor(d), Ok(None), "LPIG clear: nothing for the device");
+        assert!(PageGroupResponse::from_descriptor(d).is_ok());
+        // The former LPIG bit answers nothing: set (an older driver) or clear (current
+        // Linux), the response is the same.
+        let want = PageGroupResponse { sid: SourceId(0x10), prgi: 7, code: ResponseCode::Success };
+        assert_eq!(PageGroupResponse::from_descriptor([good[0], good[1] | (1 << 2)]), Ok(want), "bit 2 set");
+        assert_eq!(PageGroupResponse::from_descriptor(good), Ok(want), "bit 2 clear");
     }
 
     proptest! {
@@ -409,7 +413,7 @@ mod tests {
         fn responses_round_trip(sid in any::<u16>(), prgi in 0u16..0x200, code in 0usize..3) {
             let code = [ResponseCode::Success, ResponseCode::Invalid, ResponseCode::Failure][code];
             let r = PageGroupResponse { sid: SourceId(sid), prgi, code };
-            prop_assert_eq!(PageGroupResponse::from_descriptor(r.to_descriptor()), Ok(Some(r)));
+            prop_assert_eq!(PageGroupResponse::from_descriptor(r.to_descriptor()), Ok(r));
         }
     }
 }
