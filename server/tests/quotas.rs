@@ -131,3 +131,27 @@ async fn an_identity_at_its_frame_quota_cannot_grow_its_tables() -> Result<()> {
     server.stop().await;
     Ok(())
 }
+
+/// The driver gives a destroyed domain's id to the next domain. A destroy racing a create
+/// of the same identity must not erase the new domain's owner (which would let another
+/// operator destroy it and give its slot back twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_racing_a_create_leaves_the_new_domain_owned() -> Result<()> {
+    let pki = pki()?;
+    let server = boot(&pki).await?;
+    let (mut a, b) = (control(&server, &pki, "operator-a").await?, control(&server, &pki, "operator-b").await?);
+    let blocked = || CreateDomainRequest { kind: DomainKind::Blocked as i32, address_width: 48 };
+    let mut old = b.clone().create_domain(blocked()).await?.into_inner().domain_id;
+    for _ in 0..100 {
+        let (mut b1, mut b2) = (b.clone(), b.clone());
+        let destroy = tokio::spawn(async move { b1.destroy_domain(DestroyDomainRequest { domain_id: old }).await });
+        let create = tokio::spawn(async move { b2.create_domain(blocked()).await });
+        destroy.await??;
+        let new = create.await??.into_inner().domain_id;
+        let other = a.destroy_domain(DestroyDomainRequest { domain_id: new }).await;
+        assert_code(other, Code::PermissionDenied, "belongs to operator-b");
+        old = new;
+    }
+    server.stop().await;
+    Ok(())
+}

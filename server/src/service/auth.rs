@@ -272,6 +272,10 @@ pub(crate) struct Access {
     grants: HashMap<Identity, Arc<Grant>>,
     insecure: Caller,
     ledger: Mutex<Ledger>,
+    /// Orders domain creation and destruction with their ledger updates
+    /// ([`Access::create_domain`], [`Access::destroy_domain`]). Taken on the blocking pool
+    /// only, never on a runtime worker: a destroy may wait for invalidations.
+    lifecycle: Mutex<()>,
     /// One lock per identity, taken by calls that charge page-table frames ([`frames`]).
     budget_locks: frames::BudgetLocks,
     refusals: [Limited; Refusal::ALL.len()],
@@ -301,6 +305,7 @@ impl Access {
             grants,
             insecure,
             ledger: Mutex::new(Ledger::default()),
+            lifecycle: Mutex::new(()),
             budget_locks,
             refusals: Refusal::ALL.map(|r| Limited::new(counter!(AUTH_REFUSALS, "reason" => r.label()))),
             quotas: Quota::ALL.map(|q| Limited::new(counter!(QUOTA_REFUSALS, "quota" => q.label()))),
@@ -455,8 +460,37 @@ impl Access {
         }
     }
 
+    /// Creates a domain with `create` and records `slot`'s identity as its owner in one
+    /// step. Runs on the blocking pool, to completion even if the caller goes away, so a
+    /// domain the driver created always has its owner; and in one order with
+    /// [`Access::destroy_domain`], because the driver gives a freed id to the next domain:
+    /// a destroy's ledger update must not land on the domain that reused its id.
+    pub(crate) fn create_domain(
+        &self,
+        slot: DomainSlot,
+        create: impl FnOnce() -> Result<DomainId, Status>,
+    ) -> Result<DomainId, Status> {
+        let _order = self.lifecycle.lock();
+        let did = create()?;
+        slot.commit(did);
+        Ok(did)
+    }
+
+    /// Destroys `did` with `destroy` and forgets its owner in one step (see
+    /// [`Access::create_domain`]). Runs on the blocking pool.
+    pub(crate) fn destroy_domain(
+        &self,
+        did: DomainId,
+        destroy: impl FnOnce() -> Result<(), Status>,
+    ) -> Result<(), Status> {
+        let _order = self.lifecycle.lock();
+        destroy()?;
+        self.domain_destroyed(did);
+        Ok(())
+    }
+
     /// Forgets `did` after the driver destroyed it, giving its owner's slot back.
-    pub(crate) fn domain_destroyed(&self, did: DomainId) {
+    fn domain_destroyed(&self, did: DomainId) {
         if !self.enforcing {
             return;
         }
@@ -507,7 +541,7 @@ pub(crate) struct DomainSlot {
 
 impl DomainSlot {
     /// The driver created `did`: record its owner and keep the slot.
-    pub(crate) fn commit(mut self, did: DomainId) {
+    fn commit(mut self, did: DomainId) {
         if let Some(access) = self.access.take() {
             access.ledger.lock().domain_owners.insert(did, self.identity.clone());
         }

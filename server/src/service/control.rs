@@ -107,8 +107,9 @@ impl Control for ControlService {
         if kind == dmar_vtd::driver::DomainKind::Paging {
             budget.reserve_one()?;
         }
-        let did = blocking(move || driver.create_domain(kind, aw).map_err(status::driver)).await?;
-        slot.commit(did);
+        let access = self.state.access.clone();
+        let create = move || driver.create_domain(kind, aw).map_err(status::driver);
+        let did = blocking(move || access.create_domain(slot, create)).await?;
         drop(budget);
         Ok(Response::new(CreateDomainResponse { domain_id: u32::from(did.0) }))
     }
@@ -121,8 +122,8 @@ impl Control for ControlService {
         let did = wire::domain_id(r.into_inner().domain_id)?;
         self.state.access.check_domain_owner(&caller, did)?;
         let driver = self.state.driver.clone();
-        blocking(move || driver.destroy_domain(did).map_err(status::driver)).await?;
-        self.state.access.domain_destroyed(did);
+        let access = self.state.access.clone();
+        blocking(move || access.destroy_domain(did, || driver.destroy_domain(did).map_err(status::driver))).await?;
         Ok(Response::new(DestroyDomainResponse {}))
     }
 

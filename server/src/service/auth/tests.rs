@@ -80,11 +80,15 @@ fn the_ledger_keeps_ownership_until_released_and_counts_domains() {
     let err = access.claim_link(&b, [SourceId::new(0, 2, 0)]).expect_err("range");
     assert!(err.message().contains("00:02.0"), "{}", err.message());
 
-    access.reserve_domain(&op).expect("first").commit(DomainId(7));
+    let slot = access.reserve_domain(&op).expect("first");
+    access.create_domain(slot, || Ok(DomainId(7))).expect("created");
     assert_eq!(access.reserve_domain(&op).expect_err("quota").code(), tonic::Code::ResourceExhausted);
     access.check_domain_owner(&op, DomainId(7)).expect("own domain");
     assert!(access.check_domain_owner(&a, DomainId(7)).is_err());
-    access.domain_destroyed(DomainId(7));
+    let refused = access.destroy_domain(DomainId(7), || Err(tonic::Status::unavailable("driver busy")));
+    assert!(refused.is_err());
+    access.check_domain_owner(&a, DomainId(7)).expect_err("a failed destroy keeps the owner");
+    access.destroy_domain(DomainId(7), || Ok(())).expect("destroyed");
     drop(access.reserve_domain(&op).expect("slot back after destroy"));
     access.reserve_domain(&op).expect("and after an uncommitted slot");
 }
