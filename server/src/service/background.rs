@@ -101,27 +101,46 @@ pub(super) async fn fault_pump(state: Arc<State>, notify: Arc<Notify>) {
         }
         let s = state.clone();
         match tokio::task::spawn_blocking(move || service_faults(&s)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(Serviced::Drained)) => {}
+            // A steady flood: go round again, after the others have had the registers.
+            Ok(Ok(Serviced::More)) => notify.notify_one(),
             Ok(Err(e)) => tracing::warn!(error = %e, "fault servicing failed"),
             Err(e) => tracing::warn!(error = %e, "fault servicing task failed"),
         }
     }
 }
 
-/// Services the fault recording registers until a pass finds nothing (or the server shuts
-/// down), broadcasting each fault as it is read.
-fn service_faults(state: &State) -> Result<(), DriverError> {
-    while !state.shutdown.is_cancelled() {
+/// Passes over the fault recording registers per wake-up. A device that keeps faulting
+/// keeps every pass non-empty; after this many the pump gives the blocking thread and the
+/// driver's register lock back and wakes itself again.
+const PASSES_PER_WAKE: usize = 16;
+
+/// What one wake-up of the fault pump left.
+#[derive(Debug, PartialEq, Eq)]
+enum Serviced {
+    /// A pass found nothing (or the server is shutting down).
+    Drained,
+    /// [`PASSES_PER_WAKE`] passes all found faults: there may be more.
+    More,
+}
+
+/// Services the fault recording registers until a pass finds nothing, at most
+/// [`PASSES_PER_WAKE`] times, broadcasting each fault as it is read.
+fn service_faults(state: &State) -> Result<Serviced, DriverError> {
+    for _ in 0..PASSES_PER_WAKE {
+        if state.shutdown.is_cancelled() {
+            return Ok(Serviced::Drained);
+        }
         let reports = state.driver.service_faults()?;
         if reports.is_empty() {
-            break;
+            return Ok(Serviced::Drained);
         }
         for r in &reports {
             // No watcher is not an error.
             let _ = state.hub.faults.send(wire::fault_event(r));
         }
     }
-    Ok(())
+    Ok(Serviced::More)
 }
 
 #[cfg(test)]
