@@ -47,9 +47,11 @@ impl Cover {
 /// The grants of one function.
 #[derive(Debug, Default)]
 pub(super) struct FunctionGrants {
-    /// The domain of the context the last grant was made under, for domain-selective
-    /// context-cache invalidations.
-    pub(super) did: Option<DomainId>,
+    /// The domains of the contexts its grants were made under (more than one when
+    /// software moved the function to another domain and it translated again before the
+    /// old domain's context-cache invalidation), for domain-selective invalidations. At
+    /// most one entry per domain, and emptied with the grants.
+    pub(super) domains: Vec<DomainId>,
     /// By first untranslated address; disjoint.
     pub(super) grants: BTreeMap<u64, Grant>,
     /// By first translated address; disjoint, coalesced (neighbours that touch differ).

@@ -253,7 +253,9 @@ impl GrantTable {
             return Recorded::Nothing;
         }
         let f = functions.entry(sid).or_default();
-        f.did = Some(did);
+        if !f.domains.contains(&did) {
+            f.domains.push(did);
+        }
         let base = iova.0 & !(len - 1);
         let evicted = f.grant(base, len, entry.translated.0, entry.read, entry.write, ticket.0, self.capacity);
         Recorded::Granted { evicted }
@@ -326,7 +328,7 @@ impl GrantTable {
     pub(crate) fn context_invalidated(&self, inv: ContextInvalidation) {
         match inv {
             ContextInvalidation::Global => self.clear_where(|_, _| true),
-            ContextInvalidation::Domain(did) => self.clear_where(|_, f| f.did == Some(did)),
+            ContextInvalidation::Domain(did) => self.clear_where(|_, f| f.domains.contains(&did)),
             ContextInvalidation::Device { sid, function_mask, .. } => {
                 for s in super::cache::context::masked_functions(sid, function_mask) {
                     self.clear(s);

@@ -187,6 +187,20 @@ fn context_invalidations_clear_the_functions_they_name() {
     assert_eq!((t.len(B), t.len(SourceId::new(2, 0, 0))), (0, 0));
 }
 
+/// Software moved A from domain 1 to domain 2 and A translated under 2 before the
+/// domain-selective invalidation of 1: what A was granted under 1 must still go with it.
+#[test]
+fn a_domain_invalidation_reaches_a_function_that_moved_to_another_domain() {
+    let t = on(&[A], 16);
+    grant(&t, A, 0, entry(0x10_0000, 12, true, true));
+    t.record(A, t.ticket(A), DomainId(2), Iova(0x10_0000), &entry(0x90_0000, 12, true, true));
+    assert_eq!(t.len(A), 2);
+    t.context_invalidated(ContextInvalidation::Domain(DomainId(3)));
+    assert_eq!(t.len(A), 2, "another domain");
+    t.context_invalidated(ContextInvalidation::Domain(DomainId(1)));
+    assert_eq!(t.len(A), 0);
+}
+
 #[test]
 fn the_bound_evicts_the_oldest() {
     let t = on(&[A], 4);
