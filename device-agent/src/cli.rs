@@ -180,19 +180,6 @@ fn expand_functions(specs: &[Functions], bus: impl FnOnce() -> Result<u8, String
     Ok(out)
 }
 
-/// An error and its causes, `outer: inner` (a file's error says which file; its cause says
-/// why).
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
 fn parse_identity(s: &str) -> Result<Identity, String> {
     Identity::new(s.trim()).map_err(|e| e.to_string())
 }
@@ -228,7 +215,10 @@ impl Args {
             None => None,
             Some(dir) => {
                 let name = self.tls_identity()?;
-                Some(AgentTls::from_dir(dir, name.as_str(), &self.server_name).map_err(|e| with_causes(&e))?)
+                Some(
+                    AgentTls::from_dir(dir, name.as_str(), &self.server_name)
+                        .map_err(|e| dmar_process::error_chain(&e))?,
+                )
             }
         };
         Ok(AgentSecurity { tls, trusted_clients: self.trust_clients.clone(), insecure: self.insecure })

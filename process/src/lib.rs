@@ -19,6 +19,7 @@
 //! ```
 
 mod args;
+mod error;
 mod logging;
 mod metrics_http;
 mod ratelimit;
@@ -27,6 +28,7 @@ mod signal;
 mod text;
 
 pub use self::args::{listen_address, parse_args};
+pub use self::error::error_chain;
 pub use self::logging::{LogFormat, init_tracing, init_tracing_to, init_tracing_with};
 pub use self::metrics_http::{Render, serve_metrics};
 pub use self::ratelimit::RateLimit;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use dmar_auth::{AgentSpec, DevPki, DevPkiSpec, Identity, Policy, RequesterIdRange, RequesterIdSet};
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
-use dmar_test_support::{Link, attach, create_domain, function, map};
+use dmar_test_support::{Link, attach, create_domain, function, map, tls_channel};
 use dmar_vtd::SourceId;
 use tonic::transport::{Channel, Endpoint};
 
@@ -93,14 +93,10 @@ impl Transport {
 
     /// A connected channel as identity `name` (ignored in plaintext).
     async fn channel(&self, name: &str) -> Result<Channel, tonic::transport::Error> {
-        let endpoint = match &self.pki {
-            None => Endpoint::from_shared(format!("http://{}", self.addr)).expect("uri"),
-            Some(pki) => Endpoint::from_shared(format!("https://{}", self.addr))
-                .expect("uri")
-                .tls_config(pki.tls_material(name).expect("material").tonic_client_config("localhost"))
-                .expect("tls"),
-        };
-        endpoint.connect().await
+        match &self.pki {
+            None => Endpoint::from_shared(format!("http://{}", self.addr)).expect("uri").connect().await,
+            Some(pki) => tls_channel(self.addr, pki, name).await,
+        }
     }
 }
 

@@ -133,24 +133,14 @@ fn security(args: &Args) -> Result<Security, String> {
         plaintext_allowed(args.listen, args.insecure)?;
         return Ok(Security::plaintext());
     };
-    let material =
-        TlsFiles::from_dir(dir, &args.tls_name).load().map_err(|e| format!("dmar-server: {}", error_chain(&e)))?;
+    let material = TlsFiles::from_dir(dir, &args.tls_name)
+        .load()
+        .map_err(|e| format!("dmar-server: {}", process::error_chain(&e)))?;
     let policy_path = args.policy.clone().unwrap_or_else(|| dir.join("policy.toml"));
     let policy = Policy::load(&policy_path).map_err(|e| {
-        format!("dmar-server: TLS needs a policy: {} (--policy FILE, docs/SECURITY.md)", error_chain(&e))
+        format!("dmar-server: TLS needs a policy: {} (--policy FILE, docs/SECURITY.md)", process::error_chain(&e))
     })?;
     Ok(Security::mutual_tls(material, policy))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn main() -> ExitCode {

@@ -3,16 +3,14 @@
 //! counted in `dmar_server_quota_refusals_total{quota="max_frames"}`, one identity at its
 //! quota leaving another's room untouched.
 
-use std::time::Duration;
-
 use anyhow::Result;
 use dmar_auth::{DevPki, DevPkiSpec, Identity, Policy};
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
 use dmar_server::service::{Security, ServerConfig};
-use dmar_test_support::{Boot, Server, http_get, sample};
+use dmar_test_support::{Boot, Server, http_get, sample, tls_channel};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// The frames operator-a may hold: a paging domain's top table, the three tables under
 /// one 4 KiB page (4-level tables) and one more last-level table.
@@ -47,11 +45,7 @@ async fn boot(pki: &DevPki) -> Result<Server> {
 }
 
 async fn control(server: &Server, pki: &DevPki, name: &str) -> Result<ControlClient<Channel>> {
-    let tls = pki.tls_material(name)?.tonic_client_config("localhost");
-    let endpoint = Endpoint::from_shared(format!("https://{}", server.addr))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(5));
-    Ok(ControlClient::new(endpoint.connect().await?))
+    Ok(ControlClient::new(tls_channel(server.addr, pki, name).await?))
 }
 
 /// `dmar_server_quota_refusals_total{quota="max_frames"}` (0 before the first).

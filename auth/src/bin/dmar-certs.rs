@@ -88,14 +88,7 @@ fn main() -> ExitCode {
 
 /// One line on stderr: the error and its causes.
 fn fail(e: &dyn std::error::Error, code: u8) -> ExitCode {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    eprintln!("dmar-certs: {line}");
+    eprintln!("dmar-certs: {}", dmar_process::error_chain(e));
     ExitCode::from(code)
 }
 

@@ -152,22 +152,6 @@ pub(crate) fn endpoint(config: &AgentConfig) -> Result<Endpoint, tonic::transpor
     }
 }
 
-/// An error with its causes, `outer: inner: innermost` (tonic's transport errors say
-/// little at the top).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !s.ends_with(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 /// How a live connection ended.
 #[derive(Debug)]
 pub(super) enum End {
@@ -292,7 +276,9 @@ impl Link {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(server = %url, error = %chain(&e), "ATS link not established"),
+                Err(e) => {
+                    tracing::warn!(server = %url, error = %dmar_process::error_chain(&e), "ATS link not established")
+                }
             }
             let delay = backoff.next_delay();
             tracing::debug!(?delay, "next ATS link attempt");

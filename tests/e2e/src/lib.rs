@@ -12,7 +12,9 @@ use dmar_agent::{Agent, AgentConfig, FunctionConfig, LinkState, Listeners, Sourc
 use dmar_proto::v1::GetAgentInfoRequest;
 use dmar_proto::v1::agent_control_client::AgentControlClient;
 use dmar_test_support::{Boot, config};
-pub use dmar_test_support::{PATIENCE, Server, eventually, http_get, map, paging_domain, sample, strict_unmap};
+pub use dmar_test_support::{
+    PATIENCE, Server, eventually, http_get, map, paging_domain, sample, strict_unmap, tls_channel,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use dmar_agent::{AgentConfig, AgentSecurity, AgentTls, FunctionConfig, Listeners};
 use dmar_auth::{DevPki, DevPkiSpec};
-use dmar_e2e::{PATIENCE, eventually, sid};
+use dmar_e2e::{PATIENCE, eventually, sid, tls_channel};
 use dmar_proto::v1::agent_control_client::AgentControlClient;
 use dmar_proto::v1::control_client::ControlClient;
 use dmar_proto::v1::*;
@@ -88,16 +88,12 @@ impl Stack {
 
     /// The agent's control port as the operator (mutual TLS).
     async fn operator(&self) -> AgentControlClient<Channel> {
-        let tls = self.pki.tls_material("operator").expect("operator").tonic_client_config("localhost");
-        let endpoint = Endpoint::from_shared(format!("https://{}", self.control)).expect("url");
-        AgentControlClient::new(endpoint.tls_config(tls).expect("tls").connect().await.expect("connect"))
+        AgentControlClient::new(tls_channel(self.control, &self.pki, "operator").await.expect("connect"))
     }
 
     /// The server's Control service as `name` (mutual TLS).
     async fn server_control(&self, name: &str) -> ControlClient<Channel> {
-        let tls = self.pki.tls_material(name).expect("material").tonic_client_config("localhost");
-        let endpoint = Endpoint::from_shared(format!("https://{}", self.server_addr)).expect("url");
-        ControlClient::new(endpoint.tls_config(tls).expect("tls").connect().await.expect("connect"))
+        ControlClient::new(tls_channel(self.server_addr, &self.pki, name).await.expect("connect"))
     }
 
     async fn stop(self) {

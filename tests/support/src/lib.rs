@@ -55,6 +55,23 @@ where
     }
 }
 
+/// A channel to `addr` over mutual TLS as `name`, one of `pki`'s identities (the server's
+/// certificate names `localhost`). The transport's error is returned, so a test can wait
+/// for a server that is still starting.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    pki: &dmar_auth::DevPki,
+    name: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let tls = pki.tls_material(name).expect("an identity of the PKI").tonic_client_config("localhost");
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("url")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
 /// One plain HTTP/1.1 GET (the `/metrics` listeners speak nothing else); the whole answer,
 /// head included.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
