@@ -72,6 +72,24 @@ impl fmt::Display for DomainId {
     }
 }
 
+/// A remapping unit of the platform: its index in the platform description, which is
+/// also the order of the DRHD structures in the ACPI DMAR table.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct UnitId(pub u16);
+
+impl UnitId {
+    /// The index into the platform's units.
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for UnitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// A PCIe requester id: bus (8 bits), device (5 bits), function (3 bits).
 ///
 /// Displays and parses as `bb:dd.f` in hexadecimal, like `00:1f.3`.

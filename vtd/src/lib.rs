@@ -12,6 +12,8 @@
 //! - [`driver`]: the software model, after the Linux intel-iommu driver. Domains,
 //!   attach/detach, map/unmap writing real page tables, and the invalidations each change
 //!   needs, through registers and host memory only.
+//! - [`platform`]: several units over one memory, the device scope of each, and the
+//!   routing of a requester id to its unit.
 //! - [`ats`]: the PCIe ATS and PRI encodings and limits shared with the device side.
 //!
 //! This crate has no async, no I/O and no network dependency; the network faces live in
@@ -21,9 +23,10 @@ pub mod ats;
 pub mod clock;
 pub mod driver;
 pub mod ids;
+pub mod platform;
 pub mod unit;
 
 #[cfg(test)]
 mod testing;
 
-pub use ids::{DomainId, Hpa, ITag, Iova, PAGE_SHIFT, PAGE_SIZE, Pasid, SourceId};
+pub use ids::{DomainId, Hpa, ITag, Iova, PAGE_SHIFT, PAGE_SIZE, Pasid, SourceId, UnitId};
