@@ -31,6 +31,13 @@ struct Args {
     /// Prometheus /metrics listen address; "off" disables it.
     #[arg(long, env = "DMAR_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     metrics_listen: String,
+    /// The platform file: several remapping units, their device scopes and memory regions,
+    /// which of them the built-in driver drives (docs/PLATFORM.md). Without it: one unit for
+    /// every device, driven by the built-in driver. The file sets the memory size and each
+    /// unit's caches, so it cannot be combined with --memory, --iotlb, --context-cache,
+    /// --paging-cache, --invalidation-timeout-ms or --no-stale-detection.
+    #[arg(long, env = "DMAR_PLATFORM", conflicts_with_all = ["memory", "iotlb", "context_cache", "paging_cache", "invalidation_timeout_ms", "no_stale_detection"])]
+    platform: Option<PathBuf>,
     /// Emulated host memory size, in bytes or with a K/M/G/T suffix (binary units).
     #[arg(long, env = "DMAR_MEMORY", default_value = "4G", value_parser = parse_size)]
     memory: u64,
@@ -168,7 +175,15 @@ async fn run(args: Args, security: Security) -> anyhow::Result<()> {
         max_entries: args.deferred_max_entries as usize,
         max_delay: Duration::from_millis(args.deferred_max_delay_ms),
     };
+    let platform = match &args.platform {
+        Some(path) => Some(
+            dmar_server::platform_file::load(path)
+                .map_err(|e| anyhow::anyhow!("platform file {}: {}", path.display(), process::error_chain(&e)))?,
+        ),
+        None => None,
+    };
     let config = ServerConfig {
+        platform,
         memory_size: args.memory,
         unit,
         default_flush: match args.flush {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::{State, wire};
-use dmar_vtd::driver::{DriverError, FlushPolicy};
+use dmar_vtd::driver::{Driver, DriverError, FlushPolicy};
 
 /// The longest tick. Besides deferred flushes, a tick expires device-TLB invalidations
 /// older than the time-out (ITE) when no driver call is waiting to notice it (a waiting
@@ -45,16 +45,19 @@ pub(super) async fn ticker(state: Arc<State>, period: Duration) {
             () = state.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        state.unit.poll(state.unit.clock().now());
+        for slot in state.units.iter() {
+            slot.unit.poll(slot.unit.clock().now());
+        }
+        let Some(driver) = &state.driver else { continue };
         // VT-d 7.3: a fault recorded while PPF or PFO was set raised no event. The fault
         // pump services until a pass finds nothing, so this only catches a fault that
         // landed after its last look (a register read in place, never a wait).
-        if state.driver.faults_pending().unwrap_or(false) {
+        if driver.faults_pending().unwrap_or(false) {
             state.hub.wake_fault_pump();
         }
         // A cheap check (atomics) in place; the flush itself waits for devices.
-        if state.driver.deferred_due() {
-            let driver = state.driver.clone();
+        if driver.deferred_due() {
+            let driver = driver.clone();
             match tokio::task::spawn_blocking(move || driver.poll_deferred()).await {
                 Ok(Ok(())) => {}
                 // Retried on the next tick (the driver keeps what it could not flush).
@@ -65,20 +68,21 @@ pub(super) async fn ticker(state: Arc<State>, period: Duration) {
     }
 }
 
-/// Drains the page request queue whenever the unit raises its page request event, and
-/// hands the requests to watchers.
+/// Drains the built-in units' page request queues whenever one raises its page request
+/// event, and hands the requests to watchers.
 pub(super) async fn page_request_pump(state: Arc<State>, notify: Arc<Notify>) {
+    let Some(driver) = state.driver.clone() else { return };
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return,
             () = notify.notified() => {}
         }
-        let driver = state.driver.clone();
+        let driver = driver.clone();
         match tokio::task::spawn_blocking(move || driver.drain_page_requests()).await {
             Ok(Ok(requests)) => {
-                for r in &requests {
+                for (unit, r) in &requests {
                     // No watcher is not an error.
-                    let _ = state.hub.page_requests.send(wire::page_request_event(r));
+                    let _ = state.hub.page_requests.send(wire::page_request_event(*unit, r));
                 }
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "page request queue drain failed"),
@@ -94,13 +98,14 @@ pub(super) async fn page_request_pump(state: Arc<State>, notify: Arc<Notify>) {
 /// finds nothing. Faults the unit could not record (the registers full: FSTS.PFO) are lost
 /// as on hardware; the unit counts them (`faults_overflowed`).
 pub(super) async fn fault_pump(state: Arc<State>, notify: Arc<Notify>) {
+    let Some(driver) = state.driver.clone() else { return };
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return,
             () = notify.notified() => {}
         }
-        let s = state.clone();
-        match tokio::task::spawn_blocking(move || service_faults(&s)).await {
+        let (s, d) = (state.clone(), driver.clone());
+        match tokio::task::spawn_blocking(move || service_faults(&s, &d)).await {
             Ok(Ok(Serviced::Drained)) => {}
             // A steady flood: go round again, after the others have had the registers.
             Ok(Ok(Serviced::More)) => notify.notify_one(),
@@ -126,12 +131,12 @@ enum Serviced {
 
 /// Services the fault recording registers until a pass finds nothing, at most
 /// [`PASSES_PER_WAKE`] times, broadcasting each fault as it is read.
-fn service_faults(state: &State) -> Result<Serviced, DriverError> {
+fn service_faults(state: &State, driver: &Driver) -> Result<Serviced, DriverError> {
     for _ in 0..PASSES_PER_WAKE {
         if state.shutdown.is_cancelled() {
             return Ok(Serviced::Drained);
         }
-        let reports = state.driver.service_faults()?;
+        let reports = driver.service_faults()?;
         if reports.is_empty() {
             return Ok(Serviced::Drained);
         }

@@ -22,14 +22,14 @@ use dmar_proto::v1::control_server::Control;
 use dmar_proto::v1::*;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::wire::{self, MAX_MEMORY_BYTES, MAX_RANGES};
 use super::{State, auth, blocking, status};
 use dmar_vtd::driver::FlushPolicy as DriverFlush;
-use dmar_vtd::ids::{Hpa, Iova};
+use dmar_vtd::ids::{Hpa, Iova, UnitId};
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -85,6 +85,21 @@ fn watch<T: Clone + Send + 'static>(
     Box::pin(ReceiverStream::new(rx))
 }
 
+impl ControlService {
+    /// Unit `raw`, which must be driven by the built-in driver.
+    fn builtin_unit(&self, raw: u32) -> Result<UnitId, Status> {
+        let slot = self.state.units.get(raw)?;
+        if !slot.is_builtin() {
+            return Err(Status::failed_precondition(format!(
+                "unit {} ({}) is client-driven: domains, maps, interrupt entries and the invalidation queue are its \
+                 owner's, through its registers and memory",
+                slot.id, slot.spec.name
+            )));
+        }
+        Ok(slot.id)
+    }
+}
+
 /// Refuses a map or unmap request with more than [`MAX_RANGES`] ranges.
 fn check_ranges(n: usize, what: &str) -> Result<(), Status> {
     if n > MAX_RANGES {
@@ -101,7 +116,7 @@ impl Control for ControlService {
         let kind = wire::domain_kind(r.kind)?;
         let aw = wire::address_width(r.address_width)?;
         let slot = self.state.access.reserve_domain(&caller)?;
-        let driver = self.state.driver.clone();
+        let driver = self.state.driver()?;
         // A paging domain's top-level table is a frame of the caller's `max_frames`.
         let mut budget = self.state.access.frame_budget(&caller, None, &driver).await;
         if kind == dmar_vtd::driver::DomainKind::Paging {
@@ -121,7 +136,7 @@ impl Control for ControlService {
         let caller = auth::caller(&r)?;
         let did = wire::domain_id(r.into_inner().domain_id)?;
         self.state.access.check_domain_owner(&caller, did)?;
-        let driver = self.state.driver.clone();
+        let driver = self.state.driver()?;
         let access = self.state.access.clone();
         blocking(move || access.destroy_domain(did, || driver.destroy_domain(did).map_err(status::driver))).await?;
         Ok(Response::new(DestroyDomainResponse {}))
@@ -131,7 +146,7 @@ impl Control for ControlService {
         let r = r.into_inner();
         let (sid, did) = (wire::source_id(r.source_id)?, wire::domain_id(r.domain_id)?);
         let options = wire::attach_options(&r);
-        let driver = self.state.driver.clone();
+        let driver = self.state.driver()?;
         blocking(move || driver.attach_with(sid, did, options).map_err(status::driver)).await?;
         tracing::info!(%sid, domain = did.0, ats = r.ats, check_translated = r.check_translated, "device attached");
         Ok(Response::new(AttachResponse {}))
@@ -139,7 +154,7 @@ impl Control for ControlService {
 
     async fn detach(&self, r: Request<DetachRequest>) -> Result<Response<DetachResponse>, Status> {
         let sid = wire::source_id(r.into_inner().source_id)?;
-        let driver = self.state.driver.clone();
+        let driver = self.state.driver()?;
         let prev = blocking(move || driver.detach(sid).map_err(status::driver)).await?;
         Ok(Response::new(DetachResponse { previous_domain_id: prev.map_or(0, |d| u32::from(d.0)) }))
     }
@@ -149,7 +164,7 @@ impl Control for ControlService {
         let r = r.into_inner();
         let did = wire::domain_id(r.domain_id)?;
         check_ranges(r.ranges.len(), "map")?;
-        let driver = self.state.driver.clone();
+        let driver = self.state.driver()?;
         // The domain owner's `max_frames`: each range maps within what is left of it.
         let mut budget = self.state.access.frame_budget(&caller, Some(did), &driver).await;
         let mapped = blocking(move || {
@@ -176,7 +191,7 @@ impl Control for ControlService {
         let did = wire::domain_id(r.domain_id)?;
         check_ranges(r.ranges.len(), "unmap")?;
         let policy = wire::flush_policy(r.policy, self.state.default_flush, self.state.deferred)?;
-        let driver = self.state.driver.clone();
+        let driver = self.state.driver()?;
         let bytes = blocking(move || {
             let mut total = 0;
             for (i, u) in r.ranges.iter().enumerate() {
@@ -191,7 +206,7 @@ impl Control for ControlService {
     }
 
     async fn flush(&self, _r: Request<FlushRequest>) -> Result<Response<FlushResponse>, Status> {
-        let driver = self.state.driver.clone();
+        let driver = self.state.driver()?;
         blocking(move || driver.flush_deferred().map_err(status::driver)).await?;
         Ok(Response::new(FlushResponse {}))
     }
@@ -200,12 +215,13 @@ impl Control for ControlService {
         let r = r.into_inner();
         let sid = wire::source_id(r.source_id)?;
         let access = wire::access(r.access)?;
-        Ok(Response::new(wire::translate_response(self.state.unit.translate(sid, Iova(r.iova), access))))
+        let slot = self.state.units.route(sid)?;
+        Ok(Response::new(wire::translate_response(slot.id, slot.unit.translate(sid, Iova(r.iova), access))))
     }
 
     async fn read_register(&self, r: Request<ReadRegisterRequest>) -> Result<Response<ReadRegisterResponse>, Status> {
         let r = r.into_inner();
-        let unit = &self.state.unit;
+        let unit = &self.state.units.get(r.unit)?.unit;
         let value = match r.width {
             4 => u64::from(unit.read32(r.offset).map_err(status::mmio)?),
             8 => unit.read64(r.offset).map_err(status::mmio)?,
@@ -219,7 +235,7 @@ impl Control for ControlService {
         r: Request<WriteRegisterRequest>,
     ) -> Result<Response<WriteRegisterResponse>, Status> {
         let r = r.into_inner();
-        let unit = &self.state.unit;
+        let unit = &self.state.units.check_lease(r.unit, &r.lease)?.unit;
         match r.width {
             4 => unit.write32(r.offset, wire::register_value32(r.value)?).map_err(status::mmio)?,
             8 => unit.write64(r.offset, r.value).map_err(status::mmio)?,
@@ -234,7 +250,7 @@ impl Control for ControlService {
             return Err(Status::invalid_argument(format!("read of {} bytes; at most {MAX_MEMORY_BYTES}", r.length)));
         }
         let mut data = vec![0u8; r.length as usize];
-        self.state.unit.memory().read(Hpa(r.address), &mut data).map_err(status::memory)?;
+        self.state.units.memory.read(Hpa(r.address), &mut data).map_err(status::memory)?;
         Ok(Response::new(ReadMemoryResponse { data }))
     }
 
@@ -246,7 +262,8 @@ impl Control for ControlService {
                 r.data.len()
             )));
         }
-        self.state.unit.memory().write(Hpa(r.address), &r.data).map_err(status::memory)?;
+        self.state.units.check_memory_write(Hpa(r.address), r.data.len() as u64, &r.lease)?;
+        self.state.units.memory.write(Hpa(r.address), &r.data).map_err(status::memory)?;
         Ok(Response::new(WriteMemoryResponse {}))
     }
 
@@ -254,9 +271,11 @@ impl Control for ControlService {
         &self,
         r: Request<SubmitInvalidationsRequest>,
     ) -> Result<Response<SubmitInvalidationsResponse>, Status> {
-        let descs = wire::descriptors(&r.into_inner().descriptors)?;
-        let driver = self.state.driver.clone();
-        let result = blocking(move || Ok(driver.submit_descriptors(&descs))).await?;
+        let r = r.into_inner();
+        let descs = wire::descriptors(&r.descriptors)?;
+        let unit = self.builtin_unit(r.unit)?;
+        let driver = self.state.driver()?;
+        let result = blocking(move || Ok(driver.submit_descriptors_on(unit, &descs))).await?;
         if let Err(e) = result {
             // Refused by the driver's checks or by the unit (IQE): the client's descriptor.
             if matches!(e, dmar_vtd::driver::DriverError::InvalidDescriptor { .. }) {
@@ -273,8 +292,9 @@ impl Control for ControlService {
     ) -> Result<Response<SetInterruptEntryResponse>, Status> {
         let r = r.into_inner();
         let index = wire::interrupt_index(r.index)?;
-        let driver = self.state.driver.clone();
-        blocking(move || driver.set_interrupt_entry(index, r.lo, r.hi).map_err(status::driver)).await?;
+        let unit = self.builtin_unit(r.unit)?;
+        let driver = self.state.driver()?;
+        blocking(move || driver.set_interrupt_entry_on(unit, index, r.lo, r.hi).map_err(status::driver)).await?;
         Ok(Response::new(SetInterruptEntryResponse {}))
     }
 
@@ -320,7 +340,7 @@ impl Control for ControlService {
             self.state.metrics.refused(super::metrics::Refusal::PageGroupNotOutstanding);
             return Err(Status::failed_precondition(format!("page request group {prgi} of {sid} is not outstanding")));
         }
-        let driver = self.state.driver.clone();
+        let driver = self.state.driver()?;
         blocking(move || driver.respond_page_request(sid, prgi, code).map_err(status::driver)).await?;
         Ok(Response::new(RespondPageRequestResponse {}))
     }
@@ -338,13 +358,81 @@ impl Control for ControlService {
     }
 
     async fn get_stats(&self, _r: Request<GetStatsRequest>) -> Result<Response<Stats>, Status> {
-        let s = self.state.unit.stats();
+        let s = self.state.total_stats();
         Ok(Response::new(Stats {
+            units: self.state.units.iter().map(wire::unit_counters).collect(),
             unit: wire::unit_stats(&s),
             live_links: self.state.links.load(Ordering::Relaxed),
             bound_functions: self.state.bound_functions.load(Ordering::Relaxed),
             link_translations: self.state.link_translations.load(Ordering::Relaxed),
             cpu_time_ns: super::metrics::process_cpu_time().map_or(0, |d| d.as_nanos() as u64),
         }))
+    }
+
+    async fn get_platform(&self, _r: Request<GetPlatformRequest>) -> Result<Response<Platform>, Status> {
+        Ok(Response::new(wire::platform(&self.state.units)))
+    }
+
+    async fn read_acpi_table(&self, r: Request<ReadAcpiTableRequest>) -> Result<Response<AcpiTable>, Status> {
+        match r.into_inner().signature.as_str() {
+            "DMAR" => Ok(Response::new(AcpiTable { data: self.state.units.dmar_table().to_vec() })),
+            // The signature is the client's text: not echoed.
+            _ => Err(Status::not_found("the platform has one ACPI table: \"DMAR\"")),
+        }
+    }
+
+    type ClaimUnitStream = EventStream<UnitLease>;
+
+    async fn claim_unit(&self, r: Request<ClaimUnitRequest>) -> Result<Response<Self::ClaimUnitStream>, Status> {
+        let caller = auth::caller(&r)?;
+        let claim = self.state.units.claim(r.into_inner().unit)?;
+        tracing::info!(identity = %caller.identity, unit = %claim.unit, "unit claimed");
+        let (tx, rx) = mpsc::channel(1);
+        // The channel is new and holds one message: this send cannot fail.
+        let _ = tx.try_send(Ok(UnitLease { unit: u32::from(claim.unit.0), lease: claim.secret }));
+        let state = self.state.clone();
+        let (unit, serial, ended) = (claim.unit, claim.serial, claim.ended);
+        self.state.tasks.spawn(async move {
+            tokio::select! {
+                // Released by ReleaseUnit: the stream ends.
+                () = ended.cancelled() => {}
+                // The holder closed the stream or lost its connection.
+                () = tx.closed() => {}
+                () = state.shutdown.cancelled() => {
+                    let _ = tx.try_send(Err(Status::unavailable("server shutting down")));
+                }
+            }
+            if state.units.release_stream(unit, serial) {
+                tracing::info!(identity = %caller.identity, %unit, "unit released: its claim stream closed");
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn release_unit(&self, r: Request<ReleaseUnitRequest>) -> Result<Response<ReleaseUnitResponse>, Status> {
+        let caller = auth::caller(&r)?;
+        let r = r.into_inner();
+        self.state.units.release(r.unit, Some(&r.lease))?;
+        tracing::info!(identity = %caller.identity, unit = r.unit, "unit released");
+        Ok(Response::new(ReleaseUnitResponse {}))
+    }
+
+    async fn reset_unit(&self, r: Request<ResetUnitRequest>) -> Result<Response<ResetUnitResponse>, Status> {
+        let r = r.into_inner();
+        self.state.units.check_lease(r.unit, &r.lease)?.unit.reset();
+        Ok(Response::new(ResetUnitResponse {}))
+    }
+
+    type WatchUnitInterruptsStream = EventStream<UnitInterrupt>;
+
+    async fn watch_unit_interrupts(
+        &self,
+        r: Request<WatchUnitInterruptsRequest>,
+    ) -> Result<Response<Self::WatchUnitInterruptsStream>, Status> {
+        let unit = self.state.units.get(r.into_inner().unit)?.id;
+        let dropped = self.state.metrics.unit_interrupts_watch_dropped.clone();
+        let stream = watch(&self.state, &self.state.hub.unit_interrupts, "unit interrupt", dropped);
+        let unit = u32::from(unit.0);
+        Ok(Response::new(Box::pin(stream.filter(move |m| m.as_ref().map_or(true, |m| m.unit == unit)))))
     }
 }

@@ -1,19 +1,23 @@
-//! Fans the unit's notifications out: fault records, remapped interrupts and page
-//! requests go to any number of gRPC watchers through bounded broadcast channels, and
-//! the unit's sampled timings go to the metrics.
+//! Fans the units' notifications out: fault records, remapped interrupts, page requests
+//! and the units' own interrupt messages go to any number of gRPC watchers through bounded
+//! broadcast channels, and the units' sampled timings go to the metrics. Each unit reports
+//! through its own [`UnitHub`], which names the unit in what it forwards.
 //!
 //! A watcher that falls more than [`EVENT_BUFFER`] events behind loses the oldest ones
 //! (counted in `dmar_server_watch_events_dropped_total` and logged); the unit never blocks
 //! on a slow watcher.
 //!
 //! The unit calls the hub synchronously, from whichever thread made the unit act, so
-//! nothing here waits or calls back into the unit or the driver. Faults and page requests
-//! are not broadcast from here: they reach software through registers and memory, as on
-//! hardware. The hub tells the two events apart by their message data ([`FAULT_VECTOR`],
-//! [`PAGE_REQUEST_VECTOR`], which the driver programs) and wakes the matching pump
-//! ([`super::background`]), which services the fault recording registers or drains the
-//! page request queue through the driver and broadcasts what it read. Events are encoded
-//! by [`super::wire`].
+//! nothing here waits or calls back into the unit or the driver. On a built-in-driver unit,
+//! faults and page requests are not broadcast from here: they reach software through
+//! registers and memory, as on hardware. The unit's fault event and page request event wake
+//! the matching pump ([`super::background`]), which services the fault recording registers
+//! or drains the page request queue through the driver and broadcasts what it read. On a
+//! client-driven unit the client's driver services them; the hub broadcasts each fault as
+//! the unit records it, so observers see them too. Every interrupt message a unit sends
+//! (fault event, invalidation completion, page request event) goes to the unit-interrupt
+//! watchers with the address and data software programmed. Events are encoded by
+//! [`super::wire`].
 //!
 //! The hub also holds the page groups outstanding per bound function
 //! ([`super::page_groups::PageGroups`]): the links admit and release them, and the Control
@@ -23,22 +27,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmar_proto::v1::{FaultEvent, InterruptEvent, PageRequestEvent};
+use dmar_proto::v1::{FaultEvent, InterruptEvent, PageRequestEvent, UnitInterrupt};
 use tokio::sync::{Notify, broadcast};
 
 use super::metrics::Metrics;
 use super::page_groups::PageGroups;
 use super::wire;
-use dmar_vtd::ids::SourceId;
+use dmar_vtd::ids::{SourceId, UnitId};
 use dmar_vtd::unit::interrupt::Remapped;
-use dmar_vtd::unit::{FaultReason, FaultRecord, UnitEvents};
+use dmar_vtd::unit::{EventSource, FaultReason, FaultRecord, UnitEvents};
 
-/// The page request event's message data: the driver programs PEDATA with it, and the hub
-/// recognises the event by it.
+/// The page request event's message data the built-in driver programs (PEDATA).
 pub(crate) const PAGE_REQUEST_VECTOR: u32 = 0x5052;
 
-/// The fault event's message data: the driver programs FEDATA with it, and the hub
-/// recognises the event by it.
+/// The fault event's message data the built-in driver programs (FEDATA).
 pub(crate) const FAULT_VECTOR: u32 = 0x4645;
 
 /// Events buffered per stream before slow watchers start losing them.
@@ -50,6 +52,8 @@ pub(crate) struct EventHub {
     pub(crate) faults: broadcast::Sender<FaultEvent>,
     pub(crate) interrupts: broadcast::Sender<InterruptEvent>,
     pub(crate) page_requests: broadcast::Sender<PageRequestEvent>,
+    /// The units' own interrupt messages.
+    pub(crate) unit_interrupts: broadcast::Sender<UnitInterrupt>,
     /// Page groups outstanding per bound function.
     pub(crate) page_groups: Arc<PageGroups>,
     metrics: Metrics,
@@ -64,6 +68,7 @@ impl EventHub {
             faults: broadcast::channel(EVENT_BUFFER).0,
             interrupts: broadcast::channel(EVENT_BUFFER).0,
             page_requests: broadcast::channel(EVENT_BUFFER).0,
+            unit_interrupts: broadcast::channel(EVENT_BUFFER).0,
             page_groups: Arc::default(),
             metrics,
             page_request_event,
@@ -78,30 +83,51 @@ impl EventHub {
     }
 }
 
-impl UnitEvents for EventHub {
+/// One unit's event sink: forwards to the hub, naming the unit.
+#[derive(Debug)]
+pub(crate) struct UnitHub {
+    unit: UnitId,
+    /// The built-in driver services the unit's faults and page requests (else a client's).
+    builtin: bool,
+    hub: Arc<EventHub>,
+}
+
+impl UnitHub {
+    pub(crate) fn new(unit: UnitId, builtin: bool, hub: Arc<EventHub>) -> Self {
+        Self { unit, builtin, hub }
+    }
+}
+
+impl UnitEvents for UnitHub {
     fn fault_recorded(&self, record: &FaultRecord) {
-        self.metrics.faults[usize::from(record.reason.code())].increment(1);
+        self.hub.metrics.faults[usize::from(record.reason.code())].increment(1);
+        if !self.builtin {
+            let _ = self.hub.faults.send(wire::fault_record_event(self.unit, record));
+        }
     }
 
     fn fault_dropped(&self, _reason: FaultReason, _overflow: bool) {}
 
-    fn interrupt_message(&self, _addr: u64, data: u32) {
-        match data {
-            PAGE_REQUEST_VECTOR => self.page_request_event.notify_one(),
-            FAULT_VECTOR => self.fault_event.notify_one(),
-            _ => {}
+    fn interrupt_message(&self, source: EventSource, addr: u64, data: u32) {
+        let _ = self.hub.unit_interrupts.send(wire::unit_interrupt(self.unit, source, addr, data));
+        if self.builtin {
+            match source {
+                EventSource::PageRequest => self.hub.page_request_event.notify_one(),
+                EventSource::Fault => self.hub.fault_event.notify_one(),
+                EventSource::InvalidationCompletion => {}
+            }
         }
     }
 
     fn interrupt_remapped(&self, sid: SourceId, i: &Remapped) {
-        let _ = self.interrupts.send(wire::interrupt_event(sid, i));
+        let _ = self.hub.interrupts.send(wire::interrupt_event(self.unit, sid, i));
     }
 
     fn walk_sampled(&self, duration: Duration) {
-        self.metrics.walk_duration.record(duration.as_secs_f64());
+        self.hub.metrics.walk_duration.record(duration.as_secs_f64());
     }
 
     fn device_tlb_completed(&self, latency: Duration) {
-        self.metrics.devtlb_duration.record(latency.as_secs_f64());
+        self.hub.metrics.devtlb_duration.record(latency.as_secs_f64());
     }
 }

@@ -1,7 +1,8 @@
 //! The ATS link service: one long-lived bidirectional stream per device agent (PCIe side).
 //!
 //! Owns the link protocol: the bind that must come first (each requester id bound by one
-//! live link only), the batched requests that follow (translation requests, DMA, MSI
+//! live link only, and routed to the unit whose device scope holds it: a function no
+//! unit's scope covers is refused), the batched requests that follow (translation requests, DMA, MSI
 //! writes, page requests, invalidation completions), and the server-pushed traffic
 //! (invalidation requests, page group responses).
 //!
@@ -11,7 +12,7 @@
 //!   message; it waits on a bounded channel, so a slow agent slows only its own link;
 //! - a writer task merges what goes out, invalidation requests first (they never queue
 //!   behind translation traffic), then page responses, then completions;
-//! - device ports (one per function, registered with the unit) push invalidations and
+//! - device ports (one per function, registered with its unit) push invalidations and
 //!   page responses into bounded channels sized so that they can never be full: a
 //!   function has at most its invalidate queue depth of ITags outstanding.
 //!
@@ -42,7 +43,7 @@
 //! link's limits (functions per link, items per message) are defined once, in
 //! [`dmar_vtd::ats`], for both ends.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -63,7 +64,7 @@ use super::wire::{self, MAX_DMA_BYTES, MAX_LINK_MESSAGE_BYTES, MAX_REPLY_ITEM_BY
 use super::{State, auth, status};
 use dmar_vtd::ids::{Hpa, Iova, SourceId};
 use dmar_vtd::unit::prq::PageGroupResponse;
-use dmar_vtd::unit::{DeviceInvalidation, DevicePort, PageRequestOutcome};
+use dmar_vtd::unit::{DeviceInvalidation, DevicePort, PageRequestOutcome, Unit};
 
 /// Outbound messages buffered per link before the reader waits.
 const OUTBOUND_DEPTH: usize = 16;
@@ -163,20 +164,21 @@ impl AtsLink for LinkService {
                 return Err(Status::invalid_argument(format!("requester id {sid} appears twice in the bind")));
             }
             let depth = wire::queue_depth(sid, f.invalidate_queue_depth)?;
+            // The unit whose scope holds the function takes its requests (VT-d 8.3.1).
+            let unit = self.state.units.route(sid)?.unit.clone();
             itag_budget += usize::from(depth);
             pri_budget += wire::outstanding_page_groups(f);
-            sids.push((sid, depth));
+            sids.push((sid, depth, unit));
         }
         // The caller's ranges, requester-id ownership and max_links; held until the link ends.
-        let claim = self.state.access.claim_link(&caller, sids.iter().map(|(s, _)| *s))?;
+        let claim = self.state.access.claim_link(&caller, sids.iter().map(|(s, _, _)| *s))?;
         let (inv_tx, inv_rx) = mpsc::channel(itag_budget + 1);
         let (resp_tx, resp_rx) = mpsc::channel(pri_budget + 16);
         let groups = self.state.hub.page_groups.clone();
         let port = Arc::new(LinkPort { invalidations: inv_tx, responses: resp_tx, groups: groups.clone() });
-        let unit = self.state.unit.clone();
-        for (i, (sid, depth)) in sids.iter().enumerate() {
+        for (i, (sid, depth, unit)) in sids.iter().enumerate() {
             if let Err(e) = unit.bind_device_port(*sid, port.clone(), *depth) {
-                for (bound, _) in &sids[..i] {
+                for (bound, _, unit) in &sids[..i] {
                     unit.unbind_device_port(*bound);
                 }
                 return Err(status::port(e));
@@ -191,15 +193,15 @@ impl AtsLink for LinkService {
         // Peer text: capped and escaped, and only the capped copy outlives the bind.
         let agent = client_text(&bind.agent).to_string();
         tracing::info!(%agent, functions = sids.len(), "ATS link bound");
-        for (f, (sid, _)) in bind.functions.iter().zip(&sids) {
+        for (f, (sid, _, _)) in bind.functions.iter().zip(&sids) {
             groups.bind(*sid, f.page_request_capacity);
         }
 
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_DEPTH);
-        let bound_order: Vec<SourceId> = sids.iter().map(|(s, _)| *s).collect();
+        let bound_order: Vec<SourceId> = sids.iter().map(|(s, _, _)| *s).collect();
         let bound = LinkDown { bound: Some(wire::bound(&bound_order)), ..Default::default() };
         let (done_tx, done_rx) = mpsc::channel(OUTBOUND_DEPTH);
-        let bound_sids: HashSet<SourceId> = bound_order.into_iter().collect();
+        let bound_sids: Bound = sids.into_iter().map(|(s, _, unit)| (s, unit)).collect();
         if out_tx.send((Ok(bound), None)).await.is_err() {
             unbind(&state, &groups, &bound_sids);
             return Err(Status::cancelled("link closed during bind"));
@@ -225,11 +227,11 @@ impl AtsLink for LinkService {
 }
 
 /// Unbinds a link's functions and stops counting the link.
-fn unbind(state: &State, groups: &PageGroups, sids: &HashSet<SourceId>) {
-    for sid in sids {
+fn unbind(state: &State, groups: &PageGroups, sids: &Bound) {
+    for (sid, unit) in sids {
         // The record goes first: once the unit lets go, a new link may bind the function.
         groups.unbind(*sid);
-        state.unit.unbind_device_port(*sid);
+        unit.unbind_device_port(*sid);
     }
     state.links.fetch_sub(1, Ordering::Relaxed);
     state.bound_functions.fetch_sub(sids.len() as u64, Ordering::Relaxed);
@@ -274,8 +276,11 @@ async fn writer(
 }
 
 /// What one link's reader works with.
+/// A link's bound functions and the unit each one's requests go to.
+type Bound = HashMap<SourceId, Arc<Unit>>;
+
 struct Link<'a> {
-    bound: &'a HashSet<SourceId>,
+    bound: &'a Bound,
     groups: &'a PageGroups,
     budget: &'a Arc<Semaphore>,
 }
@@ -404,13 +409,12 @@ fn permits(bytes: usize) -> u32 {
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
-/// A requester id from an inbound item: it must be one this link bound.
-fn bound_sid(bound: &HashSet<SourceId>, raw: u32) -> Result<SourceId, Status> {
+/// A requester id from an inbound item, and its unit: it must be one this link bound.
+fn bound_sid(bound: &Bound, raw: u32) -> Result<(SourceId, &Unit), Status> {
     let sid = wire::source_id(raw)?;
-    if bound.contains(&sid) {
-        Ok(sid)
-    } else {
-        Err(Status::failed_precondition(format!("requester id {sid} is not bound on this link")))
+    match bound.get(&sid) {
+        Some(unit) => Ok((sid, unit)),
+        None => Err(Status::failed_precondition(format!("requester id {sid} is not bound on this link"))),
     }
 }
 
@@ -431,10 +435,9 @@ async fn handle(state: &State, msg: LinkUp, link: &Link<'_>, replies: &mut Repli
         .into());
     }
     let bound = link.bound;
-    let unit = &state.unit;
     let m = &state.metrics;
     for c in &msg.invalidation_completions {
-        let sid = bound_sid(bound, c.source_id)?;
+        let (sid, unit) = bound_sid(bound, c.source_id)?;
         let itag = wire::itag(c.itag)?;
         // An unexpected completion sets ICE in the unit; that is the device's error to
         // report, not the link's.
@@ -442,7 +445,7 @@ async fn handle(state: &State, msg: LinkUp, link: &Link<'_>, replies: &mut Repli
     }
     m.link_invalidations.increment(msg.invalidation_completions.len() as u64);
     for t in &msg.translations {
-        let sid = bound_sid(bound, t.source_id)?;
+        let (sid, unit) = bound_sid(bound, t.source_id)?;
         replies.reserve(wire::reply_bytes(0)).await?;
         replies
             .msg
@@ -452,7 +455,7 @@ async fn handle(state: &State, msg: LinkUp, link: &Link<'_>, replies: &mut Repli
     m.link_translations.increment(msg.translations.len() as u64);
     state.link_translations.fetch_add(msg.translations.len() as u64, Ordering::Relaxed);
     for d in &msg.dma {
-        let sid = bound_sid(bound, d.source_id)?;
+        let (sid, unit) = bound_sid(bound, d.source_id)?;
         let mut done =
             DmaCompletion { tag: d.tag, source_id: d.source_id, ok: false, fault_reason: 0, data: Vec::new() };
         let result = if d.write {
@@ -497,7 +500,7 @@ async fn handle(state: &State, msg: LinkUp, link: &Link<'_>, replies: &mut Repli
     }
     m.link_dma.increment(msg.dma.len() as u64);
     for w in &msg.msi {
-        let sid = bound_sid(bound, w.source_id)?;
+        let (sid, unit) = bound_sid(bound, w.source_id)?;
         match unit.msi_write(sid, w.address, w.data) {
             Ok(_) => m.irq_remapped.increment(1),
             Err(_) => m.irq_blocked.increment(1),
@@ -505,7 +508,7 @@ async fn handle(state: &State, msg: LinkUp, link: &Link<'_>, replies: &mut Repli
     }
     m.link_msi.increment(msg.msi.len() as u64);
     for p in &msg.page_requests {
-        let sid = bound_sid(bound, p.source_id)?;
+        let (sid, unit) = bound_sid(bound, p.source_id)?;
         let request = wire::page_request(sid, p)?;
         if !link.groups.admit(sid, request.prgi) {
             // Past the function's capacity (PCIe 10.4.1). A last request gets Response

@@ -194,6 +194,7 @@ pub(crate) struct Metrics {
     pub(crate) faults_watch_dropped: Counter,
     pub(crate) interrupts_watch_dropped: Counter,
     pub(crate) page_requests_watch_dropped: Counter,
+    pub(crate) unit_interrupts_watch_dropped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -279,6 +280,7 @@ impl Metrics {
             faults_watch_dropped: w("faults"),
             interrupts_watch_dropped: w("interrupts"),
             page_requests_watch_dropped: w("page_requests"),
+            unit_interrupts_watch_dropped: w("unit_interrupts"),
         }
     }
 

@@ -24,6 +24,7 @@ mod events;
 mod link;
 pub mod metrics;
 mod page_groups;
+mod platform;
 mod status;
 mod wire;
 
@@ -42,11 +43,14 @@ use tonic::Status;
 
 use self::auth::{Access, Gate};
 pub use self::auth::{Security, Transport};
-use self::events::EventHub;
+use self::events::{EventHub, UnitHub};
 use self::metrics::Metrics;
+use self::platform::Units;
 use dmar_vtd::driver::{Driver, DriverConfig, DriverError, FlushPolicy};
+use dmar_vtd::ids::UnitId;
+use dmar_vtd::platform::{PlatformError, PlatformSpec, Routing, UnitDriver};
 use dmar_vtd::unit::memory::{DEFAULT_MEMORY_SIZE, InvalidMemorySize};
-use dmar_vtd::unit::{HostMemory, Unit, UnitConfig};
+use dmar_vtd::unit::{HostMemory, Unit, UnitConfig, UnitStats};
 
 /// How the server is built.
 #[derive(Clone, Debug)]
@@ -61,6 +65,10 @@ pub struct ServerConfig {
     pub deferred: FlushPolicy,
     /// Plaintext (the default: every caller holds every role) or mutual TLS with a policy.
     pub security: Security,
+    /// The units and their scopes (`--platform`). `None`: one unit for every device, with
+    /// `memory_size` and `unit`, driven by the built-in driver. When set, its own memory
+    /// size and unit configurations apply, and `memory_size` and `unit` are ignored.
+    pub platform: Option<PlatformSpec>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +79,7 @@ impl Default for ServerConfig {
             default_flush: FlushPolicy::Strict,
             deferred: FlushPolicy::Deferred { max_entries: 256, max_delay: Duration::from_millis(10) },
             security: Security::default(),
+            platform: None,
         }
     }
 }
@@ -90,6 +99,9 @@ pub enum ServeError {
     /// The memory size is unusable.
     #[error(transparent)]
     Memory(#[from] InvalidMemorySize),
+    /// The platform description breaks a rule.
+    #[error("platform: {0}")]
+    Platform(#[from] PlatformError),
     /// The driver could not initialise the unit.
     #[error("driver initialisation failed: {0}")]
     Driver(#[from] DriverError),
@@ -110,8 +122,11 @@ pub enum ServeError {
 /// Shared by every service and task of one server.
 #[derive(Debug)]
 pub(crate) struct State {
-    pub(crate) unit: Arc<Unit>,
-    pub(crate) driver: Arc<Driver>,
+    /// The units, their routing, leases and DMAR table.
+    pub(crate) units: Units,
+    /// The built-in driver, over the built-in units (`None` when every unit is
+    /// client-driven).
+    pub(crate) driver: Option<Arc<Driver>>,
     pub(crate) hub: Arc<EventHub>,
     pub(crate) metrics: Metrics,
     pub(crate) default_flush: FlushPolicy,
@@ -122,6 +137,67 @@ pub(crate) struct State {
     pub(crate) access: Arc<Access>,
     pub(crate) tasks: TaskTracker,
     pub(crate) shutdown: CancellationToken,
+}
+
+impl State {
+    /// The built-in driver, for a call that needs it.
+    pub(crate) fn driver(&self) -> Result<Arc<Driver>, Status> {
+        self.driver.clone().ok_or_else(|| {
+            Status::failed_precondition("no unit of this platform is driven by the built-in driver")
+        })
+    }
+
+    /// Every unit's counters added up.
+    pub(crate) fn total_stats(&self) -> UnitStats {
+        let mut total = UnitStats::default();
+        for slot in self.units.iter() {
+            total += slot.unit.stats();
+        }
+        total
+    }
+}
+
+/// Builds the platform's units over one memory, each delivering its events to `hub` under
+/// its own id, and the built-in driver over the built-in ones (Linux `init_dmars`, one
+/// `intel_iommu` per DRHD).
+fn build_platform(
+    spec: PlatformSpec,
+    hub: &Arc<EventHub>,
+    flush: FlushPolicy,
+) -> Result<(Units, Option<Arc<Driver>>), ServeError> {
+    spec.validate()?;
+    let memory = Arc::new(HostMemory::new(spec.memory_size)?);
+    let units: Vec<Arc<Unit>> = spec
+        .units
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let events = Arc::new(UnitHub::new(UnitId(i as u16), u.driver == UnitDriver::BuiltIn, hub.clone()));
+            Arc::new(Unit::builder(u.config, memory.clone()).events(events).build())
+        })
+        .collect();
+    let builtin: Vec<(UnitId, Arc<Unit>)> = spec
+        .units
+        .iter()
+        .zip(&units)
+        .enumerate()
+        .filter(|(_, (u, _))| u.driver == UnitDriver::BuiltIn)
+        .map(|(i, (_, unit))| (UnitId(i as u16), unit.clone()))
+        .collect();
+    let driver = if builtin.is_empty() {
+        None
+    } else {
+        let region = spec.builtin_region;
+        let config = DriverConfig { table_region: (region.base, region.size), ..DriverConfig::for_memory(spec.memory_size) }
+            .with_flush(flush);
+        // Before any link is open no device can be waited for: these calls run in place.
+        let driver = Arc::new(Driver::for_units(builtin, Routing::new(&spec), config)?);
+        driver.enable_interrupt_remapping()?;
+        driver.enable_page_requests(events::PAGE_REQUEST_VECTOR)?;
+        driver.enable_fault_events(events::FAULT_VECTOR)?;
+        Some(driver)
+    };
+    Ok((Units::new(spec, memory, units), driver))
 }
 
 /// The process-wide Prometheus recorder, installed on first use (several servers in one
@@ -160,17 +236,17 @@ pub async fn serve_with_health(
     let page_requests = Arc::new(Notify::new());
     let faults = Arc::new(Notify::new());
     let hub = Arc::new(EventHub::new(metrics.clone(), page_requests.clone(), faults.clone()));
-    let memory = Arc::new(HostMemory::new(config.memory_size)?);
-    let unit = Arc::new(Unit::with_events(config.unit, memory, hub.clone()));
-    let driver_config = DriverConfig { flush: config.default_flush, ..DriverConfig::for_memory(config.memory_size) };
-    // Before any link is open no device can be waited for: these calls run in place.
-    let driver = Arc::new(Driver::new(unit.clone(), driver_config)?);
-    driver.enable_interrupt_remapping()?;
-    driver.enable_page_requests(events::PAGE_REQUEST_VECTOR)?;
-    driver.enable_fault_events(events::FAULT_VECTOR)?;
+    let spec = config.platform.clone().unwrap_or_else(|| PlatformSpec::single(config.memory_size, config.unit));
+    let (units, driver) = build_platform(spec, &hub, config.default_flush)?;
+    tracing::info!(
+        units = units.iter().count(),
+        builtin = units.iter().filter(|u| u.is_builtin()).count(),
+        memory = units.spec.memory_size,
+        "platform built"
+    );
     let tasks = TaskTracker::new();
     let state = Arc::new(State {
-        unit,
+        units,
         driver,
         hub,
         metrics,
@@ -190,7 +266,7 @@ pub async fn serve_with_health(
     if let (Some(listener), Some(handle)) = (listeners.metrics, handle) {
         let s = state.clone();
         let render: dmar_process::Render = Arc::new(move || {
-            s.metrics.refresh(&s.unit.stats());
+            s.metrics.refresh(&s.total_stats());
             handle.render()
         });
         tasks.spawn(dmar_process::serve_metrics(listener, "dmar-server", render, shutdown.clone()));

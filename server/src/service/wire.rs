@@ -16,12 +16,17 @@ use std::collections::HashMap;
 use dmar_proto::v1 as pb;
 use dmar_vtd::ats::{MAX_PRG_INDEX, MAX_QUEUE_DEPTH, PRG_INDEX_BITS};
 use dmar_vtd::driver::{AttachOptions, DomainKind, FaultReport, FlushPolicy, Perm};
-use dmar_vtd::ids::{DomainId, ITag, Iova, SourceId};
+use dmar_vtd::ids::{DomainId, ITag, Iova, SourceId, UnitId};
+use dmar_vtd::platform::{Region, ScopeEntry, UnitScope};
 use dmar_vtd::unit::interrupt::{DestinationMode, Remapped, Trigger};
 use dmar_vtd::unit::prq::{PageGroupResponse, PageRequest, ResponseCode};
 use dmar_vtd::unit::tables::AddressWidth;
-use dmar_vtd::unit::{AtsCompletion, Blocked, DeviceInvalidation, Direction, DmaError, Translation, UnitStats};
+use dmar_vtd::unit::{
+    AtsCompletion, Blocked, DeviceInvalidation, Direction, DmaError, EventSource, FaultRecord, Translation, UnitStats,
+};
 use tonic::Status;
+
+use super::platform::{UnitSlot, Units};
 
 /// Most ranges per map or unmap request: bounds the work (and the undo) of one call.
 pub(crate) const MAX_RANGES: usize = 4096;
@@ -201,14 +206,16 @@ pub(crate) fn page_request(sid: SourceId, p: &pb::PageRequest) -> Result<PageReq
 
 /// A unary translation's answer: the translation, or the fault reason that refused it
 /// (0 when the refusal records none).
-pub(crate) fn translate_response(r: Result<Translation, Blocked>) -> pb::TranslateResponse {
+pub(crate) fn translate_response(unit: UnitId, r: Result<Translation, Blocked>) -> pb::TranslateResponse {
+    let unit = u32::from(unit.0);
     match r {
-        Ok(t) => pb::TranslateResponse { ok: true, hpa: t.hpa.0, page_shift: t.page_shift, fault_reason: 0 },
+        Ok(t) => pb::TranslateResponse { ok: true, hpa: t.hpa.0, page_shift: t.page_shift, fault_reason: 0, unit },
         Err(b) => pb::TranslateResponse {
             ok: false,
             hpa: 0,
             page_shift: 0,
             fault_reason: b.reason.map_or(0, |r| u32::from(r.code())),
+            unit,
         },
     }
 }
@@ -276,7 +283,11 @@ pub(crate) fn bound(sids: &[SourceId]) -> pb::Bound {
 /// A fault the driver read from a fault recording register (VT-d 7.2.1: reason,
 /// requester, address, access, address type, PASID).
 pub(crate) fn fault_event(report: &FaultReport) -> pb::FaultEvent {
-    let record = &report.record;
+    pb::FaultEvent { pasid: report.pasid.map(|p| p.0), ..fault_record_event(report.unit, &report.record) }
+}
+
+/// A fault as unit `unit` recorded it (a client-driven unit's, which its owner services).
+pub(crate) fn fault_record_event(unit: UnitId, record: &FaultRecord) -> pb::FaultEvent {
     pb::FaultEvent {
         reason: u32::from(record.reason.code()),
         reason_name: record.reason.name().to_owned(),
@@ -284,13 +295,26 @@ pub(crate) fn fault_event(report: &FaultReport) -> pb::FaultEvent {
         address: record.addr,
         write: record.access == Direction::Write,
         address_type: record.kind as u32,
-        pasid: report.pasid.map(|p| p.0),
+        pasid: None,
+        unit: u32::from(unit.0),
     }
 }
 
+/// An interrupt message unit `unit` sent for its own event `source` (VT-d 7.3, 6.5.2.8,
+/// 7.5.1).
+pub(crate) fn unit_interrupt(unit: UnitId, source: EventSource, address: u64, data: u32) -> pb::UnitInterrupt {
+    let source = match source {
+        EventSource::Fault => pb::UnitEventSource::Fault,
+        EventSource::InvalidationCompletion => pb::UnitEventSource::InvalidationCompletion,
+        EventSource::PageRequest => pb::UnitEventSource::PageRequest,
+    };
+    pb::UnitInterrupt { unit: u32::from(unit.0), source: source as i32, address, data }
+}
+
 /// A remapped interrupt from `sid` (VT-d 5.1.4).
-pub(crate) fn interrupt_event(sid: SourceId, i: &Remapped) -> pb::InterruptEvent {
+pub(crate) fn interrupt_event(unit: UnitId, sid: SourceId, i: &Remapped) -> pb::InterruptEvent {
     pb::InterruptEvent {
+        unit: u32::from(unit.0),
         source_id: u32::from(sid.0),
         vector: u32::from(i.vector),
         destination: i.destination,
@@ -302,8 +326,9 @@ pub(crate) fn interrupt_event(sid: SourceId, i: &Remapped) -> pb::InterruptEvent
 }
 
 /// A page request drained from the page request queue (VT-d 7.5.1).
-pub(crate) fn page_request_event(r: &PageRequest) -> pb::PageRequestEvent {
+pub(crate) fn page_request_event(unit: UnitId, r: &PageRequest) -> pb::PageRequestEvent {
     pb::PageRequestEvent {
+        unit: u32::from(unit.0),
         source_id: u32::from(r.sid.0),
         address: r.addr.0,
         read: r.read,
@@ -311,6 +336,46 @@ pub(crate) fn page_request_event(r: &PageRequest) -> pb::PageRequestEvent {
         group_index: u32::from(r.prgi),
         last: r.last,
     }
+}
+
+/// The platform as GetPlatform describes it.
+pub(crate) fn platform(units: &Units) -> pb::Platform {
+    let region = |r: Region| pb::MemoryRegion { base: r.base.0, size: r.size };
+    let scope = |e: &ScopeEntry| match e {
+        ScopeEntry::Endpoint(sid) => pb::ScopeEntry { source_id: u32::from(sid.0), ..Default::default() },
+        ScopeEntry::Bridge { bridge, buses } => pb::ScopeEntry {
+            source_id: u32::from(bridge.0),
+            bridge: true,
+            secondary_bus: u32::from(*buses.start()),
+            subordinate_bus: u32::from(*buses.end()),
+        },
+    };
+    let builtin = units.iter().any(|u| u.is_builtin());
+    pb::Platform {
+        memory_size: units.spec.memory_size,
+        builtin_region: builtin.then(|| region(units.spec.builtin_region)),
+        units: units
+            .iter()
+            .map(|u| pb::PlatformUnit {
+                unit: u32::from(u.id.0),
+                name: u.spec.name.clone(),
+                register_base: u.spec.register_base,
+                include_all: u.spec.scope == UnitScope::All,
+                scope: match &u.spec.scope {
+                    UnitScope::All => Vec::new(),
+                    UnitScope::Devices(entries) => entries.iter().map(scope).collect(),
+                },
+                driver: if u.is_builtin() { pb::UnitDriver::BuiltIn } else { pb::UnitDriver::Client } as i32,
+                region: u.client_region().map(region),
+                claimed: u.claimed(),
+            })
+            .collect(),
+    }
+}
+
+/// A unit's counters on the wire.
+pub(crate) fn unit_counters(slot: &UnitSlot) -> pb::UnitStats {
+    pb::UnitStats { unit: u32::from(slot.id.0), name: slot.spec.name.clone(), counters: unit_stats(&slot.unit.stats()) }
 }
 
 /// The unit's counters by name.

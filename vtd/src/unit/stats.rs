@@ -95,6 +95,13 @@ macro_rules! counters {
                 vec![ $( (stringify!($name), self.$name), )* ]
             }
         }
+
+        /// Counter by counter: a platform's totals over its units.
+        impl std::ops::AddAssign for UnitStats {
+            fn add_assign(&mut self, other: Self) {
+                $( self.$name = self.$name.wrapping_add(other.$name); )*
+            }
+        }
     };
 }
 
