@@ -220,6 +220,20 @@ impl Units {
         held && self.release(u32::from(id.0), None).unwrap_or(false)
     }
 
+    /// Whether the built-in driver may map `len` bytes at `hpa` for a device: never into a
+    /// client-driven unit's region, which holds its owner's tables and queues (the driver
+    /// itself refuses its own region).
+    pub(crate) fn check_map_target(&self, hpa: Hpa, len: u64) -> Result<(), Status> {
+        let target = Region { base: hpa, size: len.max(1) };
+        match self.slots.iter().find(|s| s.client_region().is_some_and(|r| r.overlaps(&target))) {
+            Some(slot) => Err(Status::invalid_argument(format!(
+                "host address {hpa} (+{len} bytes) is in unit {}'s region, which only its owner uses",
+                slot.id
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Whether a write of `len` bytes at `addr` may proceed with `secret`: never into the
     /// built-in driver's region, and into a client-driven unit's region only with that
     /// unit's lease.
