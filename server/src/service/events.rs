@@ -31,7 +31,7 @@ use super::page_groups::PageGroups;
 use super::wire;
 use dmar_vtd::ids::SourceId;
 use dmar_vtd::unit::interrupt::Remapped;
-use dmar_vtd::unit::{FaultReason, FaultRecord, UnitEvents};
+use dmar_vtd::unit::{EventSource, FaultReason, FaultRecord, UnitEvents};
 
 /// The page request event's message data: the driver programs PEDATA with it, and the hub
 /// recognises the event by it.
@@ -85,7 +85,7 @@ impl UnitEvents for EventHub {
 
     fn fault_dropped(&self, _reason: FaultReason, _overflow: bool) {}
 
-    fn interrupt_message(&self, _addr: u64, data: u32) {
+    fn interrupt_message(&self, _source: EventSource, _addr: u64, data: u32) {
         match data {
             PAGE_REQUEST_VECTOR => self.page_request_event.notify_one(),
             FAULT_VECTOR => self.fault_event.notify_one(),

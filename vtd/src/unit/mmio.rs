@@ -19,6 +19,7 @@
 use std::sync::atomic::Ordering;
 
 use super::Unit;
+use super::event::EventSource;
 use super::regs::{self, FRCD_BASE, FRCD_BYTES, FRCD_END, ccmd, event, frcd, fsts, gcmd, iotlb};
 use super::tables::ADDR_MASK;
 
@@ -170,7 +171,7 @@ impl Unit {
             }
             o if regs::PRQ_REGS.contains(&o) => {
                 if let Some((addr, data)) = self.prq.write32(o, value) {
-                    self.events.interrupt_message(addr, data);
+                    self.events.interrupt_message(EventSource::PageRequest, addr, data);
                 }
             }
             o if matches!(slot(o), regs::IQA | regs::IQT) => {

@@ -55,6 +55,7 @@ use parking_lot::Mutex;
 use crate::clock::{Clock, SystemClock};
 
 pub use cache::{CacheGeometry, InvalidGeometry};
+pub use event::EventSource;
 pub use fault::{Direction, FaultRecord, FrcdError, NoEvents, RequestKind, UnitEvents, WALK_SAMPLE_PERIOD};
 pub use fault_reason::FaultReason;
 pub use grants::DEFAULT_GRANTS_PER_FUNCTION;
