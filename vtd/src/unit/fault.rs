@@ -234,6 +234,16 @@ impl FaultRecorder {
         }
     }
 
+    /// Back to the reset state (VT-d 10.4.9-10.4.14): no record held (every FRCD reads 0,
+    /// so FSTS.PPF and FRI are clear), PFO clear, the next fault goes to FRCD[0], FECTL
+    /// back to IM set with IP clear, and FEDATA, FEADDR, FEUADDR 0. The fault status and
+    /// recording fields are sticky (RW1CS, ROS: VT-d 10.3 re-initializes them only on a
+    /// power-good reset), so this is the reset of a unit powered up again, not of a warm
+    /// reset that would keep them for software to read after it.
+    pub(crate) fn reset(&self) {
+        *self.state.lock() = State::default();
+    }
+
     /// The records currently held (F set), in register order.
     pub(crate) fn records(&self) -> Vec<FaultRecord> {
         self.state.lock().records.iter().flatten().copied().collect()

@@ -55,6 +55,14 @@ pub(crate) struct RegisterFile {
     irta: u64,
 }
 
+impl RegisterFile {
+    /// Back to the reset value of every register held here: GSTS, RTADDR, CCMD, IVA,
+    /// IOTLB_REG and IRTA all reset to 0 (VT-d 10.4.5-10.4.8, 10.4.30).
+    pub(crate) fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
 fn check(offset: u64, width: u64) -> Result<(), MmioError> {
     if offset.checked_add(width).is_none_or(|end| end > regs::WINDOW_SIZE) {
         return Err(MmioError::OutOfWindow { offset, width });
