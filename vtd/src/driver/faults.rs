@@ -114,7 +114,7 @@ mod tests {
     use crate::driver::DomainKind;
     use crate::ids::{Iova, SourceId};
     use crate::unit::tables::AddressWidth;
-    use crate::unit::{Direction, FaultReason, RequestKind, UnitEvents};
+    use crate::unit::{Direction, EventSource, FaultReason, RequestKind, UnitEvents};
 
     const VECTOR: u32 = 0x46;
     const SID: SourceId = SourceId::new(0, 5, 0);
@@ -123,8 +123,8 @@ mod tests {
     #[derive(Debug, Default)]
     struct FaultEvents(AtomicUsize);
     impl UnitEvents for FaultEvents {
-        fn interrupt_message(&self, addr: u64, data: u32) {
-            if data == VECTOR && addr == INTERRUPT_RANGE_BASE {
+        fn interrupt_message(&self, source: EventSource, addr: u64, data: u32) {
+            if source == EventSource::Fault && data == VECTOR && addr == INTERRUPT_RANGE_BASE {
                 self.0.fetch_add(1, Ordering::SeqCst);
             }
         }

@@ -10,7 +10,7 @@
 
 use parking_lot::Mutex;
 
-use super::event::{EventControl, Message};
+use super::event::{EventControl, EventSource, Message};
 use super::fault_reason::FaultReason;
 use super::regs::{NUM_FAULT_RECORDS, frcd, fsts};
 use crate::ids::SourceId;
@@ -122,8 +122,11 @@ pub trait UnitEvents: Send + Sync + std::fmt::Debug {
     fn fault_recorded(&self, _record: &FaultRecord) {}
     /// A fault was dropped: suppressed by FPD, or lost to a fault overflow.
     fn fault_dropped(&self, _reason: FaultReason, _overflow: bool) {}
-    /// The unit sends an interrupt message (the fault event: FEADDR/FEUADDR, FEDATA).
-    fn interrupt_message(&self, _addr: u64, _data: u32) {}
+    /// The unit sends one of its own interrupt messages: the event `source` names, to the
+    /// address and with the data software programmed in that event's registers (for the
+    /// fault event FEUADDR:FEADDR and FEDATA). These are not remapped (VT-d 5.1: interrupts
+    /// the remapping hardware generates itself bypass interrupt remapping).
+    fn interrupt_message(&self, _source: EventSource, _addr: u64, _data: u32) {}
     /// A sampled page walk took this long (one walk in [`WALK_SAMPLE_PERIOD`] per thread
     /// is timed, so the translation path stays cheap).
     fn walk_sampled(&self, _duration: std::time::Duration) {}
@@ -214,7 +217,7 @@ impl FaultRecorder {
             _ => events.fault_dropped(record.reason, true),
         }
         if let Some((addr, data)) = message {
-            events.interrupt_message(addr, data);
+            events.interrupt_message(EventSource::Fault, addr, data);
         }
         logged
     }
@@ -227,8 +230,18 @@ impl FaultRecorder {
             if s.ppf() || s.pfo { None } else { s.event.raise() }
         };
         if let Some((addr, data)) = message {
-            events.interrupt_message(addr, data);
+            events.interrupt_message(EventSource::Fault, addr, data);
         }
+    }
+
+    /// Back to the reset state (VT-d 10.4.9-10.4.14): no record held (every FRCD reads 0,
+    /// so FSTS.PPF and FRI are clear), PFO clear, the next fault goes to FRCD[0], FECTL
+    /// back to IM set with IP clear, and FEDATA, FEADDR, FEUADDR 0. The fault status and
+    /// recording fields are sticky (RW1CS, ROS: VT-d 10.3 re-initializes them only on a
+    /// power-good reset), so this is the reset of a unit powered up again, not of a warm
+    /// reset that would keep them for software to read after it.
+    pub(crate) fn reset(&self) {
+        *self.state.lock() = State::default();
     }
 
     /// The records currently held (F set), in register order.
@@ -284,7 +297,7 @@ impl FaultRecorder {
     pub(crate) fn write_event(&self, rel: u64, value: u32, events: &dyn UnitEvents) {
         let message: Option<Message> = self.state.lock().event.write(rel, value);
         if let Some((addr, data)) = message {
-            events.interrupt_message(addr, data);
+            events.interrupt_message(EventSource::Fault, addr, data);
         }
     }
 }
@@ -300,7 +313,8 @@ mod tests {
         messages: AtomicUsize,
     }
     impl UnitEvents for Counting {
-        fn interrupt_message(&self, _addr: u64, _data: u32) {
+        fn interrupt_message(&self, source: EventSource, _addr: u64, _data: u32) {
+            assert_eq!(source, EventSource::Fault, "the recorder raises only the fault event");
             self.messages.fetch_add(1, Ordering::SeqCst);
         }
     }

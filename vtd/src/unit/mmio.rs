@@ -19,6 +19,7 @@
 use std::sync::atomic::Ordering;
 
 use super::Unit;
+use super::event::EventSource;
 use super::regs::{self, FRCD_BASE, FRCD_BYTES, FRCD_END, ccmd, event, frcd, fsts, gcmd, iotlb};
 use super::tables::ADDR_MASK;
 
@@ -52,6 +53,14 @@ pub(crate) struct RegisterFile {
     iva: u64,
     iotlb: u64,
     irta: u64,
+}
+
+impl RegisterFile {
+    /// Back to the reset value of every register held here: GSTS, RTADDR, CCMD, IVA,
+    /// IOTLB_REG and IRTA all reset to 0 (VT-d 10.4.5-10.4.8, 10.4.30).
+    pub(crate) fn reset(&mut self) {
+        *self = Self::default();
+    }
 }
 
 fn check(offset: u64, width: u64) -> Result<(), MmioError> {
@@ -170,7 +179,7 @@ impl Unit {
             }
             o if regs::PRQ_REGS.contains(&o) => {
                 if let Some((addr, data)) = self.prq.write32(o, value) {
-                    self.events.interrupt_message(addr, data);
+                    self.events.interrupt_message(EventSource::PageRequest, addr, data);
                 }
             }
             o if matches!(slot(o), regs::IQA | regs::IQT) => {

@@ -13,7 +13,8 @@
 //! - interrupt remapping ([`interrupt`]) and the page request queue ([`prq`]);
 //! - translated-request checking, a dmar extension hardware does not have: the ranges
 //!   each checked function was granted by translation completions (`grants`);
-//! - its counters (`stats`).
+//! - its counters (`stats`);
+//! - a platform reset of all of the above but the counters and the wiring (`reset`).
 //!
 //! Tables live in [`HostMemory`] ([`memory`]), in the binary formats of [`tables`]; the unit
 //! only ever reads them, one 64-bit word at a time.
@@ -42,6 +43,7 @@ mod mmio;
 pub mod prq;
 pub mod regs;
 mod request;
+mod reset;
 mod stats;
 pub mod tables;
 mod walk;
@@ -55,6 +57,7 @@ use parking_lot::Mutex;
 use crate::clock::{Clock, SystemClock};
 
 pub use cache::{CacheGeometry, InvalidGeometry};
+pub use event::EventSource;
 pub use fault::{Direction, FaultRecord, FrcdError, NoEvents, RequestKind, UnitEvents, WALK_SAMPLE_PERIOD};
 pub use fault_reason::FaultReason;
 pub use grants::DEFAULT_GRANTS_PER_FUNCTION;

@@ -92,6 +92,19 @@ impl QueueState {
         self.ports.values().map(PortState::outstanding).sum()
     }
 
+    /// Back to the reset state (VT-d 10.4.21-10.4.29): IQH, IQT, IQA, ICS and IQERCD 0,
+    /// queued invalidation off (GSTS.QIES), no queue error in FSTS, IECTL back to IM set
+    /// with IP clear, IEDATA, IEADDR, IEUADDR 0. The device ports stay bound (they are the
+    /// wiring to the functions, not registers); what they had outstanding is abandoned
+    /// (`PortState::reset`).
+    pub(crate) fn reset(&mut self) {
+        let ports = std::mem::take(&mut self.ports);
+        *self = Self { ports, ..Self::default() };
+        for port in self.ports.values_mut() {
+            port.reset();
+        }
+    }
+
     /// Moves IQH past the descriptor it is on.
     pub(crate) fn skip_head(&mut self) {
         self.head = (self.head + 1) % self.entries();
