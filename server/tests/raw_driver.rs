@@ -32,8 +32,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use raw::{
-    Frames, RawUnit, cap, context_entry, desc, ecap, ectl, frcd, fsts, gcmd, irte, next, reason, refused, reg,
-    remappable_msi_address, root_entry, ss_entry, ss_index, within,
+    Frames, PMR_GRANULE, RawUnit, cap, context_entry, desc, ecap, ectl, frcd, fsts, gcmd, irte, next, pmen, reason,
+    refused, reg, remappable_msi_address, root_entry, ss_entry, ss_index, within,
 };
 
 /// Host memory: 1 GiB.
@@ -269,6 +269,16 @@ async fn the_unclaimed_unit_is_at_reset_and_guarded(c: &mut ControlClient<Channe
         assert_eq!(dword(ctl), ectl::IM, "{name}: IM set at reset, nothing pending");
     }
     assert_eq!(dword(reg::ICS), 0, "ICS");
+    // Handed over as firmware with pre-boot DMA protection hands a unit to an OS: the
+    // protected low-memory region covers all of memory and is enforced (VT-d 10.4.16-18).
+    assert_ne!(cap & cap::PLMR, 0, "CAP.PLMR: {cap:#x}");
+    assert_eq!(dword(reg::PMEN), pmen::EPM | pmen::PRS, "PMEN: EPM set, PRS shows it");
+    assert_eq!(dword(reg::PLMBASE), 0, "PLMBASE");
+    assert!(
+        u64::from(dword(reg::PLMLIMIT)) + PMR_GRANULE >= MEMORY,
+        "PLMLIMIT {:#x} covers the 1 GiB of memory",
+        dword(reg::PLMLIMIT)
+    );
 
     let lease = String::new();
     let write = |unit: u32, lease: &str| WriteRegisterRequest {
@@ -356,6 +366,9 @@ async fn translation_is_programmed(u: &mut RawUnit, frames: &mut Frames) -> Layo
     u.gcmd(gcmd::TE).await;
     let gsts = u.read32(reg::GSTS).await;
     assert_eq!(gsts & (gcmd::TE | gcmd::QIE), gcmd::TE | gcmd::QIE, "TES and QIES both held: {gsts:#x}");
+    // Remapping is up: firmware's protection can go (Linux, after `iommu_enable_translation`).
+    u.disable_protected_memory().await;
+    assert_eq!(u.read32(reg::PMEN).await, 0, "PMEN: EPM and PRS clear");
     Layout { root, context }
 }
 
@@ -585,15 +598,16 @@ async fn reset_and_release(
 ) {
     let r = ResetUnitRequest { unit: CLIENT_UNIT, lease: u.lease.clone() };
     within("ResetUnit", u.control().reset_unit(r)).await.expect("reset");
-    let now = u.window().await;
-    let changed: Vec<String> = fresh
+    // A hardware reset: every register at its reset value, which is what the unit was
+    // handed over with, except firmware's protected memory regions: PMEN, PLMBASE,
+    // PLMLIMIT, PHMBASE and PHMLIMIT reset to 0 (VT-d 10.4.16-10.4.20).
+    let protected_memory = reg::PMEN..reg::PHMLIMIT + 8;
+    let hardware_reset: Vec<u32> = fresh
         .iter()
-        .zip(&now)
         .enumerate()
-        .filter(|(_, (a, b))| a != b)
-        .map(|(i, (a, b))| format!("{:#05x}: {a:#010x} at reset, {b:#010x} after ResetUnit", i * 4))
+        .map(|(i, v)| if protected_memory.contains(&(i as u64 * 4)) { 0 } else { *v })
         .collect();
-    assert!(changed.is_empty(), "registers that ResetUnit did not reset:\n{}", changed.join("\n"));
+    assert_eq!(differences(&hardware_reset, &u.window().await), "", "registers ResetUnit did not reset");
     let root = u.read_mem(layout.root + u64::from(CLIENT_DEV.bus()) * 16, 8).await;
     assert_eq!(root, raw::le(&[layout.context | 1]), "ResetUnit leaves memory alone");
 
@@ -611,8 +625,21 @@ async fn reset_and_release(
     assert_eq!(data, payload, "memory outside the region keeps what the device wrote");
     assert!(!get_platform(c).await.units[1].claimed, "GetPlatform shows the release");
 
-    let again = RawUnit::claim(server.control().await, CLIENT_UNIT).await.expect("a new claim after release");
+    // The next owner gets the unit as the first one did: reset, memory protected.
+    let mut again = RawUnit::claim(server.control().await, CLIENT_UNIT).await.expect("a new claim after release");
+    assert_eq!(differences(fresh, &again.window().await), "", "the unit after a release is not as handed over");
     again.release().await;
+}
+
+/// The registers (32-bit, by offset) where `now` differs from `expected`, one a line.
+fn differences(expected: &[u32], now: &[u32]) -> String {
+    expected
+        .iter()
+        .zip(now)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, (a, b))| format!("{:#05x}: expected {a:#010x}, read {b:#010x}\n", i * 4))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

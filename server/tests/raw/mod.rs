@@ -49,6 +49,14 @@ pub(crate) mod reg {
     pub(crate) const FEADDR: u64 = 0x40;
     /// FEUADDR_REG (10.4.13).
     pub(crate) const FEUADDR: u64 = 0x44;
+    /// PMEN_REG, 32 bits (10.4.16): protected memory enable.
+    pub(crate) const PMEN: u64 = 0x64;
+    /// PLMBASE_REG, 32 bits (10.4.17).
+    pub(crate) const PLMBASE: u64 = 0x68;
+    /// PLMLIMIT_REG, 32 bits (10.4.18).
+    pub(crate) const PLMLIMIT: u64 = 0x6c;
+    /// PHMLIMIT_REG, 64 bits (10.4.20): the last protected-memory register.
+    pub(crate) const PHMLIMIT: u64 = 0x78;
     /// IQH_REG, 64 bits (10.4.21).
     pub(crate) const IQH: u64 = 0x80;
     /// IQT_REG, 64 bits (10.4.22).
@@ -75,6 +83,8 @@ pub(crate) mod reg {
 
 /// CAP_REG fields (VT-d 10.4.2).
 pub(crate) mod cap {
+    /// PLMR, bit 5: the protected low-memory region is supported.
+    pub(crate) const PLMR: u64 = 1 << 5;
     /// SAGAW bit 2 (bits 12:8): 48-bit AGAW, 4-level tables.
     pub(crate) const SAGAW_48: u64 = 1 << 10;
     /// FRO, bits 33:24: fault recording registers at FRO × 16.
@@ -127,6 +137,18 @@ pub(crate) mod fsts {
         ((fsts >> 8) & 0xff) as u64
     }
 }
+
+/// PMEN_REG bits (VT-d 10.4.16).
+pub(crate) mod pmen {
+    /// EPM: enable protected memory (both regions).
+    pub(crate) const EPM: u32 = 1 << 31;
+    /// PRS: protected region status (read-only): the regions are enforced.
+    pub(crate) const PRS: u32 = 1 << 0;
+}
+
+/// The protected low-memory region's granularity (VT-d 10.4.17, 10.4.18: PLMBASE and
+/// PLMLIMIT implement address bits 31:N, N at least 21).
+pub(crate) const PMR_GRANULE: u64 = 2 << 20;
 
 /// Event control registers, FECTL, IECTL and PECTL (VT-d 10.4.10, 10.4.25, 10.4.35).
 pub(crate) mod ectl {
@@ -435,6 +457,22 @@ impl RawUnit {
     pub(crate) async fn read_mem32(&mut self, address: u64) -> u32 {
         let b = self.read_mem(address, 4).await;
         u32::from_le_bytes(b.try_into().expect("4 bytes"))
+    }
+
+    /// Turns the protected memory regions off (Linux `iommu_disable_protect_mem_regions`):
+    /// EPM cleared, then PMEN.PRS polled until clear.
+    pub(crate) async fn disable_protected_memory(&mut self) {
+        let pmen = self.read32(reg::PMEN).await;
+        self.write32(reg::PMEN, pmen & !pmen::EPM).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let pmen = self.read32(reg::PMEN).await;
+            if pmen & pmen::PRS == 0 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "PMEN {pmen:#010x}: PRS never cleared");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Polls GSTS until `bits` are all set (`set`) or all clear.
