@@ -1,0 +1,1 @@
+//! Tests of one driver over several units.
