@@ -6,7 +6,9 @@
 //! Rules:
 //! - A device is counted into its domain's span on its unit before its entry is written,
 //!   and out of it only after the invalidations that follow clearing the entry: while it
-//!   is counted, every domain-wide invalidation reaches its unit.
+//!   is counted, every domain-wide invalidation reaches its unit. A unit that comes back
+//!   into a domain's span gets a domain-selective IOTLB invalidation before the entry is
+//!   written, since the unmaps in between did not reach it.
 //! - A device attached elsewhere is detached first. Detach invalidates the context cache
 //!   (device-selective, tagged with the old domain id), the IOTLB (domain-selective) and,
 //!   for a TT=01b entry, the device's whole device TLB, in one batch.
@@ -130,7 +132,16 @@ impl Driver {
         // Before the entry is written: from then on every invalidation of the domain
         // reaches this unit, and every unmap this device's TLB. Refused if the domain was
         // destroyed since the look-up (destroy checks the span under the same lock).
-        domain.state.lock().join(did, unit.id, sid, uses_ats)?;
+        let returning = domain.state.lock().join(did, unit.id, sid, uses_ats)?;
+        if returning {
+            // A walk that raced with the detach that took the domain's last device off this
+            // unit may have cached a translation after that detach's invalidation, and no
+            // unmap since reached this unit: it starts clean (as destroy's last flush).
+            if let Err(e) = unit.invalidate(&[Invalidation::Iotlb(IotlbScope::Domain(did))]) {
+                domain.state.lock().leave(unit.id, sid);
+                return Err(e);
+            }
+        }
         // Before the entry is written too: every completion the unit gives the device is
         // recorded (detach switched it off).
         if check_translated {

@@ -63,18 +63,20 @@ pub(crate) struct UnitSpan {
 impl DomainState {
     /// Counts `sid` in on `unit` (with its device TLB if `ats`) before its context entry is
     /// written: from now on every invalidation of the domain reaches that unit. Refused
-    /// once the domain is destroyed.
-    pub(crate) fn join(&mut self, did: DomainId, unit: UnitId, sid: SourceId, ats: bool) -> Result<(), DriverError> {
+    /// once the domain is destroyed. Returns true when the unit comes back into the span
+    /// after having left it: unmaps since then did not reach it.
+    pub(crate) fn join(&mut self, did: DomainId, unit: UnitId, sid: SourceId, ats: bool) -> Result<bool, DriverError> {
         if !self.alive {
             return Err(DriverError::UnknownDomain(did));
         }
+        let returning = !self.span.contains_key(&unit) && self.visited.contains(&unit);
         let span = self.span.entry(unit).or_default();
         span.devices += 1;
         if ats {
             span.ats_devices.insert(sid);
         }
         self.visited.insert(unit);
-        Ok(())
+        Ok(returning)
     }
 
     /// Undoes [`Self::join`], once `sid`'s entry is cleared and invalidated on `unit`.

@@ -80,7 +80,10 @@
 //! reaches the device's unit while the device is in the span, and once it left, the
 //! detach's domain-selective invalidation of that unit came after the entry was cleared.
 //! An attach racing an unmap joins the span under the domain's lock before its entry is
-//! written, so the unit either has no entry for the domain yet or gets the invalidation.
+//! written, so the unit either has no entry for the domain yet or gets the invalidation. A
+//! unit that comes back into a span it left is invalidated for the domain before the new
+//! entry is written: unmaps in between did not reach it, and a walk that raced with the
+//! last detach may have left an entry behind.
 
 mod attach;
 mod config;

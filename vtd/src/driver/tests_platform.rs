@@ -254,6 +254,13 @@ fn detach_shrinks_the_span_and_destroy_waits_for_every_unit() {
     assert_eq!(d.unmap(did, Iova(PAGE), PAGE), Ok(PAGE));
     assert_eq!((p.units[0].stats().qi_iotlb, p.units[1].stats().qi_iotlb), (before.0, before.1 + 1));
 
+    // Coming back, unit 0 is invalidated for the domain first: that unmap missed it.
+    let before = p.units[0].stats().qi_iotlb;
+    d.attach(a, did, false).unwrap();
+    assert_eq!(p.units[0].stats().qi_iotlb, before + 1);
+    assert_eq!(translate(&p.units[0], a, PAGE), blocked(FaultReason::NoRead));
+    assert_eq!(d.detach(a), Ok(Some(did)));
+
     // The attachment left on unit 1 holds the domain.
     assert_eq!(d.destroy_domain(did), Err(DriverError::DomainInUse { did, devices: 1 }));
     assert_eq!(d.detach(b), Ok(Some(did)));
