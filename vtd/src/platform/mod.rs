@@ -22,11 +22,12 @@ use crate::unit::UnitConfig;
 mod validate;
 
 pub use validate::{
-    MAX_NAME_LEN, MAX_UNITS, MIN_BUILTIN_REGION, PlatformError, RegionOwner, UnitRef, is_valid_unit_name,
+    MAX_NAME_LEN, MAX_SCOPE_ENTRIES, MAX_UNITS, MIN_BUILTIN_REGION, PlatformError, RegionOwner, UnitRef,
+    is_valid_unit_name,
 };
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Who programs a unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

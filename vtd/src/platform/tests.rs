@@ -114,6 +114,18 @@ fn include_all_is_single_and_last() {
 }
 
 #[test]
+fn scopes_are_bounded() {
+    let mut s = two_units();
+    let many = (0..=MAX_SCOPE_ENTRIES as u16).map(|i| ScopeEntry::Endpoint(SourceId(0x8000 + i))).collect();
+    s.units[0].scope = UnitScope::Devices(many);
+    let e = err(&s);
+    assert_eq!(
+        e,
+        PlatformError::TooManyScopeEntries { structure: "unit 0".to_owned(), entries: MAX_SCOPE_ENTRIES + 1 }
+    );
+}
+
+#[test]
 fn a_listed_scope_is_not_empty() {
     let mut s = two_units();
     s.units[0].scope = UnitScope::Devices(Vec::new());
@@ -181,7 +193,7 @@ fn driver_regions_are_aligned_inside_memory_and_disjoint() {
     assert_eq!(err(&s), PlatformError::RegionEmpty { owner: c1.clone() });
     s.units[1].driver = client(60 * MIB, 8 * MIB);
     assert_eq!(err(&s), PlatformError::RegionOutsideMemory { owner: c1.clone(), memory_size: 64 * MIB });
-    s.units[1].driver = client(u64::MAX & !0xfff, 0x1000);
+    s.units[1].driver = client(!0xfff, 0x1000);
     assert_eq!(err(&s), PlatformError::RegionOutsideMemory { owner: c1.clone(), memory_size: 64 * MIB });
     s.units[1].driver = client(56 * MIB - 0x1000, 0x2000);
     let e = err(&s);
@@ -252,7 +264,7 @@ fn routing_follows_endpoint_then_narrowest_bridge_then_include_all() {
 /// A random valid platform: buses 1..=255 cut into ranges, some given to a listed unit as
 /// a bridge on bus 0 (plus, sometimes, a nested bridge of the same unit), endpoints on
 /// bus 0 and behind a unit's own bridges, and maybe an INCLUDE_PCI_ALL unit last.
-fn arb_spec() -> impl Strategy<Value = PlatformSpec> {
+pub(crate) fn arb_spec() -> impl Strategy<Value = PlatformSpec> {
     let cuts = proptest::collection::btree_set(2u8..=255, 0..12);
     let owners = proptest::collection::vec(proptest::option::of(0usize..4), 13);
     let endpoints = proptest::collection::vec((0u8..=0x1f, 0u8..8, 0usize..4), 0..16);

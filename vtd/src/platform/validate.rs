@@ -27,6 +27,10 @@ pub const MAX_NAME_LEN: usize = 32;
 /// tables: a full set of context tables alone is 256 pages (1 MiB).
 pub const MIN_BUILTIN_REGION: u64 = 1 << 20;
 
+/// The most device scope entries one DRHD, RMRR, ATSR or SATC structure may list: keeps
+/// each structure's 16-bit length field (VT-d 8.3) far from overflowing (8 bytes each).
+pub const MAX_SCOPE_ENTRIES: usize = 1024;
+
 /// A unit named in an error: its index (its `UnitId`, and its DRHD's position) and name.
 ///
 /// Displays as `unit 1 "dmar1"`, or `unit 1` once [`PlatformError::redact_names`] emptied
@@ -160,6 +164,14 @@ pub enum PlatformError {
     EmptyScope {
         /// The unit.
         unit: UnitRef,
+    },
+    /// A structure with more than [`MAX_SCOPE_ENTRIES`] device scope entries.
+    #[error("{structure} lists {entries} devices, more than {MAX_SCOPE_ENTRIES}")]
+    TooManyScopeEntries {
+        /// The unit, reserved region, ATSR or SATC (by index).
+        structure: String,
+        /// How many it lists.
+        entries: usize,
     },
     /// A bridge entry whose bus range is backwards.
     #[error("{unit}: bridge {bridge} has secondary bus {secondary:#04x} above subordinate bus {subordinate:#04x}")]
@@ -319,6 +331,14 @@ pub fn is_valid_unit_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
+/// Refuses more than [`MAX_SCOPE_ENTRIES`] entries in the structure `name` describes.
+fn check_entries(name: impl FnOnce() -> String, entries: usize) -> Result<(), PlatformError> {
+    if entries > MAX_SCOPE_ENTRIES {
+        return Err(PlatformError::TooManyScopeEntries { structure: name(), entries });
+    }
+    Ok(())
+}
+
 /// A requester id both entries cover, if any.
 fn shared_sid(a: &ScopeEntry, b: &ScopeEntry) -> Option<SourceId> {
     match (a, b) {
@@ -373,6 +393,9 @@ impl PlatformSpec {
         for (i, unit) in self.units.iter().enumerate() {
             if !is_valid_unit_name(&unit.name) {
                 return Err(PlatformError::BadName { index: i });
+            }
+            if let UnitScope::Devices(entries) = &unit.scope {
+                check_entries(|| format!("unit {i}"), entries.len())?;
             }
             if let Some(first) = self.units[..i].iter().position(|u| u.name == unit.name) {
                 return Err(PlatformError::DuplicateName { unit: self.unit_ref(i), first });
@@ -455,13 +478,13 @@ impl PlatformSpec {
     fn validate_regions(&self) -> Result<(), PlatformError> {
         let first_builtin = self.units.iter().position(|u| u.driver == UnitDriver::BuiltIn);
         let mut regions: Vec<(RegionOwner, Region)> = Vec::new();
-        if let Some(i) = first_builtin {
-            if self.builtin_region.size < MIN_BUILTIN_REGION {
-                return Err(PlatformError::BuiltinRegionTooSmall {
-                    unit: self.unit_ref(i),
-                    size: self.builtin_region.size,
-                });
-            }
+        if let Some(i) = first_builtin
+            && self.builtin_region.size < MIN_BUILTIN_REGION
+        {
+            return Err(PlatformError::BuiltinRegionTooSmall {
+                unit: self.unit_ref(i),
+                size: self.builtin_region.size,
+            });
         }
         // Without a built-in unit an empty built-in region means "none".
         if first_builtin.is_some() || self.builtin_region.size != 0 {
@@ -496,7 +519,11 @@ impl PlatformSpec {
 
     fn validate_extras(&self) -> Result<(), PlatformError> {
         let routing = super::Routing::new(self);
+        if let Some(super::AtsRootPorts::Ports(ports)) = &self.ats_root_ports {
+            check_entries(|| "the ATSR".to_owned(), ports.len())?;
+        }
         for (index, rmrr) in self.reserved.iter().enumerate() {
+            check_entries(|| format!("reserved region {index}"), rmrr.devices.len())?;
             if rmrr.devices.is_empty() {
                 return Err(PlatformError::ReservedWithoutDevices { index });
             }
@@ -505,6 +532,7 @@ impl PlatformSpec {
             }
         }
         for (index, satc) in self.satc.iter().enumerate() {
+            check_entries(|| format!("satc {index}"), satc.devices.len())?;
             if let Some(&sid) = satc.devices.iter().find(|&&s| routing.unit_for(s).is_none()) {
                 return Err(PlatformError::SatcDeviceUncovered { index, sid });
             }
