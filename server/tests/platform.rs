@@ -61,7 +61,9 @@ fn three_units() -> ServerConfig {
 }
 
 async fn translate(c: &mut ControlClient<Channel>, sid: u32, iova: u64) -> Result<TranslateResponse, tonic::Status> {
-    c.translate(TranslateRequest { source_id: sid, iova, access: AccessKind::Read as i32 }).await.map(|r| r.into_inner())
+    c.translate(TranslateRequest { source_id: sid, iova, access: AccessKind::Read as i32 })
+        .await
+        .map(|r| r.into_inner())
 }
 
 #[tokio::test]
@@ -70,7 +72,7 @@ async fn requests_go_to_the_unit_whose_scope_holds_the_requester_id() {
     let mut c = server.control().await;
     let platform = c.get_platform(GetPlatformRequest {}).await.expect("platform").into_inner();
     assert_eq!(platform.units.len(), 3);
-    assert_eq!(platform.units[2].driver, UnitDriver::Client as i32);
+    assert_eq!(platform.units[2].driver, dmar_proto::v1::UnitDriver::Client as i32);
     let did = paging_domain(&mut c, &[SID_A]).await;
     attach(&mut c, did, SID_B, true).await;
     map(&mut c, did, 0x10_0000, 0x20_0000, 0x1000, true).await;

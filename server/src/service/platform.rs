@@ -132,11 +132,6 @@ impl Units {
             .ok_or_else(|| Status::failed_precondition(format!("requester id {sid} is in no remapping unit's scope")))
     }
 
-    /// The routing of requester ids to units.
-    pub(crate) fn routing(&self) -> &Routing {
-        &self.routing
-    }
-
     /// The ACPI DMAR table.
     pub(crate) fn dmar_table(&self) -> &[u8] {
         &self.dmar
