@@ -170,6 +170,8 @@ impl Unit {
                     self.faults.clear_pfo();
                 }
                 self.clear_queue_errors(value);
+                // VT-d 10.4.10: a held fault event is withdrawn once all is serviced.
+                self.withdraw_fault_event();
             }
             o if (regs::FECTL..regs::FECTL + event::BYTES).contains(&o) => {
                 self.faults.write_event(o - regs::FECTL, value, &*self.events)
@@ -247,6 +249,8 @@ impl Unit {
                 let rel = o - FRCD_BASE;
                 if rel % FRCD_BYTES == 8 && hi && value & frcd::F != 0 {
                     self.faults.clear_frcd((rel / FRCD_BYTES) as usize);
+                    // VT-d 10.4.10: the last F cleared (PPF clear) may withdraw the event.
+                    self.withdraw_fault_event();
                 }
             }
         }
