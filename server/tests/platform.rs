@@ -97,9 +97,10 @@ async fn requests_go_to_the_unit_whose_scope_holds_the_requester_id() {
 async fn a_strict_unmap_invalidates_the_device_tlbs_behind_every_unit_the_domain_spans() {
     let server = Server::boot(three_units()).await;
     let mut c = server.control().await;
+    // Attached before their links are open, so the attach has no device TLB to empty.
+    let did = paging_domain(&mut c, &[SID_A, SID_B]).await;
     let mut link_a = Link::open(server.addr, "a", vec![function(SID_A)]).await.expect("link A");
     let mut link_b = Link::open(server.addr, "b", vec![function(SID_B)]).await.expect("link B");
-    let did = paging_domain(&mut c, &[SID_A, SID_B]).await;
     map(&mut c, did, 0x40_0000, 0x80_0000, 0x1000, true).await;
     // Both functions cache the translation, each through its own unit.
     for (link, sid) in [(&mut link_a, SID_A), (&mut link_b, SID_B)] {
