@@ -199,3 +199,36 @@ async fn a_client_driven_units_registers_and_memory_are_its_owners() {
     drop(again);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn devices_behind_a_client_driven_unit_reach_no_memory_until_its_owner_takes_over() {
+    let server = Server::boot(three_units()).await;
+    let mut c = server.control().await;
+    let pmen = |c: &mut ControlClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            let r = ReadRegisterRequest { offset: 0x64, width: 4, unit: 2 };
+            c.read_register(r).await.expect("PMEN").into_inner().value
+        }
+    };
+    assert_eq!(pmen(&mut c).await, 0x8000_0001, "firmware enabled the protected regions (EPM, PRS)");
+    c.write_memory(WriteMemoryRequest { address: 0x10_0000, data: vec![7; 8], ..Default::default() })
+        .await
+        .expect("write");
+    let mut link = Link::open(server.addr, "c", vec![function(SID_C)]).await.expect("link C");
+    let read = DmaRequest { source_id: SID_C, address: 0x10_0000, length: 8, ..Default::default() };
+    let blocked = link.dma(read.clone()).await;
+    assert!(!blocked.ok, "translation is off, but the regions fence memory off: {blocked:?}");
+    assert_eq!(blocked.fault_reason, 0, "a protected-region block records no fault");
+
+    let mut claim = c.claim_unit(ClaimUnitRequest { unit: 2 }).await.expect("claim").into_inner();
+    let lease = claim.message().await.expect("lease").expect("first").lease;
+    c.reset_unit(ResetUnitRequest { unit: 2, lease: lease.clone() }).await.expect("reset");
+    assert_eq!(pmen(&mut c).await, 0, "a hardware reset clears the regions");
+    let passed = link.dma(read.clone()).await;
+    assert!(passed.ok && passed.data == vec![7; 8], "reset state: untranslated pass-through: {passed:?}");
+    c.release_unit(ReleaseUnitRequest { unit: 2, lease }).await.expect("release");
+    assert_eq!(pmen(&mut c).await, 0x8000_0001, "released: firmware protects memory again");
+    assert!(!link.dma(read).await.ok);
+    server.stop().await;
+}

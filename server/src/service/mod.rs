@@ -99,6 +99,9 @@ pub enum ServeError {
     /// The memory size is unusable.
     #[error(transparent)]
     Memory(#[from] InvalidMemorySize),
+    /// Programming a client-driven unit's protected memory regions failed.
+    #[error("firmware: {0}")]
+    Firmware(String),
     /// The platform description breaks a rule.
     #[error("platform: {0}")]
     Platform(#[from] PlatformError),
@@ -198,7 +201,8 @@ fn build_platform(
         driver.enable_fault_events(events::FAULT_VECTOR)?;
         Some(driver)
     };
-    Ok((Units::new(spec, memory, units), driver))
+    let units = Units::new(spec, memory, units).map_err(|e| ServeError::Firmware(e.to_string()))?;
+    Ok((units, driver))
 }
 
 /// The process-wide Prometheus recorder, installed on first use (several servers in one
