@@ -6,8 +6,9 @@
 //!   the addresses devices put on the bus, not of host memory; the 1 TiB host memory limit
 //!   fits below 2^46.
 //! - Flags: INTR_REMAP set (every unit remaps interrupts, ECAP.IR); X2APIC_OPT_OUT clear
-//!   (the units support x2APIC mode, ECAP.EIM); DMA_CTRL_PLATFORM_OPT_IN clear (dmar has no
-//!   boot phase with DMA protection and no external-facing ports for it to be about).
+//!   (the units support x2APIC mode, ECAP.EIM); DMA_CTRL_PLATFORM_OPT_IN clear (the flag is about
+//!   external-facing ports, which dmar does not model; the protected memory regions the
+//!   server programs on client-driven units need no flag: CAP.PLMR/PHMR and PMEN say it).
 //! - Structures in type order (VT-d 8.1: DRHDs, then RMRRs, ATSR, SATCs), DRHDs in unit
 //!   order, so the INCLUDE_PCI_ALL unit a valid spec puts last stays last (VT-d 8.3).
 //! - Every DRHD's register set is one 4 KiB page (size 0; `regs::WINDOW_SIZE`).
