@@ -486,6 +486,16 @@ mod tests {
     }
 
     #[test]
+    fn the_readmes_example_is_a_valid_platform() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("the README shows a platform file") + "```toml\n".len();
+        let end = start + readme[start..].find("```").expect("closed");
+        let spec = parse(&readme[start..end]).unwrap_or_else(|e| panic!("README example: {e}"));
+        assert_eq!(spec.units.len(), 2);
+        assert!(matches!(spec.units[1].driver, UnitDriver::Client { .. }));
+    }
+
+    #[test]
     fn a_full_file_parses_with_every_key() {
         let spec = parse(
             r#"
