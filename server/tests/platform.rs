@@ -61,7 +61,9 @@ fn three_units() -> ServerConfig {
 }
 
 async fn translate(c: &mut ControlClient<Channel>, sid: u32, iova: u64) -> Result<TranslateResponse, tonic::Status> {
-    c.translate(TranslateRequest { source_id: sid, iova, access: AccessKind::Read as i32 }).await.map(|r| r.into_inner())
+    c.translate(TranslateRequest { source_id: sid, iova, access: AccessKind::Read as i32 })
+        .await
+        .map(|r| r.into_inner())
 }
 
 #[tokio::test]
@@ -70,7 +72,7 @@ async fn requests_go_to_the_unit_whose_scope_holds_the_requester_id() {
     let mut c = server.control().await;
     let platform = c.get_platform(GetPlatformRequest {}).await.expect("platform").into_inner();
     assert_eq!(platform.units.len(), 3);
-    assert_eq!(platform.units[2].driver, UnitDriver::Client as i32);
+    assert_eq!(platform.units[2].driver, dmar_proto::v1::UnitDriver::Client as i32);
     let did = paging_domain(&mut c, &[SID_A]).await;
     attach(&mut c, did, SID_B, true).await;
     map(&mut c, did, 0x10_0000, 0x20_0000, 0x1000, true).await;
@@ -95,9 +97,10 @@ async fn requests_go_to_the_unit_whose_scope_holds_the_requester_id() {
 async fn a_strict_unmap_invalidates_the_device_tlbs_behind_every_unit_the_domain_spans() {
     let server = Server::boot(three_units()).await;
     let mut c = server.control().await;
+    // Attached before their links are open, so the attach has no device TLB to empty.
+    let did = paging_domain(&mut c, &[SID_A, SID_B]).await;
     let mut link_a = Link::open(server.addr, "a", vec![function(SID_A)]).await.expect("link A");
     let mut link_b = Link::open(server.addr, "b", vec![function(SID_B)]).await.expect("link B");
-    let did = paging_domain(&mut c, &[SID_A, SID_B]).await;
     map(&mut c, did, 0x40_0000, 0x80_0000, 0x1000, true).await;
     // Both functions cache the translation, each through its own unit.
     for (link, sid) in [(&mut link_a, SID_A), (&mut link_b, SID_B)] {
@@ -194,5 +197,38 @@ async fn a_client_driven_units_registers_and_memory_are_its_owners() {
     let mut again = c.claim_unit(ClaimUnitRequest { unit: 2 }).await.expect("claim again").into_inner();
     assert!(again.message().await.expect("lease").is_some());
     drop(again);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn devices_behind_a_client_driven_unit_reach_no_memory_until_its_owner_takes_over() {
+    let server = Server::boot(three_units()).await;
+    let mut c = server.control().await;
+    let pmen = |c: &mut ControlClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            let r = ReadRegisterRequest { offset: 0x64, width: 4, unit: 2 };
+            c.read_register(r).await.expect("PMEN").into_inner().value
+        }
+    };
+    assert_eq!(pmen(&mut c).await, 0x8000_0001, "firmware enabled the protected regions (EPM, PRS)");
+    c.write_memory(WriteMemoryRequest { address: 0x10_0000, data: vec![7; 8], ..Default::default() })
+        .await
+        .expect("write");
+    let mut link = Link::open(server.addr, "c", vec![function(SID_C)]).await.expect("link C");
+    let read = DmaRequest { source_id: SID_C, address: 0x10_0000, length: 8, ..Default::default() };
+    let blocked = link.dma(read.clone()).await;
+    assert!(!blocked.ok, "translation is off, but the regions fence memory off: {blocked:?}");
+    assert_eq!(blocked.fault_reason, 0, "a protected-region block records no fault");
+
+    let mut claim = c.claim_unit(ClaimUnitRequest { unit: 2 }).await.expect("claim").into_inner();
+    let lease = claim.message().await.expect("lease").expect("first").lease;
+    c.reset_unit(ResetUnitRequest { unit: 2, lease: lease.clone() }).await.expect("reset");
+    assert_eq!(pmen(&mut c).await, 0, "a hardware reset clears the regions");
+    let passed = link.dma(read.clone()).await;
+    assert!(passed.ok && passed.data == vec![7; 8], "reset state: untranslated pass-through: {passed:?}");
+    c.release_unit(ReleaseUnitRequest { unit: 2, lease }).await.expect("release");
+    assert_eq!(pmen(&mut c).await, 0x8000_0001, "released: firmware protects memory again");
+    assert!(!link.dma(read).await.ok);
     server.stop().await;
 }

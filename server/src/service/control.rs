@@ -22,8 +22,8 @@ use dmar_proto::v1::control_server::Control;
 use dmar_proto::v1::*;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::wire::{self, MAX_MEMORY_BYTES, MAX_RANGES};

@@ -99,6 +99,9 @@ pub enum ServeError {
     /// The memory size is unusable.
     #[error(transparent)]
     Memory(#[from] InvalidMemorySize),
+    /// Programming a client-driven unit's protected memory regions failed.
+    #[error("firmware: {0}")]
+    Firmware(String),
     /// The platform description breaks a rule.
     #[error("platform: {0}")]
     Platform(#[from] PlatformError),
@@ -142,9 +145,9 @@ pub(crate) struct State {
 impl State {
     /// The built-in driver, for a call that needs it.
     pub(crate) fn driver(&self) -> Result<Arc<Driver>, Status> {
-        self.driver.clone().ok_or_else(|| {
-            Status::failed_precondition("no unit of this platform is driven by the built-in driver")
-        })
+        self.driver
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("no unit of this platform is driven by the built-in driver"))
     }
 
     /// Every unit's counters added up.
@@ -188,8 +191,9 @@ fn build_platform(
         None
     } else {
         let region = spec.builtin_region;
-        let config = DriverConfig { table_region: (region.base, region.size), ..DriverConfig::for_memory(spec.memory_size) }
-            .with_flush(flush);
+        let config =
+            DriverConfig { table_region: (region.base, region.size), ..DriverConfig::for_memory(spec.memory_size) }
+                .with_flush(flush);
         // Before any link is open no device can be waited for: these calls run in place.
         let driver = Arc::new(Driver::for_units(builtin, Routing::new(&spec), config)?);
         driver.enable_interrupt_remapping()?;
@@ -197,7 +201,8 @@ fn build_platform(
         driver.enable_fault_events(events::FAULT_VECTOR)?;
         Some(driver)
     };
-    Ok((Units::new(spec, memory, units), driver))
+    let units = Units::new(spec, memory, units).map_err(|e| ServeError::Firmware(e.to_string()))?;
+    Ok((units, driver))
 }
 
 /// The process-wide Prometheus recorder, installed on first use (several servers in one

@@ -9,6 +9,14 @@
 //! closes, or when the server stops. A release resets the unit and zeroes its region, so
 //! the next holder starts from reset and reads nothing the last one left.
 //!
+//! Firmware's part: before a client-driven unit is handed over (at start, and after each
+//! release) the server does what platform firmware with pre-boot DMA protection does. It
+//! programs the unit's protected memory regions over all of host memory and enables them
+//! (VT-d 10.4.16-10.4.20; the sequence is in `dmar_vtd::unit`), so the devices behind the
+//! unit reach no memory until its owner has enabled translation and cleared PMEN.EPM, as
+//! Linux does after `iommu_enable_translation`. Every other register is at its reset
+//! value. `ResetUnit` is a hardware reset: it clears the regions too, by the owner's choice.
+//!
 //! A lease is a 128-bit random secret; the holder presents it on every write. It is
 //! compared in constant time and never logged.
 //!
@@ -20,7 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dmar_vtd::ids::{Hpa, SourceId, UnitId};
 use dmar_vtd::platform::{PlatformSpec, Region, Routing, UnitDriver, UnitSpec};
-use dmar_vtd::unit::{HostMemory, Unit};
+use dmar_vtd::unit::regs::{self, pmen, pmr};
+use dmar_vtd::unit::{HostMemory, MmioError, Unit};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -91,14 +100,33 @@ fn new_secret() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Firmware's DMA protection for a client-driven unit: both protected memory regions over
+/// all of `memory_size` bytes (below and above 4 GiB), enabled (VT-d 10.4.16-10.4.20).
+fn protect_memory(unit: &Unit, memory_size: u64) -> Result<(), MmioError> {
+    const FOUR_GIB: u64 = 1 << 32;
+    let last = |end: u64| (end - 1) & !(pmr::GRANULE - 1);
+    let low_end = memory_size.min(FOUR_GIB);
+    unit.write32(regs::PLMBASE, 0)?;
+    unit.write32(regs::PLMLIMIT, last(low_end) as u32)?;
+    if memory_size > FOUR_GIB {
+        unit.write64(regs::PHMBASE, FOUR_GIB)?;
+        unit.write64(regs::PHMLIMIT, last(memory_size))?;
+    }
+    unit.write32(regs::PMEN, pmen::EPM)?;
+    // PRS follows EPM at once in this unit; read back as firmware polls it.
+    debug_assert_ne!(unit.read32(regs::PMEN)? & pmen::PRS, 0);
+    Ok(())
+}
+
 /// Compares two secrets in time independent of where they differ.
 fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Units {
-    /// The platform `spec` over `memory`, with `units` built in spec order.
-    pub(crate) fn new(spec: PlatformSpec, memory: Arc<HostMemory>, units: Vec<Arc<Unit>>) -> Self {
+    /// The platform `spec` over `memory`, with `units` built in spec order; the client-driven
+    /// ones get firmware's DMA protection.
+    pub(crate) fn new(spec: PlatformSpec, memory: Arc<HostMemory>, units: Vec<Arc<Unit>>) -> Result<Self, MmioError> {
         let routing = Routing::new(&spec);
         let dmar = dmar_vtd::acpi::dmar_table(&spec);
         let slots = spec
@@ -108,7 +136,11 @@ impl Units {
             .enumerate()
             .map(|(i, (s, unit))| UnitSlot { id: UnitId(i as u16), spec: s.clone(), unit, lease: Mutex::new(None) })
             .collect();
-        Self { spec, routing, memory, slots, dmar, claims: AtomicU64::new(0) }
+        let units = Self { spec, routing, memory, slots, dmar, claims: AtomicU64::new(0) };
+        for slot in units.slots.iter().filter(|s| !s.is_builtin()) {
+            protect_memory(&slot.unit, units.spec.memory_size)?;
+        }
+        Ok(units)
     }
 
     /// Every unit, in DRHD order.
@@ -130,11 +162,6 @@ impl Units {
             .unit_for(sid)
             .and_then(|id| self.slots.get(id.index()))
             .ok_or_else(|| Status::failed_precondition(format!("requester id {sid} is in no remapping unit's scope")))
-    }
-
-    /// The routing of requester ids to units.
-    pub(crate) fn routing(&self) -> &Routing {
-        &self.routing
     }
 
     /// The ACPI DMAR table.
@@ -204,7 +231,9 @@ impl Units {
             }
         };
         slot.unit.reset();
-        // The region is inside memory (validated), so zeroing cannot fail.
+        // The register offsets are the unit's own and the region is inside memory
+        // (validated): neither can fail.
+        let _ = protect_memory(&slot.unit, self.spec.memory_size);
         let _ = self.memory.zero(region.base, region.size);
         if let Some(l) = ended {
             l.ended.cancel();

@@ -4,7 +4,7 @@
 //! VT-d 10.4.14), the fault bits of FSTS (PPF, PFO, FRI; VT-d 10.4.9) and the fault event's
 //! register block (FECTL, FEDATA, FEADDR, FEUADDR; VT-d 10.4.10-10.4.13, an
 //! [`EventControl`]). The queue error bits of FSTS belong to the invalidation queue; they
-//! only hold fault events back. Later layers subscribe to recorded faults and fault-event
+//! only hold fault events back, and keep a held one pending. Later layers subscribe to recorded faults and fault-event
 //! interrupts through [`UnitEvents`]; software reads and clears the records through the
 //! registers (the driver's fault handler decodes them with [`FaultRecord::from_frcd`]).
 
@@ -262,6 +262,25 @@ impl FaultRecorder {
         v
     }
 
+    /// Withdraws the fault event held pending (IP set, IM set) when every condition that
+    /// can cause it has been serviced: no fault recording register holds a fault (PPF
+    /// clear), PFO clear, and, as `queue_errors` says, IQE, ICE and ITE clear.
+    ///
+    /// VT-d 10.4.10 (FECTL.IP): IP is cleared by hardware "as soon as the interrupt
+    /// message pending condition is serviced", either by hardware sending the message (IM
+    /// cleared) or by "software servicing all the pending interrupt status fields in the
+    /// Fault Status register": clearing F in every fault recording register with a fault,
+    /// "causing the PPF field in Fault Status register to be evaluated as Clear", and
+    /// clearing the other status fields (PFO, IQE, ICE, ITE; APF and AFO belong to
+    /// advanced fault logging, which dmar does not implement). Unmasking afterwards sends
+    /// nothing: the faults it would announce are gone.
+    pub(crate) fn withdraw_if_serviced(&self, queue_errors: bool) {
+        let mut s = self.state.lock();
+        if !s.ppf() && !s.pfo && !queue_errors {
+            s.event.withdraw();
+        }
+    }
+
     /// FSTS write: PFO is write-1-to-clear.
     pub(crate) fn clear_pfo(&self) {
         self.state.lock().pfo = false;
@@ -369,6 +388,25 @@ mod tests {
         // PPF still set: a further fault raises no event.
         f.log(rec(0x1000), false, false, &ev);
         assert_eq!(ev.messages.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_held_event_is_withdrawn_only_once_every_condition_is_serviced() {
+        let f = FaultRecorder::new();
+        let ev = Counting::default();
+        f.log(rec(0), false, false, &ev);
+        f.log(rec(0x1000), false, false, &ev);
+        let ip = |f: &FaultRecorder| f.read_event(event::CTL) & event::IP != 0;
+        f.clear_frcd(0);
+        f.withdraw_if_serviced(false);
+        assert!(ip(&f), "FRCD[1] still holds a fault: PPF set");
+        f.clear_frcd(1);
+        f.withdraw_if_serviced(true);
+        assert!(ip(&f), "a queue error is still set");
+        f.withdraw_if_serviced(false);
+        assert!(!ip(&f));
+        f.write_event(event::CTL, 0, &ev);
+        assert_eq!(ev.messages.load(Ordering::SeqCst), 0, "nothing stale on unmask");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! Owns the order of the reset and its locking; each part resets what it owns itself (the
 //! register file in `mmio`, the fault recorder in `fault`, the invalidation queue and the
 //! device ports' ITags in `invalidation`, the page request queue in `prq`, the interrupt
-//! remapper in `interrupt`, the translated-request grants in `grants`; the translation
-//! caches are emptied by their global invalidations).
+//! remapper in `interrupt`, the protected memory registers in `pmr`, the translated-request
+//! grants in `grants`; the translation caches are emptied by their global invalidations).
 //!
 //! Not reset, because none of it is hardware state software can program or read:
 //! - the counters ([`Unit::stats`]), which count since the unit was built;
@@ -46,15 +46,16 @@ impl Unit {
     /// through untranslated and translated requests unchecked (VT-d 10.4.5, TES = 0),
     /// translation requests are refused, interrupt remapping is off and queued invalidation
     /// disabled. RTADDR, CCMD, IVA, IOTLB_REG, IRTA, the queue registers (IQH, IQT, IQA, ICS,
-    /// IQERCD), the page request registers (PQH, PQT, PQA, PRS), FSTS, the fault recording
-    /// registers and every event's data and address read 0, and FECTL, IECTL and PECTL read
-    /// IM = 1 (VT-d 10.4). VER, CAP and ECAP are read-only and do not change. The context
-    /// cache, paging-structure caches, IOTLB and interrupt entry cache are empty, and no
-    /// walk that was in flight can refill them. Device-TLB invalidations still outstanding
-    /// are abandoned (their late completions are ignored), and the invalidation doorbells
-    /// ring so that whoever sleeps on one looks again. Translated-request checking is off
-    /// for every function, with no grant held: a driver turns it on again when it attaches
-    /// a function.
+    /// IQERCD), the page request registers (PQH, PQT, PQA, PRS), the protected memory
+    /// registers (PMEN, PLMBASE, PLMLIMIT, PHMBASE, PHMLIMIT: no region is enforced), FSTS,
+    /// the fault recording registers and every event's data and address read 0, and FECTL,
+    /// IECTL and PECTL read IM = 1 (VT-d 10.4). VER, CAP and ECAP are read-only and do not
+    /// change. The context cache, paging-structure caches, IOTLB and interrupt entry cache
+    /// are empty, and no walk that was in flight can refill them. Device-TLB invalidations
+    /// still outstanding are abandoned (their late completions are ignored), and the
+    /// invalidation doorbells ring so that whoever sleeps on one looks again.
+    /// Translated-request checking is off for every function, with no grant held: a driver
+    /// turns it on again when it attaches a function.
     ///
     /// Kept: the counters ([`Unit::stats`] counts since the unit was built), the device
     /// ports and doorbells (wiring, not registers), and host memory. See the module docs
@@ -79,6 +80,7 @@ impl Unit {
             queue.reset();
             self.faults.reset();
             self.prq.reset();
+            self.pmr.reset();
         }
         tracing::debug!("remapping unit reset");
         self.ring_doorbells();

@@ -244,6 +244,15 @@ impl Unit {
         self.queue.lock().errors()
     }
 
+    /// Withdraws a held fault event once software has serviced every condition behind
+    /// it, the queue errors included (VT-d 10.4.10; `fault`). Decided under the queue lock
+    /// (the fault recorder's nests under it, as in `Unit::reset`), so an IQE, ICE or ITE
+    /// set by another thread is either seen here or raises its event after the withdrawal.
+    pub(crate) fn withdraw_fault_event(&self) {
+        let q = self.queue.lock();
+        self.faults.withdraw_if_serviced(q.errors());
+    }
+
     /// FSTS queue bits.
     pub(crate) fn queue_fsts(&self) -> u32 {
         let q = self.queue.lock();
