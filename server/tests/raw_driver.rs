@@ -327,6 +327,26 @@ async fn the_unit_is_claimed(server: &Server, c: &mut ControlClient<Channel>) ->
     u
 }
 
+/// Before its driver is up, the unit's devices reach no memory: with translation off their
+/// DMA addresses are host addresses, all inside firmware's protected region, and a blocked
+/// access is not a remapping fault (VT-d 10.4.16: "not recorded or reported").
+async fn firmware_protection_blocks_dma_until_the_driver_is_up(u: &mut RawUnit, link: &mut Link) {
+    let write = DmaRequest {
+        tag: 0,
+        source_id: sid(CLIENT_DEV),
+        translated: false,
+        address: DATA_PAGE,
+        write: true,
+        length: 0,
+        data: vec![0xbb; 16],
+    };
+    let d = within("DMA write under PMEN.EPM", link.dma(write)).await;
+    assert!(!d.ok, "protected memory is out of a device's reach: {d:?}");
+    assert_eq!(d.fault_reason, 0, "not a remapping fault: {d:?}");
+    assert_eq!(u.read_mem(DATA_PAGE, 16).await, vec![0; 16], "the blocked write changed nothing");
+    assert_eq!(u.read32(reg::FSTS).await, 0, "nothing recorded");
+}
+
 /// What unit 1's driver put where in its region.
 #[derive(Debug)]
 struct Layout {
@@ -647,23 +667,32 @@ async fn a_raw_driver_programs_a_client_unit_from_reset_beside_the_builtin_drive
     let server = boot(platform()).await;
     let mut c = server.control().await;
 
+    // Steps 1-3: discovery, the unit as handed over, the lease.
     the_platform_is_described(&mut c).await;
     let fresh = the_unclaimed_unit_is_at_reset_and_guarded(&mut c).await;
     let mut u = the_unit_is_claimed(&server, &mut c).await;
-    let mut frames = Frames::new(CLIENT_REGION.0, CLIENT_REGION.1);
-    let layout = translation_is_programmed(&mut u, &mut frames).await;
-    the_builtin_unit_serves_control(&mut c).await;
-
     let mut link =
         within("bind", Link::open(server.addr, "raw-driver", vec![function(sid(CLIENT_DEV))])).await.expect("bound");
+    firmware_protection_blocks_dma_until_the_driver_is_up(&mut u, &mut link).await;
+
+    // Step 4: DMA remapping, programmed by hand.
+    let mut frames = Frames::new(CLIENT_REGION.0, CLIENT_REGION.1);
+    let layout = translation_is_programmed(&mut u, &mut frames).await;
+    // Step 9, meanwhile: the built-in unit serves Control.
+    the_builtin_unit_serves_control(&mut c).await;
+
+    // Steps 5 and 6: the device's DMA and ATS through the client's tables; its faults.
     let payload = the_device_uses_the_client_tables(&mut u, &mut link).await;
     let req = WatchUnitInterruptsRequest { unit: CLIENT_UNIT };
     let mut unit_irqs = within("WatchUnitInterrupts", c.watch_unit_interrupts(req)).await.expect("watch").into_inner();
     unmapped_iovas_fault_and_send_the_fault_event(&mut u, &mut link, &mut unit_irqs, &mut c).await;
+    // Step 7: interrupt remapping; the built-in unit still translates.
     an_msi_is_remapped(&mut u, &mut frames, &mut link, &mut c).await;
     builtin_translates(&mut c).await;
+    // Step 8: the invalidation completion event.
     a_wait_with_if_sends_the_completion_event(&mut u, &mut unit_irqs).await;
 
+    // Step 10: reset, release, the next claim.
     reset_and_release(&server, &mut c, u, &fresh, &frames, &layout, &payload).await;
     server.stop().await;
 }
