@@ -86,10 +86,19 @@ fn watch<T: Clone + Send + 'static>(
 }
 
 impl ControlService {
+    /// `r`, counting a refusal of ownership (`dmar_server_refusals_total{reason="unit_ownership"}`).
+    fn owned<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
+        if r.is_err() {
+            self.state.metrics.refused(super::metrics::Refusal::UnitOwnership);
+        }
+        r
+    }
+
     /// Unit `raw`, which must be driven by the built-in driver.
     fn builtin_unit(&self, raw: u32) -> Result<UnitId, Status> {
         let slot = self.state.units.get(raw)?;
         if !slot.is_builtin() {
+            self.state.metrics.refused(super::metrics::Refusal::UnitOwnership);
             return Err(Status::failed_precondition(format!(
                 "unit {} ({}) is client-driven: domains, maps, interrupt entries and the invalidation queue are its \
                  owner's, through its registers and memory",
@@ -166,18 +175,15 @@ impl Control for ControlService {
         check_ranges(r.ranges.len(), "map")?;
         let driver = self.state.driver()?;
         // The domain owner's `max_frames`: each range maps within what is left of it.
+        // No range may reach a client-driven unit's region: checked before anything maps.
+        for (i, m) in r.ranges.iter().enumerate() {
+            self.owned(self.state.units.check_map_target(Hpa(m.hpa), m.length)).map_err(|s| status::in_range(i, s))?;
+        }
         let mut budget = self.state.access.frame_budget(&caller, Some(did), &driver).await;
-        let state = self.state.clone();
         let mapped = blocking(move || {
             let mut done: Vec<(Iova, u64)> = Vec::with_capacity(r.ranges.len());
             for (i, m) in r.ranges.iter().enumerate() {
                 let perm = wire::permissions(m.permissions);
-                if let Err(s) = state.units.check_map_target(Hpa(m.hpa), m.length) {
-                    for (iova, len) in done {
-                        let _ = driver.unmap_with(did, iova, len, DriverFlush::Strict);
-                    }
-                    return Err(status::in_range(i, s));
-                }
                 if let Err(e) = budget.map(&driver, did, Iova(m.iova), Hpa(m.hpa), m.length, perm) {
                     // All or nothing: undo this request's earlier ranges.
                     for (iova, len) in done {
@@ -242,7 +248,7 @@ impl Control for ControlService {
         r: Request<WriteRegisterRequest>,
     ) -> Result<Response<WriteRegisterResponse>, Status> {
         let r = r.into_inner();
-        let unit = &self.state.units.check_lease(r.unit, &r.lease)?.unit;
+        let unit = &self.owned(self.state.units.check_lease(r.unit, &r.lease))?.unit;
         match r.width {
             4 => unit.write32(r.offset, wire::register_value32(r.value)?).map_err(status::mmio)?,
             8 => unit.write64(r.offset, r.value).map_err(status::mmio)?,
@@ -269,7 +275,7 @@ impl Control for ControlService {
                 r.data.len()
             )));
         }
-        self.state.units.check_memory_write(Hpa(r.address), r.data.len() as u64, &r.lease)?;
+        self.owned(self.state.units.check_memory_write(Hpa(r.address), r.data.len() as u64, &r.lease))?;
         self.state.units.memory.write(Hpa(r.address), &r.data).map_err(status::memory)?;
         Ok(Response::new(WriteMemoryResponse {}))
     }
@@ -392,7 +398,7 @@ impl Control for ControlService {
 
     async fn claim_unit(&self, r: Request<ClaimUnitRequest>) -> Result<Response<Self::ClaimUnitStream>, Status> {
         let caller = auth::caller(&r)?;
-        let claim = self.state.units.claim(r.into_inner().unit)?;
+        let claim = self.owned(self.state.units.claim(r.into_inner().unit))?;
         tracing::info!(identity = %caller.identity, unit = %claim.unit, "unit claimed");
         let (tx, rx) = mpsc::channel(1);
         // The channel is new and holds one message: this send cannot fail.
@@ -419,14 +425,14 @@ impl Control for ControlService {
     async fn release_unit(&self, r: Request<ReleaseUnitRequest>) -> Result<Response<ReleaseUnitResponse>, Status> {
         let caller = auth::caller(&r)?;
         let r = r.into_inner();
-        self.state.units.release(r.unit, Some(&r.lease))?;
+        self.owned(self.state.units.release(r.unit, Some(&r.lease)))?;
         tracing::info!(identity = %caller.identity, unit = r.unit, "unit released");
         Ok(Response::new(ReleaseUnitResponse {}))
     }
 
     async fn reset_unit(&self, r: Request<ResetUnitRequest>) -> Result<Response<ResetUnitResponse>, Status> {
         let r = r.into_inner();
-        self.state.units.check_lease(r.unit, &r.lease)?.unit.reset();
+        self.owned(self.state.units.check_lease(r.unit, &r.lease))?.unit.reset();
         Ok(Response::new(ResetUnitResponse {}))
     }
 
