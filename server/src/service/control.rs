@@ -24,12 +24,14 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
+use super::platform::Holder;
 use super::wire::{self, MAX_MEMORY_BYTES, MAX_RANGES};
 use super::{State, auth, blocking, status};
 use dmar_vtd::driver::FlushPolicy as DriverFlush;
 use dmar_vtd::ids::{Hpa, Iova, UnitId};
+use dmar_vtd::unit::invalidation::descriptor::{self, Descriptor as Decoded};
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -88,7 +90,7 @@ fn watch<T: Clone + Send + 'static>(
 impl ControlService {
     /// `r`, counting a refusal of ownership (`dmar_server_refusals_total{reason="unit_ownership"}`).
     fn owned<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
-        if r.is_err() {
+        if r.as_ref().is_err_and(|s| matches!(s.code(), Code::PermissionDenied | Code::FailedPrecondition)) {
             self.state.metrics.refused(super::metrics::Refusal::UnitOwnership);
         }
         r
@@ -248,12 +250,12 @@ impl Control for ControlService {
         r: Request<WriteRegisterRequest>,
     ) -> Result<Response<WriteRegisterResponse>, Status> {
         let r = r.into_inner();
-        let unit = &self.owned(self.state.units.check_lease(r.unit, &r.lease))?.unit;
-        match r.width {
-            4 => unit.write32(r.offset, wire::register_value32(r.value)?).map_err(status::mmio)?,
-            8 => unit.write64(r.offset, r.value).map_err(status::mmio)?,
-            w => return Err(Status::invalid_argument(format!("register width {w} is not 4 or 8"))),
-        }
+        let write = |unit: &dmar_vtd::unit::Unit| match r.width {
+            4 => unit.write32(r.offset, wire::register_value32(r.value)?).map_err(status::mmio),
+            8 => unit.write64(r.offset, r.value).map_err(status::mmio),
+            w => Err(Status::invalid_argument(format!("register width {w} is not 4 or 8"))),
+        };
+        self.owned(self.state.units.as_owner(r.unit, &r.lease, write))??;
         Ok(Response::new(WriteRegisterResponse {}))
     }
 
@@ -275,8 +277,7 @@ impl Control for ControlService {
                 r.data.len()
             )));
         }
-        self.owned(self.state.units.check_memory_write(Hpa(r.address), r.data.len() as u64, &r.lease))?;
-        self.state.units.memory.write(Hpa(r.address), &r.data).map_err(status::memory)?;
+        self.owned(self.state.units.write_memory(Hpa(r.address), &r.data, &r.lease))?;
         Ok(Response::new(WriteMemoryResponse {}))
     }
 
@@ -287,6 +288,16 @@ impl Control for ControlService {
         let r = r.into_inner();
         let descs = wire::descriptors(&r.descriptors)?;
         let unit = self.builtin_unit(r.unit)?;
+        // A status write is the unit writing memory for the client: not into a driver's
+        // region (the built-in driver's tables, a client-driven unit's).
+        for (i, (qw0, qw1)) in descs.iter().enumerate() {
+            if let Ok(Decoded::Wait(w)) = descriptor::decode(*qw0, *qw1)
+                && w.status_write
+            {
+                self.owned(self.state.units.check_status_target(Hpa(w.status_addr), 4))
+                    .map_err(|s| Status::new(s.code(), format!("descriptor {i}: {}", s.message())))?;
+            }
+        }
         let driver = self.state.driver()?;
         let result = blocking(move || Ok(driver.submit_descriptors_on(unit, &descs))).await?;
         if let Err(e) = result {
@@ -415,7 +426,7 @@ impl Control for ControlService {
                     let _ = tx.try_send(Err(Status::unavailable("server shutting down")));
                 }
             }
-            if state.units.release_stream(unit, serial) {
+            if state.units.release(u32::from(unit.0), Holder::Serial(serial)).unwrap_or(false) {
                 tracing::info!(identity = %caller.identity, %unit, "unit released: its claim stream closed");
             }
         });
@@ -425,14 +436,14 @@ impl Control for ControlService {
     async fn release_unit(&self, r: Request<ReleaseUnitRequest>) -> Result<Response<ReleaseUnitResponse>, Status> {
         let caller = auth::caller(&r)?;
         let r = r.into_inner();
-        self.owned(self.state.units.release(r.unit, Some(&r.lease)))?;
+        self.owned(self.state.units.release(r.unit, Holder::Secret(&r.lease)))?;
         tracing::info!(identity = %caller.identity, unit = r.unit, "unit released");
         Ok(Response::new(ReleaseUnitResponse {}))
     }
 
     async fn reset_unit(&self, r: Request<ResetUnitRequest>) -> Result<Response<ResetUnitResponse>, Status> {
         let r = r.into_inner();
-        self.owned(self.state.units.check_lease(r.unit, &r.lease))?.unit.reset();
+        self.owned(self.state.units.as_owner(r.unit, &r.lease, |unit| unit.reset()))?;
         Ok(Response::new(ResetUnitResponse {}))
     }
 
