@@ -117,7 +117,7 @@ impl StalledDevice {
         match device.set_up().await {
             Ok(prepared) => device.prepared = prepared,
             Err(e) => {
-                device.stop().await;
+                let _ = device.stop().await;
                 return Err(e);
             }
         }
