@@ -4,4 +4,5 @@
 //! requests, authorises them, calls the unit or the driver and encodes the answers
 //! ([`service`]). No VT-d rule lives here.
 
+pub mod platform_file;
 pub mod service;

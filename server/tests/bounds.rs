@@ -169,9 +169,13 @@ async fn replies_too_big_for_one_message_are_split_for_a_default_client() {
     let server = boot().await;
     let mut c = server.control().await;
     pass_through(&mut c).await;
-    c.write_memory(WriteMemoryRequest { address: 0x10_0000, data: vec![0xa5; DMA_BYTES as usize] })
-        .await
-        .expect("write");
+    c.write_memory(WriteMemoryRequest {
+        address: 0x10_0000,
+        data: vec![0xa5; DMA_BYTES as usize],
+        ..Default::default()
+    })
+    .await
+    .expect("write");
     let mut link = open(&server, "reader", 0).await.expect("link");
     link.send(big_reads(0)).await;
     let (mut tags, mut messages) = (Vec::new(), 0);
@@ -307,14 +311,19 @@ async fn a_wait_descriptor_the_unit_cannot_write_is_the_clients_error() {
     // Wait descriptor (type 5) with SW and FN, status data 7, status address beyond memory.
     let wait = |status_addr| Descriptor { qw0: 5 | (1 << 5) | (1 << 6) | (7 << 32), qw1: status_addr };
     let err = c
-        .submit_invalidations(SubmitInvalidationsRequest { descriptors: vec![wait(MEMORY + 0x1000)] })
+        .submit_invalidations(SubmitInvalidationsRequest {
+            descriptors: vec![wait(MEMORY + 0x1000)],
+            ..Default::default()
+        })
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     assert!(err.message().contains("invalid invalidation descriptor"), "{}", err.message());
     assert!(server.metric("dmar_server_refusals_total{reason=\"invalid_descriptor\"} ").await >= 1.0);
     // The queue runs on.
-    c.submit_invalidations(SubmitInvalidationsRequest { descriptors: vec![wait(0x1000)] }).await.expect("good wait");
+    c.submit_invalidations(SubmitInvalidationsRequest { descriptors: vec![wait(0x1000)], ..Default::default() })
+        .await
+        .expect("good wait");
     let status = c.read_memory(ReadMemoryRequest { address: 0x1000, length: 4 }).await.expect("read").into_inner();
     assert_eq!(status.data, 7u32.to_le_bytes());
     server.stop().await;

@@ -388,7 +388,7 @@ fn pattern() -> Vec<u8> {
 /// Writes the pattern to host memory and reads it back through `control`.
 async fn write_and_read_back(control: &mut ControlClient<Channel>) -> Result<()> {
     let data = pattern();
-    control.write_memory(WriteMemoryRequest { address: 0x10_0000, data: data.clone() }).await?;
+    control.write_memory(WriteMemoryRequest { address: 0x10_0000, data: data.clone(), ..Default::default() }).await?;
     let back = control.read_memory(ReadMemoryRequest { address: 0x10_0000, length: 4096 }).await?.into_inner().data;
     assert_eq!(back, data);
     Ok(())

@@ -135,14 +135,20 @@ async fn bad_requests_get_useful_statuses() {
         ranges: (0..5000u64).map(|i| MapRange { iova: i << 12, hpa: 0, length: 0x1000, permissions: rw() }).collect(),
     };
     assert_eq!(code(c.map(many).await.map(|_| tonic::Response::new(()))), Code::ResourceExhausted);
-    let bad_desc =
-        SubmitInvalidationsRequest { descriptors: vec![Descriptor { qw0: 0x2 | (1 << 4) | (1 << 8), qw1: 0 }] };
+    let bad_desc = SubmitInvalidationsRequest {
+        descriptors: vec![Descriptor { qw0: 0x2 | (1 << 4) | (1 << 8), qw1: 0 }],
+        unit: 0,
+    };
     assert_eq!(code(c.submit_invalidations(bad_desc).await.map(|_| tonic::Response::new(()))), Code::InvalidArgument);
     // The queue recovered: a good descriptor goes through.
-    let good = SubmitInvalidationsRequest { descriptors: vec![Descriptor { qw0: 0x2 | (1 << 4), qw1: 0 }] };
+    let good = SubmitInvalidationsRequest { descriptors: vec![Descriptor { qw0: 0x2 | (1 << 4), qw1: 0 }], unit: 0 };
     c.submit_invalidations(good).await.expect("good descriptor");
     assert_eq!(
-        code(c.read_register(ReadRegisterRequest { offset: 0x1000, width: 4 }).await.map(|_| tonic::Response::new(()))),
+        code(
+            c.read_register(ReadRegisterRequest { offset: 0x1000, width: 4, unit: 0 })
+                .await
+                .map(|_| tonic::Response::new(()))
+        ),
         Code::InvalidArgument
     );
     // Links: double bind and unbound requester ids.

@@ -14,11 +14,13 @@
 //!   needs, through registers and host memory only.
 //! - [`platform`]: several units over one memory, the device scope of each, and the
 //!   routing of a requester id to its unit.
+//! - [`acpi`](mod@acpi): the ACPI DMAR table of a platform, encoded and decoded.
 //! - [`ats`]: the PCIe ATS and PRI encodings and limits shared with the device side.
 //!
 //! This crate has no async, no I/O and no network dependency; the network faces live in
 //! `dmar-server` and the device side in `dmar-agent`.
 
+pub mod acpi;
 pub mod ats;
 pub mod clock;
 pub mod driver;

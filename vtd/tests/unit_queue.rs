@@ -17,7 +17,8 @@ use dmar_vtd::unit::regs::{self, fsts};
 use dmar_vtd::unit::tables::{AddressWidth, SlPte, TranslationType};
 use dmar_vtd::unit::{ContextInvalidation, IotlbInvalidation};
 use dmar_vtd::unit::{
-    DeviceInvalidation, DevicePort, Direction, InvalidationDoorbell, UnexpectedCompletion, UnitConfig, UnitEvents,
+    DeviceInvalidation, DevicePort, Direction, EventSource, InvalidationDoorbell, UnexpectedCompletion, UnitConfig,
+    UnitEvents,
 };
 use dmar_vtd::{DomainId, Hpa, ITag, Iova, SourceId};
 use parking_lot::Mutex;
@@ -50,10 +51,10 @@ fn bound(rig: &Rig, sid: SourceId, depth: u8) -> Arc<Recorder> {
 }
 
 #[derive(Debug, Default)]
-struct Interrupts(Mutex<Vec<(u64, u32)>>);
+struct Interrupts(Mutex<Vec<(EventSource, u64, u32)>>);
 impl UnitEvents for Interrupts {
-    fn interrupt_message(&self, addr: u64, data: u32) {
-        self.0.lock().push((addr, data));
+    fn interrupt_message(&self, source: EventSource, addr: u64, data: u32) {
+        self.0.lock().push((source, addr, data));
     }
 }
 
@@ -113,7 +114,7 @@ fn wait_with_interrupt_flag_sets_iwc_and_raises_the_event() {
     let w = WaitDesc { interrupt: true, status_write: false, fence: false, status_data: 0, status_addr: 0 };
     rig.submit(&[encode::wait(w)]);
     assert_eq!(rig.unit.read32(regs::ICS).expect("ics") & 1, 1, "IWC");
-    assert_eq!(*events.0.lock(), vec![(0xfee0_0000, 0x41)]);
+    assert_eq!(*events.0.lock(), vec![(EventSource::InvalidationCompletion, 0xfee0_0000, 0x41)]);
     // IWC is write-1-to-clear; while set no further event is raised.
     rig.submit(&[encode::wait(w)]);
     assert_eq!(events.0.lock().len(), 1);
@@ -351,7 +352,7 @@ mod page_requests {
         let (rig, port) = rig_with_prq(events.clone());
         assert_eq!(rig.unit.page_request(request(7, 0x40, false)), Ok(PageRequestOutcome::Queued));
         assert_eq!(rig.unit.page_request(request(7, 0x41, true)), Ok(PageRequestOutcome::Queued));
-        assert_eq!(*events.0.lock(), vec![(0xfee0_0000, 0x51)], "one event for PPR 0 -> 1");
+        assert_eq!(*events.0.lock(), vec![(EventSource::PageRequest, 0xfee0_0000, 0x51)], "one event for PPR 0 -> 1");
         // Software drains the queue and answers the group through the invalidation queue.
         let (drained, _) = drain(&rig);
         assert_eq!(drained, vec![request(7, 0x40, false), request(7, 0x41, true)]);

@@ -78,7 +78,14 @@ pub(super) async fn page_request_pump(state: Arc<State>, notify: Arc<Notify>) {
             () = notify.notified() => {}
         }
         let driver = driver.clone();
-        match tokio::task::spawn_blocking(move || driver.drain_page_requests()).await {
+        let drain = move || -> Result<Vec<_>, DriverError> {
+            let mut all = Vec::new();
+            for unit in driver.units().map(|(id, _)| id).collect::<Vec<_>>() {
+                all.extend(driver.drain_page_requests_on(unit)?.into_iter().map(|r| (unit, r)));
+            }
+            Ok(all)
+        };
+        match tokio::task::spawn_blocking(drain).await {
             Ok(Ok(requests)) => {
                 for (unit, r) in &requests {
                     // No watcher is not an error.

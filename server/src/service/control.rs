@@ -22,8 +22,8 @@ use dmar_proto::v1::control_server::Control;
 use dmar_proto::v1::*;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::wire::{self, MAX_MEMORY_BYTES, MAX_RANGES};
@@ -167,10 +167,17 @@ impl Control for ControlService {
         let driver = self.state.driver()?;
         // The domain owner's `max_frames`: each range maps within what is left of it.
         let mut budget = self.state.access.frame_budget(&caller, Some(did), &driver).await;
+        let state = self.state.clone();
         let mapped = blocking(move || {
             let mut done: Vec<(Iova, u64)> = Vec::with_capacity(r.ranges.len());
             for (i, m) in r.ranges.iter().enumerate() {
                 let perm = wire::permissions(m.permissions);
+                if let Err(s) = state.units.check_map_target(Hpa(m.hpa), m.length) {
+                    for (iova, len) in done {
+                        let _ = driver.unmap_with(did, iova, len, DriverFlush::Strict);
+                    }
+                    return Err(status::in_range(i, s));
+                }
                 if let Err(e) = budget.map(&driver, did, Iova(m.iova), Hpa(m.hpa), m.length, perm) {
                     // All or nothing: undo this request's earlier ranges.
                     for (iova, len) in done {

@@ -142,9 +142,9 @@ pub(crate) struct State {
 impl State {
     /// The built-in driver, for a call that needs it.
     pub(crate) fn driver(&self) -> Result<Arc<Driver>, Status> {
-        self.driver.clone().ok_or_else(|| {
-            Status::failed_precondition("no unit of this platform is driven by the built-in driver")
-        })
+        self.driver
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("no unit of this platform is driven by the built-in driver"))
     }
 
     /// Every unit's counters added up.
@@ -188,8 +188,9 @@ fn build_platform(
         None
     } else {
         let region = spec.builtin_region;
-        let config = DriverConfig { table_region: (region.base, region.size), ..DriverConfig::for_memory(spec.memory_size) }
-            .with_flush(flush);
+        let config =
+            DriverConfig { table_region: (region.base, region.size), ..DriverConfig::for_memory(spec.memory_size) }
+                .with_flush(flush);
         // Before any link is open no device can be waited for: these calls run in place.
         let driver = Arc::new(Driver::for_units(builtin, Routing::new(&spec), config)?);
         driver.enable_interrupt_remapping()?;

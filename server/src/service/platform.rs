@@ -132,11 +132,6 @@ impl Units {
             .ok_or_else(|| Status::failed_precondition(format!("requester id {sid} is in no remapping unit's scope")))
     }
 
-    /// The routing of requester ids to units.
-    pub(crate) fn routing(&self) -> &Routing {
-        &self.routing
-    }
-
     /// The ACPI DMAR table.
     pub(crate) fn dmar_table(&self) -> &[u8] {
         &self.dmar
@@ -218,6 +213,20 @@ impl Units {
         let Some(slot) = self.slots.get(id.index()) else { return false };
         let held = slot.lease.lock().as_ref().map(|l| l.serial) == Some(serial);
         held && self.release(u32::from(id.0), None).unwrap_or(false)
+    }
+
+    /// Whether the built-in driver may map `len` bytes at `hpa` for a device: never into a
+    /// client-driven unit's region, which holds its owner's tables and queues (the driver
+    /// itself refuses its own region).
+    pub(crate) fn check_map_target(&self, hpa: Hpa, len: u64) -> Result<(), Status> {
+        let target = Region { base: hpa, size: len.max(1) };
+        match self.slots.iter().find(|s| s.client_region().is_some_and(|r| r.overlaps(&target))) {
+            Some(slot) => Err(Status::invalid_argument(format!(
+                "host address {hpa} (+{len} bytes) is in unit {}'s region, which only its owner uses",
+                slot.id
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Whether a write of `len` bytes at `addr` may proceed with `secret`: never into the

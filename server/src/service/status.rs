@@ -22,7 +22,7 @@ pub(crate) fn driver(e: DriverError) -> Status {
     use DriverError as E;
     let msg = e.to_string();
     match e {
-        E::UnknownDomain(_) => Status::not_found(msg),
+        E::UnknownDomain(_) | E::UnknownUnit(_) => Status::not_found(msg),
         E::Overlap { .. } => Status::already_exists(msg),
         // The request is well formed but the unit or the domain is not in a state to take it.
         E::DomainInUse { .. }
@@ -32,7 +32,10 @@ pub(crate) fn driver(e: DriverError) -> Status {
         | E::PassThroughUnsupported
         | E::QueueDisabled
         | E::InterruptRemappingDisabled
-        | E::PageRequestsDisabled => Status::failed_precondition(msg),
+        | E::PageRequestsDisabled
+        // The device is behind no unit, or behind one the built-in driver does not drive.
+        | E::NoUnit(_)
+        | E::NotDriven { .. } => Status::failed_precondition(msg),
         E::DomainIdsExhausted | E::OutOfTableMemory | E::FrameLimit { .. } => Status::resource_exhausted(msg),
         E::DeviceTlbTimeout { .. } => Status::deadline_exceeded(msg),
         // The client's values: fix the request.
@@ -48,7 +51,13 @@ pub(crate) fn driver(e: DriverError) -> Status {
         | E::InterruptIndex { .. }
         | E::InterruptMask { .. } => Status::invalid_argument(msg),
         // The server's own state: its configuration, its queues, its tables.
-        E::InvalidTableRegion { .. } | E::PageRequestQueue(_) | E::Hardware(_) | E::Memory(_) => Status::internal(msg),
+        E::InvalidTableRegion { .. }
+        | E::PageRequestQueue(_)
+        | E::Hardware(_)
+        | E::Memory(_)
+        | E::NoUnits
+        | E::DuplicateUnit(_)
+        | E::ForeignMemory(_) => Status::internal(msg),
     }
 }
 

@@ -464,7 +464,7 @@ mod tests {
         let r = page_request(SourceId(7), &p).expect("decodes");
         assert_eq!((r.addr, r.prgi, r.last), (Iova(0x1234_5000), 3, true));
         assert_eq!(refused_page_group(&p).code, i32::from(ResponseCode::Failure.code()));
-        let event = page_request_event(&r);
-        assert_eq!((event.address, event.group_index), (0x1234_5000, 3));
+        let event = page_request_event(UnitId(2), &r);
+        assert_eq!((event.address, event.group_index, event.unit), (0x1234_5000, 3, 2));
     }
 }

@@ -7,8 +7,9 @@
 //! unmaps retired ([`PendingFlush`], kept in the domain's state under its lock), the
 //! driver-wide index of which domains have a flush due and when ([`DeferredDomains`]), so
 //! that a timer can ask "is any flush overdue?" with one atomic load, and the flush itself:
-//! one domain-selective IOTLB invalidation, a device-TLB invalidate-all per ATS device and
-//! one wait, after which the retired frames are freed (the paging-structure caches may
+//! on every unit the domain spans, one domain-selective IOTLB invalidation, a device-TLB
+//! invalidate-all per ATS device behind it and one wait, after which the retired frames are
+//! freed (the paging-structure caches may
 //! point at them until then, VT-d 6.5.1.2).
 //!
 //! Ages are measured on the unit's clock. A domain is flushed when its list reaches
@@ -27,7 +28,7 @@ use tracing::debug;
 use super::Driver;
 use super::domain::DomainState;
 use super::error::DriverError;
-use super::invalidate::{DeviceTlbRange, IotlbScope, with_device_tlbs};
+use super::invalidate::IotlbScope;
 use crate::ids::{DomainId, Hpa};
 
 /// A domain's unmaps waiting for their invalidation.
@@ -217,17 +218,18 @@ impl Driver {
         first
     }
 
-    /// Flushes a domain's deferred unmaps (Linux `fq_flush_iotlb`): one domain-selective
-    /// IOTLB invalidation, a device-TLB invalidate-all per ATS device, one wait; then frees
-    /// the tables they retired. On a device time-out the IOTLB part was done, so the queue
+    /// Flushes a domain's deferred unmaps (Linux `fq_flush_iotlb`): on every unit the domain
+    /// spans, one domain-selective IOTLB invalidation and a device-TLB invalidate-all per
+    /// ATS device behind it, the units' waits overlapped; then frees the tables they
+    /// retired. A unit the domain left since the unmaps needs nothing: the detach that took
+    /// its last device invalidated the domain there. On a device time-out the IOTLB part was done, so the queue
     /// is emptied anyway and the time-out reported; on other errors it is kept for a retry.
     pub(crate) fn flush_pending(&self, did: DomainId, state: &mut DomainState) -> Result<(), DriverError> {
         if state.pending.is_empty() {
             self.deferred.forget(did);
             return Ok(());
         }
-        let batch = with_device_tlbs(IotlbScope::Domain(did), DeviceTlbRange::ALL, state);
-        let result = self.invalidate(&batch);
+        let result = self.invalidate_span(state, |_| IotlbScope::Domain(did));
         if matches!(result, Ok(()) | Err(DriverError::DeviceTlbTimeout { .. })) {
             let n = state.pending.len();
             self.frames.free_all(state.pending.take());

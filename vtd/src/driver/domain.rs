@@ -3,11 +3,14 @@
 //!
 //! This module owns the per-domain lock that serializes changes to one domain's tables
 //! (map and unmap on different domains never wait for each other) and the id space
-//! 1..=0xffff (0 is reserved, VT-d CAP.ND=6 gives 16-bit ids). Which devices use a domain
-//! is recorded with the context tables; the domain keeps only the set of its ATS devices
-//! (whose device TLBs every unmap must invalidate, Linux `domain->devices` walked by
-//! `iommu_flush_dev_iotlb`) and its deferred unmaps, both under the domain's lock so that
-//! an attach cannot slip between an unmap and its invalidation.
+//! 1..=0xffff (0 is reserved, VT-d CAP.ND=6 gives 16-bit ids). The id space is global: a
+//! domain uses the same id on every unit it spans (ids are per unit in VT-d, so one id
+//! per domain is always free on every unit). Which device uses which domain is recorded
+//! with each unit's context tables; the domain keeps its span ([`DomainState::span`]: per
+//! unit, how many of its devices are attached there and which of them use ATS, Linux
+//! `domain->iommu_array` and `domain->devices` walked by `iommu_flush_dev_iotlb`) and its
+//! deferred unmaps, both under the domain's lock, so that an attach cannot slip between an
+//! unmap and its invalidation and a destroy cannot slip past an attach.
 //!
 //! It also owns the count of table frames each domain holds ([`Domain::frames`]): the
 //! tables linked into its tree, the top-level one included, plus the tables its deferred
@@ -15,7 +18,7 @@
 //! the domain's lock and read without it, so an owner charging frames to a tenant (a quota)
 //! never waits behind a domain's invalidation.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -23,8 +26,9 @@ use parking_lot::Mutex;
 
 use super::DomainKind;
 use super::deferred::PendingFlush;
+use super::error::DriverError;
 use super::pagetable::PageTable;
-use crate::ids::{DomainId, Hpa, SourceId};
+use crate::ids::{DomainId, Hpa, SourceId, UnitId};
 use crate::unit::tables::AddressWidth;
 
 /// The mutable part of a domain, behind its lock.
@@ -35,14 +39,62 @@ pub(crate) struct DomainState {
     pub(crate) alive: bool,
     /// The page tables of a paging domain.
     pub(crate) tables: Option<PageTable>,
-    /// Attached devices with ATS on (context TT=01b): their device TLBs are invalidated
-    /// after the IOTLB on every unmap (VT-d 6.5.2.5).
-    pub(crate) ats_devices: BTreeSet<SourceId>,
+    /// The units the domain spans: those with at least one of its devices attached (or
+    /// being attached or detached). Every domain-wide invalidation goes to each of them.
+    pub(crate) span: BTreeMap<UnitId, UnitSpan>,
+    /// Every unit the domain was ever attached through: destroy flushes them all once
+    /// more before the id and tables are reused.
+    pub(crate) visited: BTreeSet<UnitId>,
     /// Unmaps whose invalidation is deferred (`FlushPolicy::Deferred`).
     pub(crate) pending: PendingFlush,
 }
 
+/// What a domain has on one unit.
+#[derive(Debug, Default)]
+pub(crate) struct UnitSpan {
+    /// Devices behind the unit attached to the domain, counted from before their context
+    /// entry is written until after the invalidation that follows clearing it.
+    pub(crate) devices: usize,
+    /// Those with ATS on (context TT=01b): their device TLBs are invalidated, through this
+    /// unit, after its IOTLB on every unmap (VT-d 6.5.2.5).
+    pub(crate) ats_devices: BTreeSet<SourceId>,
+}
+
 impl DomainState {
+    /// Counts `sid` in on `unit` (with its device TLB if `ats`) before its context entry is
+    /// written: from now on every invalidation of the domain reaches that unit. Refused
+    /// once the domain is destroyed. Returns true when the unit comes back into the span
+    /// after having left it: unmaps since then did not reach it.
+    pub(crate) fn join(&mut self, did: DomainId, unit: UnitId, sid: SourceId, ats: bool) -> Result<bool, DriverError> {
+        if !self.alive {
+            return Err(DriverError::UnknownDomain(did));
+        }
+        let returning = !self.span.contains_key(&unit) && self.visited.contains(&unit);
+        let span = self.span.entry(unit).or_default();
+        span.devices += 1;
+        if ats {
+            span.ats_devices.insert(sid);
+        }
+        self.visited.insert(unit);
+        Ok(returning)
+    }
+
+    /// Undoes [`Self::join`], once `sid`'s entry is cleared and invalidated on `unit`.
+    pub(crate) fn leave(&mut self, unit: UnitId, sid: SourceId) {
+        if let Some(span) = self.span.get_mut(&unit) {
+            span.ats_devices.remove(&sid);
+            span.devices = span.devices.saturating_sub(1);
+            if span.devices == 0 {
+                self.span.remove(&unit);
+            }
+        }
+    }
+
+    /// Devices attached to the domain on every unit.
+    pub(crate) fn devices(&self) -> usize {
+        self.span.values().map(|s| s.devices).sum()
+    }
+
     /// Table frames the domain holds now: its tree and the retired tables waiting for a
     /// deferred flush.
     pub(crate) fn frames(&self) -> usize {
@@ -74,7 +126,8 @@ impl Domain {
             state: Mutex::new(DomainState {
                 alive: true,
                 tables,
-                ats_devices: BTreeSet::new(),
+                span: BTreeMap::new(),
+                visited: BTreeSet::new(),
                 pending: PendingFlush::default(),
             }),
         }

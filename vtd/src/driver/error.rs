@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::ids::{DomainId, Hpa, Iova, SourceId};
+use crate::ids::{DomainId, Hpa, Iova, SourceId, UnitId};
 use crate::unit::memory::MemoryError;
 use crate::unit::tables::AddressWidth;
 
@@ -195,6 +195,32 @@ pub enum DriverError {
     /// The page request queue could not be read.
     #[error("page request queue: {0}")]
     PageRequestQueue(String),
+    /// [`super::Driver::for_units`] was given no unit to drive.
+    #[error("no remapping unit to drive")]
+    NoUnits,
+    /// [`super::Driver::for_units`] was given the same unit id twice.
+    #[error("unit {0} is listed twice")]
+    DuplicateUnit(UnitId),
+    /// A unit does not work on the first unit's host memory: one driver keeps one table
+    /// region, and a domain's page tables are shared by every unit it spans.
+    #[error("unit {0} does not share the first unit's host memory")]
+    ForeignMemory(UnitId),
+    /// No unit's device scope covers the requester id (VT-d 8.3.1: its requests would be
+    /// remapped by no unit), so it cannot be attached.
+    #[error("no remapping unit covers requester {0}")]
+    NoUnit(SourceId),
+    /// The requester id is behind a unit this driver does not drive (a unit left to a
+    /// client's own driver).
+    #[error("requester {sid} is behind unit {unit}, which this driver does not drive")]
+    NotDriven {
+        /// The requester.
+        sid: SourceId,
+        /// The unit its requests go to.
+        unit: UnitId,
+    },
+    /// A per-unit call named a unit this driver does not drive.
+    #[error("unit {0} is not driven by this driver")]
+    UnknownUnit(UnitId),
     /// A table access failed (the table region was validated, so this means a bug).
     #[error("table memory access failed")]
     Memory(#[from] MemoryError),

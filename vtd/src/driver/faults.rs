@@ -2,8 +2,8 @@
 //! `dmar_set_interrupt`, `dmar_msi_write` in `drivers/iommu/intel/dmar.c`): programming the
 //! fault event, and servicing the fault recording registers when it fires.
 //!
-//! Owns the fault event registers (FECTL, FEDATA, FEADDR, FEUADDR), which the driver
-//! programs once with a caller-chosen vector and unmasks, and the fault half of FSTS (PPF,
+//! Owns, per unit, the fault event registers (FECTL, FEDATA, FEADDR, FEUADDR), which the
+//! driver programs once with a caller-chosen vector and unmasks, and the fault half of FSTS (PPF,
 //! PFO, FRI) with the fault recording registers, which it reads and clears. The queue error
 //! bits of FSTS (IQE, ICE, ITE) belong to the invalidation queue (`queue`): servicing faults
 //! never clears them.
@@ -24,15 +24,19 @@
 //! are lost by design (FSTS.PFO); the unit counts them (`UnitStats::faults_overflowed`).
 
 use super::Driver;
+use super::driven::Driven;
 use super::error::DriverError;
-use crate::ids::Pasid;
+use crate::ids::{Pasid, UnitId};
 use crate::unit::regs::{self, frcd, fsts};
 use crate::unit::{FaultRecord, INTERRUPT_RANGE_BASE};
 
 /// One fault as the driver's fault handler reports it (Linux `dmar_fault_do_one`'s
-/// arguments): the record, and the PASID when the request carried one (FRCD.PP).
+/// arguments): the unit that recorded it, the record, and the PASID when the request
+/// carried one (FRCD.PP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultReport {
+    /// The unit whose fault recording registers held it.
+    pub unit: UnitId,
     /// Reason, requester, address, access and address type.
     pub record: FaultRecord,
     /// FRCD.PV when FRCD.PP is set. dmar's unit runs in legacy mode and never records one.
@@ -40,25 +44,79 @@ pub struct FaultReport {
 }
 
 impl Driver {
-    /// Programs the fault event with message data `vector` at the interrupt address range
-    /// and unmasks it (Linux `dmar_set_interrupt`: `dmar_msi_write`, then
+    /// Programs and unmasks the fault event of every driven unit
+    /// ([`Driver::enable_fault_events_on`] each, in order; stops at the first failure).
+    pub fn enable_fault_events(&self, vector: u32) -> Result<(), DriverError> {
+        self.units.iter().try_for_each(|u| self.enable_fault_events_on(u.id, vector))
+    }
+
+    /// Programs unit `unit`'s fault event with message data `vector` at the interrupt
+    /// address range and unmasks it (Linux `dmar_set_interrupt`: `dmar_msi_write`, then
     /// `dmar_msi_unmask`). A fault recorded before this call holds FECTL.IP, so unmasking
     /// sends its event at once (VT-d 10.4.10). Unlike Linux's boot path, FSTS is not
     /// cleared wholesale: its queue error bits belong to the invalidation queue.
-    pub fn enable_fault_events(&self, vector: u32) -> Result<(), DriverError> {
-        let _g = self.regs.lock();
-        self.regs.write32(regs::FEDATA, vector)?;
-        self.regs.write32(regs::FEADDR, INTERRUPT_RANGE_BASE as u32)?;
-        self.regs.write32(regs::FEUADDR, 0)?;
-        self.regs.write32(regs::FECTL, 0)?;
+    pub fn enable_fault_events_on(&self, unit: UnitId, vector: u32) -> Result<(), DriverError> {
+        let u = self.driven(unit)?;
+        let _g = u.regs.lock();
+        u.regs.write32(regs::FEDATA, vector)?;
+        u.regs.write32(regs::FEADDR, INTERRUPT_RANGE_BASE as u32)?;
+        u.regs.write32(regs::FEUADDR, 0)?;
+        u.regs.write32(regs::FECTL, 0)?;
         // Read back, as Linux `dmar_msi_unmask` does to flush the posted write.
-        self.regs.read32(regs::FECTL)?;
+        u.regs.read32(regs::FECTL)?;
         Ok(())
     }
 
-    /// Services the fault recording registers once (see the module rules) and returns the
-    /// faults read, oldest first. An empty result means FSTS showed no pending fault.
+    /// Services the fault recording registers of every driven unit once
+    /// ([`Driver::service_faults_on`] each, in order) and returns the faults read, each
+    /// unit's oldest first. A unit that fails is logged and skipped (the others' faults are
+    /// cleared from their registers: returning an error would lose them); its error is
+    /// returned only when no unit reported a fault.
     pub fn service_faults(&self) -> Result<Vec<FaultReport>, DriverError> {
+        let mut reports = Vec::new();
+        let mut failure = None;
+        for u in &self.units {
+            match u.service_faults() {
+                Ok(mut r) => reports.append(&mut r),
+                Err(e) => {
+                    tracing::warn!(unit = %u.id, error = %e, "fault recording registers not serviced");
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) if reports.is_empty() => Err(e),
+            _ => Ok(reports),
+        }
+    }
+
+    /// Services unit `unit`'s fault recording registers once (see the module rules) and
+    /// returns the faults read, oldest first. An empty result means FSTS showed no pending
+    /// fault.
+    pub fn service_faults_on(&self, unit: UnitId) -> Result<Vec<FaultReport>, DriverError> {
+        self.driven(unit)?.service_faults()
+    }
+
+    /// Whether any driven unit's FSTS shows a pending fault (PPF) or an overflow (PFO):
+    /// register reads that never wait, for an owner's timer that backs up the fault event.
+    pub fn faults_pending(&self) -> Result<bool, DriverError> {
+        for u in &self.units {
+            if u.faults_pending()? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether unit `unit`'s FSTS shows a pending fault (PPF) or an overflow (PFO).
+    pub fn faults_pending_on(&self, unit: UnitId) -> Result<bool, DriverError> {
+        self.driven(unit)?.faults_pending()
+    }
+}
+
+impl Driven {
+    /// One servicing pass over this unit's fault recording registers (module rules).
+    fn service_faults(&self) -> Result<Vec<FaultReport>, DriverError> {
         let _g = self.regs.lock();
         let status = self.regs.read32(regs::FSTS)?;
         let mut reports = Vec::new();
@@ -76,7 +134,7 @@ impl Driver {
                 }
                 let lo = self.regs.read64(at)?;
                 match FaultRecord::from_frcd(lo, hi) {
-                    Ok(record) => reports.push(FaultReport { record, pasid: pasid(hi) }),
+                    Ok(record) => reports.push(FaultReport { unit: self.id, record, pasid: pasid(hi) }),
                     // Cleared all the same, or the register would stay full for good.
                     Err(e) => tracing::debug!(index, error = %e, "fault recording register not understood"),
                 }
@@ -86,16 +144,14 @@ impl Driver {
             }
         }
         if status & fsts::PFO != 0 {
-            tracing::debug!("fault recording registers overflowed: faults were lost");
+            tracing::debug!(unit = %self.id, "fault recording registers overflowed: faults were lost");
         }
         // VT-d 10.4.9: PFO is RW1C; PPF is read-only (written as Linux does, to no effect).
         self.regs.write32(regs::FSTS, fsts::PFO | fsts::PPF)?;
         Ok(reports)
     }
 
-    /// Whether FSTS shows a pending fault (PPF) or an overflow (PFO): a register read that
-    /// never waits, for an owner's timer that backs up the fault event.
-    pub fn faults_pending(&self) -> Result<bool, DriverError> {
+    fn faults_pending(&self) -> Result<bool, DriverError> {
         Ok(self.regs.read32(regs::FSTS)? & (fsts::PPF | fsts::PFO) != 0)
     }
 }
@@ -114,7 +170,7 @@ mod tests {
     use crate::driver::DomainKind;
     use crate::ids::{Iova, SourceId};
     use crate::unit::tables::AddressWidth;
-    use crate::unit::{Direction, FaultReason, RequestKind, UnitEvents};
+    use crate::unit::{Direction, EventSource, FaultReason, RequestKind, UnitEvents};
 
     const VECTOR: u32 = 0x46;
     const SID: SourceId = SourceId::new(0, 5, 0);
@@ -123,8 +179,8 @@ mod tests {
     #[derive(Debug, Default)]
     struct FaultEvents(AtomicUsize);
     impl UnitEvents for FaultEvents {
-        fn interrupt_message(&self, addr: u64, data: u32) {
-            if data == VECTOR && addr == INTERRUPT_RANGE_BASE {
+        fn interrupt_message(&self, source: EventSource, addr: u64, data: u32) {
+            if source == EventSource::Fault && data == VECTOR && addr == INTERRUPT_RANGE_BASE {
                 self.0.fetch_add(1, Ordering::SeqCst);
             }
         }
@@ -154,7 +210,7 @@ mod tests {
             access: Direction::Read,
             kind: RequestKind::Untranslated,
         };
-        FaultReport { record, pasid: None }
+        FaultReport { unit: UnitId(0), record, pasid: None }
     }
 
     fn fsts(d: &Driver) -> u32 {
@@ -185,7 +241,7 @@ mod tests {
     #[test]
     fn an_overrun_is_counted_cleared_and_the_event_rearmed() {
         let (d, events) = driver();
-        let records = d.caps.fault_records as u64;
+        let records = d.first().caps.fault_records as u64;
         // Nobody services: the registers fill, later faults overflow, one event in all.
         for n in 0..records + 3 {
             fault(&d, n);

@@ -10,11 +10,12 @@
 //! to its flush policy. Device-TLB invalidations exist only as queue descriptors (VT-d
 //! 6.5.2.5), so the driver refuses ATS when the queue is off.
 
+use std::collections::BTreeSet;
+
 use tracing::warn;
 
-use super::domain::DomainState;
 use super::error::DriverError;
-use super::queue::InvalidationQueue;
+use super::queue::{InvalidationQueue, Started};
 use super::registers::{Capabilities, Registers};
 use crate::ids::{DomainId, Iova, PAGE_SHIFT, SourceId};
 use crate::unit::invalidation::descriptor::encode;
@@ -150,12 +151,24 @@ impl Invalidation {
 /// The IOTLB invalidation followed by the matching device-TLB invalidation of every ATS
 /// device of the domain: one batch, one wait (VT-d 6.5.2.5: a device TLB is invalidated
 /// after the IOTLB, so the device cannot refetch the stale translation from it).
-pub(crate) fn with_device_tlbs(iotlb: IotlbScope, range: DeviceTlbRange, state: &DomainState) -> Vec<Invalidation> {
-    let mut batch = Vec::with_capacity(1 + state.ats_devices.len());
+///
+/// `ats_devices` are the domain's ATS devices behind the unit the batch goes to: a device's
+/// TLB is invalidated through the unit its requester id routes to, and only there.
+pub(crate) fn with_device_tlbs(
+    iotlb: IotlbScope,
+    range: DeviceTlbRange,
+    ats_devices: &BTreeSet<SourceId>,
+) -> Vec<Invalidation> {
+    let mut batch = Vec::with_capacity(1 + ats_devices.len());
     batch.push(Invalidation::Iotlb(iotlb));
-    batch.extend(state.ats_devices.iter().map(|&sid| Invalidation::DeviceTlb { sid, range }));
+    batch.extend(ats_devices.iter().map(|&sid| Invalidation::DeviceTlb { sid, range }));
     batch
 }
+
+/// A batch [`Invalidator::start`] handed to the unit and nobody has waited for yet.
+#[derive(Debug)]
+#[must_use = "a started batch must be finished"]
+pub(crate) struct Pending(Option<Started>);
 
 /// How invalidations reach the unit, fixed at init (Linux `iommu->flush.flush_context` /
 /// `flush_iotlb` point at the register or the queue functions).
@@ -187,11 +200,30 @@ impl Invalidator {
     /// Queued: one submission with a single wait (split only past the queue's batch
     /// limit). Registers: one command per request; device-TLB requests are refused.
     pub(crate) fn run(&self, regs: &Registers, batch: &[Invalidation]) -> Result<(), DriverError> {
+        let started = self.start(regs, batch);
+        self.finish(regs, batch, started)
+    }
+
+    /// Hands `batch` to the unit without waiting for it, when invalidation is queued;
+    /// register-based invalidation is synchronous, so it does nothing yet. Pair it with
+    /// [`Self::finish`] on the same batch: between the two, other units can be started.
+    pub(crate) fn start(&self, regs: &Registers, batch: &[Invalidation]) -> Pending {
+        match &self.queue {
+            Some(q) if !batch.is_empty() => Pending(Some(q.start(regs, batch, self.read_drain, self.write_drain))),
+            _ => Pending(None),
+        }
+    }
+
+    /// Returns once `batch`, begun by [`Self::start`], has completed.
+    pub(crate) fn finish(&self, regs: &Registers, batch: &[Invalidation], pending: Pending) -> Result<(), DriverError> {
         if batch.is_empty() {
             return Ok(());
         }
         if let Some(q) = &self.queue {
-            return q.run(regs, batch, self.read_drain, self.write_drain);
+            return match pending.0 {
+                Some(started) => q.finish(regs, batch, started, self.read_drain, self.write_drain),
+                None => q.run(regs, batch, self.read_drain, self.write_drain),
+            };
         }
         for inv in batch {
             match *inv {

@@ -7,10 +7,11 @@
 //!   failure part way is rolled back), needs no invalidation (CAP.CM = 0: not-present entries are
 //!   never cached, VT-d 6.1), except over a range a deferred unmap left stale: the domain's
 //!   deferred unmaps are flushed first.
-//! - A strict unmap invalidates the IOTLB page-selectively (domain-selectively above
-//!   CAP.MAMV) with IH only when no table was freed (VT-d 6.5.1.2), and the device TLB of
-//!   every ATS device of the domain over the same block, in one batch with one wait; table
-//!   frames it retired are freed only after that.
+//! - A strict unmap invalidates, on every unit the domain spans, the IOTLB
+//!   page-selectively (domain-selectively above that unit's CAP.MAMV) with IH only when no
+//!   table was freed (VT-d 6.5.1.2), and the device TLB of every ATS device of the domain
+//!   behind that unit over the same block, in one batch with one wait per unit, every unit
+//!   started before any wait; table frames it retired are freed only after all of that.
 //! - A deferred unmap clears the entries and queues the range (`deferred`).
 //!
 //! Not here: the page-table format and walk (`pagetable`), the flush queue (`deferred`).
@@ -21,7 +22,7 @@ use super::Driver;
 use super::config::{DomainKind, FlushPolicy, Perm};
 use super::domain::DomainState;
 use super::error::{AddressField, DriverError};
-use super::invalidate::{DeviceTlbRange, IotlbScope, page_scope, with_device_tlbs};
+use super::invalidate::{IotlbScope, page_scope};
 use crate::ids::{DomainId, Hpa, Iova, PAGE_SIZE};
 use crate::unit::tables::AddressWidth;
 
@@ -130,7 +131,7 @@ impl Driver {
             return Err(DriverError::Overlap { iova: Iova(found) });
         }
         if let Some(limit) = frame_limit {
-            let needed = tables.frames_needed(&self.memory, iova.0, hpa.0, len, self.caps.max_leaf_level)?;
+            let needed = tables.frames_needed(&self.memory, iova.0, hpa.0, len, self.common.max_leaf_level)?;
             if needed > limit {
                 return Err(DriverError::FrameLimit { needed, limit });
             }
@@ -157,7 +158,7 @@ impl Driver {
             self.flush_pending(did, state)?;
         }
         let tables = state.tables.as_mut().ok_or(DriverError::NotPaging(did))?;
-        let mapped = tables.map(&self.memory, &self.frames, iova, hpa, end - iova, perm, self.caps.max_leaf_level);
+        let mapped = tables.map(&self.memory, &self.frames, iova, hpa, end - iova, perm, self.common.max_leaf_level);
         if let Err(e) = mapped {
             // All or nothing: take back what was written (the range was empty before).
             // Devices may already have used the partial mapping, so this is a full unmap
@@ -224,14 +225,15 @@ impl Driver {
         match policy {
             FlushPolicy::Strict => {
                 // VT-d 6.5.1.2: IH=1 only when no paging-structure entry changed.
+                // Each spanned unit gets the scope its own CAP.PSI and CAP.MAMV allow.
                 let ih = out.tables_freed == 0;
-                let scope = if self.caps.page_selective {
-                    page_scope(did, first, last, ih, self.caps.mamv)
-                } else {
-                    IotlbScope::Domain(did)
-                };
-                let batch = with_device_tlbs(scope, DeviceTlbRange::for_scope(scope), state);
-                let result = self.invalidate(&batch);
+                let result = self.invalidate_span(state, |caps| {
+                    if caps.page_selective {
+                        page_scope(did, first, last, ih, caps.mamv)
+                    } else {
+                        IotlbScope::Domain(did)
+                    }
+                });
                 // A device time-out: the IOTLB and paging-structure caches were invalidated
                 // all the same, and device TLBs never hold tables. Other failures leak the
                 // retired frames rather than reuse them while the unit may still cache them.

@@ -2,8 +2,8 @@
 //! the page request queue's memory, draining it through PQH, PQT, PRS and host memory, and
 //! answering page groups.
 //!
-//! Owns one 4 KiB queue (PQA.PQS = 0: 128 descriptors of 32 bytes) taken from the table
-//! region for the driver's life, and the page request event programming (PEDATA with a
+//! Owns, per unit, one 4 KiB queue (PQA.PQS = 0: 128 descriptors of 32 bytes) taken from
+//! the table region for the driver's life, and the page request event programming (PEDATA with a
 //! caller-chosen vector, unmasked), which is how the embedder learns that requests are
 //! waiting.
 //!
@@ -15,14 +15,16 @@
 //! queue's lock, as Linux runs one handler thread per unit.
 
 use super::Driver;
+use super::driven::Driven;
 use super::error::DriverError;
 use super::invalidate::Invalidation;
 use crate::ats::MAX_PRG_INDEX;
-use crate::ids::{Hpa, SourceId};
+use crate::ids::{Hpa, SourceId, UnitId};
 use crate::unit::INTERRUPT_RANGE_BASE;
 use crate::unit::IotlbInvalidation;
 use crate::unit::interrupt::IecInvalidation;
 use crate::unit::invalidation::descriptor::{Descriptor, QueueErrorCode, decode};
+use crate::unit::memory::HostMemory;
 use crate::unit::prq::{DESCRIPTOR_SIZE, PageGroupResponse, PageRequest, QueueAddress, ResponseCode};
 use crate::unit::regs::{self, MAMV, prs};
 
@@ -40,25 +42,120 @@ fn describe(code: QueueErrorCode) -> &'static str {
 }
 
 impl Driver {
-    /// Sets up the page request queue and unmasks the page request event with message
-    /// data `vector` (sent to the unit's event subscribers), as Linux
+    /// Sets up the page request queue of every driven unit
+    /// ([`Driver::enable_page_requests_on`] each, in order; stops at the first failure).
+    /// Every unit sends its events with the same message data.
+    pub fn enable_page_requests(&self, vector: u32) -> Result<(), DriverError> {
+        self.units.iter().try_for_each(|u| self.enable_page_requests_on(u.id, vector))
+    }
+
+    /// Sets up unit `unit`'s page request queue and unmasks its page request event with
+    /// message data `vector` (sent to the unit's event subscribers), as Linux
     /// `intel_iommu_enable_prq` does: PQH = PQT = 0, then PQA. Needs queued invalidation,
     /// which carries the responses.
-    pub fn enable_page_requests(&self, vector: u32) -> Result<(), DriverError> {
-        self.enable_once(&self.prq, |queue| {
+    pub fn enable_page_requests_on(&self, unit: UnitId, vector: u32) -> Result<(), DriverError> {
+        let u = self.driven(unit)?;
+        u.enable_once(&self.frames, &u.prq, |queue| {
             let pqa = QueueAddress::new(queue, PQS).map_err(|e| DriverError::PageRequestQueue(e.to_string()))?;
-            self.regs.write64(regs::PQH, 0)?;
-            self.regs.write64(regs::PQT, 0)?;
-            self.regs.write64(regs::PQA, pqa.to_bits())?;
-            self.regs.write32(regs::PEDATA, vector)?;
-            self.regs.write32(regs::PEADDR, INTERRUPT_RANGE_BASE as u32)?;
-            self.regs.write32(regs::PECTL, 0)
+            u.regs.write64(regs::PQH, 0)?;
+            u.regs.write64(regs::PQT, 0)?;
+            u.regs.write64(regs::PQA, pqa.to_bits())?;
+            u.regs.write32(regs::PEDATA, vector)?;
+            u.regs.write32(regs::PEADDR, INTERRUPT_RANGE_BASE as u32)?;
+            u.regs.write32(regs::PECTL, 0)
         })
     }
 
-    /// Takes every request waiting in the page request queue, oldest first (Linux
-    /// `prq_event_thread`; see the module rules).
+    /// Takes every request waiting in the page request queue of every unit that has one
+    /// enabled: each unit's oldest first, units in order (a request's unit is
+    /// [`Driver::unit_of`] its requester id; [`Driver::respond_page_request`] routes the
+    /// same way). [`DriverError::PageRequestsDisabled`] when no unit has its queue on.
+    ///
+    /// A unit whose drain fails consumed nothing (see the module rules): when other units
+    /// drained requests, those are returned and the failure is logged, so none of them is
+    /// lost; else the failure is returned.
     pub fn drain_page_requests(&self) -> Result<Vec<PageRequest>, DriverError> {
+        let mut requests = Vec::new();
+        let mut failure = None;
+        let mut enabled = false;
+        for u in &self.units {
+            match u.drain_page_requests(&self.memory) {
+                Ok(mut r) => {
+                    enabled = true;
+                    requests.append(&mut r);
+                }
+                Err(DriverError::PageRequestsDisabled) => {}
+                Err(e) => {
+                    enabled = true;
+                    tracing::warn!(unit = %u.id, error = %e, "page request queue not drained");
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) if requests.is_empty() => Err(e),
+            _ if !enabled => Err(DriverError::PageRequestsDisabled),
+            _ => Ok(requests),
+        }
+    }
+
+    /// Takes every request waiting in unit `unit`'s page request queue, oldest first (Linux
+    /// `prq_event_thread`; see the module rules).
+    pub fn drain_page_requests_on(&self, unit: UnitId) -> Result<Vec<PageRequest>, DriverError> {
+        self.driven(unit)?.drain_page_requests(&self.memory)
+    }
+
+    /// Answers page request group `prgi` of `sid` with a page group response descriptor
+    /// through the invalidation queue of the unit `sid` routes to (VT-d 7.6): the unit that
+    /// received the requests; returns once the unit has sent it.
+    pub fn respond_page_request(&self, sid: SourceId, prgi: u16, code: ResponseCode) -> Result<(), DriverError> {
+        let u = self.driven_for(sid)?;
+        if u.prq.lock().is_none() {
+            return Err(DriverError::PageRequestsDisabled);
+        }
+        let [qw0, qw1] = PageGroupResponse { sid, prgi: prgi & MAX_PRG_INDEX, code }.to_descriptor();
+        u.invalidate(&[Invalidation::Raw(qw0, qw1)])
+    }
+
+    /// [`Driver::submit_descriptors_on`] the first unit.
+    pub fn submit_descriptors(&self, descs: &[(u64, u64)]) -> Result<(), DriverError> {
+        self.submit_descriptors_on(self.first().id, descs)
+    }
+
+    /// Submits software's own invalidation descriptors to unit `unit`'s queue, then a
+    /// wait, and returns once they have completed. Each is checked first (reserved bits,
+    /// known type, the unit's limits): a malformed one is refused without touching the
+    /// queue.
+    pub fn submit_descriptors_on(&self, unit: UnitId, descs: &[(u64, u64)]) -> Result<(), DriverError> {
+        let u = self.driven(unit)?;
+        if !u.invalidator.is_queued() {
+            return Err(DriverError::QueueDisabled);
+        }
+        let mut batch = Vec::with_capacity(descs.len());
+        for &(qw0, qw1) in descs {
+            let invalid = |why: String| DriverError::InvalidDescriptor { qw0, qw1, why };
+            match decode(qw0, qw1).map_err(|code| invalid(describe(code).to_owned()))? {
+                Descriptor::Iotlb(IotlbInvalidation::Page { am, .. }) if u64::from(am) > MAMV => {
+                    return Err(invalid(format!("address mask {am} exceeds MAMV {MAMV}")));
+                }
+                // VT-d 6.5.2.7: IM must not exceed ECAP.MHMV.
+                Descriptor::Iec(IecInvalidation::Index { index_mask, .. }) if index_mask > u.caps.max_handle_mask => {
+                    return Err(invalid(format!("index mask {index_mask} exceeds MHMV {}", u.caps.max_handle_mask)));
+                }
+                Descriptor::PageGroupResponse(..) => {
+                    PageGroupResponse::from_descriptor([qw0, qw1]).map_err(|e| invalid(e.to_string()))?;
+                }
+                _ => {}
+            }
+            batch.push(Invalidation::Raw(qw0, qw1));
+        }
+        u.invalidate(&batch)
+    }
+}
+
+impl Driven {
+    /// Drains this unit's page request queue (see the module rules).
+    fn drain_page_requests(&self, memory: &HostMemory) -> Result<Vec<PageRequest>, DriverError> {
         let prq = self.prq.lock();
         let base = (*prq).ok_or(DriverError::PageRequestsDisabled)?;
         // Byte offsets of whole descriptors inside the queue (Linux `PRQ_RING_MASK`).
@@ -71,7 +168,7 @@ impl Driver {
         let mut head = self.regs.read64(regs::PQH)? & mask;
         let mut requests = Vec::with_capacity((((tail + bytes - head) & mask) / DESCRIPTOR_SIZE) as usize);
         while head != tail {
-            requests.push(self.read_page_request(base, head)?);
+            requests.push(read_page_request(memory, base, head)?);
             head = (head + DESCRIPTOR_SIZE) & mask;
         }
         self.regs.write64(regs::PQH, tail)?;
@@ -83,67 +180,27 @@ impl Driver {
             let tail = self.regs.read64(regs::PQT)? & mask;
             if head == tail {
                 self.regs.write32(regs::PRS, prs::PRO)?;
-                tracing::debug!("page request queue overflow cleared");
+                tracing::debug!(unit = %self.id, "page request queue overflow cleared");
             }
         }
         Ok(requests)
     }
+}
 
-    /// Reads and decodes the page request descriptor at byte `offset` of the queue at
-    /// `base` (VT-d 7.5.1).
-    fn read_page_request(&self, base: Hpa, offset: u64) -> Result<PageRequest, DriverError> {
-        let unreadable =
-            || DriverError::PageRequestQueue(format!("page request queue entry at offset {offset:#x} cannot be read"));
-        let mut desc = [0u64; 4];
-        for (i, word) in desc.iter_mut().enumerate() {
-            let at = base.checked_add(offset + 8 * i as u64).ok_or_else(unreadable)?;
-            *word = self.memory.read_u64(at).map_err(|_| unreadable())?;
-        }
-        PageRequest::from_descriptor(desc).map_err(|e| {
-            tracing::debug!(offset, error = %e, "malformed page request descriptor");
-            DriverError::PageRequestQueue(format!("page request queue entry at offset {offset:#x} is malformed"))
-        })
+/// Reads and decodes the page request descriptor at byte `offset` of the queue at `base`
+/// (VT-d 7.5.1).
+fn read_page_request(memory: &HostMemory, base: Hpa, offset: u64) -> Result<PageRequest, DriverError> {
+    let unreadable =
+        || DriverError::PageRequestQueue(format!("page request queue entry at offset {offset:#x} cannot be read"));
+    let mut desc = [0u64; 4];
+    for (i, word) in desc.iter_mut().enumerate() {
+        let at = base.checked_add(offset + 8 * i as u64).ok_or_else(unreadable)?;
+        *word = memory.read_u64(at).map_err(|_| unreadable())?;
     }
-
-    /// Answers page request group `prgi` of `sid` with a page group response descriptor
-    /// through the invalidation queue (VT-d 7.6); returns once the unit has sent it.
-    pub fn respond_page_request(&self, sid: SourceId, prgi: u16, code: ResponseCode) -> Result<(), DriverError> {
-        if self.prq.lock().is_none() {
-            return Err(DriverError::PageRequestsDisabled);
-        }
-        let [qw0, qw1] = PageGroupResponse { sid, prgi: prgi & MAX_PRG_INDEX, code }.to_descriptor();
-        self.invalidator.run(&self.regs, &[Invalidation::Raw(qw0, qw1)])
-    }
-
-    /// Submits software's own invalidation descriptors, then a wait, and returns once they
-    /// have completed. Each is checked first (reserved bits, known type): a malformed one
-    /// is refused without touching the queue.
-    pub fn submit_descriptors(&self, descs: &[(u64, u64)]) -> Result<(), DriverError> {
-        if !self.invalidator.is_queued() {
-            return Err(DriverError::QueueDisabled);
-        }
-        let mut batch = Vec::with_capacity(descs.len());
-        for &(qw0, qw1) in descs {
-            let invalid = |why: String| DriverError::InvalidDescriptor { qw0, qw1, why };
-            match decode(qw0, qw1).map_err(|code| invalid(describe(code).to_owned()))? {
-                Descriptor::Iotlb(IotlbInvalidation::Page { am, .. }) if u64::from(am) > MAMV => {
-                    return Err(invalid(format!("address mask {am} exceeds MAMV {MAMV}")));
-                }
-                // VT-d 6.5.2.7: IM must not exceed ECAP.MHMV.
-                Descriptor::Iec(IecInvalidation::Index { index_mask, .. })
-                    if index_mask > self.caps.max_handle_mask =>
-                {
-                    return Err(invalid(format!("index mask {index_mask} exceeds MHMV {}", self.caps.max_handle_mask)));
-                }
-                Descriptor::PageGroupResponse(..) => {
-                    PageGroupResponse::from_descriptor([qw0, qw1]).map_err(|e| invalid(e.to_string()))?;
-                }
-                _ => {}
-            }
-            batch.push(Invalidation::Raw(qw0, qw1));
-        }
-        self.invalidator.run(&self.regs, &batch)
-    }
+    PageRequest::from_descriptor(desc).map_err(|e| {
+        tracing::debug!(offset, error = %e, "malformed page request descriptor");
+        DriverError::PageRequestQueue(format!("page request queue entry at offset {offset:#x} is malformed"))
+    })
 }
 
 #[cfg(test)]
@@ -216,7 +273,7 @@ mod tests {
     #[test]
     fn a_malformed_entry_fails_the_drain_and_consumes_nothing() {
         let d = driver();
-        let base = d.prq.lock().unwrap();
+        let base = d.first().prq.lock().unwrap();
         assert!(d.unit().page_request(request(0, false)).is_ok());
         assert!(d.unit().page_request(request(1, true)).is_ok());
         // Software scribbles over the second entry.

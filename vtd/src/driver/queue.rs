@@ -155,6 +155,12 @@ struct Ticket {
     errors_handled: u64,
 }
 
+/// The first chunk of a batch, submitted by [`InvalidationQueue::start`] and not yet waited
+/// for (`None`: the batch was empty).
+#[derive(Debug)]
+#[must_use = "a started batch must be finished"]
+pub(crate) struct Started(Result<Option<Ticket>, Failure>);
+
 /// Why one attempt at a batch failed.
 #[derive(Debug)]
 enum Failure {
@@ -269,10 +275,53 @@ impl InvalidationQueue {
         read_drain: bool,
         write_drain: bool,
     ) -> Result<(), DriverError> {
+        let started = self.start(regs, batch, read_drain, write_drain);
+        self.finish(regs, batch, started, read_drain, write_drain)
+    }
+
+    /// Submits the first chunk of `batch` (all of it up to [`MAX_BATCH`] requests) without
+    /// waiting, so that a caller invalidating on several units can have every unit working
+    /// before it waits on any (Linux `iommu_flush_iotlb_psi` per iommu of the domain).
+    /// [`Self::finish`] with the same batch waits for it and does the rest.
+    pub(crate) fn start(
+        &self,
+        regs: &Registers,
+        batch: &[Invalidation],
+        read_drain: bool,
+        write_drain: bool,
+    ) -> Started {
+        let chunk = &batch[..batch.len().min(MAX_BATCH)];
+        if chunk.is_empty() {
+            return Started(Ok(None));
+        }
+        let descs = chunk.iter().map(|op| op.descriptor(read_drain, write_drain));
+        Started(self.submit(regs, descs).map(Some))
+    }
+
+    /// Completes a batch [`Self::start`] began: waits for its first chunk, runs the rest,
+    /// and resubmits after time-outs as [`Self::run`] describes.
+    pub(crate) fn finish(
+        &self,
+        regs: &Registers,
+        batch: &[Invalidation],
+        started: Started,
+        read_drain: bool,
+        write_drain: bool,
+    ) -> Result<(), DriverError> {
         let mut ops = std::borrow::Cow::Borrowed(batch);
         let mut timed_out = None;
+        let mut started = Some(started);
         for attempt in 0..MAX_ATTEMPTS {
-            match self.run_once(regs, &ops, read_drain, write_drain) {
+            let outcome = match started.take() {
+                Some(Started(first)) => first.and_then(|ticket| {
+                    if let Some(ticket) = ticket {
+                        self.wait(regs, ticket)?;
+                    }
+                    self.run_once(regs, ops.get(MAX_BATCH..).unwrap_or_default(), read_drain, write_drain)
+                }),
+                None => self.run_once(regs, &ops, read_drain, write_drain),
+            };
+            match outcome {
                 Ok(()) => {
                     return match timed_out {
                         Some(sid) => Err(DriverError::DeviceTlbTimeout { sid }),

@@ -90,6 +90,28 @@ impl Capabilities {
     pub(crate) fn supports(&self, aw: AddressWidth) -> bool {
         self.sagaw & (1 << (aw as u64)) != 0
     }
+
+    /// What both `self` and `other` offer: the capabilities a domain may rely on when its
+    /// page tables are shared by several units (Linux `domain_update_iommu_cap` takes the
+    /// same intersection over the domain's iommus: superpage levels, address widths).
+    /// Per-unit fields (drain bits, MAMV, PSI, fault registers) keep the lesser value too,
+    /// but the driver reads those from each unit's own capabilities.
+    pub(crate) fn meet(self, other: Self) -> Self {
+        Self {
+            sagaw: self.sagaw & other.sagaw,
+            max_leaf_level: self.max_leaf_level.min(other.max_leaf_level),
+            mamv: self.mamv.min(other.mamv),
+            read_drain: self.read_drain && other.read_drain,
+            write_drain: self.write_drain && other.write_drain,
+            page_selective: self.page_selective && other.page_selective,
+            pass_through: self.pass_through && other.pass_through,
+            queued_invalidation: self.queued_invalidation && other.queued_invalidation,
+            device_tlb: self.device_tlb && other.device_tlb,
+            max_handle_mask: self.max_handle_mask.min(other.max_handle_mask),
+            fault_record_offset: self.fault_record_offset.min(other.fault_record_offset),
+            fault_records: self.fault_records.min(other.fault_records),
+        }
+    }
 }
 
 /// Serialized access to the unit's registers.

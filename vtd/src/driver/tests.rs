@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::ids::{Iova, PAGE_SIZE, SourceId};
+use crate::ids::{Hpa, Iova, PAGE_SIZE, SourceId};
 use crate::unit::tables::AddressWidth;
 use crate::unit::{Blocked, Direction, FaultReason, UnitConfig};
 

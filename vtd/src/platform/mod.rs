@@ -8,6 +8,8 @@
 //! SATC). It also owns the routing rule a request follows to its unit ([`Routing`]): a
 //! requester id goes to the unit whose device scope holds it, else to the segment's
 //! INCLUDE_PCI_ALL unit, else to none (VT-d 8.3.1; Linux `dmar_find_matched_drhd_unit`).
+//! The rules a description must follow are in `validate` ([`PlatformSpec::validate`],
+//! [`PlatformError`]).
 //!
 //! It does not build units or drivers (the server does, from the spec) and does not
 //! encode the DMAR table (`crate::acpi` does).
@@ -16,6 +18,16 @@ use std::ops::RangeInclusive;
 
 use crate::ids::{Hpa, SourceId, UnitId};
 use crate::unit::UnitConfig;
+
+mod validate;
+
+pub use validate::{
+    MAX_NAME_LEN, MAX_SCOPE_ENTRIES, MAX_UNITS, MIN_BUILTIN_REGION, PlatformError, RegionOwner, UnitRef,
+    is_valid_unit_name,
+};
+
+#[cfg(test)]
+pub(crate) mod tests;
 
 /// Who programs a unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -187,13 +199,12 @@ impl Routing {
     pub fn unit_for(&self, sid: SourceId) -> Option<UnitId> {
         let endpoint = self.listed.iter().find(|(e, _)| matches!(e, ScopeEntry::Endpoint(s) if *s == sid));
         let bridge = || {
-            self.listed
-                .iter()
-                .filter(|(e, _)| matches!(e, ScopeEntry::Bridge { .. }) && e.covers(sid))
-                .min_by_key(|(e, _)| match e {
+            self.listed.iter().filter(|(e, _)| matches!(e, ScopeEntry::Bridge { .. }) && e.covers(sid)).min_by_key(
+                |(e, _)| match e {
                     ScopeEntry::Bridge { buses, .. } => buses.end() - buses.start(),
                     ScopeEntry::Endpoint(_) => 0,
-                })
+                },
+            )
         };
         endpoint.or_else(bridge).map(|(_, id)| *id).or(self.include_all)
     }

@@ -12,6 +12,26 @@
 
 use super::regs::event;
 
+/// Which of the unit's own interrupt-generating events an interrupt message belongs to:
+/// each has its own register block, so its own address and data, and software tells them
+/// apart only by the vector it programmed there. Passed to `UnitEvents::interrupt_message`
+/// so that an embedder need not decode its own vectors to route a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventSource {
+    /// The fault event (FECTL, FEDATA, FEADDR, FEUADDR): a fault recorded, or a queue error
+    /// (IQE, ICE, ITE) set, while no other fault status was pending (VT-d 7.3,
+    /// Non-Recoverable Fault Event).
+    Fault,
+    /// The invalidation completion event (IECTL, IEDATA, IEADDR, IEUADDR): an invalidation
+    /// wait descriptor with IF set completed while ICS.IWC was clear (VT-d 6.5.2.9, Hardware
+    /// Generation of Invalidation Completion Events; 6.5.2.10 in revision 5, which added the
+    /// HPT descriptor before it).
+    InvalidationCompletion,
+    /// The page request event (PECTL, PEDATA, PEADDR, PEUADDR): PRS.PPR or PRS.PRO set while
+    /// neither was (VT-d 7.5, Recoverable Fault Event).
+    PageRequest,
+}
+
 /// An interrupt message: address and data, for `UnitEvents::interrupt_message`.
 pub(crate) type Message = (u64, u32);
 

@@ -4,13 +4,13 @@
 //! VT-d 10.4.14), the fault bits of FSTS (PPF, PFO, FRI; VT-d 10.4.9) and the fault event's
 //! register block (FECTL, FEDATA, FEADDR, FEUADDR; VT-d 10.4.10-10.4.13, an
 //! [`EventControl`]). The queue error bits of FSTS belong to the invalidation queue; they
-//! only hold fault events back. Later layers subscribe to recorded faults and fault-event
+//! only hold fault events back, and keep a held one pending. Later layers subscribe to recorded faults and fault-event
 //! interrupts through [`UnitEvents`]; software reads and clears the records through the
 //! registers (the driver's fault handler decodes them with [`FaultRecord::from_frcd`]).
 
 use parking_lot::Mutex;
 
-use super::event::{EventControl, Message};
+use super::event::{EventControl, EventSource, Message};
 use super::fault_reason::FaultReason;
 use super::regs::{NUM_FAULT_RECORDS, frcd, fsts};
 use crate::ids::SourceId;
@@ -122,8 +122,11 @@ pub trait UnitEvents: Send + Sync + std::fmt::Debug {
     fn fault_recorded(&self, _record: &FaultRecord) {}
     /// A fault was dropped: suppressed by FPD, or lost to a fault overflow.
     fn fault_dropped(&self, _reason: FaultReason, _overflow: bool) {}
-    /// The unit sends an interrupt message (the fault event: FEADDR/FEUADDR, FEDATA).
-    fn interrupt_message(&self, _addr: u64, _data: u32) {}
+    /// The unit sends one of its own interrupt messages: the event `source` names, to the
+    /// address and with the data software programmed in that event's registers (for the
+    /// fault event FEUADDR:FEADDR and FEDATA). These are not remapped (VT-d 5.1: interrupts
+    /// the remapping hardware generates itself bypass interrupt remapping).
+    fn interrupt_message(&self, _source: EventSource, _addr: u64, _data: u32) {}
     /// A sampled page walk took this long (one walk in [`WALK_SAMPLE_PERIOD`] per thread
     /// is timed, so the translation path stays cheap).
     fn walk_sampled(&self, _duration: std::time::Duration) {}
@@ -214,7 +217,7 @@ impl FaultRecorder {
             _ => events.fault_dropped(record.reason, true),
         }
         if let Some((addr, data)) = message {
-            events.interrupt_message(addr, data);
+            events.interrupt_message(EventSource::Fault, addr, data);
         }
         logged
     }
@@ -227,8 +230,18 @@ impl FaultRecorder {
             if s.ppf() || s.pfo { None } else { s.event.raise() }
         };
         if let Some((addr, data)) = message {
-            events.interrupt_message(addr, data);
+            events.interrupt_message(EventSource::Fault, addr, data);
         }
+    }
+
+    /// Back to the reset state (VT-d 10.4.9-10.4.14): no record held (every FRCD reads 0,
+    /// so FSTS.PPF and FRI are clear), PFO clear, the next fault goes to FRCD[0], FECTL
+    /// back to IM set with IP clear, and FEDATA, FEADDR, FEUADDR 0. The fault status and
+    /// recording fields are sticky (RW1CS, ROS: VT-d 10.3 re-initializes them only on a
+    /// power-good reset), so this is the reset of a unit powered up again, not of a warm
+    /// reset that would keep them for software to read after it.
+    pub(crate) fn reset(&self) {
+        *self.state.lock() = State::default();
     }
 
     /// The records currently held (F set), in register order.
@@ -247,6 +260,25 @@ impl FaultRecorder {
             v |= fsts::PPF | ((s.fri as u32) << fsts::FRI_SHIFT);
         }
         v
+    }
+
+    /// Withdraws the fault event held pending (IP set, IM set) when every condition that
+    /// can cause it has been serviced: no fault recording register holds a fault (PPF
+    /// clear), PFO clear, and, as `queue_errors` says, IQE, ICE and ITE clear.
+    ///
+    /// VT-d 10.4.10 (FECTL.IP): IP is cleared by hardware "as soon as the interrupt
+    /// message pending condition is serviced", either by hardware sending the message (IM
+    /// cleared) or by "software servicing all the pending interrupt status fields in the
+    /// Fault Status register": clearing F in every fault recording register with a fault,
+    /// "causing the PPF field in Fault Status register to be evaluated as Clear", and
+    /// clearing the other status fields (PFO, IQE, ICE, ITE; APF and AFO belong to
+    /// advanced fault logging, which dmar does not implement). Unmasking afterwards sends
+    /// nothing: the faults it would announce are gone.
+    pub(crate) fn withdraw_if_serviced(&self, queue_errors: bool) {
+        let mut s = self.state.lock();
+        if !s.ppf() && !s.pfo && !queue_errors {
+            s.event.withdraw();
+        }
     }
 
     /// FSTS write: PFO is write-1-to-clear.
@@ -284,7 +316,7 @@ impl FaultRecorder {
     pub(crate) fn write_event(&self, rel: u64, value: u32, events: &dyn UnitEvents) {
         let message: Option<Message> = self.state.lock().event.write(rel, value);
         if let Some((addr, data)) = message {
-            events.interrupt_message(addr, data);
+            events.interrupt_message(EventSource::Fault, addr, data);
         }
     }
 }
@@ -300,7 +332,8 @@ mod tests {
         messages: AtomicUsize,
     }
     impl UnitEvents for Counting {
-        fn interrupt_message(&self, _addr: u64, _data: u32) {
+        fn interrupt_message(&self, source: EventSource, _addr: u64, _data: u32) {
+            assert_eq!(source, EventSource::Fault, "the recorder raises only the fault event");
             self.messages.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -355,6 +388,25 @@ mod tests {
         // PPF still set: a further fault raises no event.
         f.log(rec(0x1000), false, false, &ev);
         assert_eq!(ev.messages.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_held_event_is_withdrawn_only_once_every_condition_is_serviced() {
+        let f = FaultRecorder::new();
+        let ev = Counting::default();
+        f.log(rec(0), false, false, &ev);
+        f.log(rec(0x1000), false, false, &ev);
+        let ip = |f: &FaultRecorder| f.read_event(event::CTL) & event::IP != 0;
+        f.clear_frcd(0);
+        f.withdraw_if_serviced(false);
+        assert!(ip(&f), "FRCD[1] still holds a fault: PPF set");
+        f.clear_frcd(1);
+        f.withdraw_if_serviced(true);
+        assert!(ip(&f), "a queue error is still set");
+        f.withdraw_if_serviced(false);
+        assert!(!ip(&f));
+        f.write_event(event::CTL, 0, &ev);
+        assert_eq!(ev.messages.load(Ordering::SeqCst), 0, "nothing stale on unmask");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! IRTA. The context command and IOTLB commands run in `invalidation` (synchronously: the
 //! command bit reads back clear with the actual granularity); FSTS, the fault event and the
 //! fault recording registers belong to `fault`; the queue registers to `invalidation`; the
-//! page request registers to `prq`. GCMD bits for features the unit does not advertise
+//! page request registers to `prq`; the protected memory registers (PMEN, PLMBASE,
+//! PLMLIMIT, PHMBASE, PHMLIMIT) to `pmr`. GCMD bits for features the unit does not advertise
 //! (WBF, SFL, EAFL) are ignored, as reserved bits.
 //!
 //! Offsets inside the 4 KiB window that hold no register read as 0 and ignore writes, as
@@ -19,6 +20,7 @@
 use std::sync::atomic::Ordering;
 
 use super::Unit;
+use super::event::EventSource;
 use super::regs::{self, FRCD_BASE, FRCD_BYTES, FRCD_END, ccmd, event, frcd, fsts, gcmd, iotlb};
 use super::tables::ADDR_MASK;
 
@@ -52,6 +54,14 @@ pub(crate) struct RegisterFile {
     iva: u64,
     iotlb: u64,
     irta: u64,
+}
+
+impl RegisterFile {
+    /// Back to the reset value of every register held here: GSTS, RTADDR, CCMD, IVA,
+    /// IOTLB_REG and IRTA all reset to 0 (VT-d 10.4.5-10.4.8, 10.4.30).
+    pub(crate) fn reset(&mut self) {
+        *self = Self::default();
+    }
 }
 
 fn check(offset: u64, width: u64) -> Result<(), MmioError> {
@@ -145,6 +155,10 @@ impl Unit {
                 drop(r);
                 self.prq.read64(o)
             }
+            o if o == slot(regs::PMEN) || regs::PMR_REGS.contains(&o) => {
+                drop(r);
+                self.pmr.read_slot(o)
+            }
             o if (FRCD_BASE..FRCD_END).contains(&o) => {
                 let rel = o - FRCD_BASE;
                 self.faults.frcd((rel / FRCD_BYTES) as usize, ((rel / 8) % 2) as usize)
@@ -161,6 +175,8 @@ impl Unit {
                     self.faults.clear_pfo();
                 }
                 self.clear_queue_errors(value);
+                // VT-d 10.4.10: a held fault event is withdrawn once all is serviced.
+                self.withdraw_fault_event();
             }
             o if (regs::FECTL..regs::FECTL + event::BYTES).contains(&o) => {
                 self.faults.write_event(o - regs::FECTL, value, &*self.events)
@@ -168,9 +184,10 @@ impl Unit {
             o if o == regs::ICS || (regs::IECTL..regs::IECTL + event::BYTES).contains(&o) => {
                 self.write_queue_reg32(offset, value)
             }
+            o if regs::PMR_REGS.contains(&o) => self.pmr.write32(o, value),
             o if regs::PRQ_REGS.contains(&o) => {
                 if let Some((addr, data)) = self.prq.write32(o, value) {
-                    self.events.interrupt_message(addr, data);
+                    self.events.interrupt_message(EventSource::PageRequest, addr, data);
                 }
             }
             o if matches!(slot(o), regs::IQA | regs::IQT) => {
@@ -238,6 +255,8 @@ impl Unit {
                 let rel = o - FRCD_BASE;
                 if rel % FRCD_BYTES == 8 && hi && value & frcd::F != 0 {
                     self.faults.clear_frcd((rel / FRCD_BYTES) as usize);
+                    // VT-d 10.4.10: the last F cleared (PPF clear) may withdraw the event.
+                    self.withdraw_fault_event();
                 }
             }
         }

@@ -11,9 +11,12 @@
 //!   invalidations ([`invalidation`]);
 //! - fault recording and the fault event (`fault`, with the reasons in `fault_reason`);
 //! - interrupt remapping ([`interrupt`]) and the page request queue ([`prq`]);
+//! - the DMA protected memory regions firmware fences memory off with before the OS
+//!   enables remapping (`pmr`);
 //! - translated-request checking, a dmar extension hardware does not have: the ranges
 //!   each checked function was granted by translation completions (`grants`);
-//! - its counters (`stats`).
+//! - its counters (`stats`);
+//! - a platform reset of all of the above but the counters and the wiring (`reset`).
 //!
 //! Tables live in [`HostMemory`] ([`memory`]), in the binary formats of [`tables`]; the unit
 //! only ever reads them, one 64-bit word at a time.
@@ -28,6 +31,28 @@
 //! invalidated (VT-d 6.5), so a stale translation keeps being served exactly as on hardware.
 //! With [`UnitConfig::with_stale_detection`] the unit re-reads the source entry on each cache
 //! hit and counts such stale uses.
+//!
+//! # Protected memory regions: the firmware sequence
+//!
+//! A unit starts at its reset values, translation disabled (GSTS.TES = 0), so every
+//! device behind it reaches host memory untranslated until a driver enables remapping.
+//! Firmware closes that window with the protected memory regions (CAP.PLMR, CAP.PHMR;
+//! VT-d 10.4.16-10.4.20), through the same registers software uses, nothing else:
+//!
+//! 1. write PLMBASE and PLMLIMIT (32-bit, 0x68 and 0x6C) with the first and last 2 MiB
+//!    block of the region below 4 GiB, and PHMBASE and PHMLIMIT (64-bit, 0x70 and 0x78)
+//!    with those of the region above (a limit below its base leaves that region off);
+//!    reading a register back shows the implemented bits (bits 20:0 read 0, VT-d 10.4.17);
+//! 2. set PMEN.EPM (bit 31 of the 32-bit register at 0x64);
+//! 3. poll PMEN.PRS (bit 0) until it reads 1; from then on the regions are enforced.
+//!
+//! While PRS is set, DMA that touches a region is blocked without a fault record when
+//! translation is disabled, when the context entry says pass-through (TT = 10b), and for
+//! translated requests (AT = 10b); requests the page tables remap are not checked (the
+//! rules and their sources are in `request`). The OS then takes over the Linux way: it
+//! builds its tables, enables translation, and only then clears EPM and polls PRS back to
+//! 0 (`iommu_disable_protect_mem_regions` after `iommu_enable_translation`), so no DMA is
+//! ever unprotected. [`Unit::reset`] clears all five registers.
 
 mod cache;
 mod event;
@@ -39,9 +64,11 @@ pub mod interrupt;
 pub mod invalidation;
 pub mod memory;
 mod mmio;
+mod pmr;
 pub mod prq;
 pub mod regs;
 mod request;
+mod reset;
 mod stats;
 pub mod tables;
 mod walk;
@@ -55,6 +82,7 @@ use parking_lot::Mutex;
 use crate::clock::{Clock, SystemClock};
 
 pub use cache::{CacheGeometry, InvalidGeometry};
+pub use event::EventSource;
 pub use fault::{Direction, FaultRecord, FrcdError, NoEvents, RequestKind, UnitEvents, WALK_SAMPLE_PERIOD};
 pub use fault_reason::FaultReason;
 pub use grants::DEFAULT_GRANTS_PER_FUNCTION;
@@ -184,6 +212,8 @@ pub struct Unit {
     /// Subscribers to invalidation progress (`invalidation::doorbell`).
     doorbells: Mutex<Vec<std::sync::Weak<dyn invalidation::InvalidationDoorbell>>>,
     prq: prq::PageRequestQueue,
+    /// PMEN, PLMBASE, PLMLIMIT, PHMBASE, PHMLIMIT, with EPM mirrored for the request path.
+    pmr: pmr::ProtectedMemory,
     interrupts: interrupt::InterruptRemapper,
     /// Translated-request checking: the switch per function and what each was granted.
     grants: GrantTable,
@@ -267,6 +297,7 @@ impl Unit {
             queue: Mutex::new(invalidation::QueueState::default()),
             doorbells: Mutex::new(Vec::new()),
             prq: prq::PageRequestQueue::new(),
+            pmr: pmr::ProtectedMemory::default(),
             interrupts: interrupt::InterruptRemapper::new(config.interrupt_cache)
                 .unwrap_or_default()
                 .with_stale_detection(config.stale_detection),

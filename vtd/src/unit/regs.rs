@@ -34,6 +34,18 @@ pub const FEDATA: u64 = FECTL + event::DATA;
 pub const FEADDR: u64 = FECTL + event::ADDR;
 /// FEUADDR_REG (32; VT-d 10.4.13).
 pub const FEUADDR: u64 = FECTL + event::UADDR;
+/// PMEN_REG (32; VT-d 10.4.16): protected memory enable; see [`pmen`] and `unit::pmr`.
+pub const PMEN: u64 = 0x64;
+/// PLMBASE_REG (32; VT-d 10.4.17): base of the protected low-memory region; see [`pmr`].
+pub const PLMBASE: u64 = 0x68;
+/// PLMLIMIT_REG (32; VT-d 10.4.18): last byte of the protected low-memory region.
+pub const PLMLIMIT: u64 = 0x6c;
+/// PHMBASE_REG (64; VT-d 10.4.19): base of the protected high-memory region.
+pub const PHMBASE: u64 = 0x70;
+/// PHMLIMIT_REG (64; VT-d 10.4.20): last byte of the protected high-memory region.
+pub const PHMLIMIT: u64 = 0x78;
+/// Every offset the protected memory registers decode, PMEN to PHMLIMIT.
+pub const PMR_REGS: std::ops::Range<u64> = PMEN..PHMLIMIT + 8;
 /// Invalidation queue head (64; VT-d 10.4.21): `QH[18:4]`, hardware-owned.
 pub const IQH: u64 = 0x80;
 /// Invalidation queue tail (64; VT-d 10.4.22): `QT[18:4]`, software-owned.
@@ -255,6 +267,38 @@ pub mod frcd {
     pub const F: u64 = 1 << 63;
 }
 
+/// PMEN_REG bits (VT-d 10.4.16); bits 30:1 are reserved and read 0.
+pub mod pmen {
+    /// EPM, enable protected memory: software sets it to turn both protected regions on
+    /// and clears it to turn them off.
+    pub const EPM: u32 = 1 << 31;
+    /// PRS, protected region status (read-only): set while the regions are enforced.
+    /// Software polls it after changing EPM before changing EPM again (Linux
+    /// `iommu_disable_protect_mem_regions`). The unit switches at once, so PRS reads the
+    /// value last written to EPM.
+    pub const PRS: u32 = 1 << 0;
+}
+
+/// Protected memory region base and limit fields (VT-d 10.4.17-10.4.20).
+///
+/// Each register implements the bits above its N reserved low bits, which read 0 (VT-d
+/// 10.4.17: software finds N by writing all ones and looking for the highest zero bit).
+/// dmar implements N = 20 for all four, so both regions are 2 MiB granular: a base is
+/// decoded with bits 20:0 as zeros, a limit with bits 20:0 as ones (VT-d 10.4.18), and
+/// base = limit protects one 2 MiB block. The high registers also do not implement the
+/// bits at and above the host address width (VT-d 10.4.19, 10.4.20: "bits 63:HAW"), which
+/// read 0 too.
+pub mod pmr {
+    /// N + 1: the reserved low bits of every base and limit register (bits 20:0).
+    pub const GRANULE_SHIFT: u32 = 21;
+    /// The region granularity, 2 MiB.
+    pub const GRANULE: u64 = 1 << GRANULE_SHIFT;
+    /// PLMBASE/PLMLIMIT: the implemented bits, 31:21.
+    pub const LOW_MASK: u32 = !((GRANULE as u32) - 1);
+    /// PHMBASE/PHMLIMIT: the implemented bits, HAW-1:21.
+    pub const HIGH_MASK: u64 = ((1u64 << crate::unit::tables::HOST_ADDRESS_WIDTH) - 1) & !(GRANULE - 1);
+}
+
 /// IQH/IQT/IQA fields (VT-d 10.4.21-10.4.23).
 pub mod iq {
     /// IQH.QH / IQT.QT: the descriptor index, bits 18:4 (128-bit descriptors).
@@ -406,6 +450,10 @@ pub mod cap {
     pub const DRD: u64 = 1 << 55;
     /// CM: caching mode (not-present entries may be cached).
     pub const CM: u64 = 1 << 7;
+    /// PLMR: the protected low-memory region is supported (PLMBASE, PLMLIMIT).
+    pub const PLMR: u64 = 1 << 5;
+    /// PHMR: the protected high-memory region is supported (PHMBASE, PHMLIMIT).
+    pub const PHMR: u64 = 1 << 6;
 }
 
 /// ECAP_REG fields (VT-d 10.4.3).
@@ -448,9 +496,10 @@ pub const MHMV: u64 = 15;
 /// The CAP value dmar advertises: exactly what the model implements.
 ///
 /// ND=6 (16-bit domain ids), SAGAW 39/48/57-bit, MGAW=57, FRO, NFR, PSI with MAMV,
-/// 2 MiB and 1 GiB second-stage superpages, DRD/DWD. Not set: RWBF (no write-buffer
-/// flushing needed), CM (not-present entries are never cached), PLMR/PHMR (no protected
-/// memory regions), ZLR.
+/// 2 MiB and 1 GiB second-stage superpages, DRD/DWD, and both protected memory regions
+/// (PLMR, PHMR: PMEN, PLMBASE, PLMLIMIT, PHMBASE, PHMLIMIT, 2 MiB granular; see [`pmr`]).
+/// Not set: RWBF (no write-buffer flushing needed), CM (not-present entries are never
+/// cached), ZLR.
 pub const fn cap_value() -> u64 {
     let nd = 6u64;
     let sagaw = (1u64 << 1) | (1 << 2) | (1 << 3); // AW 1, 2, 3: 39, 48, 57 bits
@@ -467,6 +516,8 @@ pub const fn cap_value() -> u64 {
         | (MAMV << cap::MAMV_SHIFT)
         | cap::DWD
         | cap::DRD
+        | cap::PLMR
+        | cap::PHMR
 }
 
 /// The ECAP value dmar advertises: queued invalidation (QI), device-TLB (DT), interrupt
@@ -500,6 +551,7 @@ mod tests {
         assert_eq!((cap >> 48) & 0x3f, MAMV, "MAMV");
         assert_ne!(cap & (1 << 39), 0, "PSI");
         assert_eq!(cap & (1 << 7), 0, "CM clear");
+        assert_eq!(cap & (0b11 << 5), 0b11 << 5, "PLMR and PHMR");
         let ecap = ecap_value();
         assert_eq!(((ecap >> 8) & 0x3ff) * 16, IVA, "IRO");
         assert_ne!(ecap & (1 << 6), 0, "PT is in ECAP, not CAP");

@@ -16,6 +16,31 @@
 //! untranslated requests to it are interrupt requests, never DMA; translation requests for
 //! it complete with R=0, W=1, U=1; translated requests and translations whose output falls
 //! in it fault with reason 0x0E.
+//!
+//! The DMA protected memory regions (`pmr`) guard the memory accesses, [`Unit::dma_read`],
+//! [`Unit::dma_write`], [`Unit::translated_read`] and [`Unit::translated_write`], after the
+//! request has been through the remapping checks. While PMEN.EPM is set (VT-d 10.4.16):
+//! - with translation disabled (GSTS.TES = 0), "all DMA requests accessing protected
+//!   memory regions are blocked", untranslated and translated alike;
+//! - with translation enabled, "DMA requests processed as pass-through (Translation Type
+//!   value of 10b in Context-Entry)" and "DMA requests with translated address (AT=10b)"
+//!   that access a region are blocked;
+//! - requests "subject to address remapping" through the page tables "may or may not be
+//!   blocked by hardware" and "software must not depend on hardware protection" for them:
+//!   the unit does not check them. (The revisions that list hardware by generation say
+//!   units with VER major version 2 or later block these too; dmar reports version 1.0, the
+//!   earlier behaviour.) Their output address is whatever software mapped, which is why
+//!   Linux can enable translation before it clears EPM.
+//!
+//! A blocked access is "not recorded or reported as remapping faults" (VT-d 10.4.16): no
+//! fault record, no fault event, no FPD involved; the access does not happen (a read
+//! returns no data, a write changes nothing from the first blocked page on) and the caller
+//! gets [`DmaError::ProtectedMemory`]. The specification names no completion status for
+//! it, so dmar reports none. ATS translation requests are not checked: they return a
+//! translation and access no memory; the translated requests that use it are. Interrupt
+//! requests (a DWORD write to 0xFEEx_xxxx) are not memory accesses and are not checked.
+//! [`Unit::translate`] and [`Unit::check_translated`] answer the remapping question only
+//! and do not look at the regions.
 
 use std::sync::atomic::Ordering;
 
@@ -117,6 +142,18 @@ pub enum AtsCompletion {
     CompleterAbort,
 }
 
+/// How an untranslated request reached its output address: the protected memory regions
+/// check some routes and not others (VT-d 10.4.16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// Translation disabled (GSTS.TES = 0): the address is used as is. Checked.
+    Untranslated,
+    /// A context entry with TT = 10b: the address is used as is. Checked.
+    PassThrough,
+    /// Through the second-stage page tables software controls. Not checked.
+    Remapped,
+}
+
 /// A DMA that did not complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DmaError {
@@ -132,6 +169,14 @@ pub enum DmaError {
     #[error("DMA at {addr:#x} targets the interrupt address range")]
     InterruptRange {
         /// The refused address.
+        addr: u64,
+    },
+    /// The access touched a DMA-protected memory region while PMEN.EPM was set, on a
+    /// route the regions guard (see the module docs). Not a remapping fault: nothing is
+    /// recorded (VT-d 10.4.16).
+    #[error("DMA at {addr:#x} blocked by a protected memory region")]
+    ProtectedMemory {
+        /// The address (untranslated or translated) of the refused part of the access.
         addr: u64,
     },
     /// The translated address lies beyond host memory.
@@ -166,7 +211,7 @@ impl Unit {
     /// FPD suppresses it) and the reason returned.
     #[inline]
     pub fn translate(&self, sid: SourceId, iova: Iova, access: Direction) -> Result<Translation, Blocked> {
-        let r = self.translate_untranslated(sid, iova, access);
+        let r = self.translate_untranslated(sid, iova, access).map(|(t, _)| t);
         if r.is_ok() {
             self.counters.untranslated_ok.inc()
         } else {
@@ -175,15 +220,22 @@ impl Unit {
         r
     }
 
+    /// The translation of an untranslated request and the route it took.
     #[inline]
-    fn translate_untranslated(&self, sid: SourceId, iova: Iova, access: Direction) -> Result<Translation, Blocked> {
+    fn translate_untranslated(
+        &self,
+        sid: SourceId,
+        iova: Iova,
+        access: Direction,
+    ) -> Result<(Translation, Route), Blocked> {
         // VT-d 3.14: requests to the interrupt range are interrupt requests, not remapped.
         if overlaps_interrupt_range(iova.0, 1) {
             return Err(Blocked { reason: None });
         }
         // VT-d 10.4.4 (GSTS.TES = 0): DMA requests are not translated.
         if !self.translation_enabled.load(Ordering::Acquire) {
-            return Ok(Translation { hpa: Hpa(iova.0), page_shift: 12, read: true, write: true });
+            let t = Translation { hpa: Hpa(iova.0), page_shift: 12, read: true, write: true };
+            return Ok((t, Route::Untranslated));
         }
         let fail = |f: Fault| Blocked { reason: Some(self.fault(f, sid, iova.0, access, RequestKind::Untranslated)) };
         let epoch = self.current_epoch();
@@ -192,7 +244,8 @@ impl Unit {
             if iova.0 >> HOST_ADDRESS_WIDTH != 0 {
                 return Err(fail(Fault { reason: FaultReason::AddressBeyondWidth, fpd: ctx.fpd }));
             }
-            return Ok(Translation { hpa: Hpa(iova.0), page_shift: 12, read: true, write: true });
+            let t = Translation { hpa: Hpa(iova.0), page_shift: 12, read: true, write: true };
+            return Ok((t, Route::PassThrough));
         }
         let leaf = self.second_stage(&ctx, iova, epoch).map_err(fail)?;
         let (allowed, reason) = match access {
@@ -206,7 +259,38 @@ impl Unit {
         if overlaps_interrupt_range(hpa, 1) {
             return Err(fail(Fault { reason: FaultReason::InterruptAddress, fpd: ctx.fpd }));
         }
-        Ok(Translation { hpa: Hpa(hpa), page_shift: leaf.shift, read: leaf.read, write: leaf.write })
+        let t = Translation { hpa: Hpa(hpa), page_shift: leaf.shift, read: leaf.read, write: leaf.write };
+        Ok((t, Route::Remapped))
+    }
+
+    /// One page's worth of an untranslated DMA at `at`, at most `left` bytes: its host
+    /// address and length, once the remapping checks and, on the routes they guard, the
+    /// protected memory regions allow it.
+    #[inline]
+    fn untranslated_access(
+        &self,
+        sid: SourceId,
+        at: u64,
+        access: Direction,
+        left: usize,
+    ) -> Result<(Hpa, usize), DmaError> {
+        let (t, route) = match self.translate_untranslated(sid, Iova(at), access) {
+            Ok(ok) => ok,
+            Err(b) => {
+                self.counters.untranslated_blocked.inc();
+                return Err(blocked(at, b));
+            }
+        };
+        let n = chunk(at, t.page_shift, left);
+        // VT-d 10.4.16: with EPM set, untranslated and pass-through DMA into a protected
+        // region is blocked, unrecorded; remapped DMA is not checked (module docs).
+        if route != Route::Remapped && self.pmr.blocks(t.hpa.0, n as u64) {
+            self.counters.untranslated_blocked.inc();
+            self.counters.protected_memory_blocked.inc();
+            return Err(DmaError::ProtectedMemory { addr: at });
+        }
+        self.counters.untranslated_ok.inc();
+        Ok((t.hpa, n))
     }
 
     /// Answers an ATS translation request (AT=01) for `iova` from `sid`; `no_write` is the
@@ -322,6 +406,9 @@ impl Unit {
     ///
     /// With translated-request checking on for `sid` (a dmar extension), the range must
     /// also lie within grants allowing `access` ([`Unit::set_translated_check`]).
+    ///
+    /// The protected memory regions are not consulted: they guard the access itself
+    /// ([`Unit::translated_read`], [`Unit::translated_write`]).
     pub fn check_translated(&self, sid: SourceId, addr: Hpa, len: u64, access: Direction) -> Result<(), Blocked> {
         let r = self.check_translated_inner(sid, addr, len.max(1), access);
         if r.is_ok() {
@@ -367,9 +454,8 @@ impl Unit {
         let mut done = 0usize;
         while done < buf.len() {
             let at = iova.0 + done as u64;
-            let t = self.translate(sid, Iova(at), Direction::Read).map_err(|b| blocked(at, b))?;
-            let n = chunk(at, t.page_shift, buf.len() - done);
-            self.memory.read(t.hpa, &mut buf[done..done + n])?;
+            let (hpa, n) = self.untranslated_access(sid, at, Direction::Read, buf.len() - done)?;
+            self.memory.read(hpa, &mut buf[done..done + n])?;
             done += n;
         }
         Ok(())
@@ -394,28 +480,47 @@ impl Unit {
         let mut done = 0usize;
         while done < data.len() {
             let at = iova.0 + done as u64;
-            let t = self.translate(sid, Iova(at), Direction::Write).map_err(|b| blocked(at, b))?;
-            let n = chunk(at, t.page_shift, data.len() - done);
-            self.memory.write(t.hpa, &data[done..done + n])?;
+            let (hpa, n) = self.untranslated_access(sid, at, Direction::Write, data.len() - done)?;
+            self.memory.write(hpa, &data[done..done + n])?;
             done += n;
         }
         Ok(())
     }
 
     /// Translated DMA read at a host address the device got from a translation completion.
+    /// All or nothing: a read that touches a protected region returns no data.
     pub fn translated_read(&self, sid: SourceId, addr: Hpa, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = buf.len() as u64;
         addr.0.checked_add(len).ok_or(DmaError::Overflow { addr: addr.0, len })?;
-        self.check_translated(sid, addr, len, Direction::Read).map_err(|b| blocked(addr.0, b))?;
+        self.translated_access(sid, addr, len, Direction::Read)?;
         Ok(self.memory.read(addr, buf)?)
     }
 
-    /// Translated DMA write.
+    /// Translated DMA write. All or nothing: a write that touches a protected region
+    /// writes no byte.
     pub fn translated_write(&self, sid: SourceId, addr: Hpa, data: &[u8]) -> Result<(), DmaError> {
         let len = data.len() as u64;
         addr.0.checked_add(len).ok_or(DmaError::Overflow { addr: addr.0, len })?;
-        self.check_translated(sid, addr, len, Direction::Write).map_err(|b| blocked(addr.0, b))?;
+        self.translated_access(sid, addr, len, Direction::Write)?;
         Ok(self.memory.write(addr, data)?)
+    }
+
+    /// A translated access: [`Unit::check_translated`], then the protected memory regions,
+    /// which block every translated request into them while EPM is set, translation
+    /// enabled or not (VT-d 10.4.16).
+    fn translated_access(&self, sid: SourceId, addr: Hpa, len: u64, access: Direction) -> Result<(), DmaError> {
+        let len = len.max(1);
+        if let Err(b) = self.check_translated_inner(sid, addr, len, access) {
+            self.counters.translated_blocked.inc();
+            return Err(blocked(addr.0, b));
+        }
+        if self.pmr.blocks(addr.0, len) {
+            self.counters.translated_blocked.inc();
+            self.counters.protected_memory_blocked.inc();
+            return Err(DmaError::ProtectedMemory { addr: addr.0 });
+        }
+        self.counters.translated_ok.inc();
+        Ok(())
     }
 }
 

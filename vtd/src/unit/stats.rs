@@ -130,6 +130,10 @@ counters! {
     /// Translations computed again because an invalidation for the function ran while
     /// they were in flight.
     translated_check_retries,
+    /// DMA refused because it touched an enabled protected memory region (no fault is
+    /// recorded for these, VT-d 10.4.16); also counted in `untranslated_blocked` or
+    /// `translated_blocked`.
+    protected_memory_blocked,
     /// Context-cache hits.
     context_hits,
     /// Context-cache misses (root and context entries read from memory).

@@ -40,7 +40,18 @@ fn devices_get_nothing_from_control_and_observers_only_reads() {
         .filter(|(_, n)| *n == Need::Role(Role::Observer))
         .map(|(p, _)| p.rsplit('/').next().unwrap_or_default())
         .collect();
-    assert_eq!(observer, ["WatchFaults", "WatchInterrupts", "WatchPageRequests", "GetStats"]);
+    assert_eq!(
+        observer,
+        [
+            "WatchFaults",
+            "WatchInterrupts",
+            "WatchPageRequests",
+            "GetStats",
+            "GetPlatform",
+            "ReadAcpiTable",
+            "WatchUnitInterrupts"
+        ]
+    );
 }
 
 fn tls_access(policy: &str) -> Arc<Access> {

@@ -337,6 +337,17 @@ impl GrantTable {
         }
     }
 
+    /// Back to the state [`Self::new`] builds: checking off for every function, no grant
+    /// held. Each shard's generation moves under its lock, so a translation in flight
+    /// records nothing it computed before (its ticket is stale) and is computed again
+    /// against the reset unit.
+    pub(crate) fn reset(&self) {
+        for word in &self.switch {
+            word.store(0, Ordering::SeqCst);
+        }
+        self.clear_where(|_, _| true);
+    }
+
     /// The number of grants `sid` holds (merged ranges count once).
     pub(crate) fn len(&self, sid: SourceId) -> usize {
         self.shard(sid).functions.read().get(&sid).map_or(0, |f| f.grants.len())

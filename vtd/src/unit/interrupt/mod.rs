@@ -303,8 +303,10 @@ impl InterruptRemapper {
         self.compat_allowed.load(Ordering::Acquire)
     }
 
-    /// Back to the reset state: remapping and CFI off, no table, the cache empty.
-    #[cfg(test)]
+    /// Back to the reset state: remapping and CFI off (GSTS.IRES, CFIS), no table latched
+    /// (IRTPS), the cache empty. Remapping goes off first; the global invalidation then
+    /// bumps the cache epoch, so a remap that read an IRTE before cannot fill it after.
+    /// The counters are kept.
     pub(crate) fn reset(&self) {
         self.enable(false);
         self.set_compat_allowed(false);

@@ -37,7 +37,7 @@ pub use ports::{DeviceInvalidation, DevicePort, PortError, UnexpectedCompletion}
 pub(crate) use queue::QueueState;
 
 use super::Unit;
-use super::event::Message;
+use super::event::{EventSource, Message};
 use super::prq::PageGroupResponse;
 
 /// Work to do once the queue lock is released: calls into ports and event subscribers
@@ -84,7 +84,9 @@ impl Unit {
             match e {
                 Effect::Invalidate(port, request) => port.invalidate(request),
                 Effect::PageResponse(port, response) => port.page_response(response),
-                Effect::Interrupt((addr, data)) => self.events.interrupt_message(addr, data),
+                Effect::Interrupt((addr, data)) => {
+                    self.events.interrupt_message(EventSource::InvalidationCompletion, addr, data)
+                }
                 Effect::FaultEvent => self.faults.queue_error_event(&*self.events),
                 Effect::Completed(latency) => self.events.device_tlb_completed(latency),
             }

@@ -116,6 +116,18 @@ impl PortState {
         }
     }
 
+    /// The unit was reset: every outstanding ITag is abandoned as at a time-out, so the
+    /// device's late completions for them are ignored instead of setting ICE in the reset
+    /// unit, and no wait waits for them. Their revocations are dropped without running: the
+    /// reset empties the translated-request grants wholesale. Nothing is counted as a
+    /// time-out.
+    pub(crate) fn reset(&mut self) {
+        self.abandoned |= self.in_use;
+        self.in_use = 0;
+        self.sent_at = [None; MAX_QUEUE_DEPTH as usize];
+        self.revocations = [None; MAX_QUEUE_DEPTH as usize];
+    }
+
     /// Remembers what the invalidation just sent with `itag` revokes when it ends.
     pub(crate) fn revoke_at_end(&mut self, itag: ITag, revocation: Option<PendingRevocation>) {
         self.revocations[usize::from(itag.0)] = revocation;

@@ -92,6 +92,19 @@ impl QueueState {
         self.ports.values().map(PortState::outstanding).sum()
     }
 
+    /// Back to the reset state (VT-d 10.4.21-10.4.29): IQH, IQT, IQA, ICS and IQERCD 0,
+    /// queued invalidation off (GSTS.QIES), no queue error in FSTS, IECTL back to IM set
+    /// with IP clear, IEDATA, IEADDR, IEUADDR 0. The device ports stay bound (they are the
+    /// wiring to the functions, not registers); what they had outstanding is abandoned
+    /// (`PortState::reset`).
+    pub(crate) fn reset(&mut self) {
+        let ports = std::mem::take(&mut self.ports);
+        *self = Self { ports, ..Self::default() };
+        for port in self.ports.values_mut() {
+            port.reset();
+        }
+    }
+
     /// Moves IQH past the descriptor it is on.
     pub(crate) fn skip_head(&mut self) {
         self.head = (self.head + 1) % self.entries();
@@ -229,6 +242,15 @@ impl Unit {
     /// Whether FSTS holds an invalidation-queue error, which holds back fault events.
     pub(crate) fn queue_error_pending(&self) -> bool {
         self.queue.lock().errors()
+    }
+
+    /// Withdraws a held fault event once software has serviced every condition behind
+    /// it, the queue errors included (VT-d 10.4.10; `fault`). Decided under the queue lock
+    /// (the fault recorder's nests under it, as in `Unit::reset`), so an IQE, ICE or ITE
+    /// set by another thread is either seen here or raises its event after the withdrawal.
+    pub(crate) fn withdraw_fault_event(&self) {
+        let q = self.queue.lock();
+        self.faults.withdraw_if_serviced(q.errors());
     }
 
     /// FSTS queue bits.

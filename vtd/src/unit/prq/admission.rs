@@ -10,6 +10,7 @@
 use super::PageRequest;
 use crate::ids::SourceId;
 use crate::unit::Unit;
+use crate::unit::event::EventSource;
 use crate::unit::tables::TranslationType;
 
 /// Why a page request was not accepted from a device.
@@ -42,7 +43,7 @@ impl Unit {
         }
         let submitted = self.prq.submit(&self.memory, req);
         if let Some((addr, data)) = submitted.event() {
-            self.events.interrupt_message(addr, data);
+            self.events.interrupt_message(EventSource::PageRequest, addr, data);
         }
         if let Some(r) = submitted.response()
             && let Some(port) = self.device_port(r.sid)

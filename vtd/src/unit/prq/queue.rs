@@ -194,6 +194,13 @@ impl PageRequestQueue {
         Self { state: Mutex::new(State::default()) }
     }
 
+    /// Back to the state [`Self::new`] builds (VT-d 10.4.31-10.4.38): PQH, PQT, PQA and PRS
+    /// 0, PECTL back to IM set with IP clear, PEDATA, PEADDR, PEUADDR 0. The descriptors
+    /// already written stay in host memory, which the unit does not own.
+    pub(crate) fn reset(&self) {
+        *self.state.lock() = State::default();
+    }
+
     /// Reads the 32-bit register at `offset` (in [`regs::PRQ_REGS`], 4-aligned; the MMIO
     /// dispatcher has checked both). Reserved offsets read 0.
     #[cfg(test)]
