@@ -4,7 +4,7 @@
 #   deploy/dmar.sh build                  # images and dmar-certs, no registry (deploy/build-images.sh)
 #   deploy/dmar.sh up [--dashboards] [--platform FILE]
 #                                         # certificates (first time), server (healthy first), agents, Prometheus;
-#                                         # --platform: the server on FILE's remapping units (e.g. deploy/platforms/compose.toml)
+#                                         # --platform: the server on FILE's remapping units (e.g. deploy/platforms/two-units.toml)
 #   deploy/dmar.sh certs                  # make new certificates (a new CA: restart the stack)
 #   deploy/dmar.sh sweep [FLAGS]          # loadgen sweep against the stack, e.g. --steps 1,2,4
 #   deploy/dmar.sh loadgen [ARGS]         # any loadgen run, e.g. invalidate --devices 4

@@ -151,9 +151,8 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<Outcome> {
     }
     let target = if embedded {
         let spec = match &c.platform {
-            Some(path) => Some(
-                dmar_server::platform_file::load(path).with_context(|| format!("platform file {}", path.display()))?,
-            ),
+            // The error names the file.
+            Some(path) => Some(dmar_server::platform_file::load(path)?),
             None => None,
         };
         Target::Embedded(spec)

@@ -309,16 +309,16 @@ pub(crate) fn comparison_text(r: &StalledComparison) -> String {
         })
     };
     let ratio = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.1}x"));
-    let _ = writeln!(out, "{:<34} {:>34} {:>34} {:>9}", "tenants' strict unmaps", "one unit", "two units", "one/two");
-    let _ = writeln!(out, "{:<34} {:>34} {:>34}", "  stalled device", where_(&r.one_unit), where_(&r.two_units));
-    let _ = writeln!(out, "{:<34} {:>34} {:>34}", "  unmaps", one.count, two.count);
+    let _ = writeln!(out, "stalled device: one unit {}; two units {}", where_(&r.one_unit), where_(&r.two_units));
+    let _ = writeln!(out, "{:<30} {:>12} {:>12} {:>9}", "tenants' strict unmaps", "one unit", "two units", "one/two");
+    let _ = writeln!(out, "{:<30} {:>12} {:>12}", "  unmaps", one.count, two.count);
     let _ =
-        writeln!(out, "{:<34} {:>34} {:>34} {:>9}", "  p50", ns(one.p50_ns), ns(two.p50_ns), ratio(r.strict_p50_ratio));
+        writeln!(out, "{:<30} {:>12} {:>12} {:>9}", "  p50", ns(one.p50_ns), ns(two.p50_ns), ratio(r.strict_p50_ratio));
     let _ =
-        writeln!(out, "{:<34} {:>34} {:>34} {:>9}", "  p99", ns(one.p99_ns), ns(two.p99_ns), ratio(r.strict_p99_ratio));
-    let _ = writeln!(out, "{:<34} {:>34} {:>34}", "  max", ns(one.max_ns), ns(two.max_ns));
+        writeln!(out, "{:<30} {:>12} {:>12} {:>9}", "  p99", ns(one.p99_ns), ns(two.p99_ns), ratio(r.strict_p99_ratio));
+    let _ = writeln!(out, "{:<30} {:>12} {:>12}", "  max", ns(one.max_ns), ns(two.max_ns));
     let _ =
-        writeln!(out, "{:<34} {:>34} {:>34}", "  waited >= half the time-out", slow(&r.one_unit), slow(&r.two_units));
+        writeln!(out, "{:<30} {:>12} {:>12}", "  waited >= half the time-out", slow(&r.one_unit), slow(&r.two_units));
     for (name, x) in [("one unit", &r.one_unit), ("two units", &r.two_units)] {
         let _ = writeln!(out, "\n{name}:");
         out += &invalidate_text(x);

@@ -67,8 +67,11 @@ pub(crate) struct StalledDevice {
     link_stop: CancellationToken,
     link: JoinHandle<()>,
     unmap_stop: CancellationToken,
-    unmapper: Option<JoinHandle<anyhow::Result<(u64, u64, Histogram<u64>)>>>,
+    unmapper: Option<Unmapper>,
 }
+
+/// The unmap loop's task: unmaps, of which timed out, and each unmap's duration.
+type Unmapper = JoinHandle<anyhow::Result<(u64, u64, Histogram<u64>)>>;
 
 impl StalledDevice {
     /// Binds `sid` on a new link over `link_channel` (a device identity under TLS),
