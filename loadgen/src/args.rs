@@ -40,6 +40,23 @@ pub struct InvalidateArgs {
     /// Concurrent devices running while pages are unmapped and remapped.
     #[arg(long, env = "DMAR_DEVICES", default_value_t = 4)]
     pub devices: usize,
+    /// Also bind a function of the load generator's own that stops answering device-TLB
+    /// invalidations, behind another remapping unit than the tenants' devices, and keep
+    /// strict-unmapping a page of its domain (each unmap lasts the invalidation time-out
+    /// and ends DEADLINE_EXCEEDED, counted apart). Embedded without `--platform`: runs
+    /// twice, on a one-unit and on a two-unit platform, and compares the tenants' strict
+    /// unmap latency.
+    #[arg(long, env = "DMAR_STALLED_DEVICE")]
+    pub stalled_device: bool,
+    /// Embedded comparison only: the device-TLB invalidation time-out of both platforms'
+    /// units (a real unit's is about a second; shorter keeps the run short).
+    #[arg(long, env = "DMAR_DEVICE_TLB_TIMEOUT", default_value = "200ms", value_parser = parse_duration)]
+    pub device_tlb_timeout: Duration,
+    /// With `--tls-dir`: the certificate in that folder the stalled device's ATS link
+    /// presents (the device role, with a requester id behind another unit than the
+    /// tenants'; the operator's certificate is not a device).
+    #[arg(long, env = "DMAR_STALLED_DEVICE_IDENTITY", requires = "stalled_device")]
+    pub stalled_device_identity: Option<String>,
 }
 
 /// Output formats.
@@ -161,6 +178,11 @@ pub struct Common {
     /// Device TLB entries per function (embedded agents).
     #[arg(long, global = true, env = "DMAR_ATC_CAPACITY", default_value_t = 2048)]
     pub atc_capacity: usize,
+    /// Embedded mode: the platform file of the embedded server (its remapping units and
+    /// their device scopes; the server's `--platform`, docs/PLATFORM.md). Default: one unit
+    /// for every device. A remote server has its own.
+    #[arg(long, global = true, env = "DMAR_PLATFORM")]
+    pub platform: Option<PathBuf>,
     /// Embedded mode: agents to start.
     #[arg(long, global = true, env = "DMAR_EMBEDDED_AGENTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub embedded_agents: u32,

@@ -5,7 +5,7 @@
 use anyhow::{Context as _, bail};
 use dmar_proto::v1::agent_control_client::AgentControlClient;
 use dmar_proto::v1::control_client::ControlClient;
-use dmar_proto::v1::{GetAgentInfoRequest, GetStatsRequest, Stats};
+use dmar_proto::v1::{GetAgentInfoRequest, GetPlatformRequest, GetStatsRequest, Platform, Stats};
 use tonic::transport::Channel;
 
 use crate::security::{ClientSecurity, Peer};
@@ -111,5 +111,15 @@ impl Cluster {
     /// The server's counters.
     pub(crate) async fn stats(&self) -> anyhow::Result<Stats> {
         Ok(self.control.clone().get_stats(GetStatsRequest {}).await.context("server GetStats")?.into_inner())
+    }
+
+    /// The server's platform: its remapping units and their device scopes.
+    pub(crate) async fn platform(&self) -> anyhow::Result<Platform> {
+        Ok(self.control.clone().get_platform(GetPlatformRequest {}).await.context("server GetPlatform")?.into_inner())
+    }
+
+    /// Every ATS function's requester id, in [`Cluster::devices`] order.
+    pub(crate) fn device_sids(&self) -> Vec<dmar_vtd::SourceId> {
+        self.devices().iter().map(|d| dmar_vtd::SourceId(d.sid as u16)).collect()
     }
 }

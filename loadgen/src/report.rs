@@ -11,6 +11,7 @@ use hdrhistogram::serialization::Deserializer;
 use serde::Serialize;
 
 use crate::args::BaselineKind;
+use crate::platform::PlatformSummary;
 
 /// Latency percentiles in nanoseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -244,6 +245,8 @@ pub struct Settings {
     pub check_translated: bool,
     /// CPUs of the machine that ran the load generator.
     pub cpus: usize,
+    /// The server's remapping units, the devices behind each and what each translated.
+    pub platform: Option<PlatformSummary>,
 }
 
 /// A sweep's full report.
@@ -279,13 +282,75 @@ pub struct InvalidatePhase {
     /// Translation completions the devices discarded because an invalidation overtook
     /// them (they asked again).
     pub stale_completions: u64,
+    /// With a stalled device: unmaps that took at least half the device-TLB invalidation
+    /// time-out (the configured one when embedded, else the stalled device's median
+    /// unmap time), i.e. that waited behind the stalled device's invalidation.
+    pub slow_unmaps: Option<u64>,
 }
 
 /// The invalidate scenario's report.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct InvalidateReport {
+    /// The server's remapping units, the devices behind each and what each translated.
+    pub platform: Option<PlatformSummary>,
+    /// The stalled device, if the run had one (`--stalled-device`).
+    pub stalled: Option<StalledReport>,
     /// Per policy.
     pub phases: Vec<InvalidatePhase>,
+}
+
+/// The function the load generator bound itself and let stall (`--stalled-device`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StalledReport {
+    /// Its requester id (`bb:dd.f`).
+    pub source_id: String,
+    /// The unit it sits behind.
+    pub unit: u32,
+    /// That unit's name.
+    pub unit_name: String,
+    /// The units the tenants sit behind.
+    pub tenant_units: Vec<String>,
+    /// The configured device-TLB invalidation time-out in ms (embedded runs), else
+    /// `None`; `unmap_latency` shows what the server's is.
+    pub device_tlb_timeout_ms: Option<f64>,
+    /// Strict unmaps of its page.
+    pub unmaps: u64,
+    /// Of those, ended DEADLINE_EXCEEDED by the time-out: expected, not an error.
+    pub timed_out: u64,
+    /// Invalidation requests it received and never answered.
+    pub invalidations_ignored: u64,
+    /// How long each of its unmaps took (about the time-out each).
+    pub unmap_latency: Latency,
+}
+
+/// The embedded `--stalled-device` comparison: the same invalidate scenario on a one-unit
+/// platform (the stalled device behind the tenants' unit) and on a two-unit platform
+/// (behind the other unit), one after the other in the same run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StalledComparison {
+    /// Both platforms' device-TLB invalidation time-out, in ms.
+    pub device_tlb_timeout_ms: f64,
+    /// One unit: the stalled device's invalidations share the tenants' queue.
+    pub one_unit: InvalidateReport,
+    /// Two units: the stalled device on unit 0, the tenants on unit 1.
+    pub two_units: InvalidateReport,
+    /// The tenants' strict unmap p50, one unit over two units.
+    pub strict_p50_ratio: Option<f64>,
+    /// The tenants' strict unmap p99, one unit over two units.
+    pub strict_p99_ratio: Option<f64>,
+}
+
+impl StalledComparison {
+    /// The comparison of two runs, with its ratios.
+    pub fn new(device_tlb_timeout_ms: f64, one_unit: InvalidateReport, two_units: InvalidateReport) -> Self {
+        let strict = |r: &InvalidateReport| r.phases.iter().find(|p| p.policy == "strict").map(|p| p.unmap_latency);
+        let ratio = |f: fn(&Latency) -> u64| match (strict(&one_unit), strict(&two_units)) {
+            (Some(a), Some(b)) if f(&b) > 0 && a.count > 0 => Some(f(&a) as f64 / f(&b) as f64),
+            _ => None,
+        };
+        let (strict_p50_ratio, strict_p99_ratio) = (ratio(|l| l.p50_ns), ratio(|l| l.p99_ns));
+        Self { device_tlb_timeout_ms, one_unit, two_units, strict_p50_ratio, strict_p99_ratio }
+    }
 }
 
 /// The demand-paging scenario's report.
@@ -297,4 +362,6 @@ pub struct DemandReport {
     pub service_latency: Latency,
     /// The devices' workload.
     pub devices: RunSummary,
+    /// The server's remapping units, the devices behind each and what each translated.
+    pub platform: Option<PlatformSummary>,
 }

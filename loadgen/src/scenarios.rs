@@ -3,7 +3,11 @@
 //! - Invalidate: devices run the ATS workload while the load generator unmaps and remaps
 //!   pages of their footprints, first with strict then with deferred flushing. It reports
 //!   unmaps/s and unmap latency percentiles, and the devices' own check that no access
-//!   used a translation after its invalidation completed.
+//!   used a translation after its invalidation completed. With a stalled device
+//!   (`crate::stalled`) a function of the load generator's own, behind another unit
+//!   (or, for comparison, the same one), keeps an invalidation of that unit waiting for
+//!   the device-TLB time-out throughout, and the report counts the unmaps that waited
+//!   behind it.
 //! - Demand paging: devices start with nothing mapped; every access faults into a page
 //!   request, which the load generator answers by mapping the page and responding
 //!   (PRI), after which the device retries.
@@ -17,10 +21,13 @@ use tokio_stream::StreamExt;
 
 use crate::args::Common;
 use crate::cluster::Cluster;
-use crate::report::{DemandReport, InvalidatePhase, InvalidateReport, Latency};
+use crate::platform::{Placement, PlatformView, plan_stall};
+use crate::report::{DemandReport, InvalidatePhase, InvalidateReport, Latency, StalledReport};
 use crate::run::{run, workload};
 use crate::scenario::{self, HPA_BASE, IOVA_BASE};
-use dmar_vtd::PAGE_SIZE;
+use crate::security::{ClientSecurity, Peer};
+use crate::stalled::StalledDevice;
+use dmar_vtd::{PAGE_SIZE, SourceId};
 
 /// Unmapped pages are mapped again this many unmaps later.
 pub(crate) const REMAP_LAG: usize = 512;
@@ -45,19 +52,84 @@ async fn remap(
 /// One strict unmap in this many is followed by a check through the owning device.
 pub(crate) const CHECK_EVERY: u64 = 8;
 
-/// Runs the invalidate scenario with `devices` devices.
-pub(crate) async fn invalidate(cluster: &Cluster, common: &Common, devices: usize) -> anyhow::Result<InvalidateReport> {
+/// The stalled device of an invalidate run (`--stalled-device`).
+#[derive(Debug, Clone)]
+pub(crate) struct Stall {
+    /// How its link reaches the server: a device identity under TLS.
+    pub(crate) link_security: ClientSecurity,
+    /// The server's address.
+    pub(crate) server: String,
+    /// Behind the tenants' unit or another one.
+    pub(crate) placement: Placement,
+    /// The units' device-TLB invalidation time-out, when the load generator set it
+    /// (embedded comparison).
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// Runs the invalidate scenario with `devices` devices, on `view`'s platform, with a
+/// stalled device if `stall` says so.
+pub(crate) async fn invalidate(
+    cluster: &Cluster,
+    common: &Common,
+    devices: usize,
+    view: &PlatformView,
+    stall: Option<&Stall>,
+) -> anyhow::Result<InvalidateReport> {
     let all = cluster.devices();
     if devices == 0 || all.len() < devices {
         bail!("the invalidate scenario needs {devices} devices but the agents host {} ATS functions", all.len());
     }
-    let chosen = all[..devices].to_vec();
-    let sids: Vec<u32> = chosen.iter().map(|d| d.sid).collect();
     let mut control = cluster.control.clone();
-    let prepared =
-        scenario::prepare(&mut control, &sids, common.footprint, crate::args::PageMix::Small, common.check_translated)
-            .await?;
+    let (chosen, mut stalled) = match stall {
+        None => (all[..devices].to_vec(), None),
+        Some(stall) => {
+            let plan = plan_stall(view, &cluster.device_sids(), devices, stall.placement)?;
+            let chosen: Vec<_> = plan.tenants.iter().map(|&i| all[i]).collect();
+            let channel = stall
+                .link_security
+                .endpoint(&stall.server, Peer::Server)?
+                .connect()
+                .await
+                .with_context(|| format!("cannot reach {} for the stalled device's link", stall.server))?;
+            let device = StalledDevice::attach(channel, control.clone(), plan.sid).await?;
+            let mut tenant_units: Vec<String> =
+                chosen.iter().filter_map(|d| view.unit_of(SourceId(d.sid as u16))).map(|u| view.name(u)).collect();
+            tenant_units.sort();
+            tenant_units.dedup();
+            let report = StalledReport {
+                source_id: plan.sid.to_string(),
+                unit: u32::from(plan.unit.0),
+                unit_name: view.name(plan.unit),
+                tenant_units,
+                device_tlb_timeout_ms: stall.timeout.map(|t| t.as_secs_f64() * 1e3),
+                ..StalledReport::default()
+            };
+            (chosen, Some((device, report)))
+        }
+    };
+    let sids: Vec<u32> = chosen.iter().map(|d| d.sid).collect();
+    let prepared = match scenario::prepare(
+        &mut control,
+        &sids,
+        common.footprint,
+        crate::args::PageMix::Small,
+        common.check_translated,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some((device, _)) = stalled {
+                let _ = device.stop().await;
+            }
+            return Err(e);
+        }
+    };
+    if let Some((device, _)) = stalled.as_mut() {
+        device.start();
+    }
     let mut report = InvalidateReport::default();
+    let mut histograms = Vec::new();
     let pages = common.footprint / PAGE_SIZE;
     let result: anyhow::Result<()> = async {
         for (name, policy) in [("strict", FlushPolicy::Strict), ("deferred", FlushPolicy::Deferred)] {
@@ -135,13 +207,38 @@ pub(crate) async fn invalidate(cluster: &Cluster, common: &Common, devices: usiz
                 checked,
                 use_after_invalidation: violations,
                 stale_completions,
+                slow_unmaps: None,
             });
+            histograms.push(lat);
         }
         Ok(())
     }
     .await;
+    let stall_result = match stalled {
+        Some((device, mut r)) => match device.stop().await {
+            Ok(counts) => {
+                r.unmaps = counts.unmaps;
+                r.timed_out = counts.timed_out;
+                r.invalidations_ignored = counts.ignored;
+                r.unmap_latency = counts.latency;
+                Ok(Some(r))
+            }
+            Err(e) => Err(e),
+        },
+        None => Ok(None),
+    };
     scenario::teardown(&mut control, &prepared).await;
     result?;
+    report.stalled = stall_result?;
+    if let Some(s) = &report.stalled {
+        // Half the time-out: the configured one, else what the stalled device's unmaps
+        // took (each lasts one time-out).
+        let timeout_ns = s.device_tlb_timeout_ms.map_or(s.unmap_latency.p50_ns, |ms| (ms * 1e6) as u64);
+        let half = timeout_ns / 2;
+        for (phase, h) in report.phases.iter_mut().zip(&histograms) {
+            phase.slow_unmaps = (half > 0 && !h.is_empty()).then(|| h.count_between(half, h.max().max(half)));
+        }
+    }
     Ok(report)
 }
 
@@ -221,5 +318,6 @@ pub(crate) async fn demand_paging(cluster: &Cluster, common: &Common) -> anyhow:
         pages_mapped: mapped.max(devices.counts.page_requests.saturating_sub(devices.counts.page_request_failures)),
         service_latency: lat.as_ref().map_or_else(Latency::default, Latency::of),
         devices,
+        platform: None,
     })
 }

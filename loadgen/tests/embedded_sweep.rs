@@ -113,8 +113,11 @@ async fn the_link_baseline_is_labelled_in_every_rendering() {
     assert!(render(dmar_loadgen::args::Format::Text).contains("baseline (link): one ATS translation request"));
     assert!(render(dmar_loadgen::args::Format::Json).contains("\"baseline\": \"link\""));
     let csv = render(dmar_loadgen::args::Format::Csv);
-    assert!(csv.lines().next().is_some_and(|h| h.ends_with(",baseline_kind")), "{csv}");
-    assert!(csv.lines().nth(1).is_some_and(|row| row.ends_with(",link")), "{csv}");
+    let column = |name: &str| csv.lines().next().and_then(|h| h.split(',').position(|c| c == name));
+    let cell = |name: &str| csv.lines().nth(1).and_then(|row| row.split(',').nth(column(name)?)).map(str::to_owned);
+    assert_eq!(cell("baseline_kind").as_deref(), Some("link"), "{csv}");
+    assert_eq!(cell("platform").as_deref(), Some("dmar0:2"), "one unit, both devices: {csv}");
+    assert!(render(dmar_loadgen::args::Format::Text).contains("platform: 1 unit (dmar0: 2 devices)"));
     let dir = tempfile::tempdir().expect("tempdir");
     let svg = dir.path().join("sweep.svg");
     let Outcome::Sweep(r) = &outcome else { unreachable!() };

@@ -232,3 +232,77 @@ async fn devices_behind_a_client_driven_unit_reach_no_memory_until_its_owner_tak
     assert!(!link.dma(read).await.ok);
     server.stop().await;
 }
+
+/// Claims unit 2 and returns its claim stream and lease.
+async fn claim(c: &mut ControlClient<Channel>) -> (tonic::Streaming<UnitLease>, String) {
+    let mut stream = c.claim_unit(ClaimUnitRequest { unit: 2 }).await.expect("claim").into_inner();
+    let lease = stream.message().await.expect("lease").expect("first message").lease;
+    (stream, lease)
+}
+
+/// The old owner keeps writing its region and clearing PMEN.EPM while it releases the unit:
+/// whatever the interleaving, the next owner finds the region zeroed and memory protected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_write_of_the_old_owner_lands_after_its_release() {
+    let server = Server::boot(three_units()).await;
+    let mut c = server.control().await;
+    for round in 0..30 {
+        let (mut stream, lease) = claim(&mut c).await;
+        let (mut w, mut r) = (server.control().await, server.control().await);
+        let (l1, l2) = (lease.clone(), lease.clone());
+        let memory = tokio::spawn(async move {
+            let write =
+                |lease: String| WriteMemoryRequest { address: CLIENT.base.0, data: vec![0xaa; 256 << 10], lease };
+            while w.write_memory(write(l1.clone())).await.is_ok() {}
+        });
+        let register = tokio::spawn(async move {
+            let pmen = |lease: String| WriteRegisterRequest { offset: 0x64, width: 4, value: 0, unit: 2, lease };
+            while r.write_register(pmen(l2.clone())).await.is_ok() {}
+        });
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        c.release_unit(ReleaseUnitRequest { unit: 2, lease }).await.expect("release");
+        assert!(stream.message().await.expect("ends").is_none());
+        memory.await.expect("memory writer");
+        register.await.expect("register writer");
+        let data = c
+            .read_memory(ReadMemoryRequest { address: CLIENT.base.0, length: 256 << 10 })
+            .await
+            .expect("read")
+            .into_inner()
+            .data;
+        assert!(data.iter().all(|b| *b == 0), "round {round}: the old owner's bytes outlived the release");
+        let pmen = c.read_register(ReadRegisterRequest { offset: 0x64, width: 4, unit: 2 }).await.expect("PMEN");
+        assert_eq!(pmen.into_inner().value, 0x8000_0001, "round {round}: memory unprotected after the release");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wait_descriptors_write_no_status_into_a_drivers_region() {
+    use dmar_vtd::unit::invalidation::descriptor::{WaitDesc, encode};
+    let server = Server::boot(three_units()).await;
+    let mut c = server.control().await;
+    let wait = |status_addr: u64| {
+        let (qw0, qw1) =
+            encode::wait(WaitDesc { interrupt: false, status_write: true, fence: true, status_data: 1, status_addr });
+        SubmitInvalidationsRequest { descriptors: vec![Descriptor { qw0, qw1 }], unit: 0 }
+    };
+    for (what, addr) in [("client region", CLIENT.base.0 + 0x100), ("built-in region", BUILTIN.end() - 0x100)] {
+        let refused = c.submit_invalidations(wait(addr)).await.expect_err(what);
+        assert_eq!(refused.code(), Code::PermissionDenied, "{what}: {refused:?}");
+        let back = c.read_memory(ReadMemoryRequest { address: addr, length: 4 }).await.expect("read");
+        assert_eq!(back.into_inner().data, vec![0; 4], "{what}: nothing written");
+    }
+    c.submit_invalidations(wait(0x10_0000)).await.expect("ordinary memory");
+    let status = c.read_memory(ReadMemoryRequest { address: 0x10_0000, length: 4 }).await.expect("read");
+    assert_eq!(status.into_inner().data, vec![1, 0, 0, 0]);
+    // The claim stream that ends after an explicit release does not end a newer lease.
+    let (first, lease) = claim(&mut c).await;
+    c.release_unit(ReleaseUnitRequest { unit: 2, lease }).await.expect("release");
+    let (_second, lease) = claim(&mut c).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let gcmd = WriteRegisterRequest { offset: 0x18, width: 4, value: 0, unit: 2, lease };
+    c.write_register(gcmd).await.expect("the newer lease still holds");
+    server.stop().await;
+}

@@ -8,14 +8,13 @@ mod common;
 
 use std::sync::Arc;
 
-use common::Rig;
+use common::{Messages, Rig};
 use dmar_vtd::unit::invalidation::descriptor::{WaitDesc, encode};
 use dmar_vtd::unit::prq::PageRequest;
 use dmar_vtd::unit::regs::{self, frcd, fsts};
 use dmar_vtd::unit::tables::{AddressWidth, TranslationType};
-use dmar_vtd::unit::{Direction, EventSource, PageRequestOutcome, UnitConfig, UnitEvents};
+use dmar_vtd::unit::{Direction, EventSource, PageRequestOutcome, UnitConfig};
 use dmar_vtd::{Iova, SourceId};
-use parking_lot::Mutex;
 
 const SID: SourceId = SourceId::new(0, 8, 0);
 const STRANGER: SourceId = SourceId::new(2, 0, 0);
@@ -24,20 +23,6 @@ const STRANGER: SourceId = SourceId::new(2, 0, 0);
 const FAULT: (u64, u32, u32, u32) = (regs::FECTL, 0x4101, 0xfee0_1000, 0);
 const COMPLETION: (u64, u32, u32, u32) = (regs::IECTL, 0x4202, 0xfee0_2000, 0);
 const PAGE_REQUEST: (u64, u32, u32, u32) = (regs::PECTL, 0x4303, 0xfee0_3000, 1);
-
-#[derive(Debug, Default)]
-struct Messages(Mutex<Vec<(EventSource, u64, u32)>>);
-impl UnitEvents for Messages {
-    fn interrupt_message(&self, source: EventSource, addr: u64, data: u32) {
-        self.0.lock().push((source, addr, data));
-    }
-}
-
-impl Messages {
-    fn take(&self) -> Vec<(EventSource, u64, u32)> {
-        std::mem::take(&mut *self.0.lock())
-    }
-}
 
 /// Programs an event block (data, address, upper address) and unmasks it.
 fn program(rig: &Rig, (ctl, data, addr, upper): (u64, u32, u32, u32)) {

@@ -7,31 +7,16 @@ mod common;
 
 use std::sync::Arc;
 
-use common::Rig;
+use common::{Messages, Rig};
 use dmar_vtd::unit::invalidation::descriptor::encode;
 use dmar_vtd::unit::regs::{self, event, frcd, fsts};
-use dmar_vtd::unit::{Direction, EventSource, IotlbInvalidation, UnitConfig, UnitEvents};
+use dmar_vtd::unit::{Direction, EventSource, IotlbInvalidation, UnitConfig};
 use dmar_vtd::{Iova, SourceId};
-use parking_lot::Mutex;
 
 /// No context entry exists for it: its DMA faults (root entry not present).
 const STRANGER: SourceId = SourceId::new(0x20, 0, 0);
 const DATA: u32 = 0x4142;
 const ADDR: u32 = 0xfee0_2000;
-
-#[derive(Debug, Default)]
-struct Messages(Mutex<Vec<(EventSource, u64, u32)>>);
-impl UnitEvents for Messages {
-    fn interrupt_message(&self, source: EventSource, addr: u64, data: u32) {
-        self.0.lock().push((source, addr, data));
-    }
-}
-
-impl Messages {
-    fn take(&self) -> Vec<(EventSource, u64, u32)> {
-        std::mem::take(&mut *self.0.lock())
-    }
-}
 
 /// A unit with translation on and the fault event programmed but masked (IM = 1).
 fn rig() -> (Rig, Arc<Messages>) {

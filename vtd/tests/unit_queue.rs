@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use common::Rig;
+use common::{Bell, Rig};
 use dmar_vtd::clock::{Clock, ManualClock};
 use dmar_vtd::unit::interrupt::IecInvalidation;
 use dmar_vtd::unit::invalidation::descriptor::{WaitDesc, encode};
@@ -382,15 +382,6 @@ mod page_requests {
         assert!(overflow_cleared);
         assert_eq!(rig.unit.read32(regs::PRS).expect("prs"), 0);
         assert_eq!(rig.unit.page_request(request(1, 1, true)), Ok(PageRequestOutcome::Queued));
-    }
-}
-
-/// Counts rings of the invalidation doorbell.
-#[derive(Debug, Default)]
-struct Bell(AtomicUsize);
-impl InvalidationDoorbell for Bell {
-    fn ring(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -7,10 +7,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use common::Rig;
+use common::{Bell, Messages, Rig};
 use dmar_vtd::driver::{AttachOptions, DomainKind, Driver, DriverConfig, Perm};
 use dmar_vtd::unit::interrupt::{DeliveryMode, DestinationMode, Trigger, msi_compatibility};
 use dmar_vtd::unit::invalidation::descriptor::{WaitDesc, encode};
@@ -19,7 +19,7 @@ use dmar_vtd::unit::regs::{self, fsts, gcmd};
 use dmar_vtd::unit::tables::{AddressWidth, TranslationType};
 use dmar_vtd::unit::{
     AtsCompletion, CacheOccupancy, DeviceInvalidation, DevicePort, Direction, EventSource, FaultReason, FaultRecord,
-    HostMemory, InvalidationDoorbell, PageRequestOutcome, PortError, Translation, Unit, UnitConfig, UnitEvents,
+    HostMemory, InvalidationDoorbell, PageRequestOutcome, PortError, Translation, Unit, UnitConfig,
 };
 use dmar_vtd::{Hpa, Iova, SourceId};
 use parking_lot::Mutex;
@@ -33,21 +33,6 @@ const FAULT_VECTOR: u32 = 0x46;
 const PAGE_REQUEST_VECTOR: u32 = 0x51;
 const IOVA: Iova = Iova(0x40_0000);
 const TARGET: Hpa = Hpa(0x20_0000);
-
-/// Every interrupt message the unit sends.
-#[derive(Debug, Default)]
-struct Messages(Mutex<Vec<(EventSource, u64, u32)>>);
-impl UnitEvents for Messages {
-    fn interrupt_message(&self, source: EventSource, addr: u64, data: u32) {
-        self.0.lock().push((source, addr, data));
-    }
-}
-
-impl Messages {
-    fn count(&self) -> usize {
-        self.0.lock().len()
-    }
-}
 
 /// A compatibility-format MSI: vector 0x30, fixed, edge, to APIC 0.
 fn compatibility_msi() -> (u64, u32) {
@@ -241,14 +226,6 @@ impl DevicePort for Silent {
         self.0.lock().push(request);
     }
     fn page_response(&self, _response: PageGroupResponse) {}
-}
-
-#[derive(Debug, Default)]
-struct Bell(AtomicUsize);
-impl InvalidationDoorbell for Bell {
-    fn ring(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
 }
 
 #[test]

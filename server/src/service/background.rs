@@ -78,21 +78,26 @@ pub(super) async fn page_request_pump(state: Arc<State>, notify: Arc<Notify>) {
             () = notify.notified() => {}
         }
         let driver = driver.clone();
-        let drain = move || -> Result<Vec<_>, DriverError> {
+        // Every unit's queue, each on its own: a unit whose queue cannot be drained does not
+        // cost the requests already taken from the others.
+        let drain = move || {
             let mut all = Vec::new();
             for unit in driver.units().map(|(id, _)| id).collect::<Vec<_>>() {
-                all.extend(driver.drain_page_requests_on(unit)?.into_iter().map(|r| (unit, r)));
+                match driver.drain_page_requests_on(unit) {
+                    Ok(requests) => all.extend(requests.into_iter().map(|r| (unit, r))),
+                    Err(DriverError::PageRequestsDisabled) => {}
+                    Err(e) => tracing::warn!(%unit, error = %e, "page request queue drain failed"),
+                }
             }
-            Ok(all)
+            all
         };
         match tokio::task::spawn_blocking(drain).await {
-            Ok(Ok(requests)) => {
+            Ok(requests) => {
                 for (unit, r) in &requests {
                     // No watcher is not an error.
                     let _ = state.hub.page_requests.send(wire::page_request_event(*unit, r));
                 }
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "page request queue drain failed"),
             Err(e) => tracing::warn!(error = %e, "page request queue drain task failed"),
         }
     }

@@ -24,12 +24,14 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
+use super::platform::Holder;
 use super::wire::{self, MAX_MEMORY_BYTES, MAX_RANGES};
 use super::{State, auth, blocking, status};
 use dmar_vtd::driver::FlushPolicy as DriverFlush;
 use dmar_vtd::ids::{Hpa, Iova, UnitId};
+use dmar_vtd::unit::invalidation::descriptor::{self, Descriptor as Decoded};
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -86,10 +88,19 @@ fn watch<T: Clone + Send + 'static>(
 }
 
 impl ControlService {
+    /// `r`, counting a refusal of ownership (`dmar_server_refusals_total{reason="unit_ownership"}`).
+    fn owned<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
+        if r.as_ref().is_err_and(|s| matches!(s.code(), Code::PermissionDenied | Code::FailedPrecondition)) {
+            self.state.metrics.refused(super::metrics::Refusal::UnitOwnership);
+        }
+        r
+    }
+
     /// Unit `raw`, which must be driven by the built-in driver.
     fn builtin_unit(&self, raw: u32) -> Result<UnitId, Status> {
         let slot = self.state.units.get(raw)?;
         if !slot.is_builtin() {
+            self.state.metrics.refused(super::metrics::Refusal::UnitOwnership);
             return Err(Status::failed_precondition(format!(
                 "unit {} ({}) is client-driven: domains, maps, interrupt entries and the invalidation queue are its \
                  owner's, through its registers and memory",
@@ -166,18 +177,15 @@ impl Control for ControlService {
         check_ranges(r.ranges.len(), "map")?;
         let driver = self.state.driver()?;
         // The domain owner's `max_frames`: each range maps within what is left of it.
+        // No range may reach a client-driven unit's region: checked before anything maps.
+        for (i, m) in r.ranges.iter().enumerate() {
+            self.owned(self.state.units.check_map_target(Hpa(m.hpa), m.length)).map_err(|s| status::in_range(i, s))?;
+        }
         let mut budget = self.state.access.frame_budget(&caller, Some(did), &driver).await;
-        let state = self.state.clone();
         let mapped = blocking(move || {
             let mut done: Vec<(Iova, u64)> = Vec::with_capacity(r.ranges.len());
             for (i, m) in r.ranges.iter().enumerate() {
                 let perm = wire::permissions(m.permissions);
-                if let Err(s) = state.units.check_map_target(Hpa(m.hpa), m.length) {
-                    for (iova, len) in done {
-                        let _ = driver.unmap_with(did, iova, len, DriverFlush::Strict);
-                    }
-                    return Err(status::in_range(i, s));
-                }
                 if let Err(e) = budget.map(&driver, did, Iova(m.iova), Hpa(m.hpa), m.length, perm) {
                     // All or nothing: undo this request's earlier ranges.
                     for (iova, len) in done {
@@ -242,12 +250,12 @@ impl Control for ControlService {
         r: Request<WriteRegisterRequest>,
     ) -> Result<Response<WriteRegisterResponse>, Status> {
         let r = r.into_inner();
-        let unit = &self.state.units.check_lease(r.unit, &r.lease)?.unit;
-        match r.width {
-            4 => unit.write32(r.offset, wire::register_value32(r.value)?).map_err(status::mmio)?,
-            8 => unit.write64(r.offset, r.value).map_err(status::mmio)?,
-            w => return Err(Status::invalid_argument(format!("register width {w} is not 4 or 8"))),
-        }
+        let write = |unit: &dmar_vtd::unit::Unit| match r.width {
+            4 => unit.write32(r.offset, wire::register_value32(r.value)?).map_err(status::mmio),
+            8 => unit.write64(r.offset, r.value).map_err(status::mmio),
+            w => Err(Status::invalid_argument(format!("register width {w} is not 4 or 8"))),
+        };
+        self.owned(self.state.units.as_owner(r.unit, &r.lease, write))??;
         Ok(Response::new(WriteRegisterResponse {}))
     }
 
@@ -269,8 +277,7 @@ impl Control for ControlService {
                 r.data.len()
             )));
         }
-        self.state.units.check_memory_write(Hpa(r.address), r.data.len() as u64, &r.lease)?;
-        self.state.units.memory.write(Hpa(r.address), &r.data).map_err(status::memory)?;
+        self.owned(self.state.units.write_memory(Hpa(r.address), &r.data, &r.lease))?;
         Ok(Response::new(WriteMemoryResponse {}))
     }
 
@@ -281,6 +288,16 @@ impl Control for ControlService {
         let r = r.into_inner();
         let descs = wire::descriptors(&r.descriptors)?;
         let unit = self.builtin_unit(r.unit)?;
+        // A status write is the unit writing memory for the client: not into a driver's
+        // region (the built-in driver's tables, a client-driven unit's).
+        for (i, (qw0, qw1)) in descs.iter().enumerate() {
+            if let Ok(Decoded::Wait(w)) = descriptor::decode(*qw0, *qw1)
+                && w.status_write
+            {
+                self.owned(self.state.units.check_status_target(Hpa(w.status_addr), 4))
+                    .map_err(|s| Status::new(s.code(), format!("descriptor {i}: {}", s.message())))?;
+            }
+        }
         let driver = self.state.driver()?;
         let result = blocking(move || Ok(driver.submit_descriptors_on(unit, &descs))).await?;
         if let Err(e) = result {
@@ -392,7 +409,7 @@ impl Control for ControlService {
 
     async fn claim_unit(&self, r: Request<ClaimUnitRequest>) -> Result<Response<Self::ClaimUnitStream>, Status> {
         let caller = auth::caller(&r)?;
-        let claim = self.state.units.claim(r.into_inner().unit)?;
+        let claim = self.owned(self.state.units.claim(r.into_inner().unit))?;
         tracing::info!(identity = %caller.identity, unit = %claim.unit, "unit claimed");
         let (tx, rx) = mpsc::channel(1);
         // The channel is new and holds one message: this send cannot fail.
@@ -409,7 +426,7 @@ impl Control for ControlService {
                     let _ = tx.try_send(Err(Status::unavailable("server shutting down")));
                 }
             }
-            if state.units.release_stream(unit, serial) {
+            if state.units.release(u32::from(unit.0), Holder::Serial(serial)).unwrap_or(false) {
                 tracing::info!(identity = %caller.identity, %unit, "unit released: its claim stream closed");
             }
         });
@@ -419,14 +436,14 @@ impl Control for ControlService {
     async fn release_unit(&self, r: Request<ReleaseUnitRequest>) -> Result<Response<ReleaseUnitResponse>, Status> {
         let caller = auth::caller(&r)?;
         let r = r.into_inner();
-        self.state.units.release(r.unit, Some(&r.lease))?;
+        self.owned(self.state.units.release(r.unit, Holder::Secret(&r.lease)))?;
         tracing::info!(identity = %caller.identity, unit = r.unit, "unit released");
         Ok(Response::new(ReleaseUnitResponse {}))
     }
 
     async fn reset_unit(&self, r: Request<ResetUnitRequest>) -> Result<Response<ResetUnitResponse>, Status> {
         let r = r.into_inner();
-        self.state.units.check_lease(r.unit, &r.lease)?.unit.reset();
+        self.owned(self.state.units.as_owner(r.unit, &r.lease, |unit| unit.reset()))?;
         Ok(Response::new(ResetUnitResponse {}))
     }
 

@@ -81,11 +81,20 @@ pub(crate) enum Refusal {
     InvalidDescriptor,
     /// A link message that broke the protocol (the link is closed).
     LinkProtocol,
+    /// A call on a unit or region its caller does not own: a claim of a held or built-in
+    /// unit, a write without the unit's lease, a write or map into a driver's region, a
+    /// raw call on a unit of the other kind.
+    UnitOwnership,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 4] =
-        [Self::PageRequestCapacity, Self::PageGroupNotOutstanding, Self::InvalidDescriptor, Self::LinkProtocol];
+    const ALL: [Refusal; 5] = [
+        Self::PageRequestCapacity,
+        Self::PageGroupNotOutstanding,
+        Self::InvalidDescriptor,
+        Self::LinkProtocol,
+        Self::UnitOwnership,
+    ];
 
     /// The label value.
     fn name(self) -> &'static str {
@@ -94,6 +103,7 @@ impl Refusal {
             Self::PageGroupNotOutstanding => "page_group_not_outstanding",
             Self::InvalidDescriptor => "invalid_descriptor",
             Self::LinkProtocol => "link_protocol",
+            Self::UnitOwnership => "unit_ownership",
         }
     }
 }
@@ -111,6 +121,10 @@ fn describe() {
     describe_counter!("dmar_unit_stale_uses_total", "Cache hits served although the source entry had changed");
     describe_counter!("dmar_unit_faults_total", "Faults recorded, by reason");
     describe_counter!("dmar_unit_faults_dropped_total", "Faults not recorded, by cause (fpd, overflow)");
+    describe_counter!(
+        "dmar_unit_protected_memory_blocked_total",
+        "DMA blocked by a protected memory region (PMEN.EPM), recorded as no fault"
+    );
     describe_counter!("dmar_unit_invalidation_descriptors_total", "Invalidation descriptors processed, by type");
     describe_counter!("dmar_unit_invalidation_queue_errors_total", "Invalidation queue errors (IQE)");
     describe_histogram!(
@@ -172,6 +186,7 @@ pub(crate) struct Metrics {
     queue_errors: Counter,
     devtlb_timeouts: Counter,
     translated_check: [Mirrored; 3],
+    protected_memory: [Mirrored; 1],
     cpu: Gauge,
     pub(crate) walk_duration: Histogram,
     pub(crate) devtlb_duration: Histogram,
@@ -259,6 +274,7 @@ impl Metrics {
                 (counter!("dmar_unit_translated_check_grants_total"), |s| s.translated_check_grants),
                 (counter!("dmar_unit_translated_check_evictions_total"), |s| s.translated_check_evictions),
             ],
+            protected_memory: [(counter!("dmar_unit_protected_memory_blocked_total"), |s| s.protected_memory_blocked)],
             cpu: gauge!("dmar_server_cpu_used_seconds"),
             walk_duration: histogram!("dmar_unit_walk_duration_seconds"),
             devtlb_duration: histogram!("dmar_unit_device_tlb_invalidation_duration_seconds"),
@@ -299,6 +315,7 @@ impl Metrics {
             .chain(&self.dropped)
             .chain(&self.descriptors)
             .chain(&self.translated_check)
+            .chain(&self.protected_memory)
         {
             c.absolute(f(s));
         }

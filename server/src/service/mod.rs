@@ -99,9 +99,6 @@ pub enum ServeError {
     /// The memory size is unusable.
     #[error(transparent)]
     Memory(#[from] InvalidMemorySize),
-    /// Programming a client-driven unit's protected memory regions failed.
-    #[error("firmware: {0}")]
-    Firmware(String),
     /// The platform description breaks a rule.
     #[error("platform: {0}")]
     Platform(#[from] PlatformError),
@@ -201,8 +198,7 @@ fn build_platform(
         driver.enable_fault_events(events::FAULT_VECTOR)?;
         Some(driver)
     };
-    let units = Units::new(spec, memory, units).map_err(|e| ServeError::Firmware(e.to_string()))?;
-    Ok((units, driver))
+    Ok((Units::new(spec, memory, units), driver))
 }
 
 /// The process-wide Prometheus recorder, installed on first use (several servers in one

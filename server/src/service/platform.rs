@@ -12,13 +12,29 @@
 //! Firmware's part: before a client-driven unit is handed over (at start, and after each
 //! release) the server does what platform firmware with pre-boot DMA protection does. It
 //! programs the unit's protected memory regions over all of host memory and enables them
-//! (VT-d 10.4.16-10.4.20; the sequence is in `dmar_vtd::unit`), so the devices behind the
-//! unit reach no memory until its owner has enabled translation and cleared PMEN.EPM, as
-//! Linux does after `iommu_enable_translation`. Every other register is at its reset
-//! value. `ResetUnit` is a hardware reset: it clears the regions too, by the owner's choice.
+//! (VT-d 10.4.16-10.4.20; `Unit::reset_protected` enables them before translation goes
+//! off, so there is no unprotected moment), so the devices behind the unit reach no memory
+//! until its owner has enabled translation and cleared PMEN.EPM, as Linux does after
+//! `iommu_enable_translation`. Every other register is at its reset value. `ResetUnit` is a
+//! hardware reset: it clears the regions too, by the owner's choice.
+//!
+//! What the region rules are not: a boundary between operators. An operator is trusted
+//! like root on the host (docs/SECURITY.md): the tables of a unit it owns, an identity
+//! domain or an ATS attach on a built-in unit can give its devices any host address. The
+//! rules keep clients from overwriting each other's and the built-in driver's tables and
+//! queues through the calls that name memory (`WriteMemory`, `Map`, `SubmitInvalidations`
+//! wait descriptors).
 //!
 //! A lease is a 128-bit random secret; the holder presents it on every write. It is
 //! compared in constant time and never logged.
+//!
+//! Ordering: each unit's lease sits behind a read-write lock. A write on the owner's behalf
+//! (register, region, reset) holds it for reading from the lease check to the end of the
+//! write; a claim and a release hold it for writing, a release from taking the lease to
+//! the end of the reset and the zeroing. So no write of the old owner lands after its
+//! lease ended, and the next owner finds the unit reset, protected and its region zeroed.
+//! (A DMA a device began through the old owner's tables before the reset may still finish
+//! after it, as on a bus.)
 //!
 //! Not here: the units' behaviour (`dmar_vtd::unit`), the platform description and its
 //! validation (`dmar_vtd::platform`), the table encoding (`dmar_vtd::acpi`).
@@ -28,9 +44,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dmar_vtd::ids::{Hpa, SourceId, UnitId};
 use dmar_vtd::platform::{PlatformSpec, Region, Routing, UnitDriver, UnitSpec};
-use dmar_vtd::unit::regs::{self, pmen, pmr};
-use dmar_vtd::unit::{HostMemory, MmioError, Unit};
-use parking_lot::Mutex;
+use dmar_vtd::unit::{HostMemory, Unit};
+use parking_lot::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -40,7 +55,8 @@ pub(crate) struct UnitSlot {
     pub(crate) id: UnitId,
     pub(crate) spec: UnitSpec,
     pub(crate) unit: Arc<Unit>,
-    lease: Mutex<Option<Lease>>,
+    /// The lease, if held; the gate every write on the owner's behalf holds (module docs).
+    lease: RwLock<Option<Lease>>,
 }
 
 /// A held lease: its secret and the signal that ends its claim stream.
@@ -62,6 +78,15 @@ pub(crate) struct Claim {
     pub(crate) ended: CancellationToken,
 }
 
+/// Which lease a release ends.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Holder<'a> {
+    /// The caller's, proved by its secret (`ReleaseUnit`).
+    Secret(&'a str),
+    /// Claim `serial`'s, if it still holds the unit (its stream closed).
+    Serial(u64),
+}
+
 impl UnitSlot {
     /// Whether the built-in driver drives the unit.
     pub(crate) fn is_builtin(&self) -> bool {
@@ -78,7 +103,20 @@ impl UnitSlot {
 
     /// Whether a client holds the lease now.
     pub(crate) fn claimed(&self) -> bool {
-        self.lease.lock().is_some()
+        self.lease.read().is_some()
+    }
+
+    /// The lease gate, read-held, if `secret` is the lease; a refusal otherwise.
+    fn leased(&self, secret: &str) -> Result<RwLockReadGuard<'_, Option<Lease>>, Status> {
+        let lease = self.lease.read();
+        match &*lease {
+            Some(l) if same_secret(&l.secret, secret) => Ok(lease),
+            Some(_) => Err(Status::permission_denied(format!("unit {} is claimed by another client", self.id))),
+            None => Err(Status::permission_denied(format!(
+                "unit {} ({}) is not claimed: ClaimUnit first",
+                self.id, self.spec.name
+            ))),
+        }
     }
 }
 
@@ -100,24 +138,6 @@ fn new_secret() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Firmware's DMA protection for a client-driven unit: both protected memory regions over
-/// all of `memory_size` bytes (below and above 4 GiB), enabled (VT-d 10.4.16-10.4.20).
-fn protect_memory(unit: &Unit, memory_size: u64) -> Result<(), MmioError> {
-    const FOUR_GIB: u64 = 1 << 32;
-    let last = |end: u64| (end - 1) & !(pmr::GRANULE - 1);
-    let low_end = memory_size.min(FOUR_GIB);
-    unit.write32(regs::PLMBASE, 0)?;
-    unit.write32(regs::PLMLIMIT, last(low_end) as u32)?;
-    if memory_size > FOUR_GIB {
-        unit.write64(regs::PHMBASE, FOUR_GIB)?;
-        unit.write64(regs::PHMLIMIT, last(memory_size))?;
-    }
-    unit.write32(regs::PMEN, pmen::EPM)?;
-    // PRS follows EPM at once in this unit; read back as firmware polls it.
-    debug_assert_ne!(unit.read32(regs::PMEN)? & pmen::PRS, 0);
-    Ok(())
-}
-
 /// Compares two secrets in time independent of where they differ.
 fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -125,22 +145,21 @@ fn same_secret(a: &str, b: &str) -> bool {
 
 impl Units {
     /// The platform `spec` over `memory`, with `units` built in spec order; the client-driven
-    /// ones get firmware's DMA protection.
-    pub(crate) fn new(spec: PlatformSpec, memory: Arc<HostMemory>, units: Vec<Arc<Unit>>) -> Result<Self, MmioError> {
+    /// ones are handed over with firmware's DMA protection.
+    pub(crate) fn new(spec: PlatformSpec, memory: Arc<HostMemory>, units: Vec<Arc<Unit>>) -> Self {
         let routing = Routing::new(&spec);
         let dmar = dmar_vtd::acpi::dmar_table(&spec);
-        let slots = spec
+        let slots: Vec<UnitSlot> = spec
             .units
             .iter()
             .zip(units)
             .enumerate()
-            .map(|(i, (s, unit))| UnitSlot { id: UnitId(i as u16), spec: s.clone(), unit, lease: Mutex::new(None) })
+            .map(|(i, (s, unit))| UnitSlot { id: UnitId(i as u16), spec: s.clone(), unit, lease: RwLock::new(None) })
             .collect();
-        let units = Self { spec, routing, memory, slots, dmar, claims: AtomicU64::new(0) };
-        for slot in units.slots.iter().filter(|s| !s.is_builtin()) {
-            protect_memory(&slot.unit, units.spec.memory_size)?;
+        for slot in slots.iter().filter(|s| !s.is_builtin()) {
+            slot.unit.reset_protected();
         }
-        Ok(units)
+        Self { spec, routing, memory, slots, dmar, claims: AtomicU64::new(0) }
     }
 
     /// Every unit, in DRHD order.
@@ -185,7 +204,7 @@ impl Units {
     /// ends. FAILED_PRECONDITION if it is held or built-in.
     pub(crate) fn claim(&self, raw: u32) -> Result<Claim, Status> {
         let (slot, _) = self.client(raw)?;
-        let mut lease = slot.lease.lock();
+        let mut lease = slot.lease.write();
         if lease.is_some() {
             return Err(Status::failed_precondition(format!(
                 "unit {} ({}) is claimed by another client",
@@ -199,54 +218,40 @@ impl Units {
         Ok(Claim { unit: slot.id, secret, serial, ended })
     }
 
-    /// Checks that `secret` is unit `raw`'s lease.
-    pub(crate) fn check_lease(&self, raw: u32, secret: &str) -> Result<&UnitSlot, Status> {
+    /// Runs `write` on unit `raw` on behalf of the holder of `secret`, with the lease held
+    /// until it returns (so a release waits for it, and it cannot follow a release).
+    pub(crate) fn as_owner<T>(&self, raw: u32, secret: &str, write: impl FnOnce(&Unit) -> T) -> Result<T, Status> {
         let (slot, _) = self.client(raw)?;
-        match &*slot.lease.lock() {
-            Some(l) if same_secret(&l.secret, secret) => Ok(slot),
-            Some(_) => Err(Status::permission_denied(format!("unit {} is claimed by another client", slot.id))),
-            None => Err(Status::permission_denied(format!(
-                "unit {} ({}) is not claimed: ClaimUnit first",
-                slot.id, slot.spec.name
-            ))),
-        }
+        let _lease = slot.leased(secret)?;
+        Ok(write(&slot.unit))
     }
 
-    /// Ends unit `raw`'s lease if `secret` is it (`None`: whichever lease is held, for a
-    /// claim stream that closed), then resets the unit and zeroes its region. Returns
-    /// whether a lease ended.
-    pub(crate) fn release(&self, raw: u32, secret: Option<&str>) -> Result<bool, Status> {
+    /// Ends unit `raw`'s lease held by `holder`, then (under the same lock) resets the unit
+    /// with firmware's protection and zeroes its region. Returns whether a lease ended:
+    /// `Holder::Serial` of a lease no longer held ends nothing.
+    pub(crate) fn release(&self, raw: u32, holder: Holder<'_>) -> Result<bool, Status> {
         let (slot, region) = self.client(raw)?;
-        let ended = {
-            let mut lease = slot.lease.lock();
-            match (&*lease, secret) {
-                (Some(l), Some(s)) if !same_secret(&l.secret, s) => {
-                    return Err(Status::permission_denied(format!("unit {} is claimed by another client", slot.id)));
-                }
-                (None, Some(_)) => {
-                    return Err(Status::failed_precondition(format!("unit {} is not claimed", slot.id)));
-                }
-                (None, None) => return Ok(false),
-                _ => lease.take(),
+        let mut lease = slot.lease.write();
+        match (&*lease, holder) {
+            (Some(l), Holder::Secret(s)) if !same_secret(&l.secret, s) => {
+                return Err(Status::permission_denied(format!("unit {} is claimed by another client", slot.id)));
             }
-        };
-        slot.unit.reset();
-        // The register offsets are the unit's own and the region is inside memory
-        // (validated): neither can fail.
-        let _ = protect_memory(&slot.unit, self.spec.memory_size);
+            (None, Holder::Secret(_)) => {
+                return Err(Status::failed_precondition(format!("unit {} is not claimed", slot.id)));
+            }
+            (Some(l), Holder::Serial(serial)) if l.serial != serial => return Ok(false),
+            (None, Holder::Serial(_)) => return Ok(false),
+            _ => {}
+        }
+        let ended = lease.take();
+        slot.unit.reset_protected();
+        // The region is inside memory (validated): zeroing cannot fail.
         let _ = self.memory.zero(region.base, region.size);
+        drop(lease);
         if let Some(l) = ended {
             l.ended.cancel();
         }
         Ok(true)
-    }
-
-    /// Ends lease `serial` of unit `id` if it is still the one held (a claim stream that
-    /// closed after an explicit release finds another lease or none, and does nothing).
-    pub(crate) fn release_stream(&self, id: UnitId, serial: u64) -> bool {
-        let Some(slot) = self.slots.get(id.index()) else { return false };
-        let held = slot.lease.lock().as_ref().map(|l| l.serial) == Some(serial);
-        held && self.release(u32::from(id.0), None).unwrap_or(false)
     }
 
     /// Whether the built-in driver may map `len` bytes at `hpa` for a device: never into a
@@ -263,29 +268,44 @@ impl Units {
         }
     }
 
-    /// Whether a write of `len` bytes at `addr` may proceed with `secret`: never into the
-    /// built-in driver's region, and into a client-driven unit's region only with that
-    /// unit's lease.
-    pub(crate) fn check_memory_write(&self, addr: Hpa, len: u64, secret: &str) -> Result<(), Status> {
+    /// Whether software outside the driver may have the hardware write `len` bytes at
+    /// `addr` (a wait descriptor's status write): not into any driver's region.
+    pub(crate) fn check_status_target(&self, addr: Hpa, len: u64) -> Result<(), Status> {
+        let target = Region { base: addr, size: len.max(1) };
+        if self.slots.iter().any(UnitSlot::is_builtin) && target.overlaps(&self.spec.builtin_region) {
+            return Err(Status::permission_denied(format!(
+                "status address {addr} is in the built-in driver's region: its tables are its own"
+            )));
+        }
+        self.check_map_target(addr, len).map_err(|s| Status::permission_denied(s.message().to_owned()))
+    }
+
+    /// Writes `data` at `addr` for a client: never into the built-in driver's region, and
+    /// into a client-driven unit's region only with that unit's lease, held across the
+    /// write.
+    pub(crate) fn write_memory(&self, addr: Hpa, data: &[u8], secret: &str) -> Result<(), Status> {
+        let len = data.len() as u64;
         let touched = Region { base: addr, size: len.max(1) };
         if self.slots.iter().any(UnitSlot::is_builtin) && touched.overlaps(&self.spec.builtin_region) {
             return Err(Status::permission_denied(format!(
                 "host address {addr} (+{len} bytes) is in the built-in driver's region: its tables are its own"
             )));
         }
-        for slot in &self.slots {
-            if let Some(region) = slot.client_region()
-                && touched.overlaps(&region)
-            {
-                self.check_lease(u32::from(slot.id.0), secret)?;
+        // Regions are disjoint (validated): at most one is touched.
+        let owned = self.slots.iter().find_map(|s| s.client_region().filter(|r| touched.overlaps(r)).map(|r| (s, r)));
+        let _lease = match owned {
+            Some((slot, region)) => {
+                let lease = slot.leased(secret)?;
                 if !region.contains(addr, len) {
                     return Err(Status::permission_denied(format!(
                         "host address {addr} (+{len} bytes) crosses the edge of unit {}'s region",
                         slot.id
                     )));
                 }
+                Some(lease)
             }
-        }
-        Ok(())
+            None => None,
+        };
+        self.memory.write(addr, data).map_err(super::status::memory)
     }
 }

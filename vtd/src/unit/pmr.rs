@@ -136,6 +136,21 @@ impl ProtectedMemory {
         }
     }
 
+    /// Firmware's pre-boot DMA protection: the low region over `[0, min(size, 4 GiB))`,
+    /// the high region over `[4 GiB, size)` when memory reaches past 4 GiB, and EPM set, as
+    /// firmware programs them through the registers (the sequence in the unit's module
+    /// docs). `size` is a multiple of the 2 MiB granule (`HostMemory` sizes are).
+    pub(crate) fn protect_all(&self, size: u64) {
+        const FOUR_GIB: u64 = 1 << 32;
+        let last = |end: u64| end.saturating_sub(1) & !(pmr::GRANULE - 1);
+        let mut r = self.regs.lock();
+        r.plmbase = 0;
+        r.plmlimit = (last(size.min(FOUR_GIB)) as u32) & pmr::LOW_MASK;
+        (r.phmbase, r.phmlimit) = if size > FOUR_GIB { (FOUR_GIB, last(size) & pmr::HIGH_MASK) } else { (0, 0) };
+        r.epm = true;
+        self.enabled.store(true, Ordering::Release);
+    }
+
     /// Back to the reset values (VT-d 10.4.16-10.4.20): EPM and PRS clear, every base
     /// and limit 0.
     pub(crate) fn reset(&self) {

@@ -61,9 +61,28 @@ impl Unit {
     /// ports and doorbells (wiring, not registers), and host memory. See the module docs
     /// for the order and the locking.
     pub fn reset(&self) {
+        self.reset_with(None);
+    }
+
+    /// [`Unit::reset`] as a platform with pre-boot DMA protection performs it: every
+    /// register at its reset value except the protected memory regions, which firmware
+    /// programs over all of host memory and enables (PMEN.EPM) before translation goes off,
+    /// so that at no point of the reset does a device behind the unit reach memory
+    /// untranslated (VT-d 10.4.16-10.4.20; the firmware sequence is in the module docs of
+    /// [`crate::unit`]). A driver takes over as Linux does: tables, translation on, then
+    /// EPM cleared.
+    pub fn reset_protected(&self) {
+        self.reset_with(Some(self.memory.size()));
+    }
+
+    /// The reset, with firmware's protection over `protect` bytes of memory if asked.
+    fn reset_with(&self, protect: Option<u64>) {
         {
             let mut regs = self.regs.lock();
             let mut queue = self.queue.lock();
+            if let Some(size) = protect {
+                self.pmr.protect_all(size);
+            }
             // Translation and interrupt remapping off first, so nothing translates or
             // remaps through the old tables from here on.
             self.translation_enabled.store(false, Ordering::Release);
@@ -80,7 +99,9 @@ impl Unit {
             queue.reset();
             self.faults.reset();
             self.prq.reset();
-            self.pmr.reset();
+            if protect.is_none() {
+                self.pmr.reset();
+            }
         }
         tracing::debug!("remapping unit reset");
         self.ring_doorbells();

@@ -172,3 +172,35 @@ impl Rig {
             .expect("iotlb");
     }
 }
+
+/// Every interrupt message a unit sends, with the event that sent it.
+#[derive(Debug, Default)]
+pub struct Messages(pub parking_lot::Mutex<Vec<(dmar_vtd::unit::EventSource, u64, u32)>>);
+
+impl dmar_vtd::unit::UnitEvents for Messages {
+    fn interrupt_message(&self, source: dmar_vtd::unit::EventSource, addr: u64, data: u32) {
+        self.0.lock().push((source, addr, data));
+    }
+}
+
+impl Messages {
+    /// The messages sent since the last call.
+    pub fn take(&self) -> Vec<(dmar_vtd::unit::EventSource, u64, u32)> {
+        std::mem::take(&mut *self.0.lock())
+    }
+
+    /// How many messages were sent.
+    pub fn count(&self) -> usize {
+        self.0.lock().len()
+    }
+}
+
+/// Counts rings of the invalidation doorbell.
+#[derive(Debug, Default)]
+pub struct Bell(pub std::sync::atomic::AtomicUsize);
+
+impl dmar_vtd::unit::InvalidationDoorbell for Bell {
+    fn ring(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
