@@ -306,3 +306,26 @@ async fn wait_descriptors_write_no_status_into_a_drivers_region() {
     c.write_register(gcmd).await.expect("the newer lease still holds");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_dmar_table_on_the_wire_has_one_drhd_per_unit_with_its_scope() {
+    use dmar_vtd::acpi::{ScopeKind, parse_dmar};
+    let server = Server::boot(three_units()).await;
+    let mut c = server.control().await;
+    let table = c.read_acpi_table(ReadAcpiTableRequest { signature: "DMAR".into() }).await.expect("DMAR");
+    let bytes = table.into_inner().data;
+    assert_eq!(bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)), 0, "the checksum makes the bytes sum to 0");
+    let dmar = parse_dmar(&bytes).expect("a valid table");
+    let platform = c.get_platform(GetPlatformRequest {}).await.expect("platform").into_inner();
+    assert_eq!(dmar.drhds.len(), platform.units.len());
+    for (drhd, unit) in dmar.drhds.iter().zip(&platform.units) {
+        assert_eq!(drhd.register_base, unit.register_base, "{}", unit.name);
+        assert!(!drhd.include_pci_all);
+        assert_eq!(drhd.scope.len(), 1);
+        assert_eq!(drhd.scope[0].kind, ScopeKind::Bridge);
+        assert_eq!(drhd.scope[0].source_id().map(u32::from), Some(unit.scope[0].source_id), "{}", unit.name);
+    }
+    let other = c.read_acpi_table(ReadAcpiTableRequest { signature: "APIC".into() }).await.expect_err("only DMAR");
+    assert_eq!(other.code(), Code::NotFound);
+    server.stop().await;
+}

@@ -40,6 +40,9 @@ pub(super) fn tick_period(policies: &[FlushPolicy]) -> Duration {
 pub(super) async fn ticker(state: Arc<State>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The deferred flush in progress, if any: at most one at a time, and the ticker goes on
+    // polling every unit (device-TLB time-outs) while it waits for devices.
+    let mut flushing: Option<tokio::task::JoinHandle<Result<(), DriverError>>> = None;
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return,
@@ -55,15 +58,18 @@ pub(super) async fn ticker(state: Arc<State>, period: Duration) {
         if driver.faults_pending().unwrap_or(false) {
             state.hub.wake_fault_pump();
         }
-        // A cheap check (atomics) in place; the flush itself waits for devices.
-        if driver.deferred_due() {
-            let driver = driver.clone();
-            match tokio::task::spawn_blocking(move || driver.poll_deferred()).await {
+        if let Some(done) = flushing.take_if(|f| f.is_finished()) {
+            match done.await {
                 Ok(Ok(())) => {}
-                // Retried on the next tick (the driver keeps what it could not flush).
+                // Retried on a later tick (the driver keeps what it could not flush).
                 Ok(Err(e)) => tracing::warn!(error = %e, "deferred flush failed"),
                 Err(e) => tracing::warn!(error = %e, "deferred flush task failed"),
             }
+        }
+        // A cheap check (atomics) in place; the flush itself waits for devices.
+        if flushing.is_none() && driver.deferred_due() {
+            let driver = driver.clone();
+            flushing = Some(tokio::task::spawn_blocking(move || driver.poll_deferred()));
         }
     }
 }

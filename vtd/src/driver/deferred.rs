@@ -196,21 +196,45 @@ impl Driver {
     }
 
     /// Flushes each of `dids`; returns the first error after trying them all.
-    fn flush_domains(&self, dids: Vec<DomainId>) -> Result<(), DriverError> {
-        let mut first = Ok(());
-        for did in dids {
-            let r = match self.domain(did) {
-                Ok(domain) => {
-                    let mut state = domain.state.lock();
-                    let r = self.flush_pending(did, &mut state);
-                    domain.settle(&state);
-                    r
-                }
+    ///
+    /// Every domain's invalidations are handed to the units before the driver waits for
+    /// any (the domains locked in ascending id order, the one order every flusher uses), so
+    /// a device that stalls one unit delays the return, never another unit's queue or the
+    /// other domains' invalidations (Linux flushes each domain's queue from its own timer).
+    fn flush_domains(&self, mut dids: Vec<DomainId>) -> Result<(), DriverError> {
+        dids.sort_unstable();
+        dids.dedup();
+        let domains: Vec<_> = dids
+            .into_iter()
+            .filter_map(|did| match self.domain(did) {
+                Ok(domain) => Some((did, domain)),
                 Err(_) => {
                     self.deferred.forget(did); // destroyed meanwhile (destroy flushed it)
+                    None
+                }
+            })
+            .collect();
+        let mut states: Vec<_> = domains.iter().map(|(did, d)| (*did, d, d.state.lock())).collect();
+        let started: Vec<_> = states
+            .iter()
+            .map(|(did, _, state)| {
+                let did = *did;
+                (!state.pending.is_empty()).then(|| self.start_span(state, |_| IotlbScope::Domain(did)))
+            })
+            .collect();
+        let mut first = Ok(());
+        for ((did, domain, state), started) in states.iter_mut().zip(started) {
+            let r = match started {
+                None => {
+                    self.deferred.forget(*did);
                     Ok(())
                 }
+                Some(started) => {
+                    let result = started.and_then(super::driven::Started::finish);
+                    self.flushed(*did, state, result)
+                }
             };
+            domain.settle(state);
             if first.is_ok() {
                 first = r;
             }
@@ -222,14 +246,25 @@ impl Driver {
     /// spans, one domain-selective IOTLB invalidation and a device-TLB invalidate-all per
     /// ATS device behind it, the units' waits overlapped; then frees the tables they
     /// retired. A unit the domain left since the unmaps needs nothing: the detach that took
-    /// its last device invalidated the domain there. On a device time-out the IOTLB part was done, so the queue
-    /// is emptied anyway and the time-out reported; on other errors it is kept for a retry.
+    /// its last device invalidated the domain there.
     pub(crate) fn flush_pending(&self, did: DomainId, state: &mut DomainState) -> Result<(), DriverError> {
         if state.pending.is_empty() {
             self.deferred.forget(did);
             return Ok(());
         }
         let result = self.invalidate_span(state, |_| IotlbScope::Domain(did));
+        self.flushed(did, state, result)
+    }
+
+    /// After a domain's flush: on success or a device time-out (the IOTLB part was done) the
+    /// queue is emptied and its retired tables freed, and the time-out reported; on other
+    /// errors it is kept for a retry.
+    fn flushed(
+        &self,
+        did: DomainId,
+        state: &mut DomainState,
+        result: Result<(), DriverError>,
+    ) -> Result<(), DriverError> {
         if matches!(result, Ok(()) | Err(DriverError::DeviceTlbTimeout { .. })) {
             let n = state.pending.len();
             self.frames.free_all(state.pending.take());

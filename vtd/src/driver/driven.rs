@@ -20,7 +20,9 @@ use super::context::ContextTables;
 use super::domain::DomainState;
 use super::error::DriverError;
 use super::frames::FrameAllocator;
-use super::invalidate::{ContextScope, DeviceTlbRange, Invalidation, Invalidator, IotlbScope, with_device_tlbs};
+use super::invalidate::{
+    ContextScope, DeviceTlbRange, Invalidation, Invalidator, IotlbScope, Pending, with_device_tlbs,
+};
 use super::queue::InvalidationQueue;
 use super::registers::{Capabilities, Registers};
 use crate::ids::{Hpa, UnitId};
@@ -137,6 +139,17 @@ impl Driver {
         state: &DomainState,
         scope: impl Fn(&Capabilities) -> IotlbScope,
     ) -> Result<(), DriverError> {
+        self.start_span(state, scope)?.finish()
+    }
+
+    /// The first half of [`Driver::invalidate_span`]: every spanned unit's batch handed to
+    /// its queue, not yet waited for, so that several domains can be started before any
+    /// wait (the deferred flush of many domains at once).
+    pub(crate) fn start_span(
+        &self,
+        state: &DomainState,
+        scope: impl Fn(&Capabilities) -> IotlbScope,
+    ) -> Result<Started<'_>, DriverError> {
         let mut batches = Vec::with_capacity(state.span.len());
         for (id, span) in &state.span {
             // Every spanned unit is driven: attach joins only through a driven unit.
@@ -144,7 +157,30 @@ impl Driver {
             let iotlb = scope(&unit.caps);
             batches.push((unit, with_device_tlbs(iotlb, DeviceTlbRange::for_scope(iotlb), &span.ats_devices)));
         }
-        invalidate_all(&batches)
+        Ok(Started::new(batches))
+    }
+}
+
+/// Batches handed to their units' queues and not yet waited for ([`Started::finish`]).
+pub(crate) struct Started<'a> {
+    batches: Vec<(&'a Driven, Vec<Invalidation>)>,
+    pending: Vec<Pending>,
+}
+
+impl<'a> Started<'a> {
+    /// Hands every batch to its unit before any wait.
+    pub(crate) fn new(batches: Vec<(&'a Driven, Vec<Invalidation>)>) -> Self {
+        let pending = batches.iter().map(|(u, batch)| u.invalidator.start(&u.regs, batch)).collect();
+        Self { batches, pending }
+    }
+
+    /// Returns once every batch has completed, with the worst result ([`invalidate_all`]).
+    pub(crate) fn finish(self) -> Result<(), DriverError> {
+        let mut result = Ok(());
+        for ((u, batch), pending) in self.batches.iter().zip(self.pending) {
+            result = worse(result, u.invalidator.finish(&u.regs, batch, pending));
+        }
+        result
     }
 }
 
@@ -155,14 +191,8 @@ impl Driver {
 ///
 /// Every batch is carried out whatever the others do; the result is the worst of them: a
 /// failure other than a device time-out first, else the first time-out.
-pub(crate) fn invalidate_all(batches: &[(&Driven, Vec<Invalidation>)]) -> Result<(), DriverError> {
-    let started: Vec<_> = batches.iter().map(|(u, batch)| u.invalidator.start(&u.regs, batch)).collect();
-    let mut result = Ok(());
-    for ((u, batch), pending) in batches.iter().zip(started) {
-        let r = u.invalidator.finish(&u.regs, batch, pending);
-        result = worse(result, r);
-    }
-    result
+pub(crate) fn invalidate_all(batches: Vec<(&Driven, Vec<Invalidation>)>) -> Result<(), DriverError> {
+    Started::new(batches).finish()
 }
 
 /// The worse of two invalidation results (see [`invalidate_all`]).

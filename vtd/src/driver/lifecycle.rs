@@ -75,7 +75,7 @@ impl Driver {
             let batch = vec![Invalidation::Iotlb(IotlbScope::Domain(did))];
             let units: Vec<_> =
                 state.visited.iter().filter_map(|id| self.driven(*id).ok()).map(|u| (u, batch.clone())).collect();
-            result = invalidate_all(&units);
+            result = invalidate_all(units);
         }
         drop(state);
         // A failed flush leaks the frames and the id rather than reuse what a unit may

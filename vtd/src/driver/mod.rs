@@ -68,7 +68,9 @@
 //!    and flushes hold it across their invalidations on every spanned unit, so map/unmap
 //!    on different domains run in parallel; attach and detach take it briefly to join or
 //!    leave the span; destroy holds it while it checks the span is empty, so it sees the
-//!    attachments of all units without their context locks;
+//!    attachments of all units without their context locks. Only the deferred flush of
+//!    many domains holds several, taken in ascending domain id order, so that every
+//!    domain's invalidations are handed to the units before it waits for any;
 //! 3. the leaves, never held while taking another of the above: the domain registry (held
 //!    only to look up, insert or remove), the deferred index, a unit's register lock (a
 //!    flush is a multi-register handshake), its invalidation queue lock (held only to

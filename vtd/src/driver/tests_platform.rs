@@ -393,6 +393,43 @@ fn three_units_settle_a_deferred_flush_together() {
 }
 
 #[test]
+fn a_deferred_flush_hands_every_domain_to_its_units_before_waiting_for_any() {
+    let timeout = Duration::from_millis(50);
+    let p = Platform::new(2, UnitConfig::default().with_device_tlb_timeout(timeout));
+    let lazy = FlushPolicy::Deferred { max_entries: 100, max_delay: Duration::from_secs(3600) };
+    let d = Arc::new(p.driver_of(&[0, 1], lazy).unwrap());
+    let (stuck, healthy) = (sid_on(0, 2), sid_on(1, 2));
+    let stuck_dev = Device::bind(&p.units[0], stuck);
+    let healthy_dev = Device::bind(&p.units[1], healthy);
+    // Domain ids are allocated lowest first: the stalled unit's domain is flushed first.
+    let on_a = d.create_domain(DomainKind::Paging, AW).unwrap();
+    let on_b = d.create_domain(DomainKind::Paging, AW).unwrap();
+    assert!(on_a < on_b);
+    d.attach(stuck, on_a, true).unwrap();
+    d.attach(healthy, on_b, true).unwrap();
+    for (did, sid, unit) in [(on_a, stuck, 0), (on_b, healthy, 1)] {
+        d.map(did, Iova(0), Hpa(0x40_0000), PAGE, Perm::RW).unwrap();
+        assert_eq!(translate(&p.units[unit], sid, 0), Ok(Hpa(0x40_0000)));
+        assert_eq!(d.unmap(did, Iova(0), PAGE), Ok(PAGE));
+    }
+    stuck_dev.stall.store(true, Ordering::Release);
+    let before = healthy_dev.received();
+    let flush = {
+        let d = d.clone();
+        std::thread::spawn(move || d.flush_deferred())
+    };
+    // Unit 1's domain is invalidated, its device included, while unit 0 still waits.
+    let overlapped = eventually(|| healthy_dev.received() > before);
+    let clean = translate(&p.units[1], healthy, 0);
+    assert!(!flush.is_finished(), "the flush waits for unit 0's device");
+    p.clock.advance(timeout);
+    assert!(overlapped, "unit 1's flush waited behind unit 0's stalled device");
+    assert_eq!(clean, blocked(FaultReason::NoRead), "unit 1 was flushed before unit 0's wait ended");
+    assert_eq!(flush.join().unwrap(), Err(DriverError::DeviceTlbTimeout { sid: stuck }));
+    assert_eq!(d.pending_deferred(), 0, "both queues emptied (a time-out still flushed the IOTLB)");
+}
+
+#[test]
 fn per_unit_features_run_on_every_unit() {
     use crate::unit::interrupt::{ApicMode, Irte, msi_remappable};
 
