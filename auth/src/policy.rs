@@ -116,14 +116,7 @@ impl Grant {
     }
 }
 
-/// Where a policy error was found: 1-based line and column in the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Location {
-    /// 1-based line.
-    pub line: usize,
-    /// 1-based column, in characters.
-    pub column: usize,
-}
+pub use dmar_process::Location;
 
 /// Why a policy could not be read or is not valid.
 #[derive(Debug, thiserror::Error)]
@@ -280,7 +273,7 @@ impl Policy {
     fn parse(text: &str, origin: &str) -> Result<Self, PolicyError> {
         let invalid = |offset: Option<usize>, message: String| PolicyError::Invalid {
             origin: origin.to_owned(),
-            location: offset.map(|o| locate(text, o)),
+            location: offset.map(|o| Location::of(text, o)),
             message,
         };
         let file: PolicyFile =
@@ -313,17 +306,6 @@ impl Policy {
         }
         Ok(Self { entries, index, permissive: false })
     }
-}
-
-/// 1-based line and column of byte `offset` in `text`.
-fn locate(text: &str, offset: usize) -> Location {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    Location { line: before.matches('\n').count() + 1, column: before[line_start..].chars().count() + 1 }
 }
 
 /// The file's top level.
@@ -559,14 +541,5 @@ max_connections = 8
         let e = Policy::load(dir.path().join("missing.toml")).unwrap_err();
         assert!(matches!(e, PolicyError::Read { .. }), "{e}");
         assert!(e.to_string().contains("missing.toml"));
-    }
-
-    #[test]
-    fn locate_counts_lines_and_characters() {
-        assert_eq!(locate("abc", 0), Location { line: 1, column: 1 });
-        assert_eq!(locate("a\nbé\nc", 6), Location { line: 3, column: 1 });
-        assert_eq!(locate("a\nbé", 4), Location { line: 2, column: 2 });
-        assert_eq!(locate("a\nbéc", 5), Location { line: 2, column: 3 });
-        assert_eq!(locate("a", 99), Location { line: 1, column: 2 });
     }
 }

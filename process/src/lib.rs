@@ -20,6 +20,7 @@
 
 mod args;
 mod error;
+mod location;
 mod logging;
 mod metrics_http;
 mod ratelimit;
@@ -29,6 +30,7 @@ mod text;
 
 pub use self::args::{listen_address, parse_args};
 pub use self::error::error_chain;
+pub use self::location::Location;
 pub use self::logging::{LogFormat, init_tracing, init_tracing_to, init_tracing_with};
 pub use self::metrics_http::{Render, serve_metrics};
 pub use self::ratelimit::RateLimit;

@@ -42,14 +42,7 @@ pub const MAX_PLATFORM_FILE_BYTES: u64 = 64 << 10;
 /// The longest device-TLB invalidation time-out a unit may be given.
 pub const MAX_DEVICE_TLB_TIMEOUT_MS: u64 = 60_000;
 
-/// Where in the file an error was found: 1-based line and column.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Location {
-    /// 1-based line.
-    pub line: usize,
-    /// 1-based column, in characters.
-    pub column: usize,
-}
+pub use dmar_process::Location;
 
 fn at(location: &Option<Location>) -> String {
     location.map(|l| format!(":{}:{}", l.line, l.column)).unwrap_or_default()
@@ -131,7 +124,7 @@ pub fn parse(text: &str) -> Result<PlatformSpec, PlatformFileError> {
 fn parse_named(text: &str, origin: &str) -> Result<PlatformSpec, PlatformFileError> {
     let invalid = |offset: Option<usize>, message: String| PlatformFileError::Invalid {
         origin: origin.to_owned(),
-        location: offset.map(|o| locate(text, o)),
+        location: offset.map(|o| Location::of(text, o)),
         message,
     };
     if text.len() as u64 > MAX_PLATFORM_FILE_BYTES {
@@ -148,7 +141,7 @@ fn parse_named(text: &str, origin: &str) -> Result<PlatformSpec, PlatformFileErr
     let spec = file.into_spec().map_err(|(offset, message)| invalid(Some(offset), message))?;
     spec.validate().map_err(|error| PlatformFileError::Rule {
         origin: origin.to_owned(),
-        location: spans.of(&error).map(|o| locate(text, o)),
+        location: spans.of(&error).map(|o| Location::of(text, o)),
         error: Box::new(error.redact_names()),
     })?;
     Ok(spec)
@@ -187,17 +180,6 @@ impl Spans {
             _ => None,
         }
     }
-}
-
-/// 1-based line and column of byte `offset` in `text`.
-fn locate(text: &str, offset: usize) -> Location {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    Location { line: before.matches('\n').count() + 1, column: before[line_start..].chars().count() + 1 }
 }
 
 /// serde's messages quote the offending value (`invalid type: string "x", expected u64`);
