@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Checks and unit-tests the Prometheus rules of the compose stack (deploy/prometheus/rules.yml,
+# docs/DEPLOY.md "Alerts and recording rules") with promtool (Debian package `prometheus`,
+# installed here when missing): every metric they name is one the server or the agent
+# exports, the rules parse, prometheus.yml loads them, and rules_test.yml passes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+rules=deploy/prometheus/rules.yml
+tests=deploy/prometheus/rules_test.yml
+
+if ! command -v promtool >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        sudo_cmd=""
+        [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+        $sudo_cmd apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    fi
+fi
+command -v promtool >/dev/null || { echo "promtool is not available and could not be installed" >&2; exit 1; }
+
+# Every dmar_* metric the rules read or name (a histogram by its base name) must be a name
+# the server's or the agent's metrics module registers: a misspelt name matches nothing and never fires, and
+# the unit tests, written with the same names, would not notice. Recorded series (with a
+# colon) are the rules' own.
+exported=$(grep -ho '"dmar_[a-z_]*"' server/src/service/metrics.rs device-agent/src/metrics.rs | tr -d '"' | sort -u)
+used=$(grep -v '^\s*#' "$rules" | grep -oE '(^|[^:a-z_])dmar_[a-z_]+' | grep -oE 'dmar_[a-z_]+' |
+    sed -E 's/_(bucket|sum|count)$//' | sort -u)
+missing=$(comm -23 <(echo "$used") <(echo "$exported"))
+if [ -n "$missing" ]; then
+    echo "$rules names metrics nobody exports: $(echo "$missing" | tr '\n' ' ')" >&2
+    exit 1
+fi
+echo "every metric $rules names is exported ($(echo "$used" | wc -l) names)"
+
+promtool check rules "$rules"
+# prometheus.yml must load the rules file beside it (its rule_files pattern).
+out=$(promtool check config deploy/prometheus/prometheus.yml)
+echo "$out"
+grep -q "Checking $rules" <<<"$out" || { echo "deploy/prometheus/prometheus.yml does not load $rules" >&2; exit 1; }
+promtool test rules "$tests"
