@@ -131,7 +131,7 @@ if [ "$prometheus" = 1 ]; then
     install_elf "$ctx/rootfs" "$(command -v promtool)" /bin/promtool
     mkdir -p "$ctx/rootfs/etc/prometheus" "$ctx/rootfs/prometheus"
     chmod 0777 "$ctx/rootfs/prometheus"
-    cp deploy/prometheus/prometheus.yml "$ctx/rootfs/etc/prometheus/prometheus.yml"
+    cp deploy/prometheus/prometheus.yml deploy/prometheus/rules.yml "$ctx/rootfs/etc/prometheus/"
     build_context dmar-prometheus "$ctx"
 fi
 

@@ -219,9 +219,9 @@ echo "smoke: ok: promtool check metrics accepts the server's and the $agents age
 pass
 
 step "promtool check config; Prometheus discovers the agents and evaluates the dashboards"
-timeout 60 docker run --rm --network none -v "$root/deploy/prometheus/prometheus.yml:/p.yml:ro" \
-    --entrypoint /bin/promtool dmar-prometheus:local check config /p.yml
-echo "smoke: ok: promtool check config accepts deploy/prometheus/prometheus.yml"
+timeout 60 docker run --rm --network none -v "$root/deploy/prometheus:/p:ro" \
+    --entrypoint /bin/promtool dmar-prometheus:local check config /p/prometheus.yml
+echo "smoke: ok: promtool check config accepts deploy/prometheus/prometheus.yml and its rules"
 pass
 check prometheus "http://127.0.0.1:$DMAR_PUBLISH_PROMETHEUS" deploy/grafana/dashboards "$agents"
 pass

@@ -33,7 +33,7 @@ fi
 echo "every metric $rules names is exported ($(echo "$used" | wc -l) names)"
 
 promtool check rules "$rules"
-# prometheus.yml must load the rules file beside it (its rule_files pattern).
+# prometheus.yml must load the rules file beside it.
 out=$(promtool check config deploy/prometheus/prometheus.yml)
 echo "$out"
 grep -q "Checking $rules" <<<"$out" || { echo "deploy/prometheus/prometheus.yml does not load $rules" >&2; exit 1; }
