@@ -8,7 +8,7 @@
 #   deploy/dmar.sh certs                  # make new certificates (a new CA: restart the stack)
 #   deploy/dmar.sh sweep [FLAGS]          # loadgen sweep against the stack, e.g. --steps 1,2,4
 #   deploy/dmar.sh loadgen [ARGS]         # any loadgen run, e.g. invalidate --devices 4
-#   deploy/dmar.sh ps | logs [SERVICE] | down
+#   deploy/dmar.sh ps | logs [SERVICE] | down [--volumes]   # --volumes: also Prometheus's data
 #
 # Environment: DMAR_PLATFORM (the platform file of `up`, as --platform), DMAR_CERTS
 # (certificate folder, default deploy/certs), DMAR_CERTS_BIN (the
@@ -177,7 +177,9 @@ case $cmd in
         compose logs "$@"
         ;;
     down)
-        compose --profile loadgen --profile dashboards down --volumes --remove-orphans "$@"
+        # Keeps the Prometheus volume (its retention is DMAR_PROMETHEUS_RETENTION, 2 days by
+        # default); `down --volumes` deletes it too.
+        compose --profile loadgen --profile dashboards down --remove-orphans "$@"
         ;;
     help | -h | --help)
         sed -n '2,20p' "$0"
