@@ -22,7 +22,7 @@ command -v promtool >/dev/null || { echo "promtool is not available and could no
 # the server's or the agent's metrics module registers: a misspelt name matches nothing and never fires, and
 # the unit tests, written with the same names, would not notice. Recorded series (with a
 # colon) are the rules' own.
-exported=$(grep -ho '"dmar_[a-z_]*"' server/src/service/metrics.rs device-agent/src/metrics.rs | tr -d '"' | sort -u)
+exported=$(grep -rho '"dmar_[a-z_]*"' server/src/service/metrics device-agent/src/metrics | tr -d '"' | sort -u)
 used=$(grep -v '^\s*#' "$rules" | grep -oE '(^|[^:a-z_])dmar_[a-z_]+' | grep -oE 'dmar_[a-z_]+' |
     sed -E 's/_(bucket|sum|count)$//' | sort -u)
 missing=$(comm -23 <(echo "$used") <(echo "$exported"))
