@@ -22,6 +22,7 @@ mod args;
 mod error;
 mod location;
 mod logging;
+pub mod metric_doc;
 mod metrics_http;
 mod ratelimit;
 mod runtime;

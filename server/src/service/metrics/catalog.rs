@@ -10,58 +10,8 @@ const DEVTLB_BUCKETS: &[f64] = &[10e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5
 /// Histogram buckets for link message handling (seconds).
 const LINK_BUCKETS: &[f64] = &[1e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 1e-3, 10e-3];
 
-/// What Prometheus types a metric as.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Kind {
-    /// Only grows (or is copied from a counter that only grows).
-    Counter,
-    /// Set to the current value.
-    Gauge,
-    /// Samples in these explicit buckets (without them the exporter would render a summary).
-    Histogram(&'static [f64]),
-}
-
-impl Kind {
-    /// The Prometheus type name (`# TYPE` in the exposition).
-    pub const fn name(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram(_) => "histogram",
-        }
-    }
-}
-
-/// One label of a metric and every value it takes (labels are bounded sets).
-#[derive(Clone, Copy, Debug)]
-pub struct LabelDoc {
-    /// The label's name.
-    pub name: &'static str,
-    /// Every value the server registers for it.
-    pub values: &'static [&'static str],
-}
-
-/// One metric the server exports: the single source of its description (`# HELP`), its
-/// buckets, and its row in `docs/METRICS.md`, so the three cannot drift apart.
-#[derive(Clone, Copy, Debug)]
-pub struct MetricDoc {
-    /// The family name, `dmar_<subsystem>_<name>_<unit>`.
-    pub name: &'static str,
-    /// Counter, gauge, or histogram with its buckets.
-    pub kind: Kind,
-    /// The labels with their values; empty for an unlabelled metric.
-    pub labels: &'static [LabelDoc],
-    /// The base unit, if the value has one.
-    pub unit: Option<Unit>,
-    /// The one-line description the exporter serves as `# HELP`.
-    pub help: &'static str,
-    /// What an operator needs beyond `help` (carried into the docs, not the exposition).
-    pub notes: &'static str,
-}
-
-const fn label(name: &'static str, values: &'static [&'static str]) -> LabelDoc {
-    LabelDoc { name, values }
-}
+use dmar_process::metric_doc::label;
+pub use dmar_process::metric_doc::{Kind, LabelDoc, MetricDoc};
 
 /// Every metric the server exports, in the order of `docs/METRICS.md`. Names and label
 /// values are an interface: dashboards, `deploy/prometheus/rules.yml` and tests use them.
