@@ -6,7 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use metrics::Unit;
+use metrics::{KeyName, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 
 /// What Prometheus types a metric as.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -110,6 +111,41 @@ pub fn markdown(metrics: &[MetricDoc]) -> String {
         out += &format!("| `{}` | {} | {unit} | {} | {meaning} |\n", m.name, m.kind.name(), labels.join("; "));
     }
     out
+}
+
+/// The names of `metrics`, in order, for a `const` list (`N` is `metrics.len()`).
+pub const fn names<const N: usize>(metrics: &[MetricDoc]) -> [&'static str; N] {
+    let mut names = [""; N];
+    let mut i = 0;
+    while i < N {
+        names[i] = metrics[i].name;
+        i += 1;
+    }
+    names
+}
+
+/// A Prometheus recorder builder with every histogram of `metrics` on its own buckets
+/// (without them the exporter would render summaries).
+pub fn prometheus_builder(metrics: &[MetricDoc]) -> Result<PrometheusBuilder, BuildError> {
+    let mut builder = PrometheusBuilder::new();
+    for m in metrics {
+        if let Kind::Histogram(buckets) = m.kind {
+            builder = builder.set_buckets_for_metric(Matcher::Full(m.name.into()), buckets)?;
+        }
+    }
+    Ok(builder)
+}
+
+/// Gives `recorder` the type, unit and `# HELP` of every metric of `metrics`.
+pub fn describe(recorder: &dyn Recorder, metrics: &[MetricDoc]) {
+    for m in metrics {
+        let (name, help) = (KeyName::from(m.name), SharedString::from(m.help));
+        match m.kind {
+            Kind::Counter => recorder.describe_counter(name, m.unit, help),
+            Kind::Gauge => recorder.describe_gauge(name, m.unit, help),
+            Kind::Histogram(_) => recorder.describe_histogram(name, m.unit, help),
+        }
+    }
 }
 
 /// Problems with the list itself: names listed twice or not `dmar_`, a `|` that would break

@@ -6,15 +6,7 @@ cd "$(dirname "$0")/../.."
 target=${CARGO_TARGET_DIR:-target}
 mkdir -p "$target"
 
-if ! command -v promtool >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1; then
-        sudo_cmd=""
-        [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-        $sudo_cmd apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-    fi
-fi
-command -v promtool >/dev/null || { echo "promtool is not available and could not be installed" >&2; exit 1; }
+. tests/metrics/promtool.sh
 
 cargo build --quiet --release -p dmar-server
 pick_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -8,15 +8,7 @@ cd "$(dirname "$0")/../.."
 rules=deploy/prometheus/rules.yml
 tests=deploy/prometheus/rules_test.yml
 
-if ! command -v promtool >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1; then
-        sudo_cmd=""
-        [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-        $sudo_cmd apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-    fi
-fi
-command -v promtool >/dev/null || { echo "promtool is not available and could not be installed" >&2; exit 1; }
+. tests/metrics/promtool.sh
 
 # Every dmar_* metric the rules read or name (a histogram by its base name) must be a name
 # the server's or the agent's metrics module registers: a misspelt name matches nothing and never fires, and

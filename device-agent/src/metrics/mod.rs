@@ -18,8 +18,8 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::counters::Counters;
 use crate::security::Refusal;
@@ -95,13 +95,7 @@ pub(crate) fn prometheus() -> PrometheusHandle {
 
 /// The recorder builder with the agent's buckets: every histogram of [`METRICS`] gets its own.
 fn buckets() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
-    let mut builder = PrometheusBuilder::new();
-    for m in METRICS {
-        if let Kind::Histogram(buckets) = m.kind {
-            builder = builder.set_buckets_for_metric(Matcher::Full(m.name.into()), buckets)?;
-        }
-    }
-    Ok(builder)
+    dmar_process::metric_doc::prometheus_builder(METRICS)
 }
 
 fn build() -> Registry {
@@ -166,14 +160,7 @@ fn counter(r: &PrometheusRecorder, name: &'static str, labels: &[(&'static str, 
 /// Describes every metric of [`METRICS`] to `r`. The first description of a name wins, so
 /// these are the ones served (`dmar-auth` describes its own counter after).
 fn describe(r: &PrometheusRecorder) {
-    for m in METRICS {
-        let (name, help) = (KeyName::from(m.name), SharedString::from(m.help));
-        match m.kind {
-            Kind::Counter => r.describe_counter(name, m.unit, help),
-            Kind::Gauge => r.describe_gauge(name, m.unit, help),
-            Kind::Histogram(_) => r.describe_histogram(name, m.unit, help),
-        }
-    }
+    dmar_process::metric_doc::describe(r, METRICS);
 }
 
 impl AgentMetrics {

@@ -84,26 +84,16 @@ pub(super) async fn page_request_pump(state: Arc<State>, notify: Arc<Notify>) {
             () = notify.notified() => {}
         }
         let driver = driver.clone();
-        // Every unit's queue, each on its own: a unit whose queue cannot be drained does not
-        // cost the requests already taken from the others.
-        let drain = move || {
-            let mut all = Vec::new();
-            for unit in driver.units().map(|(id, _)| id).collect::<Vec<_>>() {
-                match driver.drain_page_requests_on(unit) {
-                    Ok(requests) => all.extend(requests.into_iter().map(|r| (unit, r))),
-                    Err(DriverError::PageRequestsDisabled) => {}
-                    Err(e) => tracing::warn!(%unit, error = %e, "page request queue drain failed"),
-                }
-            }
-            all
-        };
-        match tokio::task::spawn_blocking(drain).await {
-            Ok(requests) => {
+        // Every unit's queue; a unit whose queue cannot be drained (logged by the driver)
+        // does not cost the requests already taken from the others.
+        match tokio::task::spawn_blocking(move || driver.drain_page_requests_by_unit()).await {
+            Ok(Ok(requests)) => {
                 for (unit, r) in &requests {
                     // No watcher is not an error.
                     let _ = state.hub.page_requests.send(wire::page_request_event(*unit, r));
                 }
             }
+            Ok(Err(e)) => tracing::warn!(error = %e, "page request queue drain failed"),
             Err(e) => tracing::warn!(error = %e, "page request queue drain task failed"),
         }
     }

@@ -254,13 +254,25 @@ impl Units {
         Ok(true)
     }
 
+    /// Whether the bytes `[addr, addr + len)` touch the built-in driver's region (when some
+    /// unit has the built-in driver).
+    fn in_builtin_region(&self, addr: Hpa, len: u64) -> bool {
+        self.slots.iter().any(UnitSlot::is_builtin) && touched(addr, len).overlaps(&self.spec.builtin_region)
+    }
+
+    /// The client-driven unit whose region the bytes `[addr, addr + len)` touch, with the
+    /// region (regions are disjoint, validated: at most one).
+    fn client_touched(&self, addr: Hpa, len: u64) -> Option<(&UnitSlot, Region)> {
+        let t = touched(addr, len);
+        self.slots.iter().find_map(|s| s.client_region().filter(|r| t.overlaps(r)).map(|r| (s, r)))
+    }
+
     /// Whether the built-in driver may map `len` bytes at `hpa` for a device: never into a
     /// client-driven unit's region, which holds its owner's tables and queues (the driver
     /// itself refuses its own region).
     pub(crate) fn check_map_target(&self, hpa: Hpa, len: u64) -> Result<(), Status> {
-        let target = Region { base: hpa, size: len.max(1) };
-        match self.slots.iter().find(|s| s.client_region().is_some_and(|r| r.overlaps(&target))) {
-            Some(slot) => Err(Status::invalid_argument(format!(
+        match self.client_touched(hpa, len) {
+            Some((slot, _)) => Err(Status::invalid_argument(format!(
                 "host address {hpa} (+{len} bytes) is in unit {}'s region, which only its owner uses",
                 slot.id
             ))),
@@ -271,8 +283,7 @@ impl Units {
     /// Whether software outside the driver may have the hardware write `len` bytes at
     /// `addr` (a wait descriptor's status write): not into any driver's region.
     pub(crate) fn check_status_target(&self, addr: Hpa, len: u64) -> Result<(), Status> {
-        let target = Region { base: addr, size: len.max(1) };
-        if self.slots.iter().any(UnitSlot::is_builtin) && target.overlaps(&self.spec.builtin_region) {
+        if self.in_builtin_region(addr, len) {
             return Err(Status::permission_denied(format!(
                 "status address {addr} is in the built-in driver's region: its tables are its own"
             )));
@@ -285,15 +296,12 @@ impl Units {
     /// write.
     pub(crate) fn write_memory(&self, addr: Hpa, data: &[u8], secret: &str) -> Result<(), Status> {
         let len = data.len() as u64;
-        let touched = Region { base: addr, size: len.max(1) };
-        if self.slots.iter().any(UnitSlot::is_builtin) && touched.overlaps(&self.spec.builtin_region) {
+        if self.in_builtin_region(addr, len) {
             return Err(Status::permission_denied(format!(
                 "host address {addr} (+{len} bytes) is in the built-in driver's region: its tables are its own"
             )));
         }
-        // Regions are disjoint (validated): at most one is touched.
-        let owned = self.slots.iter().find_map(|s| s.client_region().filter(|r| touched.overlaps(r)).map(|r| (s, r)));
-        let _lease = match owned {
+        let _lease = match self.client_touched(addr, len) {
             Some((slot, region)) => {
                 let lease = slot.leased(secret)?;
                 if !region.contains(addr, len) {
@@ -308,4 +316,9 @@ impl Units {
         };
         self.memory.write(addr, data).map_err(super::status::memory)
     }
+}
+
+/// The bytes `[addr, addr + len)` as a region; an empty access as its first byte.
+fn touched(addr: Hpa, len: u64) -> Region {
+    Region { base: addr, size: len.max(1) }
 }

@@ -75,14 +75,19 @@ impl Driver {
     /// drained requests, those are returned and the failure is logged, so none of them is
     /// lost; else the failure is returned.
     pub fn drain_page_requests(&self) -> Result<Vec<PageRequest>, DriverError> {
+        Ok(self.drain_page_requests_by_unit()?.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// [`Driver::drain_page_requests`], each request with the unit whose queue held it.
+    pub fn drain_page_requests_by_unit(&self) -> Result<Vec<(UnitId, PageRequest)>, DriverError> {
         let mut requests = Vec::new();
         let mut failure = None;
         let mut enabled = false;
         for u in &self.units {
             match u.drain_page_requests(&self.memory) {
-                Ok(mut r) => {
+                Ok(r) => {
                     enabled = true;
-                    requests.append(&mut r);
+                    requests.extend(r.into_iter().map(|r| (u.id, r)));
                 }
                 Err(DriverError::PageRequestsDisabled) => {}
                 Err(e) => {

@@ -328,12 +328,4 @@ pub const METRICS: &[MetricDoc] = &[
 ];
 
 /// Every metric name of [`METRICS`], for dashboards and tests.
-pub const METRIC_NAMES: &[&str] = &{
-    let mut names = [""; METRICS.len()];
-    let mut i = 0;
-    while i < METRICS.len() {
-        names[i] = METRICS[i].name;
-        i += 1;
-    }
-    names
-};
+pub const METRIC_NAMES: &[&str] = &dmar_process::metric_doc::names::<{ METRICS.len() }>(METRICS);

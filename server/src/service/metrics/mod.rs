@@ -14,20 +14,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, KeyName, SharedString, counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use dmar_vtd::unit::{FaultReason, UnitStats};
 
 /// The recorder builder with dmar's buckets: every histogram of [`METRICS`] gets its own.
 fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
-    let mut builder = PrometheusBuilder::new();
-    for m in METRICS {
-        if let Kind::Histogram(buckets) = m.kind {
-            builder = builder.set_buckets_for_metric(Matcher::Full(m.name.into()), buckets)?;
-        }
-    }
-    Ok(builder)
+    dmar_process::metric_doc::prometheus_builder(METRICS)
 }
 
 /// Installs the global Prometheus recorder with dmar's buckets. Returns the render handle
@@ -82,16 +76,7 @@ impl Refusal {
 /// Describes every metric of [`METRICS`] to the current recorder. The first description of a
 /// name wins, so these are the ones served even where another module describes its own.
 fn describe() {
-    metrics::with_recorder(|r| {
-        for m in METRICS {
-            let (name, help) = (KeyName::from(m.name), SharedString::from(m.help));
-            match m.kind {
-                Kind::Counter => r.describe_counter(name, m.unit, help),
-                Kind::Gauge => r.describe_gauge(name, m.unit, help),
-                Kind::Histogram(_) => r.describe_histogram(name, m.unit, help),
-            }
-        }
-    });
+    metrics::with_recorder(|r| dmar_process::metric_doc::describe(r, METRICS));
 }
 
 /// A counter mirrored from one field of the unit's stats.
